@@ -1,0 +1,202 @@
+"""Training data: Fashion-MNIST from IDX files, ImageNet-style class folders, and a resumable sharded sampler.
+
+Every dataset item is addressed as (index, flip): the horizontal flip is decided by the sampler from the seed and
+the epoch, not by a global RNG, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import gzip
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from scalegen.errors import UserError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_NAME = "fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to a power of two
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 with the ADM/DiT rounding clamp(127.5 x + 128)."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array."""
+    candidates = [path, path.with_name(path.name + ".gz")]
+    found = next((candidate for candidate in candidates if candidate.exists()), None)
+    if found is None:
+        raise UserError(
+            f"{path.name} not found in {path.parent}; install Debian's dataset-fashion-mnist "
+            "or pass --data FOLDER holding the four Fashion-MNIST IDX files"
+        )
+    opener = gzip.open if found.suffix == ".gz" else open
+    with opener(found, "rb") as handle:
+        raw = handle.read()
+    magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if magic == IDX_LABEL_MAGIC:
+        return np.frombuffer(raw, dtype=np.uint8, offset=8, count=count).copy()
+    if magic == IDX_IMAGE_MAGIC:
+        rows, columns = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+        pixels = np.frombuffer(raw, dtype=np.uint8, offset=16, count=count * rows * columns)
+        return pixels.reshape(count, rows, columns).copy()
+    raise UserError(f"{found} is not an IDX image or label file (magic number {magic})")
+
+
+def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as uint8 images (N, 28, 28) and int64 labels (N,)."""
+    root = Path(root) if root else FASHION_MNIST_DIR
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(root / image_file), read_idx(root / label_file)
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
+    """ADM center crop: halve with BOX while the short side is >= 2x the target, BICUBIC resize, center crop."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - image_size) // 2, (array.shape[1] - image_size) // 2
+    return Image.fromarray(array[top : top + image_size, left : left + image_size])
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST in memory, zero-padded to 32×32 (then resized if another size is asked), 1 channel in [-1, 1]."""
+
+    num_classes = len(FASHION_MNIST_CLASSES)
+    channels = 1
+
+    def __init__(self, root: str | Path | None = None, image_size: int = 32, split: str = "train"):
+        images, self.labels = load_fashion_mnist(root, split)
+        pad = (FASHION_MNIST_PADDED_SIZE - images.shape[-1]) // 2
+        images = torch.nn.functional.pad(images, (pad, pad, pad, pad)).unsqueeze(1)  # (N, 1, 32, 32) uint8
+        if image_size != FASHION_MNIST_PADDED_SIZE:
+            resized = torch.nn.functional.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True)
+            images = resized.round().clamp(0, 255).to(torch.uint8)  # (N, 1, S, S)
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict:
+        index, flip = item
+        image = to_model_range(self.images[index])  # (1, H, W)
+        return {"image": image.flip(-1) if flip else image, "label": self.labels[index]}
+
+
+class ImageFolder(Dataset):
+    """ImageNet-style folder (one sub-folder per class), ADM center crop, 3 channels in [-1, 1].
+
+    A file that cannot be decoded is skipped with a warning: its item is None and the collate function drops it
+    and counts it, so one broken JPEG never stops an epoch.
+    """
+
+    channels = 3
+
+    def __init__(self, root: str | Path, image_size: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"data folder {root} does not exist; pass --data fashion-mnist or a folder of class folders")
+        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        self.files = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.files:
+            raise UserError(
+                f"no images found in {root}; expected one sub-folder per class holding {'/'.join(IMAGE_EXTENSIONS)} files"
+            )
+        self.num_classes = len(self.classes)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict | None:
+        index, flip = item
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as handle:
+                image = center_crop_arr(handle.convert("RGB"), self.image_size)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+            return None
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+        pixels = to_model_range(pixels)  # (3, H, W)
+        return {"image": pixels.flip(-1) if flip else pixels, "label": torch.tensor(label)}
+
+
+def collate(items: list[dict | None]) -> dict:
+    """Stack dataset items into a batch, dropping (and counting) items that could not be read."""
+    kept = [item for item in items if item is not None]
+    batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]} if kept else {}
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+def open_dataset(data: str, image_size: int):
+    """`fashion-mnist` (Debian's IDX files), a folder of Fashion-MNIST IDX files, or an ImageNet-style folder."""
+    if data == FASHION_MNIST_NAME:
+        return FashionMNIST(None, image_size)
+    path = Path(data)
+    if (path / FASHION_MNIST_FILES["train"][0]).exists() or (path / (FASHION_MNIST_FILES["train"][0] + ".gz")).exists():
+        return FashionMNIST(path, image_size)
+    return ImageFolder(path, image_size)
+
+
+class ResumableSampler(Sampler):
+    """Yields this rank's (index, flip) items of an endless sequence of seeded epochs, from any position.
+
+    Each epoch is a permutation drawn from (seed, epoch) and dealt round-robin to ranks, truncated so every rank
+    gets the same number of whole batches; flips are drawn from the same generator.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, flip: bool = True):
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.flip = seed, flip
+        self.batches_per_epoch = size // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise UserError(
+                f"dataset has {size} images, fewer than one global batch of {world_size * batch_size}; "
+                "lower --batch-size or add images"
+            )
+        self.start_batch = 0  # global batch counter to resume from
+
+    def epoch_items(self, epoch: int) -> list[tuple[int, bool]]:
+        """This rank's items of one epoch, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.size, generator=generator)  # (N,)
+        flips = torch.randint(0, 2, (self.size,), generator=generator).bool() & self.flip  # (N,)
+        used = self.batches_per_epoch * self.batch_size * self.world_size
+        mine = order[:used][self.rank :: self.world_size].tolist()
+        return [(index, bool(flips[index])) for index in mine]
+
+    def __iter__(self):
+        epoch, batch_in_epoch = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            items = self.epoch_items(epoch)
+            yield from items[batch_in_epoch * self.batch_size :]
+            epoch, batch_in_epoch = epoch + 1, 0

@@ -1,0 +1,173 @@
+"""`scalegen train dit` and `scalegen sample dit`."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalegen.checkpoint import load_weights
+from scalegen.data import open_dataset
+from scalegen.distributed import cleanup, gather_tensors, setup_distributed
+from scalegen.dit import MODEL_SIZES, PRESETS, DiT, DiTConfig, preset_config
+from scalegen.dit_blocks import BLOCK_KINDS
+from scalegen.errors import UserError
+from scalegen.objectives import DiTTask
+from scalegen.sample import grid_labels, parse_classes, sample_dit, save_grid, save_npz, to_adm_uint8
+from scalegen.sd_vae import LATENT_DOWNSAMPLE, LatentCache, extract_latents, load_sd_vae
+from scalegen.train import add_training_options, train, train_config_from_args
+
+LATENT_CACHE_FILE = "latents.safetensors"
+
+
+def register(train_parsers, sample_parsers) -> None:
+    """Add `train dit` and `sample dit` to the command line."""
+    parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
+    parser.add_argument("--model", default="DiT-S/2", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a folder of its IDX files, or an image folder")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--vae", default="none", help="local SD-VAE folder/file for latent space, or none for pixels")
+    parser.add_argument("--latent-cache", action="store_true", help="encode the data set once into RUN/latents.safetensors")
+    parser.add_argument("--block", choices=BLOCK_KINDS, default="adaln_zero", help="conditioning block (paper ablation)")
+    parser.add_argument("--class-dropout", type=float, default=0.1)
+    parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false")
+    parser.add_argument("--depth", type=int, help="override the preset's depth")
+    parser.add_argument("--hidden-size", type=int, help="override the preset's width")
+    parser.add_argument("--num-heads", type=int, help="override the preset's heads")
+    parser.add_argument("--sample-steps", type=int, default=50, help="steps of the periodic sample grid")
+    parser.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the periodic sample grid")
+    add_training_options(parser)
+    parser.set_defaults(handler=train_dit)
+
+    parser = sample_parsers.add_parser("dit", help="sample a DiT: a class grid (.png) or ADM samples (.npz)")
+    parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/file, or official DiT .pt")
+    parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
+    parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vae", default=None, help="override the VAE path stored in the checkpoint")
+    parser.add_argument("--device", default=None)
+    parser.set_defaults(handler=sample_dit_command)
+
+
+def model_config_from_args(args, dataset, latent: bool) -> DiTConfig:
+    """The DiT config for a training run: the preset, sized for the data, with any overrides."""
+    if latent and args.image_size % LATENT_DOWNSAMPLE:
+        raise UserError(f"--image-size {args.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
+    config = preset_config(
+        args.model,
+        input_size=args.image_size // LATENT_DOWNSAMPLE if latent else args.image_size,
+        in_channels=4 if latent else dataset.channels,
+        num_classes=dataset.num_classes,
+        class_dropout_prob=args.class_dropout,
+        learn_sigma=args.learn_sigma,
+        block=args.block,
+    )
+    for name in ("depth", "hidden_size", "num_heads"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if config.input_size % config.patch_size:
+        raise UserError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}; change --model")
+    return config
+
+
+def train_dit(args: argparse.Namespace) -> None:
+    """Train a DiT (pixel space, on-the-fly latents, or a latent cache)."""
+    latent = args.vae.lower() != "none"
+    codec = load_sd_vae(args.vae) if latent else None
+    dataset = open_dataset(args.data, args.image_size)
+    config = model_config_from_args(args, dataset, latent)
+    if latent and args.latent_cache:
+        cache = Path(args.out) / LATENT_CACHE_FILE
+        if not cache.exists():
+            extract_latents(codec, dataset, cache, device="cuda" if torch.cuda.is_available() else "cpu")
+        dataset = LatentCache(cache)  # batches now carry "latent"; the codec only decodes sample grids
+    task = DiTTask(
+        config, codec, args.vae if latent else None, args.sample_steps, args.sample_cfg,
+        extra_config={"data": args.data, "image_size": args.image_size},
+    )
+    train(task, dataset, train_config_from_args(args))
+
+
+def dit_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
+    """Infer the config of an official DiT checkpoint from its weight shapes (heads from the size table)."""
+    try:
+        tokens, hidden_size = state_dict["pos_embed"].shape[1:]
+        patch_weight = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        depth = 1 + max(int(name.split(".")[1]) for name in state_dict if name.startswith("blocks."))
+        num_heads = next(heads for (d, width, heads) in MODEL_SIZES.values() if width == hidden_size)
+        out_features = state_dict["final_layer.linear.weight"].shape[0]
+    except (KeyError, StopIteration, ValueError):
+        raise UserError("the checkpoint is not a DiT state dict (pos_embed / x_embedder / blocks missing)") from None
+    in_channels, patch_size = patch_weight.shape[1], patch_weight.shape[2]
+    return DiTConfig(
+        input_size=int(math.isqrt(tokens)) * patch_size, patch_size=patch_size, in_channels=in_channels,
+        hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_features == patch_size * patch_size * in_channels * 2,
+    )
+
+
+def load_dit(path: str | Path) -> tuple[DiT, dict]:
+    """A DiT in eval mode from a run folder, checkpoint, or official .pt; returns (model, stored config)."""
+    stored, weights = load_weights(path)
+    if stored is not None and stored.get("kind") != "dit":
+        raise UserError(f"{path} holds a {stored.get('kind')} model, not a DiT; use `scalegen sample {stored.get('kind')}`")
+    config = DiTConfig(**stored["model"]) if stored else dit_config_from_state_dict(weights)
+    model = DiT(config)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not match the DiT it describes: {str(error).splitlines()[0]}") from None
+    return model.eval(), stored or {"kind": "dit", "vae": None}
+
+
+def sample_dit_command(args: argparse.Namespace) -> None:
+    """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    context = setup_distributed(args.device)
+    model, stored = load_dit(args.ckpt)
+    model.to(context.device)
+    vae = args.vae or stored.get("vae")
+    if model.config.in_channels == 4 and not vae:
+        raise UserError("this DiT works in SD-VAE latent space; pass --vae PATH to a local sd-vae-ft-ema/mse folder")
+    codec = load_sd_vae(vae).to(context.device) if vae and vae.lower() != "none" else None
+
+    def draw(labels: torch.Tensor) -> torch.Tensor:
+        return sample_dit(
+            model, labels, args.cfg_scale, args.steps, args.sampler, codec, guide_all_channels=args.guide_all_channels
+        )
+
+    try:
+        if args.num_samples:
+            write_npz(args, model, draw, context)
+        else:
+            if context.is_main:
+                classes = parse_classes(args.classes, model.config.num_classes)
+                torch.manual_seed(args.seed)
+                images = torch.cat([draw(labels.to(context.device)) for labels in grid_labels(classes, args.per_class).split(args.batch_size)])
+                print(f"wrote {save_grid(images, len(classes), args.out)}")
+    finally:
+        cleanup(context)
+
+
+def write_npz(args, model: DiT, draw, context) -> None:
+    """Each rank draws its share of `--num-samples` in batches; rank 0 gathers and writes `arr_0` (N, H, W, 3)."""
+    per_rank = math.ceil(args.num_samples / context.world_size)
+    torch.manual_seed(args.seed * context.world_size + context.rank)  # per-rank seed, as sample_ddp.py
+    gathered = []
+    for start in range(0, per_rank, args.batch_size):
+        count = min(args.batch_size, per_rank - start)
+        labels = torch.randint(0, model.config.num_classes, (count,), device=context.device)  # (b,)
+        images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
+        gathered.append(gather_tensors(images, context).cpu().numpy())
+    if context.is_main:
+        samples = np.concatenate(gathered)[: args.num_samples]
+        print(f"wrote {save_npz(samples, args.out)} with {len(samples)} samples")

@@ -1,0 +1,235 @@
+"""Building blocks of the VAR transformer: AdaLN self-attention blocks, their attention with a KV cache, and
+the AdaLN before the head.
+
+Attribute names follow the official FoundationVision/VAR modules so that official checkpoints load with
+`strict=True` (`attn.mat_qkv`, `attn.scale_mul_1H11`, `ffn.fc1`, `ada_lin.1`, `ada_gss`, ...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Per-head multiplier of the L2-normalised queries: it starts at 4 and is clamped at 100 (both as logarithms).
+INITIAL_QUERY_SCALE = 4.0
+MAX_QUERY_SCALE = 100.0
+# Official softmax scale without L2-normalised attention (a quarter of the usual head_dim ** -0.5).
+PLAIN_ATTENTION_SCALE_FACTOR = 0.25
+# Official AdaLN modulation layout: one (B, 1, 6, C) tensor, chunks in this order.
+ADALN_CHUNKS = 6
+
+
+class KVCache:
+    """Keys and values of all scales seen so far, for one attention layer during generation.
+
+    Next-scale prediction feeds one whole scale at a time; each new scale attends to every earlier scale and to
+    itself, so the cache simply grows by concatenation and no mask is needed.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (B, H, L_seen, head_dim)
+        self.values: torch.Tensor | None = None  # (B, H, L_seen, head_dim)
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the keys and values of a new scale.
+
+        Args:
+            keys: (B, H, l, head_dim) keys of the new positions.
+            values: (B, H, l, head_dim) values of the new positions.
+
+        Returns:
+            All keys and values so far, each (B, H, L_seen + l, head_dim).
+        """
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat((self.keys, keys), dim=2)  # (B, H, L_seen + l, head_dim)
+            self.values = torch.cat((self.values, values), dim=2)  # (B, H, L_seen + l, head_dim)
+        return self.keys, self.values
+
+
+def block_causal_mask(scale_of_position: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask letting each position see its own and all earlier scales.
+
+    Args:
+        scale_of_position: (L,) scale index of every position.
+
+    Returns:
+        (1, 1, L, L) float mask, 0 where attention is allowed and -inf elsewhere.
+    """
+    allowed = scale_of_position.view(-1, 1) >= scale_of_position.view(1, -1)  # (L, L) query scale >= key scale
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, -torch.inf).view(1, 1, *allowed.shape)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample in training, rescaling the kept ones."""
+
+    def __init__(self, drop_probability: float) -> None:
+        super().__init__()
+        self.drop_probability = drop_probability
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_probability == 0.0:
+            return x
+        keep_probability = 1.0 - self.drop_probability
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_probability)  # (B, 1, 1)
+        return x * keep / keep_probability
+
+    def extra_repr(self) -> str:
+        return f"drop_probability={self.drop_probability:g}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with VAR's biases and optional L2-normalised queries/keys.
+
+    The key bias is a zero buffer (not learned), kept so the packed qkv bias has the official layout.
+    """
+
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.l2_norm = l2_norm
+        if l2_norm:
+            # Cosine attention: the temperature is learned per head instead of using a fixed softmax scale.
+            self.softmax_scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(INITIAL_QUERY_SCALE)))
+        else:
+            self.softmax_scale = PLAIN_ATTENTION_SCALE_FACTOR / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Attend over the input (and over the cached earlier scales when a cache is given).
+
+        Args:
+            x: (B, l, C) input positions.
+            attn_mask: additive (1, 1, l, l) mask (0 or -inf), for teacher forcing; None with a cache.
+            cache: the layer's KV cache during generation; it is extended with this call's keys and values.
+
+        Returns:
+            (B, l, C) attention output.
+        """
+        batch, length, dim = x.shape
+        qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # (3C,)
+        qkv = F.linear(x, self.mat_qkv.weight, qkv_bias)  # (B, l, 3C)
+        qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, l, d)
+        query, key, value = qkv.unbind(0)  # each (B, H, l, d)
+        if self.l2_norm:
+            query_scale = self.scale_mul_1H11.clamp_max(math.log(MAX_QUERY_SCALE)).exp()  # (1, H, 1, 1)
+            query = F.normalize(query, dim=-1) * query_scale  # (B, H, l, d)
+            key = F.normalize(key, dim=-1)  # (B, H, l, d)
+        if cache is not None:
+            key, value = cache.extend(key, value)  # (B, H, L_seen, d)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(query.dtype)  # SDPA wants the mask in the query dtype under autocast
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=self.softmax_scale)
+        out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, l, C)
+        return self.proj(out)  # (B, l, C)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, l2_norm={self.l2_norm}"
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (B, l, C)
+
+
+class SharedAdaLin(nn.Linear):
+    """The one conditioning projection shared by all blocks (shared-AdaLN models such as VAR-d36-s)."""
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        dim = self.out_features // ADALN_CHUNKS
+        return super().forward(cond).view(-1, 1, ADALN_CHUNKS, dim)  # (B, 1, 6, C)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the class embedding (AdaLN).
+
+    x += γ1 · attn(LN(x)·(1 + scale1) + shift1);  x += γ2 · FFN(LN(x)·(1 + scale2) + shift2).
+    With `shared_aln`, the block gets the shared projection (B, 1, 6, C) and adds its own learned `ada_gss`;
+    otherwise it projects the class embedding itself with `ada_lin` = SiLU + Linear(C, 6C).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_eps: float,
+        shared_aln: bool,
+        attn_l2_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.shared_aln = shared_aln
+        self.attn = SelfAttention(dim, num_heads, attn_l2_norm)
+        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.zeros(1, 1, ADALN_CHUNKS, dim))
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, ADALN_CHUNKS * dim))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run the block.
+
+        Args:
+            x: (B, l, C) positions.
+            cond: (B, C) class embedding, or with `shared_aln` the shared projection (B, 1, 6, C).
+            attn_mask: additive (1, 1, l, l) block-causal mask for teacher forcing, or None.
+            cache: this block's KV cache during generation, or None.
+
+        Returns:
+            (B, l, C) updated positions.
+        """
+        if self.shared_aln:
+            modulation = self.ada_gss + cond  # (B, 1, 6, C)
+        else:
+            modulation = self.ada_lin(cond).view(-1, 1, ADALN_CHUNKS, self.dim)  # (B, 1, 6, C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (B, 1, C)
+        attn_in = self.norm(x) * (1 + scale1) + shift1  # (B, l, C)
+        x = x + self.drop_path(self.attn(attn_in, attn_mask, cache) * gamma1)  # (B, l, C)
+        ffn_in = self.norm(x) * (1 + scale2) + shift2  # (B, l, C)
+        return x + self.drop_path(self.ffn(ffn_in) * gamma2)  # (B, l, C)
+
+
+class AdaLNBeforeHead(nn.Module):
+    """Final AdaLN before the classifier head: LN(x)·(1 + scale) + shift from SiLU + Linear(C, 2C)."""
+
+    def __init__(self, dim: int, norm_eps: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)  # each (B, 1, C)
+        return self.norm(x) * (1 + scale) + shift  # (B, l, C)

@@ -1,0 +1,63 @@
+"""Token sampling for VAR generation: top-k / top-p filtering, multinomial draws and the Gumbel-softmax
+smoothing used for visualisation. Each function reproduces the official VAR helpers draw for draw, so a seeded
+`torch.Generator` gives the same tokens as the official `autoregressive_infer_cfg`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the top-p nucleus with -inf (the input is not modified).
+
+    Args:
+        logits: (..., V) unnormalised scores.
+        top_k: keep the k largest (ties with the k-th are kept too); 0 keeps all.
+        top_p: drop the least likely tokens whose cumulative probability is at most 1 - top_p, always keeping
+            the most likely one; 0 keeps all.
+
+    Returns:
+        (..., V) logits with the removed entries set to -inf.
+    """
+    if top_k > 0:
+        kth_largest = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth_largest, -torch.inf)  # (..., V)
+    if top_p > 0:
+        ascending, order = logits.sort(dim=-1, descending=False)  # (..., V)
+        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)  # (..., V)
+        drop_sorted[..., -1] = False  # the most likely token always survives
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, -torch.inf)  # (..., V)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per position from softmax(logits).
+
+    Args:
+        logits: (B, l, V) logits, already filtered.
+        generator: random generator, or None for the global one.
+
+    Returns:
+        (B, l) LongTensor of token ids.
+    """
+    batch, length, vocab = logits.shape
+    probabilities = logits.softmax(dim=-1).view(-1, vocab)  # (B*l, V)
+    # replacement=True as in the official sampler: it selects the same algorithm, hence the same draws.
+    drawn = torch.multinomial(probabilities, num_samples=1, replacement=True, generator=generator)  # (B*l, 1)
+    return drawn.view(batch, length)
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Soft Gumbel-softmax sample along the last dimension.
+
+    Args:
+        logits: (..., V) logits.
+        temperature: softmax temperature τ.
+        generator: random generator, or None for the global one.
+
+    Returns:
+        (..., V) probabilities.
+    """
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # (..., V)
+    return ((logits + gumbels) / temperature).softmax(dim=-1)

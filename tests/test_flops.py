@@ -1,0 +1,42 @@
+"""DiT Gflops against the paper's 13 figures; VAR cost with and without the KV cache."""
+import pytest
+
+from scalegen.errors import UserError
+from scalegen.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, dit_gflops, dit_image_macs, flops_table,
+                            var_image_macs)
+
+PAPER_TOLERANCE = 0.005  # relative
+
+
+@pytest.mark.parametrize("preset,image_size", sorted(DIT_PAPER_GFLOPS))
+def test_dit_gflops_match_paper(preset, image_size):
+    assert dit_gflops(preset, image_size) == pytest.approx(DIT_PAPER_GFLOPS[(preset, image_size)], rel=PAPER_TOLERANCE)
+
+
+def test_all_thirteen_paper_figures_are_checked():
+    assert len(DIT_PAPER_GFLOPS) == 13
+
+
+def test_preset_names():
+    assert dit_gflops("XL/2") == dit_gflops("DiT-XL/2")
+    with pytest.raises(UserError, match="DiT-XL/2"):
+        dit_gflops("DiT-XXL/2")
+
+
+def test_dit_image_cost_counts_steps_and_guidance():
+    assert dit_image_macs("DiT-XL/2", steps=250, cfg=True) == pytest.approx(500 * dit_gflops("DiT-XL/2") * 1e9)
+
+
+def test_var_cache_saves_compute():
+    patch_nums = VAR_PATCH_NUMS[256]
+    cached, uncached = var_image_macs(16, patch_nums, kv_cache=True), var_image_macs(16, patch_nums, kv_cache=False)
+    assert cached < uncached
+    # With the cache every token passes through each linear layer exactly once: 12·L·C² per block dominates.
+    tokens, width = sum(p * p for p in patch_nums), 64 * 16
+    assert cached / 2 > 16 * 12 * tokens * width ** 2
+    assert var_image_macs(16, patch_nums, cfg=False) * 2 == cached
+
+
+def test_table_lists_presets_and_var():
+    table = flops_table(256)
+    assert "DiT-XL/2" in table and "118.64" in table and "VAR-d30, no cache" in table

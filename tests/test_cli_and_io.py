@@ -95,7 +95,8 @@ def test_sample_grid_and_adm_npz(tmp_path, capsys):
     main(["sample", "dit", "--ckpt", str(tmp_path / "run"), "--num-samples", "5", "--batch-size", "2", "--steps", "2",
           "--cfg-scale", "1.5", "--out", str(tmp_path / "s.npz")])
     samples = np.load(tmp_path / "s.npz")
-    assert list(samples.keys()) == ["arr_0"]
+    assert list(samples.keys()) == ["arr_0", "labels"]
+    assert samples["labels"].shape == (5,) and samples["labels"].max() < 10
     assert samples["arr_0"].shape == (5, 8, 8, 3) and samples["arr_0"].dtype == np.uint8
 
 

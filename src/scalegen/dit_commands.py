@@ -162,12 +162,14 @@ def write_npz(args, model: DiT, draw, context) -> None:
     """Each rank draws its share of `--num-samples` in batches; rank 0 gathers and writes `arr_0` (N, H, W, 3)."""
     per_rank = math.ceil(args.num_samples / context.world_size)
     torch.manual_seed(args.seed * context.world_size + context.rank)  # per-rank seed, as sample_ddp.py
-    gathered = []
+    gathered, gathered_labels = [], []
     for start in range(0, per_rank, args.batch_size):
         count = min(args.batch_size, per_rank - start)
         labels = torch.randint(0, model.config.num_classes, (count,), device=context.device)  # (b,)
         images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
         gathered.append(gather_tensors(images, context).cpu().numpy())
+        gathered_labels.append(gather_tensors(labels, context).cpu().numpy())
     if context.is_main:
         samples = np.concatenate(gathered)[: args.num_samples]
-        print(f"wrote {save_npz(samples, args.out)} with {len(samples)} samples")
+        labels = np.concatenate(gathered_labels)[: args.num_samples]
+        print(f"wrote {save_npz(samples, args.out, labels)} with {len(samples)} samples")

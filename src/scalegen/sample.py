@@ -101,12 +101,15 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
     return path
 
 
-def save_npz(images: np.ndarray, path: str | Path) -> Path:
-    """Write uint8 images (N, H, W, 3) as an ADM-format .npz (`arr_0`); written to a temporary name first."""
+def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = None) -> Path:
+    """Write uint8 images (N, H, W, 3) as an ADM-format .npz (`arr_0`); written to a temporary name first.
+
+    The class labels, when given, go in an extra `labels` array (the ADM evaluator reads only `arr_0`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".partial.npz")
-    np.savez(temporary, arr_0=images)
+    np.savez(temporary, arr_0=images, **({} if labels is None else {"labels": labels}))
     temporary.replace(path)
     return path
 

@@ -7,23 +7,22 @@ The VAE / VQVAE decoders are not included.
 """
 from __future__ import annotations
 
-from scalegen.errors import UserError
+from scalegen.dit import MODEL_SIZES, PATCH_SIZES, preset_config
+from scalegen.layers import TIMESTEP_FREQUENCY_SIZE
+from scalegen.sd_vae import LATENT_DOWNSAMPLE
+from scalegen.var import WIDTH_PER_DEPTH
+from scalegen.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256, PATCH_NUMS_512
 
 GIGA = 1e9
 TERA = 1e12
 LAYER_NORM_OPS_PER_ELEMENT = 4  # fvcore: mean, variance, subtract, divide for a LayerNorm without affine
 MLP_RATIO = 4
-LATENT_DOWNSAMPLE = 8  # SD-VAE latents are image / 8
 LATENT_CHANNELS = 4
-TIMESTEP_FREQUENCY_DIM = 256
 ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and MLP
 ADALN_CHUNKS_FINAL = 2  # shift/scale
 # Transformer MACs per token per block: qkv 3·D², projection D², MLP 2·4·D².
 LINEAR_MACS_PER_TOKEN = 3 + 1 + 2 * MLP_RATIO
 
-# DiT sizes (depth, hidden size); the patch size comes from the preset name, e.g. "DiT-XL/2".
-# Also in the model registry of dit.py; kept here so FLOPs need no model code.
-DIT_SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
 DIT_PAPER_GFLOPS = {  # DiT paper, Table 1 (256px) and Table 4 (XL/2 at 512px)
     ("DiT-S/2", 256): 6.06, ("DiT-S/4", 256): 1.41, ("DiT-S/8", 256): 0.36,
     ("DiT-B/2", 256): 23.01, ("DiT-B/4", 256): 5.56, ("DiT-B/8", 256): 1.42,
@@ -32,11 +31,8 @@ DIT_PAPER_GFLOPS = {  # DiT paper, Table 1 (256px) and Table 4 (XL/2 at 512px)
     ("DiT-XL/2", 512): 524.6,
 }
 DIT_SAMPLING_STEPS = 250  # DiT's FID setting: 250 DDPM steps with classifier-free guidance
-VAR_PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+VAR_PATCH_NUMS = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 VAR_DEPTHS = (16, 20, 24, 30)
-VAR_WIDTH_PER_DEPTH = 64  # VAR width C = 64 · depth
-VAR_VOCAB_SIZE = 4096
-VAR_VAE_CHANNELS = 32
 
 
 def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size: int,
@@ -60,19 +56,16 @@ def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size:
              + ADALN_CHUNKS_BLOCK * hidden_size ** 2  # adaLN modulation of the conditioning vector
              + 2 * LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size)  # two LayerNorms
     patch_embed = tokens * patch_size ** 2 * in_channels * hidden_size
-    timestep_embed = TIMESTEP_FREQUENCY_DIM * hidden_size + hidden_size ** 2
+    timestep_embed = TIMESTEP_FREQUENCY_SIZE * hidden_size + hidden_size ** 2
     final = (ADALN_CHUNKS_FINAL * hidden_size ** 2 + LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size
              + tokens * hidden_size * patch_size ** 2 * out_channels)
     return depth * block + patch_embed + timestep_embed + final
 
 
 def parse_dit_preset(preset: str) -> tuple[int, int, int]:
-    """(depth, hidden size, patch size) of a preset name such as "DiT-XL/2" or "XL/2"."""
-    name = preset.removeprefix("DiT-")
-    size, _, patch = name.partition("/")
-    if size not in DIT_SIZES or patch not in ("2", "4", "8"):
-        raise UserError(f"unknown DiT preset {preset!r}: use DiT-S|B|L|XL/2|4|8, e.g. DiT-XL/2")
-    return (*DIT_SIZES[size], int(patch))
+    """(depth, hidden size, patch size) of a preset name such as "DiT-XL/2"."""
+    config = preset_config(preset)
+    return config.depth, config.hidden_size, config.patch_size
 
 
 def dit_gflops(preset: str, image_size: int = 256) -> float:
@@ -94,7 +87,7 @@ def dit_image_macs(preset: str, image_size: int = 256, steps: int = DIT_SAMPLING
 
 
 def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = True, cfg: bool = True,
-                   vocab_size: int = VAR_VOCAB_SIZE, vae_channels: int = VAR_VAE_CHANNELS) -> float:
+                   vocab_size: int = OFFICIAL_VOCAB_SIZE, vae_channels: int = OFFICIAL_Z_CHANNELS) -> float:
     """MACs of the VAR transformer to generate one image, scale by scale.
 
     With the KV cache each scale runs only its own tokens, attending to the cached prefix. Without it every scale
@@ -110,7 +103,7 @@ def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = Tru
     Returns:
         MACs per image.
     """
-    width = VAR_WIDTH_PER_DEPTH * depth
+    width = WIDTH_PER_DEPTH * depth
     total, prefix = 0, 0
     for scale, side in enumerate(patch_nums):
         new_tokens = side * side
@@ -132,8 +125,8 @@ def flops_table(image_size: int = 256) -> str:
     """The text table `scalegen flops` prints: DiT presets against the paper, then per-image sampling cost."""
     lines = [f"DiT forward pass at {image_size}px (Gflops = 10^9 multiply-accumulates)",
              f"{'preset':<10} {'ours':>9} {'paper':>9} {'diff %':>8}"]
-    for size in DIT_SIZES:
-        for patch in (2, 4, 8):
+    for size in MODEL_SIZES:
+        for patch in PATCH_SIZES:
             preset = f"DiT-{size}/{patch}"
             ours = dit_gflops(preset, image_size)
             paper = DIT_PAPER_GFLOPS.get((preset, image_size))

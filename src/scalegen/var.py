@@ -25,6 +25,7 @@ from scalegen.var_blocks import (
     block_causal_mask,
 )
 from scalegen.var_edit import check_edit_inputs, resize_keep_mask
+from scalegen.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 from scalegen.var_sampling import filter_logits, gumbel_softmax, sample_tokens
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -52,9 +53,9 @@ class VARConfig:
     width: int = 1024
     num_heads: int = 16
     num_classes: int = 1000
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    vocab_size: int = 4096
-    z_channels: int = 32
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    vocab_size: int = OFFICIAL_VOCAB_SIZE
+    z_channels: int = OFFICIAL_Z_CHANNELS
     shared_aln: bool = False
     attn_l2_norm: bool = True
     drop_path_rate: float = 16 * DROP_PATH_PER_DEPTH

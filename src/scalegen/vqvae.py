@@ -16,14 +16,17 @@ from scalegen.quantizer import COMMITMENT_BETA, MultiScaleQuantizer
 from scalegen.vqvae_layers import DEFAULT_NORM_GROUPS, Decoder, Encoder
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+OFFICIAL_VOCAB_SIZE = 4096
+OFFICIAL_Z_CHANNELS = 32
 
 
 @dataclass
 class VQVAEConfig:
     """Everything needed to rebuild a tokenizer; stored in checkpoints (`dataclasses.asdict`)."""
 
-    vocab_size: int = 4096
-    z_channels: int = 32
+    vocab_size: int = OFFICIAL_VOCAB_SIZE
+    z_channels: int = OFFICIAL_Z_CHANNELS
     ch: int = 160
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
@@ -163,7 +166,7 @@ class VQVAE(nn.Module):
         return self.quantize.tokens_to_var_input(tokens)
 
 
-def build_vqvae(vocab_size: int = 4096, z_channels: int = 32, ch: int = 160, patch_nums: Sequence[int] = PATCH_NUMS_256,
+def build_vqvae(vocab_size: int = OFFICIAL_VOCAB_SIZE, z_channels: int = OFFICIAL_Z_CHANNELS, ch: int = 160, patch_nums: Sequence[int] = PATCH_NUMS_256,
                 share_quant_resi: int = 4, quant_resi: float = 0.5, **more) -> VQVAE:
     """Build a tokenizer; the defaults are the official 256px `vae_ch160v4096z32` (108.95M parameters).
 

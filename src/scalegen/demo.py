@@ -8,10 +8,10 @@ from pathlib import Path
 
 from scalegen import dit_commands
 
-# A small pixel-space DiT: 32×32×1 Fashion-MNIST, patch 4 (64 tokens), 6 blocks of width 256.
+# A small pixel-space DiT: 32×32×1 Fashion-MNIST, patch 4 (64 tokens), 4 blocks of width 128.
 DEMO_DIT_ARGUMENTS = [
-    "--model", "DiT-S/4", "--depth", "6", "--hidden-size", "256", "--num-heads", "4",
-    "--data", "fashion-mnist", "--image-size", "32", "--batch-size", "64",
+    "--model", "DiT-S/4", "--depth", "4", "--hidden-size", "128", "--num-heads", "4",
+    "--data", "fashion-mnist", "--image-size", "32", "--batch-size", "32",
     "--lr", "3e-4", "--ema", "0.999", "--checkpoint-every", "200", "--log-every", "20",
 ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scalegen import demo, dit_commands, evaluate
+from scalegen import classifier, demo, dit_commands, evaluate, var_commands
 from scalegen.errors import UserError
 
 
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parsers = commands.add_parser("train", help="train a model").add_subparsers(dest="model", required=True)
     sample_parsers = commands.add_parser("sample", help="sample a trained model").add_subparsers(dest="model", required=True)
     dit_commands.register(train_parsers, sample_parsers)
+    var_commands.register(train_parsers, sample_parsers, commands)
+    classifier.register(train_parsers)
     demo.register(commands)
     evaluate.register(commands)
     return parser

@@ -3,6 +3,8 @@
 `eval` gives the ADM evaluator's numbers (FID, sFID, IS, precision, recall) for a sample batch against a
 reference batch; each may be an ADM `.npz` (`arr_0` uint8 NHWC, optional `mu`/`sigma`/`mu_s`/`sigma_s`) or an
 image folder. Stored reference statistics take precedence over ones computed from `arr_0`, as in ADM.
+With `--features fmnist` it gives FID in the shipped Fashion-MNIST classifier's features (against the real test
+set unless `--ref` is given) and, when the samples carry `labels`, how often the classifier sees the asked class.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalegen import metrics, scaling
+from scalegen import classifier, metrics, scaling
 from scalegen.errors import UserError
 from scalegen.flops import flops_table
 from scalegen.inception import load_inception
 
 DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch size
+FEATURE_NETWORKS = ("inception", "fmnist")
+LABELS_KEY = "labels"  # our samplers store the requested classes beside arr_0
 
 
 def reference_statistics(path: str, features: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -99,12 +103,51 @@ def evaluate(samples: str, reference: str, weights: str | None, batch_size: int 
     return result
 
 
+def read_all_images(path: str) -> np.ndarray:
+    """Every image of an .npz (`arr_0`) or folder as one uint8 (N, H, W, 3) array (small Fashion-MNIST sets)."""
+    return np.concatenate(list(metrics.ImageBatches(path).batches(classifier.BATCH_SIZE)))
+
+
+def evaluate_fmnist(samples: str, reference: str | None = None) -> dict:
+    """FID in the Fashion-MNIST classifier's features, and class accuracy when the samples carry `labels`.
+
+    Args:
+        samples: sample .npz (`arr_0`, optional `labels`) or image folder.
+        reference: real images (.npz with `arr_0` or folder); None for the real test set's stored statistics.
+    Returns:
+        {fid, accuracy (None without labels), num_samples, num_reference, features: "fmnist"}.
+    """
+    images = read_all_images(samples)
+    labels = None
+    if Path(samples).is_file() and LABELS_KEY in metrics.npz_keys(Path(samples)):
+        with np.load(samples) as archive:
+            labels = archive[LABELS_KEY]
+    statistics, num_reference = None, None
+    if reference is not None:
+        if not metrics.has_images(reference):
+            raise UserError(f"with --features fmnist the reference {reference} needs images (arr_0 or a folder); "
+                            "its Inception mu/sigma do not apply")
+        reference_images = read_all_images(reference)
+        model = classifier.load_classifier()[0]
+        statistics = metrics.feature_statistics(classifier.predict(model, reference_images)[0])
+        num_reference = len(reference_images)
+    result = classifier.fmnist_report(images, labels, statistics)
+    return {**result, "num_reference": num_reference, "features": "fmnist"}
+
+
 def run_eval(args: argparse.Namespace) -> None:
     """Handler of `scalegen eval`: prints the metrics as JSON on stdout (progress goes to stderr)."""
-    if args.samples is None and args.save_ref is None:
-        raise UserError("give --samples to evaluate, or --save-ref OUT.npz to store reference statistics")
-    result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
-                      args.save_ref_images)
+    if args.features == "fmnist":
+        if args.samples is None or args.save_ref is not None:
+            raise UserError("--features fmnist needs --samples and stores no reference (no --save-ref)")
+        result = evaluate_fmnist(args.samples, args.ref)
+    else:
+        if args.samples is None and args.save_ref is None:
+            raise UserError("give --samples to evaluate, or --save-ref OUT.npz to store reference statistics")
+        if args.ref is None:
+            raise UserError("give --ref: an ADM reference batch, an image folder, or a --save-ref file")
+        result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
+                          args.save_ref_images)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -132,8 +175,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="FID, sFID, IS, precision/recall as the ADM evaluator",
                                    description=__doc__)
     parser.add_argument("--samples", help="samples: ADM .npz (arr_0 uint8 N,H,W,3) or image folder")
-    parser.add_argument("--ref", required=True, help="reference: ADM .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) "
-                                                     "or image folder")
+    parser.add_argument("--ref", help="reference: ADM .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or image folder; "
+                                      "optional with --features fmnist (default: the real test set)")
+    parser.add_argument("--features", choices=FEATURE_NETWORKS, default="inception",
+                        help="inception: the ADM metrics; fmnist: FID and class accuracy in the shipped "
+                             "Fashion-MNIST classifier's features")
     parser.add_argument("--inception-weights", metavar="FILE",
                         help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub release)")
     parser.add_argument("--out", help="also write the JSON result to this file")

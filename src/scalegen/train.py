@@ -83,6 +83,13 @@ class TrainingTask(Protocol):
         """Write a sample grid drawn from `model` (the EMA weights) to `path`."""
 
 
+# Optional task hooks, looked up with getattr so a task without them trains unchanged:
+#   after_step(step, context) -> dict[str, float]: runs on every rank after each optimizer step (a second
+#       optimizer such as a GAN discriminator, codebook statistics); the figures it returns are logged.
+#   extra_state() -> dict and load_extra_state(state): task state beyond the model (a discriminator and its
+#       optimizer, counters), saved in training_state.pt (tensors and plain containers only) and restored on resume.
+
+
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up from 0 to 1, then linear decay to `lr_decay_to` at the last step."""
     if step < config.warmup_steps:
@@ -174,6 +181,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        if hasattr(self.task, "load_extra_state"):
+            self.task.load_extra_state(state["task"])
         restore_rng_state(state["rng"][self.context.rank] if self.context.rank < len(state["rng"]) else state["rng"][0])
         if self.context.is_main:
             print(f"resuming {self.run_dir} from step {self.step}")
@@ -193,6 +202,8 @@ class Trainer:
                 "rng": states,
                 "train_config": asdict(self.config),
             }
+            if hasattr(self.task, "extra_state"):
+                training_state["task"] = self.task.extra_state()
             save_checkpoint(
                 self.run_dir, self.step, self.task.config(), self.model.state_dict(), self.ema.state_dict(),
                 training_state, self.config.keep_checkpoints,
@@ -258,6 +269,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             update_ema(self.ema, self.model, config.ema_decay)
             self.step += 1
+            if hasattr(self.task, "after_step"):
+                step_figures.update(self.task.after_step(self.step, context))
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = time.perf_counter() - window_start

@@ -4,11 +4,17 @@ training where it stopped."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
-from scalegen import dit_commands, var_commands
+import numpy as np
+from PIL import Image
 
+from scalegen import dit_commands, var_commands
+from scalegen.classifier import fmnist_report
+
+DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
 # A small pixel-space DiT: 32×32×1 Fashion-MNIST, patch 4 (64 tokens), 4 blocks of width 128.
 DEMO_DIT_ARGUMENTS = [
     "--model", "DiT-S/4", "--depth", "4", "--hidden-size", "128", "--num-heads", "4",
@@ -57,11 +63,12 @@ def run_demo(args: argparse.Namespace) -> None:
     train_args.handler(train_args)
     grid = Path(args.out) / "dit_grid.png"
     sample_args = parser.parse_args(
-        ["sample", "dit", "--ckpt", str(run_dir), "--classes", "all", "--per-class", "10", "--steps",
+        ["sample", "dit", "--ckpt", str(run_dir), "--classes", "all", "--per-class", str(DEMO_CLASSES), "--steps",
          str(args.sample_steps), "--cfg-scale", "4.0", "--out", str(grid), "--batch-size", "100"]
     )
     sample_args.handler(sample_args)
     print(f"demo: DiT trained in {run_dir} ({time.perf_counter() - started:.0f} s); class grid (rows = classes 0-9): {grid}")
+    report_grid("DiT", grid)
     if args.tokenizer_steps:
         run_var_demo(parser, args)
 
@@ -75,10 +82,28 @@ def run_var_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
          "--out", str(tokenizer_dir)],
         ["train", "var", "--tokenizer", str(tokenizer_dir), *DEMO_VAR_ARGUMENTS, "--data", args.data,
          "--steps", str(args.var_steps), "--out", str(var_dir)],
-        ["sample", "var", "--ckpt", str(var_dir), "--classes", "all", "--per-class", "10", "--cfg", "4.0",
+        ["sample", "var", "--ckpt", str(var_dir), "--classes", "all", "--per-class", str(DEMO_CLASSES), "--cfg", "4.0",
          "--top-p", "0.95", "--out", str(Path(args.out) / "var_grid.png"), "--batch-size", "100"],
     ):
         parsed = parser.parse_args(command)
         parsed.handler(parsed)
     print(f"demo: tokenizer and VAR trained in {tokenizer_dir} and {var_dir} ({time.perf_counter() - started:.0f} s); "
           f"class grid (rows = classes 0-9): {Path(args.out) / 'var_grid.png'}")
+    report_grid("VAR", Path(args.out) / "var_grid.png")
+
+
+def report_grid(name: str, path: Path, rows: int = DEMO_CLASSES) -> dict:
+    """Score a class grid (row r asked for class r) with the shipped Fashion-MNIST classifier and print it.
+
+    Returns:
+        {"fid": …, "accuracy": …, "num_samples": …}: FID in the classifier's features against the real test set,
+        and the share of samples the classifier labels as the class they were asked for.
+    """
+    grid = np.asarray(Image.open(path).convert("L"))  # (rows·H, columns·W)
+    side = grid.shape[0] // rows
+    tiles = grid.reshape(rows, side, -1, side).transpose(0, 2, 1, 3)  # (rows, columns, H, W)
+    images = tiles.reshape(-1, side, side)  # (rows·columns, H, W)
+    labels = np.repeat(np.arange(rows), tiles.shape[1])  # (rows·columns,)
+    report = fmnist_report(images, labels)
+    print(f"demo: {name} grid scored by the Fashion-MNIST classifier: {json.dumps(report)}")
+    return report

@@ -18,7 +18,6 @@ from scalegen.cli import main
 from scalegen.data import FashionMNIST, ImageFolder, ResumableSampler, center_crop_arr, collate
 from scalegen.dit import DiT, DiTConfig
 from scalegen.dit_commands import dit_config_from_state_dict, load_dit
-from scalegen.errors import UserError
 
 TINY_PIXEL_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 

@@ -252,3 +252,15 @@ def test_edit_matches_official_notebook(golden, name):
         official = golden[f"{name}.golden.edit.sampled_tokens.{index}"]
         assert torch.equal(tokens[~keep], official[~keep]), f"scale {index}"
     torch.testing.assert_close(sampled.features, golden[f"{name}.golden.edit.features"], atol=1e-4, rtol=0)
+
+
+def test_a_deep_copy_shares_the_tokenizer_but_not_the_weights():
+    import copy
+
+    tokenizer = build_vqvae(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
+                            norm_groups=4, use_attention=False, use_mid_attention=False, in_channels=1)
+    var = build_var(tokenizer, depth=1, num_classes=3, width=16, num_heads=2)
+    clone = copy.deepcopy(var)
+    assert clone.tokenizer is var.tokenizer
+    assert clone.class_emb.weight is not var.class_emb.weight
+    torch.testing.assert_close(clone.class_emb.weight, var.class_emb.weight)

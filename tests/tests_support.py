@@ -1,7 +1,6 @@
 """Shared helpers for the tests: tiny data sets and models that run in a blink on 2 CPU cores."""
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset
 
 from scalegen.data import FashionMNIST

@@ -5,17 +5,16 @@ import argparse
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from scalegen.checkpoint import load_weights
 from scalegen.data import open_dataset
-from scalegen.distributed import cleanup, gather_tensors, setup_distributed
+from scalegen.distributed import cleanup, setup_distributed
 from scalegen.dit import MODEL_SIZES, PRESETS, DiT, DiTConfig, preset_config
 from scalegen.dit_blocks import BLOCK_KINDS
 from scalegen.errors import UserError
 from scalegen.objectives import DiTTask
-from scalegen.sample import grid_labels, parse_classes, sample_dit, save_grid, save_npz, to_adm_uint8
+from scalegen.sample import grid_labels, parse_classes, sample_dit, sample_to_npz, save_grid
 from scalegen.sd_vae import LATENT_DOWNSAMPLE, LatentCache, extract_latents, load_sd_vae
 from scalegen.train import add_training_options, train, train_config_from_args
 
@@ -147,7 +146,10 @@ def sample_dit_command(args: argparse.Namespace) -> None:
 
     try:
         if args.num_samples:
-            write_npz(args, model, draw, context)
+            written = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
+                                    args.out, context)
+            if written:
+                print(f"wrote {written} with {args.num_samples} samples")
         else:
             if context.is_main:
                 classes = parse_classes(args.classes, model.config.num_classes)
@@ -156,20 +158,3 @@ def sample_dit_command(args: argparse.Namespace) -> None:
                 print(f"wrote {save_grid(images, len(classes), args.out)}")
     finally:
         cleanup(context)
-
-
-def write_npz(args, model: DiT, draw, context) -> None:
-    """Each rank draws its share of `--num-samples` in batches; rank 0 gathers and writes `arr_0` (N, H, W, 3)."""
-    per_rank = math.ceil(args.num_samples / context.world_size)
-    torch.manual_seed(args.seed * context.world_size + context.rank)  # per-rank seed, as sample_ddp.py
-    gathered, gathered_labels = [], []
-    for start in range(0, per_rank, args.batch_size):
-        count = min(args.batch_size, per_rank - start)
-        labels = torch.randint(0, model.config.num_classes, (count,), device=context.device)  # (b,)
-        images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
-        gathered.append(gather_tensors(images, context).cpu().numpy())
-        gathered_labels.append(gather_tensors(labels, context).cpu().numpy())
-    if context.is_main:
-        samples = np.concatenate(gathered)[: args.num_samples]
-        labels = np.concatenate(gathered_labels)[: args.num_samples]
-        print(f"wrote {save_npz(samples, args.out, labels)} with {len(samples)} samples")

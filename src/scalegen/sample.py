@@ -1,6 +1,8 @@
 """Drawing samples: DiT sampling loops, class-grid PNGs and ADM-format .npz files."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -9,7 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scalegen import metrics
 from scalegen.data import to_uint8
+from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.dit import DiT
 from scalegen.errors import UserError
 from scalegen.respace import create_diffusion
@@ -109,7 +113,56 @@ def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".partial.npz")
-    np.savez(temporary, arr_0=images, **({} if labels is None else {"labels": labels}))
+    metrics.write_npz(temporary, {"arr_0": images, **({} if labels is None else {"labels": labels})})
+    temporary.replace(path)
+    return path
+
+
+def sample_to_npz(
+    draw: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    path: str | Path,
+    context: DistributedContext,
+) -> Path | None:
+    """Draw `num_samples` uniformly-labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`).
+
+    Each rank seeds the global RNG with seed·world + rank (as DiT's sample_ddp.py) and draws its share in batches;
+    rank 0 gathers every batch and streams it into the file, so the samples never sit in memory all at once.
+
+    Args:
+        draw: labels (b,) on the context's device -> images (b, C, H, W) in [-1, 1].
+        num_classes, num_samples, batch_size, seed: what to draw.
+        path: the .npz to write (through a temporary name).
+        context: this process's place in the torchrun group.
+    Returns:
+        The path written (rank 0), or None on other ranks.
+    """
+    per_rank = math.ceil(num_samples / context.world_size)
+    torch.manual_seed(seed * context.world_size + context.rank)
+    path = Path(path)
+    temporary = path.with_name(path.stem + ".partial.npz")
+    writer, written, all_labels = None, 0, []
+    for start in range(0, per_rank, batch_size):
+        count = min(batch_size, per_rank - start)
+        labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
+        images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
+        images, labels = gather_tensors(images, context), gather_tensors(labels, context)  # (world·b, …)
+        if context.is_main:
+            if writer is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writer = metrics.NpzWriter(temporary)
+                writer.begin_images((num_samples, *images.shape[1:]))
+            keep = min(len(images), num_samples - written)
+            writer.add_images(images[:keep].cpu().numpy())
+            all_labels.append(labels[:keep].cpu().numpy())
+            written += keep
+    if not context.is_main:
+        return None
+    writer.add_array("labels", np.concatenate(all_labels))
+    writer.close()
     temporary.replace(path)
     return path
 

@@ -7,6 +7,7 @@ FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they load with
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,6 +190,14 @@ class VAR(nn.Module):
         # A tuple hides the module from nn.Module's registration (no parameters, no state-dict keys).
         self._tokenizer = (tokenizer,)
 
+    def __deepcopy__(self, memo: dict) -> VAR:
+        """Copy the transformer but share the tokenizer (an EMA copy must not duplicate a frozen 100M-param VQVAE)."""
+        memo[id(self._tokenizer)] = self._tokenizer
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
     @property
     def tokenizer(self) -> nn.Module:
         if not self._tokenizer:
@@ -340,7 +349,7 @@ class VAR(nn.Module):
         """Generate images; see `generate_tokens` for the arguments.
 
         Returns:
-            (B, 3, H, W) images in [0, 1].
+            (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
         """
         sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator)
         return self._decode(sampled.features)
@@ -368,7 +377,7 @@ class VAR(nn.Module):
             cfg, top_k, top_p, seed, more_smooth, generator: as in `generate_tokens`.
 
         Returns:
-            (B, 3, H, W) edited images in [0, 1].
+            (B, C, H, W) edited images in [0, 1].
         """
         sampled = self.generate_tokens(
             labels, cfg, top_k, top_p, seed, more_smooth, generator, source_tokens=source_tokens, keep_mask=keep_mask
@@ -376,8 +385,8 @@ class VAR(nn.Module):
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:
-        images = self.tokenizer.features_to_img(features).float()  # (B, 3, H, W) in [-1, 1]
-        return (images + 1) / 2  # (B, 3, H, W) in [0, 1]
+        images = self.tokenizer.features_to_img(features).float()  # (B, C, H, W) in [-1, 1]
+        return (images + 1) / 2  # (B, C, H, W) in [0, 1]
 
 
 def build_var(

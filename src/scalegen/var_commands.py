@@ -17,11 +17,10 @@ from safetensors.torch import load_file, save_file
 from scalegen.checkpoint import contiguous_copy, load_weights
 from scalegen.data import center_crop_arr, open_dataset, to_model_range
 from scalegen.distributed import barrier, cleanup, setup_distributed
-from scalegen.dit_commands import write_npz
 from scalegen.errors import UserError
 from scalegen.lpips import load_lpips
 from scalegen.quantizer import phi_indices
-from scalegen.sample import grid_labels, parse_classes, save_grid
+from scalegen.sample import grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.train import add_training_options, train, train_config_from_args
 from scalegen.var import VAR, VARConfig
 from scalegen.var_edit import box_mask
@@ -291,7 +290,11 @@ def sample_var(args: argparse.Namespace) -> None:
 
     try:
         if args.num_samples:
-            write_npz(args, model, draw, context)  # seeds the global RNG per rank, which `generate` draws from
+            # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
+            written = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
+                                    args.out, context)
+            if written:
+                print(f"wrote {written} with {args.num_samples} samples")
         elif context.is_main:
             classes = parse_classes(args.classes, model.config.num_classes)
             generator = torch.Generator(context.device).manual_seed(args.seed)

@@ -147,3 +147,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_unknown_preset_is_a_one_line_error():
     with pytest.raises(UserError, match="unknown DiT preset 'DiT-M/2'"):
         scalegen.build_dit("DiT-M/2")
+
+
+def test_grayscale_guidance_never_touches_the_variance_channel():
+    model = randomised(tiny_dit(in_channels=1))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 10]), torch.tensor([3, 10])
+    guided = model.forward_with_cfg(x, t, y, 5.0)
+    plain = model(torch.cat([x[:1], x[:1]]), t, y)
+    torch.testing.assert_close(guided[:, 1], plain[:, 1])  # v passes through unguided
+    assert not torch.allclose(guided[:, 0], plain[:, 0])

@@ -11,6 +11,7 @@ from scalegen.checkpoint import load_weights, save_checkpoint
 from scalegen.data import FASHION_MNIST_FILES, load_fashion_mnist
 from scalegen.cli import main
 from scalegen.run_log import read_log
+from scalegen.errors import UserError
 from scalegen.train import TrainConfig, train
 from scalegen.var import VAR, VARConfig
 from scalegen.var_commands import TOKENIZER_FILE, load_var
@@ -175,3 +176,13 @@ def test_a_var_run_without_its_tokenizer_copy_asks_for_one(var_cli_run, tmp_path
     assert "pass --tokenizer" in message
     model, _ = load_var(tmp_path / "orphan", str(var_cli_run / "vq"))
     assert model.tokenizer.config.vocab_size == 32
+
+
+def test_official_scales_are_read_off_the_number_of_positions():
+    from scalegen.var_commands import official_patch_nums
+    from scalegen.vqvae import PATCH_NUMS_256, PATCH_NUMS_512
+
+    assert official_patch_nums({"pos_1LC": torch.zeros(1, 680, 1)}) == PATCH_NUMS_256
+    assert official_patch_nums({"pos_1LC": torch.zeros(1, 2240, 1)}) == PATCH_NUMS_512
+    with pytest.raises(UserError, match="neither official scale set"):
+        official_patch_nums({"pos_1LC": torch.zeros(1, 30, 1)})

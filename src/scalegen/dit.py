@@ -142,11 +142,13 @@ class DiT(nn.Module):
         """Classifier-free guidance on a batch laid out as [conditional half; null-class half].
 
         The first half's latents serve both halves. By default only ε channels 0..2 are guided (the official
-        behaviour); `guide_all_channels=True` guides every ε channel, the standard formulation.
+        behaviour); `guide_all_channels=True` guides every ε channel, the standard formulation. With fewer than
+        three input channels (pixel-space grayscale) every ε channel is guided and the variance channels never are:
+        the official slice would reach into the variance channels there and wreck the sampler.
         """
         half = x[: len(x) // 2]  # (B/2, C, H, W)
         output = self.forward(torch.cat([half, half], dim=0), t, y)  # (B, C_out, H, W)
-        guided_channels = self.in_channels if guide_all_channels else OFFICIAL_GUIDED_CHANNELS
+        guided_channels = self.in_channels if guide_all_channels else min(OFFICIAL_GUIDED_CHANNELS, self.in_channels)
         eps, rest = output[:, :guided_channels], output[:, guided_channels:]  # (B, g, H, W), (B, C_out-g, H, W)
         conditional, unconditional = eps.chunk(2, dim=0)  # 2 × (B/2, g, H, W)
         guided = unconditional + cfg_scale * (conditional - unconditional)  # (B/2, g, H, W)

@@ -42,7 +42,7 @@ def sample_dit(
         cfg_scale: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
         steps: number of respaced diffusion steps.
         sampler: "ddpm" (ancestral) or "ddim" (eta 0).
-        codec: the SD VAE to decode latents with; None for a pixel-space model.
+        codec: the SD VAE to decode latents with; None for a pixel-space model (x0 predictions are then clipped).
         noise: starting noise (B, C, h, w); drawn from the global torch RNG when None.
         guide_all_channels: guide every ε channel instead of the official first three.
         progress: show a progress bar.
@@ -61,8 +61,10 @@ def sample_dit(
     else:
         forward = model.forward
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    # Pixels live in [-1, 1], so x0 predictions are clipped there (ADM's default); SD latents are unbounded (DiT).
     latents = loop(
-        forward, latents.shape, noise=latents, clip_denoised=False, model_kwargs={"y": labels}, progress=progress
+        forward, latents.shape, noise=latents, clip_denoised=codec is None, model_kwargs={"y": labels},
+        progress=progress,
     )  # (B or 2B, C, h, w)
     if cfg_scale > 1.0:
         latents = latents.chunk(2, dim=0)[0]  # (B, C, h, w)

@@ -25,7 +25,7 @@ from scalegen.train import add_training_options, train, train_config_from_args
 from scalegen.var import VAR, VARConfig
 from scalegen.var_edit import box_mask
 from scalegen.var_objectives import TokenCache, TokenizerLosses, VARTask, VQVAETask, extract_tokens, json_config
-from scalegen.vqvae import VQVAE, VQVAEConfig
+from scalegen.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 TOKEN_CACHE_FILE = "tokens.safetensors"
@@ -205,9 +205,13 @@ def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> None
 
 # ----- loading -----
 
-def load_tokenizer(path: str | Path) -> tuple[VQVAE, dict]:
+def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> tuple[VQVAE, dict]:
     """A tokenizer in eval mode from a `train vqvae` run/checkpoint or an official vae .pth.
 
+    Args:
+        path: the run folder, checkpoint or .pth file.
+        official_patch_nums: scales to use with an official file, which stores none (the same weights serve the
+            256px and the 512px VARs).
     Returns:
         (tokenizer, its config as stored in JSON).
     """
@@ -217,7 +221,7 @@ def load_tokenizer(path: str | Path) -> tuple[VQVAE, dict]:
     stored, weights = load_weights(path)
     if stored is not None and stored.get("kind") != "vqvae":
         raise UserError(f"{path} holds a {stored.get('kind')} model, not a tokenizer; pass a `train vqvae` run")
-    config = VQVAEConfig(**stored["model"]) if stored else VQVAEConfig()  # no config: the official 256px tokenizer
+    config = VQVAEConfig(**stored["model"]) if stored else VQVAEConfig(patch_nums=official_patch_nums)
     return build_loaded(VQVAE(config), weights, path), json_config(config)
 
 
@@ -257,13 +261,24 @@ def var_config_from_state_dict(weights: dict[str, torch.Tensor], tokenizer: VQVA
                                shared_aln="shared_ada_lin.1.weight" in weights)
 
 
+def official_patch_nums(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The scales of an official VAR checkpoint, read off its number of positions (680: 256px, 2240: 512px)."""
+    positions = weights["pos_1LC"].shape[1] if "pos_1LC" in weights else None
+    for patch_nums in (PATCH_NUMS_256, PATCH_NUMS_512):
+        if positions == sum(side * side for side in patch_nums):
+            return patch_nums
+    raise UserError(f"a VAR checkpoint with {positions} positions matches neither official scale set; "
+                    "use a scalegen run folder, which stores its scales")
+
+
 def load_var(path: str | Path, tokenizer_path: str | None = None) -> tuple[VAR, dict]:
     """A VAR (eval mode, tokenizer attached) from a run folder, checkpoint or official .pth; returns (model, config)."""
     stored, weights = load_weights(path)
     if stored is not None and stored.get("kind") != "var":
         raise UserError(f"{path} holds a {stored.get('kind')} model, not a VAR; use `scalegen sample {stored.get('kind')}`")
     if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path)[0]
+        patch_nums = tuple(stored["model"]["patch_nums"]) if stored else official_patch_nums(weights)
+        tokenizer = load_tokenizer(tokenizer_path, patch_nums)[0]
     elif stored is not None:
         tokenizer = stored_tokenizer(Path(path), stored)
     else:

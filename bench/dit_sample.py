@@ -15,8 +15,9 @@ import torch
 from scalegen.dit import build_dit
 from scalegen.sample import sample_dit
 from scalegen.sd_vae import LATENT_DOWNSAMPLE
+from scalegen.train import AUTOCAST_DTYPES
 
-from dit_train import AUTOCAST_DTYPES, peak_memory_gib
+from timing import peak_memory_gib
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ pre-extracted latents does. Not a test: it prints figures.
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
 import torch
 
@@ -20,17 +18,12 @@ from scalegen.respace import create_diffusion
 from scalegen.sd_vae import LATENT_DOWNSAMPLE
 from scalegen.train import AUTOCAST_DTYPES, update_ema
 
+from timing import peak_memory_gib, seconds_per_call
+
 # Dense bf16 peak of the GPUs we report on (tensor cores, no sparsity), in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 LATENT_CHANNELS = 4
 BACKWARD_TO_FORWARD = 2  # a backward pass costs about twice the forward
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory: CUDA allocator peak on GPU, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -69,16 +62,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, 0.9999)
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / args.steps
+    seconds = seconds_per_call(step, args.steps, args.warmup, device)
     images_per_second = args.batch_size / seconds
     config = model.config
     forward_flops = 2 * dit_forward_macs(config.depth, config.hidden_size, config.patch_size, latent_size)

@@ -18,7 +18,7 @@ from scalegen.var import VAR, build_var
 from scalegen.var_sampling import filter_logits, sample_tokens
 from scalegen.vqvae import build_vqvae
 
-from dit_train import peak_memory_gib
+from timing import peak_memory_gib
 
 NUM_CLASSES = 1000
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96  # the paper's FID setting

@@ -9,7 +9,6 @@ cross-entropy, backward, gradient clipping and an AdamW step with the VAR parame
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -18,7 +17,7 @@ from scalegen.var_objectives import VARTask, json_config
 from scalegen.var import VARConfig
 from scalegen.vqvae import build_vqvae
 
-from dit_train import peak_memory_gib
+from timing import peak_memory_gib, seconds_per_call
 
 NUM_CLASSES = 1000
 GRAD_CLIP = 2.0
@@ -58,15 +57,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / args.steps
+    seconds = seconds_per_call(step, args.steps, 1, device)
     parameters = sum(parameter.numel() for parameter in task.model.parameters()) / 1e6
     print(f"VAR-d{args.depth} ({parameters:.1f}M params), {args.image_size}px, {sum(p * p for p in patch_nums)} tokens, "
           f"batch {args.batch_size}, {args.precision}, device {device}")

@@ -15,20 +15,12 @@ from PIL import Image
 from scalegen import checkpoint as checkpoint_module
 from scalegen.checkpoint import last_checkpoint, load_weights, save_checkpoint
 from scalegen.cli import main
+from tests_support import user_error
 from scalegen.data import FashionMNIST, ImageFolder, ResumableSampler, center_crop_arr, collate
 from scalegen.dit import DiT, DiTConfig
 from scalegen.dit_commands import dit_config_from_state_dict, load_dit
 
 TINY_PIXEL_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-
-
-def user_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert message.startswith("scalegen: error:") and "\n" not in message
-    return message
 
 
 def write_run(folder: Path, config: DiTConfig = TINY_PIXEL_DIT, step: int = 1) -> DiT:

@@ -18,7 +18,7 @@ from scalegen.var_commands import TOKENIZER_FILE, load_var
 from scalegen.var_edit import box_mask
 from scalegen.var_objectives import VARTask, json_config
 from scalegen.vqvae import VQVAE
-from tests_support import tiny_fashion
+from tests_support import tiny_fashion, user_error
 from test_tokenizer_training import TINY_TOKENIZER
 
 SUBSET_IMAGES = 256
@@ -52,15 +52,6 @@ def write_fashion_subset(folder: Path) -> None:
     (folder / image_file).write_bytes(header + images[:count].numpy().tobytes())
     header = IDX_LABEL_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big")
     (folder / label_file).write_bytes(header + labels[:count].to(torch.uint8).numpy().tobytes())
-
-
-def user_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert message.startswith("scalegen: error:") and "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")

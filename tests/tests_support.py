@@ -1,8 +1,10 @@
 """Shared helpers for the tests: tiny data sets and models that run in a blink on 2 CPU cores."""
 from __future__ import annotations
 
+import pytest
 from torch.utils.data import Dataset
 
+from scalegen.cli import main
 from scalegen.data import FashionMNIST
 
 FASHION_SUBSET = 512
@@ -25,3 +27,13 @@ class Subset(Dataset):
 def tiny_fashion(image_size: int = 8) -> Subset:
     """512 real Fashion-MNIST images, resized to image_size (8×8 keeps a DiT with patch 4 at 4 tokens)."""
     return Subset(FashionMNIST(None, image_size), FASHION_SUBSET)
+
+
+def user_error(argv: list[str], capsys) -> str:
+    """Run the command line expecting a UserError: exit code 2 and a one-line message, which is returned."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("scalegen: error:") and "\n" not in message
+    return message

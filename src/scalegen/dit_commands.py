@@ -146,10 +146,7 @@ def sample_dit_command(args: argparse.Namespace) -> None:
 
     try:
         if args.num_samples:
-            written = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
-                                    args.out, context)
-            if written:
-                print(f"wrote {written} with {args.num_samples} samples")
+            sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context)
         else:
             if context.is_main:
                 classes = parse_classes(args.classes, model.config.num_classes)

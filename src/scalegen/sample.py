@@ -166,6 +166,7 @@ def sample_to_npz(
     writer.add_array("labels", np.concatenate(all_labels))
     writer.close()
     temporary.replace(path)
+    print(f"wrote {path} with {num_samples} samples")
     return path
 
 

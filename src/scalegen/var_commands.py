@@ -306,10 +306,7 @@ def sample_var(args: argparse.Namespace) -> None:
     try:
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
-            written = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
-                                    args.out, context)
-            if written:
-                print(f"wrote {written} with {args.num_samples} samples")
+            sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context)
         elif context.is_main:
             classes = parse_classes(args.classes, model.config.num_classes)
             generator = torch.Generator(context.device).manual_seed(args.seed)

@@ -27,7 +27,7 @@ from scalegen.var_blocks import (
 )
 from scalegen.var_edit import check_edit_inputs, resize_keep_mask
 from scalegen.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
-from scalegen.var_sampling import filter_logits, gumbel_softmax, sample_tokens
+from scalegen.var_sampling import filter_logits, sample_tokens, smooth_embedding
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
 WIDTH_PER_DEPTH = 64
@@ -40,10 +40,6 @@ ADALN_INIT_GAIN = 0.5
 # get smaller γ. Depths between the released ones use the next larger released depth's value.
 ADALN_GAMMA_BY_DEPTH = ((20, 1e-3), (24, 1e-4), (30, 1e-5))
 ADALN_GAMMA_DEEPEST = 5e-6
-# more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
-GUMBEL_START_TEMPERATURE = 0.27
-GUMBEL_TEMPERATURE_DECAY = 0.95
-GUMBEL_MIN_TEMPERATURE = 0.005
 
 
 @dataclass
@@ -311,11 +307,7 @@ class VAR(nn.Module):
             filtered = filter_logits(logits, top_k, top_p)  # (B, p², V)
             tokens = sample_tokens(filtered, generator)  # (B, p²)
             if more_smooth:
-                temperature = max(
-                    GUMBEL_START_TEMPERATURE * (1 - GUMBEL_TEMPERATURE_DECAY * progress), GUMBEL_MIN_TEMPERATURE
-                )
-                mixture = gumbel_softmax(filtered * (1 + progress), temperature, generator)  # (B, p², V)
-                embedded = mixture @ quantizer.embedding.weight  # (B, p², Cvae)
+                embedded = smooth_embedding(filtered, progress, quantizer.embedding.weight, generator)  # (B, p², Cvae)
             else:
                 embedded = quantizer.embedding(tokens)  # (B, p², Cvae)
             if editing:

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import torch
 
+# more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
+GUMBEL_START_TEMPERATURE = 0.27
+GUMBEL_TEMPERATURE_DECAY = 0.95
+GUMBEL_MIN_TEMPERATURE = 0.005
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Mask logits outside the top-k and outside the top-p nucleus with -inf (the input is not modified).
@@ -61,3 +66,21 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
     """
     gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # (..., V)
     return ((logits + gumbels) / temperature).softmax(dim=-1)
+
+
+def smooth_embedding(filtered_logits: torch.Tensor, progress: float, codebook: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The `more_smooth` input of one scale: a Gumbel-softmax mixture of codebook vectors instead of one code.
+
+    Args:
+        filtered_logits: (B, l, V) guided, top-k/top-p filtered logits of the scale.
+        progress: scale index / (number of scales - 1), in [0, 1]; sharpens the mixture at finer scales.
+        codebook: (V, Cvae) codebook vectors.
+        generator: random generator, or None for the global one.
+
+    Returns:
+        (B, l, Cvae) mixed embeddings.
+    """
+    temperature = max(GUMBEL_START_TEMPERATURE * (1 - GUMBEL_TEMPERATURE_DECAY * progress), GUMBEL_MIN_TEMPERATURE)
+    mixture = gumbel_softmax(filtered_logits * (1 + progress), temperature, generator)  # (B, l, V)
+    return mixture @ codebook  # (B, l, Cvae)

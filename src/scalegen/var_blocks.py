@@ -215,10 +215,11 @@ class AdaLNSelfAttn(nn.Module):
         else:
             modulation = self.ada_lin(cond).view(-1, 1, ADALN_CHUNKS, self.dim)  # (B, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (B, 1, C)
-        attn_in = self.norm(x) * (1 + scale1) + shift1  # (B, l, C)
-        x = x + self.drop_path(self.attn(attn_in, attn_mask, cache) * gamma1)  # (B, l, C)
-        ffn_in = self.norm(x) * (1 + scale2) + shift2  # (B, l, C)
-        return x + self.drop_path(self.ffn(ffn_in) * gamma2)  # (B, l, C)
+        # Fused multiply-adds and in-place gains on fresh outputs: fewer passes over (B, l, C) tensors.
+        attn_in = torch.addcmul(shift1, self.norm(x), 1 + scale1)  # (B, l, C)
+        x = x + self.drop_path(self.attn(attn_in, attn_mask, cache).mul_(gamma1))  # (B, l, C)
+        ffn_in = torch.addcmul(shift2, self.norm(x), 1 + scale2)  # (B, l, C)
+        return x + self.drop_path(self.ffn(ffn_in).mul_(gamma2))  # (B, l, C)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -232,4 +233,4 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)  # each (B, 1, C)
-        return self.norm(x) * (1 + scale) + shift  # (B, l, C)
+        return torch.addcmul(shift, self.norm(x), 1 + scale)  # (B, l, C)

@@ -177,3 +177,33 @@ def test_official_scales_are_read_off_the_number_of_positions():
     assert official_patch_nums({"pos_1LC": torch.zeros(1, 2240, 1)}) == PATCH_NUMS_512
     with pytest.raises(UserError, match="neither official scale set"):
         official_patch_nums({"pos_1LC": torch.zeros(1, 30, 1)})
+
+
+def test_two_process_torchrun_trains_the_tokenizer_then_the_var(var_cli_run, tmp_path):
+    """Every new train command runs unchanged under torchrun (gloo): codebook hits summed, dead codes broadcast."""
+    import os
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalegen"]
+    tokenizer = ["train", "vqvae", "--image-size", "8", "--patch-nums", "1,2,4", "--ch", "8", "--ch-mult", "1,2",
+                 "--norm-groups", "4", "--num-res-blocks", "1", "--no-attention", "--share-quant-resi", "3",
+                 "--vocab-size", "32", "--z-channels", "4", "--dead-code-every", "1", "--gan-weight", "0.1",
+                 "--disc-layers", "1", "--data", str(var_cli_run / "data"), "--steps", "2", "--batch-size", "16", "--log-every", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "vq")]
+    transformer = ["train", "var", "--tokenizer", str(tmp_path / "vq"), "--depth", "1", "--width", "32",
+                   "--num-heads", "2", "--data", str(var_cli_run / "data"), "--steps", "2", "--batch-size", "16",
+                   "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "var")]
+    for command in (tokenizer, transformer):
+        completed = subprocess.run(launcher + command, env=environment, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    assert len(read_log(tmp_path / "vq")) == 2 and len(read_log(tmp_path / "var")) == 2
+    assert load_weights(tmp_path / "var")[0]["kind"] == "var"
+
+
+def test_a_discriminator_too_deep_for_the_images_is_a_one_line_error(var_cli_run, tmp_path, capsys):
+    message = user_error(["train", "vqvae", "--image-size", "8", "--patch-nums", "1,2,4", "--ch", "8", "--ch-mult", "1,2",
+                          "--norm-groups", "4", "--no-attention", "--share-quant-resi", "3", "--gan-weight", "0.1",
+                          "--data", str(var_cli_run / "data"), "--steps", "1", "--out", str(tmp_path / "vq")], capsys)
+    assert "too small for a 3-layer discriminator" in message

@@ -23,6 +23,12 @@ def norm_layer(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(DISCRIMINATOR_NORM_GROUPS, channels), channels)
 
 
+def smallest_image_size(layers: int) -> int:
+    """The smallest image side a discriminator with `layers` layers accepts: `layers` halvings, then two 4x4
+    convolutions that each trim one pixel, must leave at least one patch logit."""
+    return 3 * 2**layers
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / VQGAN `NLayerDiscriminator`): one real/fake logit per overlapping image patch.
 

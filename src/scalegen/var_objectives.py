@@ -20,7 +20,10 @@ from tqdm import tqdm
 
 from scalegen.data import collate
 from scalegen.distributed import DistributedContext
-from scalegen.gan_losses import PatchDiscriminator, adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
+from scalegen.errors import UserError
+from scalegen.gan_losses import (
+    PatchDiscriminator, adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, smallest_image_size,
+)
 from scalegen.lpips import LPIPS
 from scalegen.objectives import GRID_MAX_CLASSES, GRID_PER_CLASS
 from scalegen.sample import grid_labels, save_grid
@@ -103,6 +106,11 @@ class VQVAETask:
         self.extra_config = extra_config or {}
         self.discriminator = None
         if losses.gan > 0:
+            image_size = grid_images.shape[-1]
+            if image_size < smallest_image_size(losses.discriminator_layers):
+                raise UserError(f"{image_size}px images are too small for a {losses.discriminator_layers}-layer "
+                                f"discriminator (it needs {smallest_image_size(losses.discriminator_layers)}px); "
+                                "lower --disc-layers")
             self.discriminator = PatchDiscriminator(model_config.in_channels, losses.discriminator_width,
                                                     losses.discriminator_layers).requires_grad_(False)
             # VQGAN's discriminator betas: a short momentum memory suits the moving fake distribution.

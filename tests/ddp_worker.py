@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from scalegen.distributed import gather_tensors, setup_distributed
+from scalegen.distributed import cleanup, gather_tensors, setup_distributed
 from scalegen.dit import DiTConfig
 from scalegen.objectives import DiTTask
 from scalegen.train import TrainConfig, Trainer
@@ -23,4 +23,4 @@ if context.is_main:
     in_sync = torch.equal(everyone[0], everyone[1]) and everyone.shape[0] == 2
     with open(result_path, "w") as stream:
         stream.write(f"{'in sync' if in_sync else 'OUT OF SYNC'} {flat.abs().sum().item():.6f}\n")
-torch.distributed.destroy_process_group()
+cleanup(context)

@@ -37,3 +37,8 @@ def user_error(argv: list[str], capsys) -> str:
     message = capsys.readouterr().err.strip()
     assert message.startswith("scalegen: error:") and "\n" not in message
     return message
+
+
+def without_progress_bars(text: str) -> str:
+    """A subprocess's stderr less tqdm's lines, so the first error shows up in an assertion message."""
+    return "\n".join(line for line in text.splitlines() if "it/s]" not in line and "s/it]" not in line)[:4000]

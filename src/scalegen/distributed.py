@@ -71,6 +71,7 @@ def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.T
 
 
 def cleanup(context: DistributedContext) -> None:
-    """Leave the process group."""
+    """Leave the process group, once every rank is done with it (a rank tearing down early can abort a slower one)."""
     if context.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import gzip
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from scalegen.errors import UserError
 
@@ -200,3 +203,41 @@ class ResumableSampler(Sampler):
             items = self.epoch_items(epoch)
             yield from items[batch_in_epoch * self.batch_size :]
             epoch, batch_in_epoch = epoch + 1, 0
+
+
+@torch.no_grad()
+def cache_with_mirrors(
+    dataset: Dataset,
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    path: str | Path,
+    batch_size: int,
+    device: torch.device | str,
+    description: str,
+) -> Path:
+    """Encode every image and its mirror once into a safetensors cache, addressed later by (index, flip).
+
+    Args:
+        dataset: an image dataset (items {"image", "label"}); unreadable images are skipped.
+        encode: images (2B, C, H, W) on `device` -> named tensors (2B, ...), already in their storage dtype.
+        path: the cache file, written through a temporary name.
+        batch_size, device: how to encode.
+        description: the progress bar's label.
+    Returns:
+        The path; each stored tensor is (N, 2, ...) with [:, 0] the image and [:, 1] its mirror, plus "labels" (N,).
+    """
+    path = Path(path)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(len(dataset))],
+                        collate_fn=collate)
+    parts: dict[str, list[torch.Tensor]] = {"labels": []}
+    for batch in tqdm(loader, desc=description):
+        if "image" not in batch:
+            continue  # every image of this batch was unreadable (already warned about)
+        images = batch["image"].to(device)  # (B, C, H, W)
+        for name, encoded in encode(torch.cat([images, images.flip(-1)])).items():  # (2B, ...)
+            parts.setdefault(name, []).append(torch.stack(encoded.chunk(2), dim=1).cpu())  # (B, 2, ...)
+        parts["labels"].append(batch["label"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    save_file({name: torch.cat(chunks) for name, chunks in parts.items()}, temporary)
+    temporary.replace(path)
+    return path

@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from scalegen.data import collate
+from scalegen.data import cache_with_mirrors
 from scalegen.errors import UserError
 
 LATENT_SCALE = 0.18215  # Stable Diffusion's latent scaling factor, used by DiT
@@ -87,19 +86,10 @@ def extract_latents(
     codec: LatentCodec, dataset: Dataset, path: str | Path, batch_size: int = 32, device: torch.device | str = "cpu"
 ) -> Path:
     """Encode every image and its mirror once into a safetensors cache at `path` (fp16 mean and std)."""
-    path = Path(path)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, False) for i in range(len(dataset))], collate_fn=collate)
-    means, stds, labels = [], [], []
     codec = codec.to(device)
-    for batch in tqdm(loader, desc="extracting latents"):
-        images = batch["image"].to(device)  # (B, 3, H, W)
-        both = torch.cat([images, images.flip(-1)], dim=0)  # (2B, 3, H, W)
-        mean, std = codec.encode_distribution(both)  # (2B, 4, h, w) ×2
-        means.append(torch.stack(mean.chunk(2), dim=1).half().cpu())  # (B, 2, 4, h, w)
-        stds.append(torch.stack(std.chunk(2), dim=1).half().cpu())  # (B, 2, 4, h, w)
-        labels.append(batch["label"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    save_file({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, temporary)
-    temporary.replace(path)
-    return path
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean, std = codec.encode_distribution(images)  # (2B, 4, h, w) ×2
+        return {"mean": mean.half(), "std": std.half()}
+
+    return cache_with_mirrors(dataset, encode, path, batch_size, device, "extracting latents")

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from scalegen.data import collate
+from scalegen.data import cache_with_mirrors
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.gan_losses import (
@@ -311,25 +310,13 @@ class TokenCache(Dataset):
         return {"tokens": self.tokens[index, int(flip)].long(), "label": self.labels[index]}
 
 
-@torch.no_grad()
 def extract_tokens(tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> Path:
     """Tokenize every image and its mirror once into a safetensors cache at `path` (int16 when the vocabulary fits)."""
-    path = Path(path)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(len(dataset))],
-                        collate_fn=collate)
     storage = torch.int16 if tokenizer.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
     tokenizer = tokenizer.to(device).eval()
-    all_tokens, all_labels = [], []
-    for batch in tqdm(loader, desc="extracting tokens"):
-        if "image" not in batch:
-            continue  # every image of this batch was unreadable (already warned about)
-        images = batch["image"].to(device)  # (B, C, H, W)
-        tokens = torch.cat(tokenizer.img_to_tokens(torch.cat([images, images.flip(-1)])), dim=1)  # (2B, L)
-        all_tokens.append(torch.stack(tokens.chunk(2), dim=1).to(storage).cpu())  # (B, 2, L)
-        all_labels.append(batch["label"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    save_file({"tokens": torch.cat(all_tokens), "labels": torch.cat(all_labels)}, temporary)
-    temporary.replace(path)
-    return path
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": torch.cat(tokenizer.img_to_tokens(images), dim=1).to(storage)}  # (2B, L)
+
+    return cache_with_mirrors(dataset, encode, path, batch_size, device, "extracting tokens")

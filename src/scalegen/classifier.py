@@ -27,7 +27,8 @@ from torch import nn
 from scalegen import metrics
 from scalegen.checkpoint import LAST_POINTER, load_weights
 from scalegen.data import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, open_dataset, to_model_range,
+    FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, open_dataset, pad_fashion_mnist,
+    to_model_range,
 )
 from scalegen.errors import UserError
 from scalegen.train import add_training_options, train, train_config_from_args
@@ -160,8 +161,7 @@ def prepare_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
                         f"{images.dtype} {tuple(images.shape)}")
     images = images.float().mean(dim=1, keepdim=True)  # (N, 1, H, W)
     if images.shape[-1] == FASHION_MNIST_SIZE and images.shape[-2] == FASHION_MNIST_SIZE:
-        pad = (FASHION_MNIST_PADDED_SIZE - FASHION_MNIST_SIZE) // 2
-        return F.pad(images, (pad, pad, pad, pad), value=-1.0)  # (N, 1, 32, 32), black border as the data set
+        return pad_fashion_mnist(images, fill=-1.0)  # (N, 1, 32, 32), black border as the data set
     if images.shape[-2:] != (FASHION_MNIST_PADDED_SIZE, FASHION_MNIST_PADDED_SIZE):
         images = F.interpolate(images, size=FASHION_MNIST_PADDED_SIZE, mode="bilinear", antialias=True)
     return images  # (N, 1, 32, 32)

@@ -43,6 +43,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+def pad_fashion_mnist(images: torch.Tensor, fill: float) -> torch.Tensor:
+    """Centre 28×28 images (N, C, 28, 28) on a 32×32 canvas of `fill` (0 for uint8, -1 for [-1, 1] floats)."""
+    pad = (FASHION_MNIST_PADDED_SIZE - images.shape[-1]) // 2
+    return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=fill)  # (N, C, 32, 32)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into a numpy array."""
     candidates = [path, path.with_name(path.name + ".gz")]
@@ -92,8 +98,7 @@ class FashionMNIST(Dataset):
 
     def __init__(self, root: str | Path | None = None, image_size: int = 32, split: str = "train"):
         images, self.labels = load_fashion_mnist(root, split)
-        pad = (FASHION_MNIST_PADDED_SIZE - images.shape[-1]) // 2
-        images = torch.nn.functional.pad(images, (pad, pad, pad, pad)).unsqueeze(1)  # (N, 1, 32, 32) uint8
+        images = pad_fashion_mnist(images.unsqueeze(1), fill=0)  # (N, 1, 32, 32) uint8
         if image_size != FASHION_MNIST_PADDED_SIZE:
             resized = torch.nn.functional.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True)
             images = resized.round().clamp(0, 255).to(torch.uint8)  # (N, 1, S, S)

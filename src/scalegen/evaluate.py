@@ -22,7 +22,6 @@ from scalegen.inception import load_inception
 
 DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch size
 FEATURE_NETWORKS = ("inception", "fmnist")
-LABELS_KEY = "labels"  # our samplers store the requested classes beside arr_0
 
 
 def reference_statistics(path: str, features: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -119,9 +118,9 @@ def evaluate_fmnist(samples: str, reference: str | None = None) -> dict:
     """
     images = read_all_images(samples)
     labels = None
-    if Path(samples).is_file() and LABELS_KEY in metrics.npz_keys(Path(samples)):
+    if Path(samples).is_file() and metrics.LABELS_KEY in metrics.npz_keys(Path(samples)):
         with np.load(samples) as archive:
-            labels = archive[LABELS_KEY]
+            labels = archive[metrics.LABELS_KEY]
     statistics, num_reference = None, None
     if reference is not None:
         if not metrics.has_images(reference):

@@ -24,6 +24,7 @@ from scalegen.inception import FIDInception
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000), mean over splits
 NEAREST_NEIGHBORS = 3  # Kynkäänniemi et al.'s k for the manifold radii
 DISTANCE_BATCH_SIZE = 10000  # ADM's row and column batch size for pairwise distances
+LABELS_KEY = "labels"  # our samplers store the requested classes beside arr_0 (ADM reads only arr_0)
 FRECHET_EPS = 1e-6  # diagonal offset when sqrtm of the covariance product is not finite
 IMAGINARY_TOLERANCE = 1e-3  # larger imaginary parts of sqrtm's diagonal mean the result is not trustworthy
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

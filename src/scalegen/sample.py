@@ -115,7 +115,7 @@ def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".partial.npz")
-    metrics.write_npz(temporary, {"arr_0": images, **({} if labels is None else {"labels": labels})})
+    metrics.write_npz(temporary, {"arr_0": images, **({} if labels is None else {metrics.LABELS_KEY: labels})})
     temporary.replace(path)
     return path
 
@@ -163,7 +163,7 @@ def sample_to_npz(
             written += keep
     if not context.is_main:
         return None
-    writer.add_array("labels", np.concatenate(all_labels))
+    writer.add_array(metrics.LABELS_KEY, np.concatenate(all_labels))
     writer.close()
     temporary.replace(path)
     print(f"wrote {path} with {num_samples} samples")

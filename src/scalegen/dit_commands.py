@@ -9,7 +9,7 @@ import torch
 
 from scalegen.checkpoint import load_weights
 from scalegen.data import open_dataset
-from scalegen.distributed import cleanup, setup_distributed
+from scalegen.distributed import barrier, cleanup, setup_distributed
 from scalegen.dit import MODEL_SIZES, PRESETS, DiT, DiTConfig, preset_config
 from scalegen.dit_blocks import BLOCK_KINDS
 from scalegen.errors import UserError
@@ -86,8 +86,10 @@ def train_dit(args: argparse.Namespace) -> None:
     config = model_config_from_args(args, dataset, latent)
     if latent and args.latent_cache:
         cache = Path(args.out) / LATENT_CACHE_FILE
-        if not cache.exists():
-            extract_latents(codec, dataset, cache, device="cuda" if torch.cuda.is_available() else "cpu")
+        context = setup_distributed(args.device)
+        if context.is_main and not cache.exists():
+            extract_latents(codec, dataset, cache, device=context.device)
+        barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
         dataset = LatentCache(cache)  # batches now carry "latent"; the codec only decodes sample grids
     task = DiTTask(
         config, codec, args.vae if latent else None, args.sample_steps, args.sample_cfg,

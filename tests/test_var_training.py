@@ -14,7 +14,8 @@ from scalegen.run_log import read_log
 from scalegen.errors import UserError
 from scalegen.train import TrainConfig, train
 from scalegen.var import VAR, VARConfig
-from scalegen.var_commands import TOKENIZER_FILE, load_var
+from scalegen.checkpoint import TOKENIZER_FILE
+from scalegen.var_commands import load_var
 from scalegen.var_edit import box_mask
 from scalegen.var_objectives import VARTask, json_config
 from scalegen.vqvae import VQVAE

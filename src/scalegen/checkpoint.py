@@ -26,6 +26,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
+TOKENIZER_FILE = "tokenizer.safetensors"  # the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -72,6 +73,59 @@ def save_checkpoint(
     for old in sorted(checkpoints.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written under a temporary name, then renamed."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file(contiguous_copy(state_dict), temporary)
+    temporary.replace(path)
+
+
+def keep_tokenizer_copy(tokenizer_state: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """Copy a frozen tokenizer's weights into RUN/tokenizer.safetensors once, so the run is rebuilt from itself."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / TOKENIZER_FILE).exists():
+        save_weights_atomic(tokenizer_state, run_dir / TOKENIZER_FILE)
+
+
+def export_weights(run: str | Path, destination: str | Path, half: bool = True, prefer_ema: bool = True) -> Path:
+    """Copy a run's final weights into a self-contained folder that every loader accepts as `--ckpt`.
+
+    Args:
+        run: a run or checkpoint folder (its EMA weights are taken when it has them).
+        destination: the folder to write: model.safetensors, config.json, and the run's tokenizer.safetensors when
+            it has one (kept in full precision).
+        half: store floating-point weights as fp16 (the loaders cast them back to the model's precision).
+        prefer_ema: take the EMA weights when the run has them; False takes the raw (last optimizer step) weights.
+    Returns:
+        The destination folder.
+    """
+    stored, weights = load_weights(run, prefer_ema)
+    if stored is None:
+        raise UserError(f"{run} is not a scalegen run or checkpoint folder; export needs its config.json")
+    if half:
+        weights = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    save_weights_atomic(weights, destination / MODEL_FILE)
+    write_json_atomic(destination / CONFIG_FILE, stored)
+    tokenizer = next((folder / TOKENIZER_FILE for folder in (Path(run), *Path(run).parents[:2])
+                      if (folder / TOKENIZER_FILE).exists()), None)
+    if tokenizer is not None:
+        save_weights_atomic(load_file(tokenizer), destination / TOKENIZER_FILE)
+    return destination
+
+
+def register(commands) -> None:
+    """Add `scalegen export` to the command line."""
+    parser = commands.add_parser("export", help="copy a run's final (EMA) weights into a small self-contained folder")
+    parser.add_argument("--run", required=True, help="run or checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder to write (model.safetensors, config.json, tokenizer)")
+    parser.add_argument("--fp32", dest="half", action="store_false", help="keep fp32 weights (default: fp16)")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
+    parser.set_defaults(handler=lambda args: print(
+        f"exported {export_weights(args.run, args.out, args.half, prefer_ema=args.weights == 'ema')}"))
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:

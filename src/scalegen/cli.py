@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scalegen import classifier, demo, dit_commands, evaluate, var_commands
+from scalegen import checkpoint, classifier, demo, dit_commands, evaluate, var_commands
 from scalegen.errors import UserError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.register(train_parsers)
     demo.register(commands)
     evaluate.register(commands)
+    checkpoint.register(commands)
     return parser
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from scalegen.checkpoint import load_weights
+from scalegen.checkpoint import keep_tokenizer_copy, load_weights
 from scalegen.data import open_dataset
 from scalegen.distributed import barrier, cleanup, setup_distributed
 from scalegen.dit import MODEL_SIZES, PRESETS, DiT, DiTConfig, preset_config
@@ -15,8 +15,10 @@ from scalegen.dit_blocks import BLOCK_KINDS
 from scalegen.errors import UserError
 from scalegen.objectives import DiTTask
 from scalegen.sample import grid_labels, parse_classes, sample_dit, sample_to_npz, save_grid
-from scalegen.sd_vae import LATENT_DOWNSAMPLE, LatentCache, extract_latents, load_sd_vae
+from scalegen.sd_vae import LATENT_DOWNSAMPLE, LatentCache, LatentCodec, extract_latents, load_sd_vae
+from scalegen.tokenizer_codec import TokenizerCodec, measure_latent_scale
 from scalegen.train import add_training_options, train, train_config_from_args
+from scalegen.var_commands import load_tokenizer, stored_tokenizer
 
 LATENT_CACHE_FILE = "latents.safetensors"
 
@@ -28,6 +30,7 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a folder of its IDX files, or an image folder")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--vae", default="none", help="local SD-VAE folder/file for latent space, or none for pixels")
+    parser.add_argument("--tokenizer", default=None, help="`train vqvae` run: diffuse its quantized features instead of pixels")
     parser.add_argument("--latent-cache", action="store_true", help="encode the data set once into RUN/latents.safetensors")
     parser.add_argument("--block", choices=BLOCK_KINDS, default="adaln_zero", help="conditioning block (paper ablation)")
     parser.add_argument("--class-dropout", type=float, default=0.1)
@@ -35,6 +38,7 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--depth", type=int, help="override the preset's depth")
     parser.add_argument("--hidden-size", type=int, help="override the preset's width")
     parser.add_argument("--num-heads", type=int, help="override the preset's heads")
+    parser.add_argument("--patch-size", type=int, help="override the preset's patch size")
     parser.add_argument("--sample-steps", type=int, default=50, help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the periodic sample grid")
     add_training_options(parser)
@@ -57,20 +61,18 @@ def register(train_parsers, sample_parsers) -> None:
     parser.set_defaults(handler=sample_dit_command)
 
 
-def model_config_from_args(args, dataset, latent: bool) -> DiTConfig:
-    """The DiT config for a training run: the preset, sized for the data, with any overrides."""
-    if latent and args.image_size % LATENT_DOWNSAMPLE:
-        raise UserError(f"--image-size {args.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
+def model_config_from_args(args, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:
+    """The DiT config for a training run: the preset on inputs (in_channels, input_size²), with any overrides."""
     config = preset_config(
         args.model,
-        input_size=args.image_size // LATENT_DOWNSAMPLE if latent else args.image_size,
-        in_channels=4 if latent else dataset.channels,
-        num_classes=dataset.num_classes,
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
         class_dropout_prob=args.class_dropout,
         learn_sigma=args.learn_sigma,
         block=args.block,
     )
-    for name in ("depth", "hidden_size", "num_heads"):
+    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if config.input_size % config.patch_size:
@@ -79,23 +81,46 @@ def model_config_from_args(args, dataset, latent: bool) -> DiTConfig:
 
 
 def train_dit(args: argparse.Namespace) -> None:
-    """Train a DiT (pixel space, on-the-fly latents, or a latent cache)."""
-    latent = args.vae.lower() != "none"
-    codec = load_sd_vae(args.vae) if latent else None
+    """Train a DiT in pixel space, in SD-VAE latents, or in a tokenizer's features (on the fly or from a cache)."""
+    if args.tokenizer and args.vae.lower() != "none":
+        raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
     dataset = open_dataset(args.data, args.image_size)
-    config = model_config_from_args(args, dataset, latent)
-    if latent and args.latent_cache:
+    extra_config = {"data": args.data, "image_size": args.image_size}
+    if args.tokenizer:
+        codec, extra_config["tokenizer"] = tokenizer_latents(args, dataset)
+        in_channels, input_size = codec.tokenizer.z_channels, codec.tokenizer.patch_nums[-1]
+    elif args.vae.lower() != "none":
+        if args.image_size % LATENT_DOWNSAMPLE:
+            raise UserError(f"--image-size {args.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
+        codec, in_channels, input_size = load_sd_vae(args.vae), 4, args.image_size // LATENT_DOWNSAMPLE
+    else:
+        codec, in_channels, input_size = None, dataset.channels, args.image_size
+    config = model_config_from_args(args, input_size, in_channels, dataset.num_classes)
+    if codec is not None and args.latent_cache:
         cache = Path(args.out) / LATENT_CACHE_FILE
         context = setup_distributed(args.device)
         if context.is_main and not cache.exists():
             extract_latents(codec, dataset, cache, device=context.device)
         barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
         dataset = LatentCache(cache)  # batches now carry "latent"; the codec only decodes sample grids
-    task = DiTTask(
-        config, codec, args.vae if latent else None, args.sample_steps, args.sample_cfg,
-        extra_config={"data": args.data, "image_size": args.image_size},
-    )
+    vae = args.vae if args.vae.lower() != "none" else None
+    task = DiTTask(config, codec, vae, args.sample_steps, args.sample_cfg, extra_config=extra_config)
     train(task, dataset, train_config_from_args(args))
+
+
+def tokenizer_latents(args: argparse.Namespace, dataset) -> tuple[TokenizerCodec, dict]:
+    """The codec of `--tokenizer` and its stored description; its weights are copied into the run folder."""
+    tokenizer, tokenizer_config = load_tokenizer(args.tokenizer)
+    if tokenizer.image_size != args.image_size or tokenizer.config.in_channels != dataset.channels:
+        raise UserError(f"the tokenizer encodes {tokenizer.image_size}px images of {tokenizer.config.in_channels} "
+                        f"channel(s), the data are {args.image_size}px with {dataset.channels}; match --image-size "
+                        "or train a tokenizer on this data")
+    context = setup_distributed(args.device)
+    if context.is_main:
+        keep_tokenizer_copy(tokenizer.state_dict(), Path(args.out))
+    latent_scale = measure_latent_scale(tokenizer, dataset, context.device)
+    description = {"model": tokenizer_config, "source": str(Path(args.tokenizer).resolve()), "latent_scale": latent_scale}
+    return TokenizerCodec(tokenizer, latent_scale), description
 
 
 def dit_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
@@ -131,15 +156,24 @@ def load_dit(path: str | Path) -> tuple[DiT, dict]:
     return model.eval(), stored or {"kind": "dit", "vae": None}
 
 
+def load_codec(ckpt: Path, stored: dict, config: DiTConfig, vae: str | None = None) -> LatentCodec | TokenizerCodec | None:
+    """The decoder of a DiT's latents: its run's tokenizer, an SD VAE (`vae` overrides the stored path), or None (pixels)."""
+    if "tokenizer" in stored:
+        return TokenizerCodec(stored_tokenizer(ckpt, stored), stored["tokenizer"]["latent_scale"])
+    vae = vae or stored.get("vae")
+    if config.in_channels == 4 and not vae:
+        raise UserError("this DiT works in SD-VAE latent space; pass --vae PATH to a local sd-vae-ft-ema/mse folder")
+    return load_sd_vae(vae) if vae and vae.lower() != "none" else None
+
+
 def sample_dit_command(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
     context = setup_distributed(args.device)
     model, stored = load_dit(args.ckpt)
     model.to(context.device)
-    vae = args.vae or stored.get("vae")
-    if model.config.in_channels == 4 and not vae:
-        raise UserError("this DiT works in SD-VAE latent space; pass --vae PATH to a local sd-vae-ft-ema/mse folder")
-    codec = load_sd_vae(vae).to(context.device) if vae and vae.lower() != "none" else None
+    codec = load_codec(Path(args.ckpt), stored, model.config, args.vae)
+    if codec is not None:
+        codec.to(context.device)
 
     def draw(labels: torch.Tensor) -> torch.Tensor:
         return sample_dit(

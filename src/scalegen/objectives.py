@@ -11,6 +11,7 @@ from scalegen.dit import DiT, DiTConfig
 from scalegen.respace import create_diffusion
 from scalegen.sample import grid_labels, sample_dit, save_grid
 from scalegen.sd_vae import LatentCodec
+from scalegen.tokenizer_codec import TokenizerCodec
 
 GRID_PER_CLASS = 8
 GRID_MAX_CLASSES = 10
@@ -28,7 +29,7 @@ class DiTTask:
     def __init__(
         self,
         model_config: DiTConfig,
-        codec: LatentCodec | None = None,
+        codec: LatentCodec | TokenizerCodec | None = None,
         vae: str | None = None,
         sample_steps: int = 50,
         sample_cfg_scale: float = 4.0,
@@ -52,9 +53,9 @@ class DiTTask:
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         if "latent" in batch:
-            x_start = batch["latent"]  # (B, 4, h, w)
+            x_start = batch["latent"]  # (B, C_latent, h, w)
         elif self.codec is not None:
-            x_start = self.codec.encode(batch["image"])  # (B, 4, h, w)
+            x_start = self.codec.encode(batch["image"])  # (B, C_latent, h, w)
         else:
             x_start = batch["image"]  # (B, C, H, W)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)  # (B,)

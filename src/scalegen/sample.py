@@ -18,6 +18,7 @@ from scalegen.dit import DiT
 from scalegen.errors import UserError
 from scalegen.respace import create_diffusion
 from scalegen.sd_vae import LatentCodec
+from scalegen.tokenizer_codec import TokenizerCodec
 
 Sampler = Literal["ddpm", "ddim"]
 
@@ -29,7 +30,7 @@ def sample_dit(
     cfg_scale: float = 4.0,
     steps: int = 250,
     sampler: Sampler = "ddpm",
-    codec: LatentCodec | None = None,
+    codec: LatentCodec | TokenizerCodec | None = None,
     noise: torch.Tensor | None = None,
     guide_all_channels: bool = False,
     progress: bool = False,
@@ -42,15 +43,18 @@ def sample_dit(
         cfg_scale: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
         steps: number of respaced diffusion steps.
         sampler: "ddpm" (ancestral) or "ddim" (eta 0).
-        codec: the SD VAE to decode latents with; None for a pixel-space model (x0 predictions are then clipped).
+        codec: the SD VAE or tokenizer to decode latents with; None for a pixel-space model (x0 predictions are
+            then clipped).
         noise: starting noise (B, C, h, w); drawn from the global torch RNG when None.
-        guide_all_channels: guide every ε channel instead of the official first three.
+        guide_all_channels: guide every ε channel instead of the official first three (always, for a codec of
+            our own whose `guide_all_channels` says so).
         progress: show a progress bar.
     Returns:
         Images (B, C, H, W) in [-1, 1] (clamped).
     """
     config = model.config
     device = labels.device
+    guide_all_channels = guide_all_channels or (codec is not None and codec.guide_all_channels)
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=config.learn_sigma)
     latents = noise if noise is not None else torch.randn(shape, device=device)  # (B, C, h, w)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from scalegen.data import cache_with_mirrors
 from scalegen.errors import UserError
+from scalegen.tokenizer_codec import TokenizerCodec
 
 LATENT_SCALE = 0.18215  # Stable Diffusion's latent scaling factor, used by DiT
 LATENT_DOWNSAMPLE = 8
@@ -21,6 +22,8 @@ LATENT_DOWNSAMPLE = 8
 
 class LatentCodec(nn.Module):
     """Pixels <-> scaled latents through an SD VAE. Frozen: only ever used under no_grad."""
+
+    guide_all_channels = False  # the official DiT guides only the first three of the four latent channels
 
     def __init__(self, autoencoder: nn.Module):
         super().__init__()
@@ -71,25 +74,25 @@ class LatentCache(Dataset):
 
     def __init__(self, path: str | Path):
         tensors = load_file(Path(path))
-        self.mean, self.std, self.labels = tensors["mean"], tensors["std"], tensors["labels"]  # (N, 2, 4, h, w) ×2
+        self.mean, self.std, self.labels = tensors["mean"], tensors["std"], tensors["labels"]  # (N, 2, C_latent, h, w) ×2
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
-        mean, std = self.mean[index, int(flip)].float(), self.std[index, int(flip)].float()  # (4, h, w)
+        mean, std = self.mean[index, int(flip)].float(), self.std[index, int(flip)].float()  # (C_latent, h, w)
         return {"latent": mean + std * torch.randn_like(mean), "label": self.labels[index]}
 
 
 def extract_latents(
-    codec: LatentCodec, dataset: Dataset, path: str | Path, batch_size: int = 32, device: torch.device | str = "cpu"
+    codec: LatentCodec | TokenizerCodec, dataset: Dataset, path: str | Path, batch_size: int = 32, device: torch.device | str = "cpu"
 ) -> Path:
     """Encode every image and its mirror once into a safetensors cache at `path` (fp16 mean and std)."""
     codec = codec.to(device)
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean, std = codec.encode_distribution(images)  # (2B, 4, h, w) ×2
+        mean, std = codec.encode_distribution(images)  # (2B, C_latent, h, w) ×2
         return {"mean": mean.half(), "std": std.half()}
 
     return cache_with_mirrors(dataset, encode, path, batch_size, device, "extracting latents")

@@ -6,15 +6,14 @@ so `sample var` and `edit var` rebuild both models from the run alone.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from scalegen.checkpoint import contiguous_copy, load_weights
+from scalegen.checkpoint import TOKENIZER_FILE, keep_tokenizer_copy, load_weights
 from scalegen.data import center_crop_arr, open_dataset, to_model_range
 from scalegen.distributed import barrier, cleanup, setup_distributed
 from scalegen.errors import UserError
@@ -27,7 +26,6 @@ from scalegen.var_edit import box_mask
 from scalegen.var_objectives import TokenCache, TokenizerLosses, VARTask, VQVAETask, extract_tokens, json_config
 from scalegen.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
-TOKENIZER_FILE = "tokenizer.safetensors"
 TOKEN_CACHE_FILE = "tokens.safetensors"
 GRID_IMAGES = 8  # inputs shown (over their reconstructions) in the tokenizer's sample grid
 VAR_BATCH_REFERENCE = 256  # official rule: lr = base_lr · batch / 256
@@ -181,9 +179,7 @@ def train_var(args: argparse.Namespace) -> None:
     run_dir = Path(args.out)
     context = setup_distributed(args.device)
     if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / TOKENIZER_FILE).exists():
-            save_weights_atomic(tokenizer.state_dict(), run_dir / TOKENIZER_FILE)
+        keep_tokenizer_copy(tokenizer.state_dict(), run_dir)
         if args.token_cache and not (run_dir / TOKEN_CACHE_FILE).exists():
             extract_tokens(tokenizer, dataset, run_dir / TOKEN_CACHE_FILE, device=context.device)
     barrier(context)  # the other ranks wait for the token cache
@@ -194,13 +190,6 @@ def train_var(args: argparse.Namespace) -> None:
     task = VARTask(config, tokenizer, tokenizer_info, args.label_smoothing, args.sample_cfg, args.sample_top_p,
                    extra_config={"data": args.data, "image_size": image_size})
     train(task, dataset, train_config_from_args(args))
-
-
-def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written under a temporary name, then renamed."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file(contiguous_copy(state_dict), temporary)
-    temporary.replace(path)
 
 
 # ----- loading -----

@@ -1,0 +1,83 @@
+"""A DiT in the latent space of our own tokenizer: unit-variance latents, decoding equals the tokenizer's own
+reconstruction, training and sampling through the command line, and `scalegen export` round trips."""
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from scalegen.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_weights
+from scalegen.cli import main
+from scalegen.dit_commands import load_codec, load_dit
+from scalegen.sample import sample_dit
+from scalegen.tokenizer_codec import TokenizerCodec, measure_latent_scale
+from scalegen.var_commands import load_tokenizer
+from tests_support import tiny_fashion, user_error
+from test_var_training import var_cli_run  # noqa: F401  (a module fixture: a tiny `train vqvae` run and its data)
+
+DIT_ARGUMENTS = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "1",
+                 "--image-size", "8", "--batch-size", "16", "--sample-steps", "2", "--device", "cpu"]
+
+
+def test_scaled_tokenizer_latents_have_unit_variance_and_decode_to_the_reconstruction(var_cli_run):
+    tokenizer, _ = load_tokenizer(var_cli_run / "vq")
+    data = tiny_fashion(8)
+    scale = measure_latent_scale(tokenizer, data, count=len(data))
+    codec = TokenizerCodec(tokenizer, scale)
+    images = torch.stack([data[(index, False)]["image"] for index in range(len(data))])  # (N, 1, 8, 8)
+    latents = codec.encode(images)  # (N, 4, 4, 4)
+    assert latents.shape == (len(data), 4, 4, 4)
+    assert abs(latents.std().item() - 1.0) < 1e-4
+    reconstruction = tokenizer.tokens_to_img(tokenizer.img_to_tokens(images))  # (N, 1, 8, 8)
+    torch.testing.assert_close(codec.decode(latents), reconstruction, atol=1e-5, rtol=1e-5)
+
+
+def test_train_dit_on_tokenizer_latents_samples_and_exports(var_cli_run, tmp_path):
+    run = tmp_path / "dit"
+    main(["train", "dit", "--tokenizer", str(var_cli_run / "vq"), *DIT_ARGUMENTS, "--data", str(var_cli_run / "data"),
+          "--latent-cache", "--steps", "3", "--out", str(run)])
+    stored = json.loads((run / "last.json").read_text())
+    config = json.loads((run / stored["path"] / CONFIG_FILE).read_text())
+    assert config["model"]["in_channels"] == 4 and config["model"]["input_size"] == 4
+    assert config["tokenizer"]["latent_scale"] > 0 and (run / TOKENIZER_FILE).exists()
+    main(["sample", "dit", "--ckpt", str(run), "--per-class", "2", "--steps", "3", "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 8, 10 * 8)
+
+    labels = torch.arange(4)
+    drawn = {}
+    for name, options in (("fp32", ["--fp32"]), ("fp16", [])):
+        main(["export", "--run", str(run), "--out", str(tmp_path / name), *options])
+        assert (tmp_path / name / TOKENIZER_FILE).exists()
+        model, exported = load_dit(tmp_path / name)
+        codec = load_codec(tmp_path / name, exported, model.config)
+        torch.manual_seed(0)
+        drawn[name] = sample_dit(model, labels, 2.0, 3, "ddim", codec)  # (4, 1, 8, 8)
+    expected_dtype = {name: load_file(tmp_path / name / MODEL_FILE)["pos_embed"].dtype for name in drawn}
+    assert expected_dtype == {"fp32": torch.float32, "fp16": torch.float16}
+    model, stored = load_dit(run)
+    codec = load_codec(run, stored, model.config)  # building the tokenizer draws from the RNG: before the seed
+    torch.manual_seed(0)
+    original = sample_dit(model, labels, 2.0, 3, "ddim", codec)
+    torch.testing.assert_close(drawn["fp32"], original, atol=0, rtol=0)
+    assert (drawn["fp16"] - original).abs().max() < 0.05
+    main(["export", "--run", str(run), "--out", str(tmp_path / "raw"), "--fp32", "--weights", "raw"])
+    raw, ema = load_file(tmp_path / "raw" / MODEL_FILE), load_file(tmp_path / "fp32" / MODEL_FILE)
+    assert all(torch.equal(raw[name], value) for name, value in load_weights(run, prefer_ema=False)[1].items())
+    assert not all(torch.equal(raw[name], ema[name]) for name in raw)
+
+
+def test_vae_and_tokenizer_together_is_a_one_line_error(var_cli_run, tmp_path, capsys):
+    message = user_error(["train", "dit", "--tokenizer", str(var_cli_run / "vq"), "--vae", "some/vae", *DIT_ARGUMENTS,
+                          "--steps", "1", "--out", str(tmp_path / "run")], capsys)
+    assert "--vae or --tokenizer" in message
+    message = user_error(["train", "dit", "--tokenizer", str(var_cli_run / "vq"), *DIT_ARGUMENTS,
+                          "--image-size", "16", "--steps", "1", "--out", str(tmp_path / "run")], capsys)
+    assert "--image-size" in message
+
+
+def test_export_refuses_a_folder_without_a_config(tmp_path, capsys):
+    (tmp_path / "weights").mkdir()
+    message = user_error(["export", "--run", str(tmp_path / "weights"), "--out", str(tmp_path / "out")], capsys)
+    assert "holds no checkpoint" in message or "not a scalegen run" in message
+    assert not Path(tmp_path / "out").exists()

@@ -1,109 +1,117 @@
-"""`scalegen demo`: the main job on the embedded default — a small DiT, and a small VQVAE tokenizer + VAR, trained
-on Fashion-MNIST on the CPU, then a class-conditional grid of each (one row per class). Re-running resumes the
-training where it stopped."""
+"""`scalegen demo`: the main job on the embedded default. It samples the shipped Fashion-MNIST DiT and VAR
+(package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md), writes a 10×10 class grid of each,
+and prints for each its sampling time, FLOPs per image, classifier accuracy and FID in the classifier's features."""
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from scalegen import dit_commands, var_commands
 from scalegen.classifier import fmnist_report
+from scalegen.data import FashionMNIST, to_uint8
+from scalegen.dit_commands import load_codec, load_dit
+from scalegen.sample import grid_labels, sample_dit, save_grid
+from scalegen.var_commands import load_var
 
+SHIPPED = Path(__file__).parent / "assets" / "fashion_mnist"
+SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
-# A small pixel-space DiT: 32×32×1 Fashion-MNIST, patch 4 (64 tokens), 4 blocks of width 128.
-DEMO_DIT_ARGUMENTS = [
-    "--model", "DiT-S/4", "--depth", "4", "--hidden-size", "128", "--num-heads", "4",
-    "--data", "fashion-mnist", "--image-size", "32", "--batch-size", "32",
-    "--lr", "3e-4", "--ema", "0.999", "--checkpoint-every", "200", "--log-every", "20",
-]
+GRID_PER_CLASS = 10
+# Sampling settings of the shipped models, chosen in their RECIPE.md.
+DIT_CFG_SCALE, DIT_STEPS, DIT_SAMPLER = 3.0, 50, "ddim"
+VAR_CFG, VAR_TOP_K, VAR_TOP_P = 3.0, 0, 0.95
+FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
 
-# A small tokenizer: 32×32×1 → 8×8×8 features, scales 1,2,3,4,6,8 (130 tokens), 256 codes; no attention (CPU).
-DEMO_TOKENIZER_ARGUMENTS = [
-    "--image-size", "32", "--patch-nums", "1,2,3,4,6,8", "--ch", "16", "--ch-mult", "1,2,2", "--num-res-blocks", "1",
-    "--norm-groups", "8", "--no-attention", "--vocab-size", "256", "--z-channels", "8",
-    "--batch-size", "32", "--lr", "1e-3", "--dead-code-every", "100", "--checkpoint-every", "200", "--log-every", "20",
-]
-# A small VAR on it: 4 blocks narrowed to width 128 (the official rule's 256 costs 4× the CPU time per step).
-DEMO_VAR_ARGUMENTS = [
-    "--depth", "4", "--width", "128", "--num-heads", "4", "--batch-size", "32", "--lr", "1e-3", "--ema", "0.99",
-    "--checkpoint-every", "200", "--log-every", "20",
-]
+Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [-1, 1]
 
 
 def register(commands) -> None:
     """Add `scalegen demo` to the command line."""
-    parser = commands.add_parser("demo", help="train a small DiT and a small VAR on Fashion-MNIST and write their class grids")
-    parser.add_argument("--out", default="runs/demo", help="folder for the run and the grid")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files")
-    parser.add_argument("--steps", type=int, default=1500, help="DiT training steps (about 5 minutes on 2 cores)")
-    parser.add_argument("--sample-steps", type=int, default=100, help="diffusion steps for the grid")
-    parser.add_argument("--tokenizer-steps", type=int, default=600, help="VQVAE training steps (0: skip VAR)")
-    parser.add_argument("--var-steps", type=int, default=800, help="VAR training steps")
+    parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT and VAR: grids, speed, FLOPs, FID")
+    parser.add_argument("--out", default="runs/demo", help="folder for the grids and report.json")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files (FID baseline)")
+    parser.add_argument("--per-class", type=int, default=GRID_PER_CLASS,
+                        help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
+    parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
+    parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_demo)
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    """Train (or resume) the demo DiT, then sample a 10-class grid from its EMA weights."""
-    parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers()
-    train_parsers, sample_parsers = commands.add_parser("train").add_subparsers(), commands.add_parser("sample").add_subparsers()
-    dit_commands.register(train_parsers, sample_parsers)
-    var_commands.register(train_parsers, sample_parsers, commands)
-    run_dir = Path(args.out) / "dit"
+def dit_drawer(path: str | Path) -> Draw:
+    """Sampling function of a DiT folder (with its tokenizer or VAE), with the demo's settings."""
+    model, stored = load_dit(path)
+    codec = load_codec(Path(path), stored, model.config)
+
+    def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return sample_dit(model, labels, DIT_CFG_SCALE, DIT_STEPS, DIT_SAMPLER, codec)
+
+    return draw
+
+
+def var_drawer(path: str | Path) -> Draw:
+    """Sampling function of a VAR folder (tokenizer inside), with the demo's settings."""
+    model, _ = load_var(path)
+
+    def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return model.generate(labels, cfg=VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed) * 2 - 1
+
+    return draw
+
+
+def flops_per_image(draw: Draw) -> float:
+    """FLOPs of one sample, counted by torch's FLOP counter over a small batch (network, guidance and decoder)."""
+    with FlopCounterMode(display=False) as counter:
+        draw(torch.arange(FLOP_COUNT_IMAGES) % DEMO_CLASSES, 0)
+    return counter.get_total_flops() / FLOP_COUNT_IMAGES
+
+
+def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baseline: float) -> dict:
+    """Draw `per_class` samples of every class, save the grid, score them; returns the report."""
+    labels = grid_labels(list(range(DEMO_CLASSES)), args.per_class)  # (N,)
     started = time.perf_counter()
-    train_args = parser.parse_args(
-        ["train", "dit", *DEMO_DIT_ARGUMENTS, "--data", args.data, "--steps", str(args.steps), "--out", str(run_dir),
-         "--sample-steps", str(args.sample_steps)]
-    )
-    train_args.handler(train_args)
-    grid = Path(args.out) / "dit_grid.png"
-    sample_args = parser.parse_args(
-        ["sample", "dit", "--ckpt", str(run_dir), "--classes", "all", "--per-class", str(DEMO_CLASSES), "--steps",
-         str(args.sample_steps), "--cfg-scale", "4.0", "--out", str(grid), "--batch-size", "100"]
-    )
-    sample_args.handler(sample_args)
-    print(f"demo: DiT trained in {run_dir} ({time.perf_counter() - started:.0f} s); class grid (rows = classes 0-9): {grid}")
-    report_grid("DiT", grid)
-    if args.tokenizer_steps:
-        run_var_demo(parser, args)
-
-
-def run_var_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Train (or resume) the demo tokenizer and VAR, then sample a 10-class grid (cfg 4, top-p 0.95)."""
-    started = time.perf_counter()
-    tokenizer_dir, var_dir = Path(args.out) / "vqvae", Path(args.out) / "var"
-    for command in (
-        ["train", "vqvae", *DEMO_TOKENIZER_ARGUMENTS, "--data", args.data, "--steps", str(args.tokenizer_steps),
-         "--out", str(tokenizer_dir)],
-        ["train", "var", "--tokenizer", str(tokenizer_dir), *DEMO_VAR_ARGUMENTS, "--data", args.data,
-         "--steps", str(args.var_steps), "--out", str(var_dir)],
-        ["sample", "var", "--ckpt", str(var_dir), "--classes", "all", "--per-class", str(DEMO_CLASSES), "--cfg", "4.0",
-         "--top-p", "0.95", "--out", str(Path(args.out) / "var_grid.png"), "--batch-size", "100"],
-    ):
-        parsed = parser.parse_args(command)
-        parsed.handler(parsed)
-    print(f"demo: tokenizer and VAR trained in {tokenizer_dir} and {var_dir} ({time.perf_counter() - started:.0f} s); "
-          f"class grid (rows = classes 0-9): {Path(args.out) / 'var_grid.png'}")
-    report_grid("VAR", Path(args.out) / "var_grid.png")
-
-
-def report_grid(name: str, path: Path, rows: int = DEMO_CLASSES) -> dict:
-    """Score a class grid (row r asked for class r) with the shipped Fashion-MNIST classifier and print it.
-
-    Returns:
-        {"fid": …, "accuracy": …, "num_samples": …}: FID in the classifier's features against the real test set,
-        and the share of samples the classifier labels as the class they were asked for.
-    """
-    grid = np.asarray(Image.open(path).convert("L"))  # (rows·H, columns·W)
-    side = grid.shape[0] // rows
-    tiles = grid.reshape(rows, side, -1, side).transpose(0, 2, 1, 3)  # (rows, columns, H, W)
-    images = tiles.reshape(-1, side, side)  # (rows·columns, H, W)
-    labels = np.repeat(np.arange(rows), tiles.shape[1])  # (rows·columns,)
-    report = fmnist_report(images, labels)
-    print(f"demo: {name} grid scored by the Fashion-MNIST classifier: {json.dumps(report)}")
+    images = torch.cat([draw(chunk, args.seed + index) for index, chunk in enumerate(labels.split(args.batch_size))])
+    seconds = time.perf_counter() - started
+    pixels = to_uint8(images)[:, 0].numpy()  # (N, H, W) uint8
+    grid_rows = images.reshape(DEMO_CLASSES, args.per_class, *images.shape[1:])[:, :GRID_PER_CLASS]  # (10, 10, 1, H, W)
+    grid = save_grid(grid_rows.flatten(0, 1), DEMO_CLASSES, Path(args.out) / f"{name.lower()}_grid.png")
+    scores = fmnist_report(pixels, labels.numpy())
+    report = {
+        "grid": str(grid), "num_samples": len(labels), "sampling_seconds": round(seconds, 2),
+        "images_per_second": round(len(labels) / seconds, 1), "threads": torch.get_num_threads(),
+        "gflops_per_image": round(flops_per_image(draw) / 1e9, 3), "accuracy": scores["accuracy"],
+        "fid": scores["fid"], "fid_real_train_same_count": real_baseline,
+    }
+    print(f"{name}: {len(labels)} samples in {seconds:.1f} s ({report['images_per_second']} img/s, "
+          f"{report['threads']} CPU thread(s)), {report['gflops_per_image']} GFLOPs/image; classifier accuracy "
+          f"{scores['accuracy']:.3f}; FID {scores['fid']:.2f} (real training images, same count: {real_baseline:.2f}); "
+          f"grid: {grid}")
     return report
+
+
+def real_train_fid(data: str, count: int, seed: int) -> float:
+    """FID of `count` random real training images in the classifier's features: the floor for that many samples."""
+    train_set = FashionMNIST(None if data == "fashion-mnist" else data, split="train")
+    chosen = np.random.default_rng(seed).choice(len(train_set), size=min(count, len(train_set)), replace=False)
+    return fmnist_report(train_set.images[torch.from_numpy(chosen), 0])["fid"]
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Sample both shipped models, write their grids and report.json, and print each one's figures."""
+    baseline = real_train_fid(args.data, DEMO_CLASSES * args.per_class, args.seed)
+    with torch.no_grad():
+        reports = {
+            "DiT": evaluate_model("DiT", dit_drawer(args.dit), args, baseline),
+            "VAR": evaluate_model("VAR", var_drawer(args.var), args, baseline),
+        }
+    path = Path(args.out) / "report.json"
+    path.write_text(json.dumps(reports, indent=2) + "\n")
+    print(f"demo: report in {path}; train either model from scratch with the commands of {SHIPPED / 'RECIPE.md'}")

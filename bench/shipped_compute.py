@@ -1,0 +1,75 @@
+"""Benchmark: training and sampling compute of the shipped Fashion-MNIST DiT and VAR (FLOPs per image).
+
+    python bench/shipped_compute.py [--steps-dit 6000 --batch-dit 128 --steps-var 2100 --batch-var 64]
+
+Training FLOPs per image are counted by torch's FLOP counter over one loss + backward of each model on the data it
+trains on (the DiT on cached tokenizer latents, the VAR on cached tokens: the frozen tokenizer is not counted);
+sampling FLOPs per image over one call of the demo's sampler (network, guidance and tokenizer decoder). With the
+recipe's steps and batch sizes it also prints each model's total training FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from scalegen.demo import SHIPPED_DIT, SHIPPED_VAR, dit_drawer, flops_per_image, var_drawer
+from scalegen.dit_commands import load_dit
+from scalegen.respace import create_diffusion
+from scalegen.var_commands import load_var
+
+BATCH = 4
+
+
+def counted_flops(step) -> float:
+    """FLOPs of one call of `step`."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def dit_training_flops() -> float:
+    """FLOPs of one diffusion-loss forward + backward per image, on latents of the shipped DiT's shape."""
+    model, _ = load_dit(SHIPPED_DIT)
+    config = model.config
+    diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
+    latents = torch.randn(BATCH, config.in_channels, config.input_size, config.input_size)  # (B, C, h, w)
+    labels, timesteps = torch.arange(BATCH), torch.randint(0, diffusion.num_timesteps, (BATCH,))  # (B,), (B,)
+    model.train()
+    return counted_flops(lambda: diffusion.training_losses(model, latents, timesteps, {"y": labels})["loss"]
+                         .mean().backward()) / BATCH
+
+
+def var_training_flops() -> float:
+    """FLOPs of one teacher-forced cross-entropy forward + backward per image of the shipped VAR."""
+    model, _ = load_var(SHIPPED_VAR)
+    tokenizer = model.tokenizer
+    side = tokenizer.image_size
+    tokens = tokenizer.img_to_tokens(torch.rand(BATCH, tokenizer.config.in_channels, side, side) * 2 - 1)
+    var_input = tokenizer.tokens_to_var_input(tokens)  # (B, L - 1, Cvae)
+    targets = torch.cat(tokens, dim=1)  # (B, L)
+    model.train()
+    return counted_flops(lambda: F.cross_entropy(model(torch.arange(BATCH), var_input).transpose(1, 2), targets)
+                         .backward()) / BATCH
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps-dit", type=int, default=6000)
+    parser.add_argument("--batch-dit", type=int, default=128)
+    parser.add_argument("--steps-var", type=int, default=2100)
+    parser.add_argument("--batch-var", type=int, default=64)
+    args = parser.parse_args()
+    rows = (
+        ("DiT", dit_training_flops(), flops_per_image(dit_drawer(SHIPPED_DIT)), args.steps_dit * args.batch_dit),
+        ("VAR", var_training_flops(), flops_per_image(var_drawer(SHIPPED_VAR)), args.steps_var * args.batch_var),
+    )
+    for name, training, sampling, images in rows:
+        print(f"{name}: training {training / 1e9:.3f} GFLOPs/image × {images} images = {training * images / 1e15:.3f} "
+              f"PFLOPs; sampling {sampling / 1e9:.3f} GFLOPs/image")
+
+
+if __name__ == "__main__":
+    main()

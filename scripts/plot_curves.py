@@ -1,0 +1,51 @@
+"""Training curves of the shipped Fashion-MNIST models: one panel per run, from each run's log.csv.
+
+Usage: python scripts/plot_curves.py RUNS_FOLDER OUT.png   (RUNS_FOLDER holds tokenizer/, dit/ and var/)
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+PANELS = {  # run folder -> (title, columns to plot)
+    "tokenizer": ("VQ tokenizer", ["l1", "l2", "quantizer"]),
+    "dit": ("DiT in the tokenizer's latents", ["loss", "mse", "vb"]),
+    "var": ("VAR", ["loss", "accuracy"]),
+}
+
+
+def read_log(path: Path) -> dict[str, list[float]]:
+    """Columns of a run's log.csv as floats (rows of a resumed run that repeat a step keep the last)."""
+    rows = {}
+    with path.open() as stream:
+        for row in csv.DictReader(stream):
+            rows[int(row["step"])] = row
+    steps = sorted(rows)
+    return {name: [float(rows[step][name]) for step in steps] for name in rows[steps[0]]} if steps else {}
+
+
+def main(runs: Path, out: Path) -> None:
+    """Draw the three panels into `out`."""
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for axis, (folder, (title, columns)) in zip(axes, PANELS.items()):
+        log = read_log(runs / folder / "log.csv")
+        for column in columns:
+            axis.plot(log["step"], log[column], label=column)
+        axis.set(title=title, xlabel="step", yscale="log")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

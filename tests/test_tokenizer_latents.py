@@ -49,6 +49,7 @@ def test_train_dit_on_tokenizer_latents_samples_and_exports(var_cli_run, tmp_pat
     for name, options in (("fp32", ["--fp32"]), ("fp16", [])):
         main(["export", "--run", str(run), "--out", str(tmp_path / name), *options])
         assert (tmp_path / name / TOKENIZER_FILE).exists()
+        assert json.loads((tmp_path / name / CONFIG_FILE).read_text())["tokenizer"]["source"] is None
         model, exported = load_dit(tmp_path / name)
         codec = load_codec(tmp_path / name, exported, model.config)
         torch.manual_seed(0)

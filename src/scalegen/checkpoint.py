@@ -109,11 +109,13 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(weights, destination / MODEL_FILE)
-    write_json_atomic(destination / CONFIG_FILE, stored)
     tokenizer = next((folder / TOKENIZER_FILE for folder in (Path(run), *Path(run).parents[:2])
                       if (folder / TOKENIZER_FILE).exists()), None)
     if tokenizer is not None:
         save_weights_atomic(load_file(tokenizer), destination / TOKENIZER_FILE)
+        # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
+        stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
+    write_json_atomic(destination / CONFIG_FILE, stored)
     return destination
 
 

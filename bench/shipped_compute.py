@@ -13,21 +13,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from scalegen.demo import SHIPPED_DIT, SHIPPED_VAR, dit_drawer, flops_per_image, var_drawer
 from scalegen.dit_commands import load_dit
+from scalegen.flops import GIGA, counted_flops
 from scalegen.respace import create_diffusion
 from scalegen.var_commands import load_var
 
 BATCH = 4
-
-
-def counted_flops(step) -> float:
-    """FLOPs of one call of `step`."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
 
 
 def dit_training_flops() -> float:
@@ -67,8 +60,8 @@ def main() -> None:
         ("VAR", var_training_flops(), flops_per_image(var_drawer(SHIPPED_VAR)), args.steps_var * args.batch_var),
     )
     for name, training, sampling, images in rows:
-        print(f"{name}: training {training / 1e9:.3f} GFLOPs/image × {images} images = {training * images / 1e15:.3f} "
-              f"PFLOPs; sampling {sampling / 1e9:.3f} GFLOPs/image")
+        print(f"{name}: training {training / GIGA:.3f} GFLOPs/image × {images} images = {training * images / 1e15:.3f} "
+              f"PFLOPs; sampling {sampling / GIGA:.3f} GFLOPs/image")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""DiT Gflops against the paper's 13 figures; VAR cost with and without the KV cache."""
+"""DiT Gflops against the paper's 13 figures; VAR cost with and without the KV cache; the measured counter."""
 import pytest
+import torch
 
 from scalegen.errors import UserError
-from scalegen.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, dit_gflops, dit_image_macs, flops_table,
-                            var_image_macs)
+from scalegen.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs,
+                            flops_table, var_image_macs)
 
 PAPER_TOLERANCE = 0.005  # relative
 
@@ -40,3 +41,9 @@ def test_var_cache_saves_compute():
 def test_table_lists_presets_and_var():
     table = flops_table(256)
     assert "DiT-XL/2" in table and "118.64" in table and "VAR-d30, no cache" in table
+
+
+def test_counted_flops_are_two_per_multiply_accumulate():
+    layer = torch.nn.Linear(4, 3, bias=False)
+    inputs = torch.randn(2, 4)
+    assert counted_flops(lambda: layer(inputs)) == 2 * 2 * 4 * 3

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from scalegen.classifier import fmnist_report
 from scalegen.data import FashionMNIST, to_uint8
 from scalegen.dit_commands import load_codec, load_dit
+from scalegen.flops import GIGA, counted_flops
 from scalegen.sample import grid_labels, sample_dit, save_grid
 from scalegen.var_commands import load_var
 
@@ -69,9 +69,7 @@ def var_drawer(path: str | Path) -> Draw:
 
 def flops_per_image(draw: Draw) -> float:
     """FLOPs of one sample, counted by torch's FLOP counter over a small batch (network, guidance and decoder)."""
-    with FlopCounterMode(display=False) as counter:
-        draw(torch.arange(FLOP_COUNT_IMAGES) % DEMO_CLASSES, 0)
-    return counter.get_total_flops() / FLOP_COUNT_IMAGES
+    return counted_flops(lambda: draw(torch.arange(FLOP_COUNT_IMAGES) % DEMO_CLASSES, 0)) / FLOP_COUNT_IMAGES
 
 
 def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baseline: float) -> dict:
@@ -87,7 +85,7 @@ def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baselin
     report = {
         "grid": str(grid), "num_samples": len(labels), "sampling_seconds": round(seconds, 2),
         "images_per_second": round(len(labels) / seconds, 1), "threads": torch.get_num_threads(),
-        "gflops_per_image": round(flops_per_image(draw) / 1e9, 3), "accuracy": scores["accuracy"],
+        "gflops_per_image": round(flops_per_image(draw) / GIGA, 3), "accuracy": scores["accuracy"],
         "fid": scores["fid"], "fid_real_train_same_count": real_baseline,
     }
     print(f"{name}: {len(labels)} samples in {seconds:.1f} s ({report['images_per_second']} img/s, "

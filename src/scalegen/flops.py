@@ -7,6 +7,10 @@ The VAE / VQVAE decoders are not included.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch.utils.flop_counter import FlopCounterMode
+
 from scalegen.dit import MODEL_SIZES, PATCH_SIZES, preset_config
 from scalegen.layers import TIMESTEP_FREQUENCY_SIZE
 from scalegen.sd_vae import LATENT_DOWNSAMPLE
@@ -33,6 +37,14 @@ DIT_PAPER_GFLOPS = {  # DiT paper, Table 1 (256px) and Table 4 (XL/2 at 512px)
 DIT_SAMPLING_STEPS = 250  # DiT's FID setting: 250 DDPM steps with classifier-free guidance
 VAR_PATCH_NUMS = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 VAR_DEPTHS = (16, 20, 24, 30)
+
+
+def counted_flops(step: Callable[[], object]) -> float:
+    """FLOPs of one call of `step` as torch's FLOP counter measures them (2 per multiply-accumulate, decoders and
+    backward passes included when `step` runs them): the measured counterpart of the analytic figures here."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size: int,

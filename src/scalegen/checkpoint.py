@@ -89,6 +89,14 @@ def keep_tokenizer_copy(tokenizer_state: dict[str, torch.Tensor], run_dir: Path)
         save_weights_atomic(tokenizer_state, run_dir / TOKENIZER_FILE)
 
 
+def find_tokenizer_copy(checkpoint: str | Path) -> Path | None:
+    """The tokenizer.safetensors kept with a run: in `checkpoint` itself (a folder) or up to three folders above it
+    (a checkpoint folder sits at RUN/checkpoints/step-N); None when there is none."""
+    checkpoint = Path(checkpoint)
+    folders = ([checkpoint] if checkpoint.is_dir() else []) + list(checkpoint.parents)[:3]
+    return next((folder / TOKENIZER_FILE for folder in folders if (folder / TOKENIZER_FILE).exists()), None)
+
+
 def export_weights(run: str | Path, destination: str | Path, half: bool = True, prefer_ema: bool = True) -> Path:
     """Copy a run's final weights into a self-contained folder that every loader accepts as `--ckpt`.
 
@@ -109,8 +117,7 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(weights, destination / MODEL_FILE)
-    tokenizer = next((folder / TOKENIZER_FILE for folder in (Path(run), *Path(run).parents[:2])
-                      if (folder / TOKENIZER_FILE).exists()), None)
+    tokenizer = find_tokenizer_copy(run)
     if tokenizer is not None:
         save_weights_atomic(load_file(tokenizer), destination / TOKENIZER_FILE)
         # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import TOKENIZER_FILE, keep_tokenizer_copy, load_weights
+from scalegen.checkpoint import TOKENIZER_FILE, find_tokenizer_copy, keep_tokenizer_copy, load_weights
 from scalegen.data import center_crop_arr, open_dataset, to_model_range
 from scalegen.distributed import barrier, cleanup, setup_distributed
 from scalegen.errors import UserError
@@ -224,13 +224,10 @@ def build_loaded(model, weights: dict[str, torch.Tensor], path: str | Path):
 
 
 def stored_tokenizer(ckpt: Path, stored: dict) -> VQVAE:
-    """The tokenizer copied into a VAR run (found beside the checkpoint or up to the run folder), else its source."""
-    folders = [ckpt] if ckpt.is_dir() else []
-    folders += list(ckpt.parents)[:3]
-    for folder in folders:
-        if (folder / TOKENIZER_FILE).exists():
-            model = VQVAE(VQVAEConfig(**stored["tokenizer"]["model"]))
-            return build_loaded(model, load_file(folder / TOKENIZER_FILE), folder / TOKENIZER_FILE)
+    """The tokenizer copied into a VAR (or tokenizer-latent DiT) run, found by `find_tokenizer_copy`, else its source."""
+    copy = find_tokenizer_copy(ckpt)
+    if copy is not None:
+        return build_loaded(VQVAE(VQVAEConfig(**stored["tokenizer"]["model"])), load_file(copy), copy)
     source = stored["tokenizer"].get("source")
     if source and Path(source).exists():
         return load_tokenizer(source)[0]

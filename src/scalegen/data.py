@@ -210,6 +210,13 @@ class ResumableSampler(Sampler):
             epoch, batch_in_epoch = epoch + 1, 0
 
 
+def unflipped_loader(dataset: Dataset, batch_size: int, count: int | None = None) -> DataLoader:
+    """Batches of the first `count` items (default: all) of an image dataset, in order and not mirrored."""
+    count = len(dataset) if count is None else min(count, len(dataset))
+    return DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(count)],
+                      collate_fn=collate)
+
+
 @torch.no_grad()
 def cache_with_mirrors(
     dataset: Dataset,
@@ -231,8 +238,7 @@ def cache_with_mirrors(
         The path; each stored tensor is (N, 2, ...) with [:, 0] the image and [:, 1] its mirror, plus "labels" (N,).
     """
     path = Path(path)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(len(dataset))],
-                        collate_fn=collate)
+    loader = unflipped_loader(dataset, batch_size)
     parts: dict[str, list[torch.Tensor]] = {"labels": []}
     for batch in tqdm(loader, desc=description):
         if "image" not in batch:

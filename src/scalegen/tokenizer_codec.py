@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from scalegen.data import collate
+from scalegen.data import unflipped_loader
 from scalegen.vqvae import VQVAE
 
 SCALE_IMAGES = 2048  # images whose features set the latent scale
+SCALE_BATCH_SIZE = 256
 
 
 class TokenizerCodec(nn.Module):
@@ -49,7 +50,6 @@ def measure_latent_scale(tokenizer: VQVAE, dataset: Dataset, device: torch.devic
                          count: int = SCALE_IMAGES) -> float:
     """1 / standard deviation of the tokenizer's f̂ over the first `count` images of `dataset`."""
     codec = TokenizerCodec(tokenizer.to(device), 1.0)
-    count = min(count, len(dataset))
-    loader = DataLoader(dataset, batch_size=256, sampler=[(index, False) for index in range(count)], collate_fn=collate)
+    loader = unflipped_loader(dataset, SCALE_BATCH_SIZE, count)
     features = torch.cat([codec.encode(batch["image"].to(device)) for batch in loader if "image" in batch])  # (N, z, h, w)
     return 1.0 / features.std().item()

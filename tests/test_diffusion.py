@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from scalegen.diffusion import LossType, MeanType, VarianceType
+from scalegen.diffusion_math import LossType, MeanType, VarianceType
 from scalegen.diffusion_math import discretized_gaussian_log_likelihood, mean_flat
 from scalegen.errors import UserError
 from scalegen.respace import SpacedDiffusion, create_diffusion, space_timesteps

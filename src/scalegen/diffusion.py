@@ -8,7 +8,6 @@ treats them as EPSILON and LEARNED_RANGE); ``create_diffusion`` never selects ei
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -16,7 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scalegen.diffusion_math import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from scalegen.diffusion_math import (
+    LEARNED_VARIANCES, LossType, MeanType, VarianceType, discretized_gaussian_log_likelihood, mean_flat, normal_kl,
+)
 from scalegen.errors import UserError
 
 # model(x_t, t, **model_kwargs) -> output, or (output, extra) where extra is passed through untouched.
@@ -24,37 +25,6 @@ Model = Callable[..., Any]
 DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class MeanType(enum.Enum):
-    """What the model's (first C) output channels predict."""
-
-    PREVIOUS_X = enum.auto()  # the posterior mean of x_{t-1}
-    START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # the noise ε
-
-
-class VarianceType(enum.Enum):
-    """Where the reverse-step variance comes from."""
-
-    LEARNED = enum.auto()  # the model outputs log σ² directly
-    FIXED_SMALL = enum.auto()  # the posterior variance β̃_t
-    FIXED_LARGE = enum.auto()  # β_t
-    LEARNED_RANGE = enum.auto()  # the model outputs v in [-1, 1], interpolating log β̃_t .. log β_t
-
-
-class LossType(enum.Enum):
-    """Training objective."""
-
-    MSE = enum.auto()  # MSE on the mean output (+ the VLB term when the variance is learned)
-    RESCALED_MSE = enum.auto()  # as MSE, with the VLB term scaled by T / 1000
-    KL = enum.auto()  # the variational bound term alone
-    RESCALED_KL = enum.auto()  # as KL, times T, to estimate the full bound
-
-    def is_vb(self) -> bool:
-        """Whether the loss is the variational bound alone."""
-        return self in (LossType.KL, LossType.RESCALED_KL)
-
-
-LEARNED_VARIANCES = (VarianceType.LEARNED, VarianceType.LEARNED_RANGE)
 # The VLB term with RESCALED_MSE is scaled as if the chain had this many steps, to match the original implementation.
 RESCALED_MSE_REFERENCE_STEPS = 1000.0
 

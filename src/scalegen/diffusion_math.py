@@ -1,4 +1,5 @@
-"""Pure functions behind the Gaussian diffusion: beta schedules, Gaussian KL and decoder log-likelihood.
+"""The Gaussian diffusion's option types (mean, variance, loss) and the pure functions behind it: beta schedules,
+Gaussian KL and decoder log-likelihood.
 
 Numerically equal to the ADM / improved-DDPM code that DiT ships (``diffusion/diffusion_utils.py`` and the schedule
 functions of ``gaussian_diffusion.py``).
@@ -6,6 +7,7 @@ functions of ``gaussian_diffusion.py``).
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Callable, Literal
 
@@ -15,6 +17,39 @@ import torch
 from scalegen.errors import UserError
 
 ScheduleName = Literal["linear", "squaredcos_cap_v2"]
+
+
+class MeanType(enum.Enum):
+    """What the model's (first C) output channels predict."""
+
+    PREVIOUS_X = enum.auto()  # the posterior mean of x_{t-1}
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # the noise ε
+
+
+class VarianceType(enum.Enum):
+    """Where the reverse-step variance comes from."""
+
+    LEARNED = enum.auto()  # the model outputs log σ² directly
+    FIXED_SMALL = enum.auto()  # the posterior variance β̃_t
+    FIXED_LARGE = enum.auto()  # β_t
+    LEARNED_RANGE = enum.auto()  # the model outputs v in [-1, 1], interpolating log β̃_t .. log β_t
+
+
+class LossType(enum.Enum):
+    """Training objective."""
+
+    MSE = enum.auto()  # MSE on the mean output (+ the VLB term when the variance is learned)
+    RESCALED_MSE = enum.auto()  # as MSE, with the VLB term scaled by T / 1000
+    KL = enum.auto()  # the variational bound term alone
+    RESCALED_KL = enum.auto()  # as KL, times T, to estimate the full bound
+
+    def is_vb(self) -> bool:
+        """Whether the loss is the variational bound alone."""
+        return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+LEARNED_VARIANCES = (VarianceType.LEARNED, VarianceType.LEARNED_RANGE)
 
 # Ho et al.'s linear schedule for 1000 steps; other step counts scale both ends so the process stays similar.
 LINEAR_BETA_START = 1e-4

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from scalegen.diffusion import GaussianDiffusion, LossType, MeanType, Model, VarianceType
-from scalegen.diffusion_math import ScheduleName, named_beta_schedule
+from scalegen.diffusion import GaussianDiffusion, Model
+from scalegen.diffusion_math import LossType, MeanType, ScheduleName, VarianceType, named_beta_schedule
 from scalegen.errors import UserError
 
 DDIM_PREFIX = "ddim"

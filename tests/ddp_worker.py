@@ -1,5 +1,6 @@
-"""Launched by tests/test_train.py under torchrun: trains a tiny DiT with DDP, then checks every rank holds the
-same parameters. Writes 'in sync <checksum>' (rank 0) to the file named by the first argument."""
+"""Launched by tests/test_train.py and tests/test_gpu.py under torchrun: trains a tiny DiT with DDP on the device
+named by the optional third argument (default cpu), then checks every rank holds the same parameters. Writes
+'in sync <backend> <checksum>' (rank 0) to the file named by the first argument."""
 import sys
 
 import torch
@@ -12,15 +13,17 @@ from tests_support import tiny_fashion
 
 torch.set_num_threads(1)
 result_path, run_dir = sys.argv[1], sys.argv[2]
-context = setup_distributed("cpu")
+device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+context = setup_distributed(device)
 torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's at wrap time)
 task = DiTTask(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10))
-config = TrainConfig(out=run_dir, steps=3, batch_size=8, lr=1e-2, log_every=1, checkpoint_every=100, sample_every=0, device="cpu")
+config = TrainConfig(out=run_dir, steps=3, batch_size=8, lr=1e-2, log_every=1, checkpoint_every=100, sample_every=0, device=device)
 Trainer(task, tiny_fashion(), config, context).run()
 flat = torch.cat([parameter.detach().flatten() for parameter in task.model.parameters()])  # (P,)
 everyone = gather_tensors(flat.unsqueeze(0), context)  # (world, P)
 if context.is_main:
-    in_sync = torch.equal(everyone[0], everyone[1]) and everyone.shape[0] == 2
+    in_sync = everyone.shape[0] == context.world_size and all(torch.equal(row, everyone[0]) for row in everyone)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     with open(result_path, "w") as stream:
-        stream.write(f"{'in sync' if in_sync else 'OUT OF SYNC'} {flat.abs().sum().item():.6f}\n")
+        stream.write(f"{'in sync' if in_sync else 'OUT OF SYNC'} {backend} {flat.abs().sum().item():.6f}\n")
 cleanup(context)

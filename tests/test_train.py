@@ -76,5 +76,5 @@ def test_two_process_torchrun_keeps_parameters_in_sync(tmp_path):
                str(TESTS / "ddp_worker.py"), str(result), str(tmp_path / "run")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
-    assert result.read_text().startswith("in sync")
+    assert result.read_text().startswith("in sync gloo")
     assert last_checkpoint(tmp_path / "run").name == "step-0000003"

@@ -264,3 +264,9 @@ def test_a_deep_copy_shares_the_tokenizer_but_not_the_weights():
     assert clone.tokenizer is var.tokenizer
     assert clone.class_emb.weight is not var.class_emb.weight
     torch.testing.assert_close(clone.class_emb.weight, var.class_emb.weight)
+
+
+def test_moving_the_var_moves_its_tokenizer():
+    var = tiny_var().double()
+    assert all(parameter.dtype == torch.float64 for parameter in var.tokenizer.parameters())
+    assert "tokenizer" not in " ".join(var.state_dict())

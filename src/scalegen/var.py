@@ -194,6 +194,13 @@ class VAR(nn.Module):
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to(device)`, `.cuda()` and casts reach the referenced tokenizer too, so generation finds it beside the
+        transformer (it is no registered child, so nn.Module alone would leave it behind)."""
+        if self._tokenizer:
+            self._tokenizer[0]._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def tokenizer(self) -> nn.Module:
         if not self._tokenizer:

@@ -97,14 +97,20 @@ def find_tokenizer_copy(checkpoint: str | Path) -> Path | None:
     return next((folder / TOKENIZER_FILE for folder in folders if (folder / TOKENIZER_FILE).exists()), None)
 
 
+def halved(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a state dict in fp16; integer ones unchanged."""
+    return {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+
+
 def export_weights(run: str | Path, destination: str | Path, half: bool = True, prefer_ema: bool = True) -> Path:
     """Copy a run's final weights into a self-contained folder that every loader accepts as `--ckpt`.
 
     Args:
         run: a run or checkpoint folder (its EMA weights are taken when it has them).
         destination: the folder to write: model.safetensors, config.json, and the run's tokenizer.safetensors when
-            it has one (kept in full precision).
-        half: store floating-point weights as fp16 (the loaders cast them back to the model's precision).
+            it has one.
+        half: store floating-point weights, the tokenizer's too, as fp16 (the loaders cast them back to the
+            model's precision).
         prefer_ema: take the EMA weights when the run has them; False takes the raw (last optimizer step) weights.
     Returns:
         The destination folder.
@@ -113,13 +119,14 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
     if stored is None:
         raise UserError(f"{run} is not a scalegen run or checkpoint folder; export needs its config.json")
     if half:
-        weights = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+        weights = halved(weights)
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(weights, destination / MODEL_FILE)
     tokenizer = find_tokenizer_copy(run)
     if tokenizer is not None:
-        save_weights_atomic(load_file(tokenizer), destination / TOKENIZER_FILE)
+        tokenizer_weights = load_file(tokenizer)
+        save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
         # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
         stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
     write_json_atomic(destination / CONFIG_FILE, stored)

@@ -30,7 +30,7 @@ def generate_without_cache(model: VAR, labels: torch.Tensor, generator: torch.Ge
     quantizer = model.tokenizer.quantize
     batch = len(labels)
     cond = model.class_emb(torch.cat((labels, torch.full_like(labels, model.config.num_classes))))  # (2B, C)
-    block_cond = model._block_condition(cond)
+    block_cond = model.block_condition(cond)
     level_and_position = model.lvl_embed(model.lvl_1L) + model.pos_1LC  # (1, L, C)
     scale_inputs = [cond.unsqueeze(1) + model.pos_start]  # per scale (2B, p², C)
     finest = model.patch_nums[-1]
@@ -42,7 +42,7 @@ def generate_without_cache(model: VAR, labels: torch.Tensor, generator: torch.Ge
         mask = model.attn_bias_for_masking[..., :length, :length]  # (1, 1, length, length)
         for block in model.blocks:
             x = block(x, block_cond, attn_mask=mask)  # (2B, length, C)
-        both_logits = model._logits(x[:, -patch * patch :], cond)  # (2B, p², V)
+        both_logits = model.head_logits(x[:, -patch * patch :], cond)  # (2B, p², V)
         guidance = CFG * scale_index / max(model.num_scales - 1, 1)
         logits = (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, p², V)
         tokens = sample_tokens(filter_logits(logits, TOP_K, TOP_P), generator)  # (B, p²)

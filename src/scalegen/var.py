@@ -11,23 +11,15 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from scalegen.errors import UserError
-from scalegen.var_blocks import (
-    ADALN_CHUNKS,
-    AdaLNBeforeHead,
-    AdaLNSelfAttn,
-    KVCache,
-    SharedAdaLin,
-    block_causal_mask,
-)
-from scalegen.var_edit import check_edit_inputs, resize_keep_mask
+from scalegen.var_blocks import ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, block_causal_mask
+from scalegen.var_sampling import scale_by_scale_generation
 from scalegen.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
-from scalegen.var_sampling import filter_logits, sample_tokens, smooth_embedding
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
 WIDTH_PER_DEPTH = 64
@@ -78,14 +70,6 @@ def default_adaln_gamma(depth: int) -> float:
         if depth <= largest_depth:
             return gamma
     return ADALN_GAMMA_DEEPEST
-
-
-class SampledTokens(NamedTuple):
-    """Result of `VAR.generate_tokens`."""
-
-    tokens: list[torch.Tensor]  # per scale (B, p*p) token ids, row-major
-    logits: list[torch.Tensor]  # per scale (B, p*p, V) guided logits, before top-k / top-p
-    features: torch.Tensor  # (B, z_channels, p_last, p_last) accumulated tokenizer features f̂
 
 
 class VAR(nn.Module):
@@ -207,7 +191,8 @@ class VAR(nn.Module):
             raise UserError("this VAR has no tokenizer: build it with build_var(vqvae, ...) or call attach_tokenizer")
         return self._tokenizer[0]
 
-    def _labels_tensor(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    def labels_tensor(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Class ids as a (B,) long tensor on the model's device; a one-line error for ids out of range."""
         device = self.class_emb.weight.device
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)  # (B,)
         num_classes = self.config.num_classes
@@ -217,11 +202,12 @@ class VAR(nn.Module):
             )
         return labels
 
-    def _block_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        # Shared AdaLN projects the class embedding once for all blocks; otherwise each block projects it.
+    def block_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the blocks' AdaLN reads: the class embedding (B, C), or its shared projection (B, 1, 6, C)."""
         return cond if self.shared_ada_lin is None else self.shared_ada_lin(cond)  # (B, C) or (B, 1, 6, C)
 
-    def _logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Token logits (B, l, V) of hidden states (B, l, C) under the class condition, in float32."""
         return self.head(self.head_nm(x.float(), cond).float()).float()  # (B, l, V)
 
     def forward(self, labels: torch.Tensor, var_input: torch.Tensor) -> torch.Tensor:
@@ -235,7 +221,7 @@ class VAR(nn.Module):
         Returns:
             (B, L, vocab_size) float32 logits; the positions of scale k predict the tokens of scale k.
         """
-        labels = self._labels_tensor(labels)
+        labels = self.labels_tensor(labels)
         batch = var_input.shape[0]
         expected_shape = (batch, self.sequence_length - self.first_length, self.config.z_channels)
         if tuple(var_input.shape) != expected_shape or labels.shape[0] != batch:
@@ -247,92 +233,13 @@ class VAR(nn.Module):
         start = cond.unsqueeze(1) + self.pos_start  # (B, p_0², C)
         x = torch.cat((start, self.word_embed(var_input.float())), dim=1)  # (B, L, C)
         x = x + (self.lvl_embed(self.lvl_1L) + self.pos_1LC)  # (B, L, C)
-        block_cond = self._block_condition(cond)
+        block_cond = self.block_condition(cond)
         for block in self.blocks:
             x = block(x, block_cond, attn_mask=self.attn_bias_for_masking)  # (B, L, C)
-        return self._logits(x, cond)  # (B, L, V)
+        return self.head_logits(x, cond)  # (B, L, V)
 
-    @torch.no_grad()
-    def generate_tokens(
-        self,
-        labels: torch.Tensor | Sequence[int],
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        seed: int | None = None,
-        more_smooth: bool = False,
-        generator: torch.Generator | None = None,
-        source_tokens: Sequence[torch.Tensor] | None = None,
-        keep_mask: torch.Tensor | None = None,
-    ) -> SampledTokens:
-        """Sample tokens scale by scale with a KV cache and classifier-free guidance.
-
-        Args:
-            labels: (B,) class ids (num_classes = unconditional).
-            cfg: guidance strength; at scale index k of K it ramps linearly as t = cfg·k/(K-1) and the logits
-                are (1 + t)·conditional - t·unconditional.
-            top_k: keep the k most likely tokens (0 = all).
-            top_p: nucleus sampling threshold (0 = off).
-            seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
-            more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens
-                (visualisation only, not for FID).
-            generator: random generator to draw from (overrides `seed`).
-            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
-            keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
-
-        Returns:
-            SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
-        """
-        quantizer = self.tokenizer.quantize
-        labels = self._labels_tensor(labels)
-        batch = labels.shape[0]
-        editing = check_edit_inputs(source_tokens, keep_mask, self.patch_nums, batch)
-        if editing:
-            keep_mask = keep_mask.to(labels.device)
-            source_tokens = [tokens.to(labels.device) for tokens in source_tokens]
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=labels.device).manual_seed(seed)
-
-        # The batch is doubled: the first half is conditioned on the labels, the second on the null class.
-        cond = self.class_emb(torch.cat((labels, torch.full_like(labels, self.config.num_classes))))  # (2B, C)
-        block_cond = self._block_condition(cond)
-        level_and_position = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # (1, L, C)
-        x = cond.unsqueeze(1) + self.pos_start + level_and_position[:, : self.first_length]  # (2B, p_0², C)
-        caches = [KVCache() for _ in self.blocks]
-        finest = self.patch_nums[-1]
-        features = cond.new_zeros(batch, self.config.z_channels, finest, finest)  # (B, Cvae, p_K, p_K)
-        all_tokens: list[torch.Tensor] = []
-        all_logits: list[torch.Tensor] = []
-        position = 0
-        for scale_index, patch in enumerate(self.patch_nums):
-            progress = scale_index / max(self.num_scales - 1, 1)
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, block_cond, cache=cache)  # (2B, p², C)
-            both_logits = self._logits(x, cond)  # (2B, p², V)
-            guidance = cfg * progress
-            logits = (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, p², V)
-            filtered = filter_logits(logits, top_k, top_p)  # (B, p², V)
-            tokens = sample_tokens(filtered, generator)  # (B, p²)
-            if more_smooth:
-                embedded = smooth_embedding(filtered, progress, quantizer.embedding.weight, generator)  # (B, p², Cvae)
-            else:
-                embedded = quantizer.embedding(tokens)  # (B, p², Cvae)
-            if editing:
-                keep = resize_keep_mask(keep_mask, patch, batch)  # (B, p²)
-                tokens = torch.where(keep, source_tokens[scale_index], tokens)  # (B, p²)
-                source_embedded = quantizer.embedding(source_tokens[scale_index])  # (B, p², Cvae)
-                embedded = torch.where(keep.unsqueeze(-1), source_embedded, embedded)  # (B, p², Cvae)
-            all_tokens.append(tokens)
-            all_logits.append(logits)
-            scale_features = embedded.transpose(1, 2).reshape(batch, -1, patch, patch)  # (B, Cvae, p, p)
-            features, next_input = quantizer.next_autoregressive_input(scale_index, features, scale_features)
-            position += patch * patch
-            if scale_index + 1 < self.num_scales:
-                next_length = self.patch_nums[scale_index + 1] ** 2
-                next_input = next_input.flatten(2).transpose(1, 2)  # (B, p_next², Cvae)
-                x = self.word_embed(next_input) + level_and_position[:, position : position + next_length]
-                x = x.repeat(2, 1, 1)  # (2B, p_next², C), same input for both guidance halves
-        return SampledTokens(all_tokens, all_logits, features)
+    # The KV-cached, scale-by-scale generation loop lives in var_sampling.py beside its sampling helpers.
+    generate_tokens = scale_by_scale_generation
 
     @torch.no_grad()
     def generate(

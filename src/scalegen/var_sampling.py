@@ -1,10 +1,20 @@
-"""Token sampling for VAR generation: top-k / top-p filtering, multinomial draws and the Gumbel-softmax
-smoothing used for visualisation. Each function reproduces the official VAR helpers draw for draw, so a seeded
-`torch.Generator` gives the same tokens as the official `autoregressive_infer_cfg`.
+"""VAR generation: the KV-cached, scale-by-scale loop with classifier-free guidance (`VAR.generate_tokens`) and
+its token sampling: top-k / top-p filtering, multinomial draws and the Gumbel-softmax smoothing used for
+visualisation. Each piece reproduces the official VAR code draw for draw, so a seeded `torch.Generator` gives the
+same tokens as the official `autoregressive_infer_cfg`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
+
+from scalegen.var_blocks import KVCache
+from scalegen.var_edit import check_edit_inputs, resize_keep_mask
+
+if TYPE_CHECKING:
+    from scalegen.var import VAR
 
 # more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
 GUMBEL_START_TEMPERATURE = 0.27
@@ -84,3 +94,94 @@ def smooth_embedding(filtered_logits: torch.Tensor, progress: float, codebook: t
     temperature = max(GUMBEL_START_TEMPERATURE * (1 - GUMBEL_TEMPERATURE_DECAY * progress), GUMBEL_MIN_TEMPERATURE)
     mixture = gumbel_softmax(filtered_logits * (1 + progress), temperature, generator)  # (B, l, V)
     return mixture @ codebook  # (B, l, Cvae)
+
+
+class SampledTokens(NamedTuple):
+    """Result of `VAR.generate_tokens`."""
+
+    tokens: list[torch.Tensor]  # per scale (B, p*p) token ids, row-major
+    logits: list[torch.Tensor]  # per scale (B, p*p, V) guided logits, before top-k / top-p
+    features: torch.Tensor  # (B, z_channels, p_last, p_last) accumulated tokenizer features f̂
+
+
+@torch.no_grad()
+def scale_by_scale_generation(
+    model: VAR,
+    labels: torch.Tensor | Sequence[int],
+    cfg: float = 1.5,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    more_smooth: bool = False,
+    generator: torch.Generator | None = None,
+    source_tokens: Sequence[torch.Tensor] | None = None,
+    keep_mask: torch.Tensor | None = None,
+) -> SampledTokens:
+    """Sample tokens scale by scale with a KV cache and classifier-free guidance (bound as `VAR.generate_tokens`).
+
+    Args:
+        labels: (B,) class ids (num_classes = unconditional).
+        cfg: guidance strength; at scale index k of K it ramps linearly as t = cfg·k/(K-1) and the logits
+            are (1 + t)·conditional - t·unconditional.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus sampling threshold (0 = off).
+        seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
+        more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens
+            (visualisation only, not for FID).
+        generator: random generator to draw from (overrides `seed`).
+        source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
+        keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
+
+    Returns:
+        SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
+    """
+    quantizer = model.tokenizer.quantize
+    labels = model.labels_tensor(labels)
+    batch = labels.shape[0]
+    editing = check_edit_inputs(source_tokens, keep_mask, model.patch_nums, batch)
+    if editing:
+        keep_mask = keep_mask.to(labels.device)
+        source_tokens = [tokens.to(labels.device) for tokens in source_tokens]
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=labels.device).manual_seed(seed)
+
+    # The batch is doubled: the first half is conditioned on the labels, the second on the null class.
+    cond = model.class_emb(torch.cat((labels, torch.full_like(labels, model.config.num_classes))))  # (2B, C)
+    block_cond = model.block_condition(cond)
+    level_and_position = model.lvl_embed(model.lvl_1L) + model.pos_1LC  # (1, L, C)
+    x = cond.unsqueeze(1) + model.pos_start + level_and_position[:, : model.first_length]  # (2B, p_0², C)
+    caches = [KVCache() for _ in model.blocks]
+    finest = model.patch_nums[-1]
+    features = cond.new_zeros(batch, model.config.z_channels, finest, finest)  # (B, Cvae, p_K, p_K)
+    all_tokens: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
+    position = 0
+    for scale_index, patch in enumerate(model.patch_nums):
+        progress = scale_index / max(model.num_scales - 1, 1)
+        for block, cache in zip(model.blocks, caches):
+            x = block(x, block_cond, cache=cache)  # (2B, p², C)
+        both_logits = model.head_logits(x, cond)  # (2B, p², V)
+        guidance = cfg * progress
+        logits = (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, p², V)
+        filtered = filter_logits(logits, top_k, top_p)  # (B, p², V)
+        tokens = sample_tokens(filtered, generator)  # (B, p²)
+        if more_smooth:
+            embedded = smooth_embedding(filtered, progress, quantizer.embedding.weight, generator)  # (B, p², Cvae)
+        else:
+            embedded = quantizer.embedding(tokens)  # (B, p², Cvae)
+        if editing:
+            keep = resize_keep_mask(keep_mask, patch, batch)  # (B, p²)
+            tokens = torch.where(keep, source_tokens[scale_index], tokens)  # (B, p²)
+            source_embedded = quantizer.embedding(source_tokens[scale_index])  # (B, p², Cvae)
+            embedded = torch.where(keep.unsqueeze(-1), source_embedded, embedded)  # (B, p², Cvae)
+        all_tokens.append(tokens)
+        all_logits.append(logits)
+        scale_features = embedded.transpose(1, 2).reshape(batch, -1, patch, patch)  # (B, Cvae, p, p)
+        features, next_input = quantizer.next_autoregressive_input(scale_index, features, scale_features)
+        position += patch * patch
+        if scale_index + 1 < model.num_scales:
+            next_length = model.patch_nums[scale_index + 1] ** 2
+            next_input = next_input.flatten(2).transpose(1, 2)  # (B, p_next², Cvae)
+            x = model.word_embed(next_input) + level_and_position[:, position : position + next_length]
+            x = x.repeat(2, 1, 1)  # (2B, p_next², C), same input for both guidance halves
+    return SampledTokens(all_tokens, all_logits, features)

@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from scalegen import metrics
 from scalegen.data import to_uint8
@@ -151,6 +152,7 @@ def sample_to_npz(
     path = Path(path)
     temporary = path.with_name(path.stem + ".partial.npz")
     writer, written, all_labels = None, 0, []
+    progress = tqdm(total=per_rank * context.world_size, desc="sampling", unit="img", disable=not context.is_main)
     for start in range(0, per_rank, batch_size):
         count = min(batch_size, per_rank - start)
         labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
@@ -165,6 +167,8 @@ def sample_to_npz(
             writer.add_images(images[:keep].cpu().numpy())
             all_labels.append(labels[:keep].cpu().numpy())
             written += keep
+        progress.update(count * context.world_size)
+    progress.close()
     if not context.is_main:
         return None
     writer.add_array(metrics.LABELS_KEY, np.concatenate(all_labels))

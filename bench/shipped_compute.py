@@ -1,6 +1,7 @@
 """Benchmark: training and sampling compute of the shipped Fashion-MNIST DiT and VAR (FLOPs per image).
 
-    python bench/shipped_compute.py [--steps-dit 6000 --batch-dit 128 --steps-var 2100 --batch-var 64]
+    python bench/shipped_compute.py [--steps-dit 6000 --batch-dit 128 --steps-var 3200 --batch-var 256]
+                                    [--dit FOLDER --var FOLDER]   (default: the shipped models)
 
 Training FLOPs per image are counted by torch's FLOP counter over one loss + backward of each model on the data it
 trains on (the DiT on cached tokenizer latents, the VAR on cached tokens: the frozen tokenizer is not counted);
@@ -23,9 +24,9 @@ from scalegen.var_commands import load_var
 BATCH = 4
 
 
-def dit_training_flops() -> float:
-    """FLOPs of one diffusion-loss forward + backward per image, on latents of the shipped DiT's shape."""
-    model, _ = load_dit(SHIPPED_DIT)
+def dit_training_flops(folder: str) -> float:
+    """FLOPs of one diffusion-loss forward + backward per image, on latents of the DiT's shape."""
+    model, _ = load_dit(folder)
     config = model.config
     diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
     latents = torch.randn(BATCH, config.in_channels, config.input_size, config.input_size)  # (B, C, h, w)
@@ -35,9 +36,9 @@ def dit_training_flops() -> float:
                          .mean().backward()) / BATCH
 
 
-def var_training_flops() -> float:
-    """FLOPs of one teacher-forced cross-entropy forward + backward per image of the shipped VAR."""
-    model, _ = load_var(SHIPPED_VAR)
+def var_training_flops(folder: str) -> float:
+    """FLOPs of one teacher-forced cross-entropy forward + backward per image of the VAR."""
+    model, _ = load_var(folder)
     tokenizer = model.tokenizer
     side = tokenizer.image_size
     tokens = tokenizer.img_to_tokens(torch.rand(BATCH, tokenizer.config.in_channels, side, side) * 2 - 1)
@@ -52,12 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps-dit", type=int, default=6000)
     parser.add_argument("--batch-dit", type=int, default=128)
-    parser.add_argument("--steps-var", type=int, default=2100)
-    parser.add_argument("--batch-var", type=int, default=64)
+    parser.add_argument("--steps-var", type=int, default=3200)
+    parser.add_argument("--batch-var", type=int, default=256)
+    parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
+    parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
     args = parser.parse_args()
     rows = (
-        ("DiT", dit_training_flops(), flops_per_image(dit_drawer(SHIPPED_DIT)), args.steps_dit * args.batch_dit),
-        ("VAR", var_training_flops(), flops_per_image(var_drawer(SHIPPED_VAR)), args.steps_var * args.batch_var),
+        ("DiT", dit_training_flops(args.dit), flops_per_image(dit_drawer(args.dit)), args.steps_dit * args.batch_dit),
+        ("VAR", var_training_flops(args.var), flops_per_image(var_drawer(args.var)), args.steps_var * args.batch_var),
     )
     for name, training, sampling, images in rows:
         print(f"{name}: training {training / GIGA:.3f} GFLOPs/image × {images} images = {training * images / 1e15:.3f} "

@@ -1,6 +1,6 @@
 """Training curves of the shipped Fashion-MNIST models: one panel per run, from each run's log.csv.
 
-Usage: python scripts/plot_curves.py RUNS_FOLDER OUT.png   (RUNS_FOLDER holds tokenizer/, dit/ and var/)
+Usage: python scripts/plot_curves.py RUNS_FOLDER OUT.png   (RUNS_FOLDER holds tokenizer/, dit/, tokenizer_var/, var/)
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 PANELS = {  # run folder -> (title, columns to plot)
-    "tokenizer": ("VQ tokenizer", ["l1", "l2", "quantizer"]),
-    "dit": ("DiT in the tokenizer's latents", ["loss", "mse", "vb"]),
-    "var": ("VAR", ["loss", "accuracy"]),
+    "tokenizer": ("DiT's VQ tokenizer (CPU)", ["l1", "l2", "quantizer"]),
+    "dit": ("DiT in that tokenizer's latents (CPU)", ["loss", "mse", "vb"]),
+    "tokenizer_var": ("VAR's VQ tokenizer (GPU, patch GAN)", ["l1", "l2", "quantizer"]),
+    "var": ("VAR (GPU)", ["loss", "accuracy"]),
 }
 
 
@@ -31,9 +32,9 @@ def read_log(path: Path) -> dict[str, list[float]]:
 
 
 def main(runs: Path, out: Path) -> None:
-    """Draw the three panels into `out`."""
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
-    for axis, (folder, (title, columns)) in zip(axes, PANELS.items()):
+    """Draw the panels, two per row, into `out`."""
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    for axis, (folder, (title, columns)) in zip(axes.flat, PANELS.items()):
         log = read_log(runs / folder / "log.csv")
         for column in columns:
             axis.plot(log["step"], log[column], label=column)

@@ -25,7 +25,7 @@ DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
 GRID_PER_CLASS = 10
 # Sampling settings of the shipped models, chosen in their RECIPE.md.
 DIT_CFG_SCALE, DIT_STEPS, DIT_SAMPLER = 3.0, 50, "ddim"
-VAR_CFG, VAR_TOP_K, VAR_TOP_P = 3.0, 0, 0.95
+VAR_CFG, VAR_TOP_K, VAR_TOP_P = 1.5, 0, 0.0
 FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
 
 Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [-1, 1]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scalegen import metrics
-from scalegen.checkpoint import LAST_POINTER, load_weights
+from scalegen.checkpoint import LAST_POINTER, halved, load_weights
 from scalegen.data import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, open_dataset, pad_fashion_mnist,
     to_model_range,
@@ -289,7 +289,7 @@ def export_classifier(run: str | Path, destination: str | Path, train_set: Fashi
     config = ClassifierConfig(**stored["model"])
     candidates = {}
     for name, prefer_ema in (("ema", True), ("model", False)):
-        weights = {key: value.half() for key, value in load_weights(run, prefer_ema)[1].items()}  # stored precision
+        weights = halved(load_weights(run, prefer_ema)[1])  # the precision it is stored in
         model = FashionClassifier(config)
         model.load_state_dict({key: value.float() for key, value in weights.items()})
         features, logits = predict(model, test_set.images[:, 0])  # uint8 (N, 32, 32) in

@@ -12,10 +12,9 @@ import time
 
 import torch
 
-from scalegen.dit import build_dit
-from scalegen.sample import sample_dit
-from scalegen.sd_vae import LATENT_DOWNSAMPLE
-from scalegen.train import AUTOCAST_DTYPES
+from scalegen.models.dit import build_dit
+from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE
+from scalegen.train.trainer import AUTOCAST_DTYPES
 
 from timing import peak_memory_gib
 
@@ -39,7 +38,7 @@ def main() -> None:
 
     def run(steps: int) -> None:
         with autocast:
-            sample_dit(model, labels, args.cfg_scale, steps, args.sampler)
+            model.generate(labels, cfg=args.cfg_scale, steps=steps, sampler=args.sampler)  # raw latents: no decoder
 
     run(2)  # warm-up
     if device.type == "cuda":

@@ -12,11 +12,11 @@ import argparse
 
 import torch
 
-from scalegen.dit import build_dit
-from scalegen.flops import dit_forward_macs
-from scalegen.respace import create_diffusion
-from scalegen.sd_vae import LATENT_DOWNSAMPLE
-from scalegen.train import AUTOCAST_DTYPES, update_ema
+from scalegen.models.dit import build_dit
+from scalegen.eval.flops import dit_forward_macs
+from scalegen.diffusion.respace import create_diffusion
+from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE
+from scalegen.train.trainer import AUTOCAST_DTYPES, update_ema
 
 from timing import peak_memory_gib, seconds_per_call
 

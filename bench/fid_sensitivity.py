@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from scalegen.classifier import fmnist_report
+from scalegen.eval.fmnist import fmnist_report
 from scalegen.data import load_fashion_mnist
 
 NOISE_LEVELS = (2, 5, 10)  # standard deviation in 0..255 pixel units

@@ -15,18 +15,17 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from scalegen.demo import SHIPPED_DIT, SHIPPED_VAR, dit_drawer, flops_per_image, var_drawer
-from scalegen.dit_commands import load_dit
-from scalegen.flops import GIGA, counted_flops
-from scalegen.respace import create_diffusion
-from scalegen.var_commands import load_var
+from scalegen.cli.demo import dit_drawer, flops_per_image, var_drawer
+from scalegen.eval.flops import GIGA, counted_flops
+from scalegen.diffusion.respace import create_diffusion
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR, load_dit, load_var
 
 BATCH = 4
 
 
 def dit_training_flops(folder: str) -> float:
     """FLOPs of one diffusion-loss forward + backward per image, on latents of the DiT's shape."""
-    model, _ = load_dit(folder)
+    model = load_dit(folder)
     config = model.config
     diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
     latents = torch.randn(BATCH, config.in_channels, config.input_size, config.input_size)  # (B, C, h, w)
@@ -38,7 +37,7 @@ def dit_training_flops(folder: str) -> float:
 
 def var_training_flops(folder: str) -> float:
     """FLOPs of one teacher-forced cross-entropy forward + backward per image of the VAR."""
-    model, _ = load_var(folder)
+    model = load_var(folder)
     tokenizer = model.tokenizer
     side = tokenizer.image_size
     tokens = tokenizer.img_to_tokens(torch.rand(BATCH, tokenizer.config.in_channels, side, side) * 2 - 1)

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from scalegen.var import VAR, build_var
-from scalegen.var_sampling import filter_logits, sample_tokens
-from scalegen.vqvae import build_vqvae
+from scalegen.models.var import VAR, build_var
+from scalegen.models.var_sampling import filter_logits, sample_tokens
+from scalegen.tokenizers.vqvae import build_vqvae
 
 from timing import peak_memory_gib
 

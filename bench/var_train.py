@@ -12,10 +12,11 @@ import argparse
 
 import torch
 
-from scalegen.train import AUTOCAST_DTYPES
-from scalegen.var_objectives import VARTask, json_config
-from scalegen.var import VARConfig
-from scalegen.vqvae import build_vqvae
+from scalegen.train.trainer import AUTOCAST_DTYPES
+from scalegen.checkpoint import json_config
+from scalegen.train.var_task import VARTask
+from scalegen.models.var import VARConfig
+from scalegen.tokenizers.vqvae import build_vqvae
 
 from timing import peak_memory_gib, seconds_per_call
 

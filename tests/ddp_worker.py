@@ -6,9 +6,9 @@ import sys
 import torch
 
 from scalegen.distributed import cleanup, gather_tensors, setup_distributed
-from scalegen.dit import DiTConfig
-from scalegen.objectives import DiTTask
-from scalegen.train import TrainConfig, Trainer
+from scalegen.models.dit import DiTConfig
+from scalegen.train.dit_task import DiTTask
+from scalegen.train.trainer import TrainConfig, Trainer
 from tests_support import tiny_fashion
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from scalegen.inception import FIDInception, FrozenBatchNorm
+from scalegen.eval.inception import FIDInception, FrozenBatchNorm
 
 NORM_SPREAD = 0.1  # relative spread of the random batch-norm scales, shifts and running statistics
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from scalegen import classifier, metrics
-from scalegen.cli import main
+from scalegen.eval import fmnist as classifier, metrics
+from scalegen.cli.main import main
 from scalegen.data import FASHION_MNIST_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, load_fashion_mnist, to_model_range
 from scalegen.errors import UserError
-from scalegen.run_log import read_log
-from scalegen.sample import save_npz
+from scalegen.train.run_log import read_log
+from scalegen.images import save_npz
 
 REAL_COUNT = 1000
 MIN_ACCURACY = 0.88

@@ -14,11 +14,11 @@ from PIL import Image
 
 from scalegen import checkpoint as checkpoint_module
 from scalegen.checkpoint import last_checkpoint, load_weights, save_checkpoint
-from scalegen.cli import main
+from scalegen.cli.main import main
 from tests_support import user_error, without_progress_bars
 from scalegen.data import FashionMNIST, ImageFolder, ResumableSampler, center_crop_arr, collate
-from scalegen.dit import DiT, DiTConfig
-from scalegen.dit_commands import dit_config_from_state_dict, load_dit
+from scalegen.models.dit import DiT, DiTConfig
+from scalegen.pretrained import dit_config_from_state_dict, load_dit
 
 TINY_PIXEL_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 
@@ -57,7 +57,7 @@ def test_an_official_style_pt_file_loads_with_weights_only(tmp_path):
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, patch_size=2, hidden_size=384, depth=1, num_heads=6, num_classes=7))
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": __import__("argparse").Namespace(a=1)}, tmp_path / "x.pt")
-    loaded, _ = load_dit(tmp_path / "x.pt")
+    loaded = load_dit(tmp_path / "x.pt", vae="none")  # the bare network: no SD VAE in the tests
     assert loaded.config == dit_config_from_state_dict(model.state_dict())
     assert (loaded.config.num_classes, loaded.config.num_heads, loaded.config.input_size) == (7, 6, 8)
 

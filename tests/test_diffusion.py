@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from scalegen.diffusion_math import LossType, MeanType, VarianceType
-from scalegen.diffusion_math import discretized_gaussian_log_likelihood, mean_flat
+from scalegen.diffusion.math import LossType, MeanType, VarianceType
+from scalegen.diffusion.math import discretized_gaussian_log_likelihood, mean_flat
 from scalegen.errors import UserError
-from scalegen.respace import SpacedDiffusion, create_diffusion, space_timesteps
+from scalegen.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
 
 TOLERANCE = dict(rel=1e-5, abs=1e-5)
 SHAPE = (2, 4, 4, 4)

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 import scalegen
-from scalegen.dit import PRESETS, preset_config
+from scalegen.models.dit import PRESETS, preset_config
 from scalegen.errors import UserError
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from scalegen.errors import UserError
-from scalegen.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs,
+from scalegen.eval.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs,
                             flops_table, var_image_macs)
 
 PAPER_TOLERANCE = 0.005  # relative

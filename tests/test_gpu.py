@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scalegen.run_log import read_log
-from scalegen.train import TrainConfig, train
+from scalegen.train.run_log import read_log
+from scalegen.train.trainer import TrainConfig, train
 from test_dit import tiny_dit
 from test_train import tiny_task
 from test_var import PATCH_NUMS, tiny_var

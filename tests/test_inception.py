@@ -11,7 +11,7 @@ import torch
 
 from inception_testing import seeded_inception, weight_checksum
 from scalegen.errors import UserError
-from scalegen.inception import WEIGHTS_FILE_NAME, FIDInception, load_inception, resize_bilinear_tf1
+from scalegen.eval.inception import WEIGHTS_FILE_NAME, FIDInception, load_inception, resize_bilinear_tf1
 
 DATA = Path(__file__).parent / "data"
 FEATURE_TOLERANCE = 1e-4  # absolute, on features of order one; measured difference is 0 on CPU

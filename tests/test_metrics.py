@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from scalegen import evaluate, metrics
+from scalegen.cli import eval as eval_command
+from scalegen.eval import evaluate, metrics, npz
 from scalegen.errors import UserError
-from scalegen.inception import InceptionFeatures
+from scalegen.eval.inception import InceptionFeatures
 
 
 def gaussian_features(seed: int, count: int = 400, dim: int = 12, shift: float = 0.0) -> np.ndarray:
@@ -106,20 +107,20 @@ def test_npz_round_trip_with_statistics(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
     mu, sigma = np.arange(3.0), np.eye(3)
     path = tmp_path / "ref.npz"
-    metrics.write_npz(path, {"arr_0": images, "mu": mu, "sigma": sigma})
-    source = metrics.ImageBatches(path)
+    npz.write_npz(path, {"arr_0": images, "mu": mu, "sigma": sigma})
+    source = npz.ImageBatches(path)
     assert len(source) == 7 and source.shape == (7, 5, 6, 3)
     assert np.array_equal(np.concatenate(list(source.batches(3))), images)
-    statistics = metrics.read_npz_statistics(path)
+    statistics = npz.read_npz_statistics(path)
     assert set(statistics) == {"mu", "sigma"} and np.array_equal(statistics["sigma"], sigma)
     np.savez(tmp_path / "plain.npz", images)  # what DiT's sample_ddp.py writes: arr_0 only
-    assert metrics.read_npz_statistics(tmp_path / "plain.npz") == {}
-    assert metrics.ImageBatches(tmp_path / "plain.npz").shape == images.shape
+    assert npz.read_npz_statistics(tmp_path / "plain.npz") == {}
+    assert npz.ImageBatches(tmp_path / "plain.npz").shape == images.shape
 
 
 def test_npz_streamed_images_are_readable_by_numpy(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
-    writer = metrics.NpzWriter(tmp_path / "out.npz")
+    writer = npz.NpzWriter(tmp_path / "out.npz")
     writer.begin_images(images.shape)
     writer.add_images(images[:2])
     writer.add_images(images[2:])
@@ -132,12 +133,12 @@ def test_npz_streamed_images_are_readable_by_numpy(tmp_path):
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "float.npz", np.zeros((2, 4, 4, 3), dtype=np.float32))
     with pytest.raises(UserError, match="uint8"):
-        metrics.ImageBatches(tmp_path / "float.npz")
+        npz.ImageBatches(tmp_path / "float.npz")
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(UserError, match="not an .npz"):
-        metrics.ImageBatches(tmp_path / "text.npz")
+        npz.ImageBatches(tmp_path / "text.npz")
     with pytest.raises(UserError, match="not found"):
-        metrics.ImageBatches(tmp_path / "missing.npz")
+        npz.ImageBatches(tmp_path / "missing.npz")
 
 
 def write_folder(folder, images):
@@ -149,13 +150,13 @@ def write_folder(folder, images):
 def test_image_folder(tmp_path):
     images = np.random.default_rng(2).integers(0, 256, size=(4, 6, 5, 3), dtype=np.uint8)
     write_folder(tmp_path / "images", images)
-    assert np.array_equal(np.concatenate(list(metrics.ImageBatches(tmp_path / "images").batches(3))), images)
+    assert np.array_equal(np.concatenate(list(npz.ImageBatches(tmp_path / "images").batches(3))), images)
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="broken.png"):
-        list(metrics.ImageBatches(tmp_path / "images").batches(8))
+        list(npz.ImageBatches(tmp_path / "images").batches(8))
     Image.fromarray(images[0][:3]).save(tmp_path / "images" / "broken.png")
     with pytest.raises(UserError, match="one size"):
-        list(metrics.ImageBatches(tmp_path / "images").batches(8))
+        list(npz.ImageBatches(tmp_path / "images").batches(8))
 
 
 class PixelFeatures(torch.nn.Module):
@@ -175,7 +176,7 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", samples)
     write_folder(tmp_path / "reference", reference)
     parser = argparse.ArgumentParser()
-    evaluate.register(parser.add_subparsers())
+    eval_command.register(parser.add_subparsers())
     common = ["--inception-weights", "unused.pth", "--batch-size", "16", "--ref"]
 
     args = parser.parse_args(["eval", *common, str(tmp_path / "reference"), "--save-ref", str(tmp_path / "ref.npz"),
@@ -197,14 +198,14 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys):
 
     # A statistics-only reference: FID and sFID, no precision/recall.
     with np.load(tmp_path / "ref.npz") as archive:
-        np.savez(tmp_path / "stats.npz", **{key: archive[key] for key in metrics.STATISTICS_KEYS})
+        np.savez(tmp_path / "stats.npz", **{key: archive[key] for key in npz.STATISTICS_KEYS})
     stats_result = evaluate.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "stats.npz"), "unused.pth")
     assert stats_result["fid"] == pytest.approx(result["fid"]) and stats_result["precision"] is None
 
 
 def test_eval_command_needs_samples_or_save_ref():
     parser = argparse.ArgumentParser()
-    evaluate.register(parser.add_subparsers())
+    eval_command.register(parser.add_subparsers())
     args = parser.parse_args(["eval", "--ref", "r.npz"])
     with pytest.raises(UserError, match="--samples"):
         args.handler(args)

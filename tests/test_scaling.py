@@ -4,8 +4,13 @@ import json
 import numpy as np
 import pytest
 
+from scalegen.cli.main import main
 from scalegen.errors import UserError
-from scalegen.scaling import fit_power_law, read_runs, read_table, scaling_report
+from scalegen.eval.scaling import fit_power_law, read_runs, read_table, scaling_report
+from scalegen.pretrained import load_dit
+from scalegen.train.run_log import read_log
+from scalegen.train.task import parameter_count
+from tests_support import write_fashion_subset
 
 
 def test_fit_recovers_exact_power_law():
@@ -44,17 +49,22 @@ def test_table_and_plot(tmp_path):
         read_table(table, "gflops", "loss")
 
 
-def test_run_folders(tmp_path):
-    folders = []
-    for depth, params in ((4, 1e6), (8, 8e6), (12, 27e6)):
-        folder = tmp_path / f"d{depth}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"depth": depth, "params": params}))
-        loss = (3e-7 * params) ** -0.1
-        (folder / "log.csv").write_text(f"step,loss\n1,9.0\n100,{loss}\n")
+def test_run_folders_as_scalegen_train_writes_them(tmp_path, capsys):
+    """`scaling --runs` reads the parameter count from each run's stored config and the loss from its log."""
+    folders, sizes, data = [], [], write_fashion_subset(tmp_path)
+    for hidden_size in (16, 32, 64):
+        folder = tmp_path / f"w{hidden_size}"
+        main(["train", "dit", "--model", "DiT-S/4", "--depth", "1", "--hidden-size", str(hidden_size), "--num-heads", "2",
+              "--image-size", "8", "--data", str(data), "--steps", "2", "--batch-size", "8",
+              "--log-every", "1", "--sample-steps", "2", "--device", "cpu", "--out", str(folder)])
         folders.append(folder)
+        sizes.append(parameter_count(load_dit(folder)))
     names, x, y = read_runs(folders, "params", "loss")
-    assert names == ["d4", "d8", "d12"] and list(x) == [1e6, 8e6, 27e6]
-    assert fit_power_law(x, y).b == pytest.approx(-0.1)
+    assert names == ["w16", "w32", "w64"] and list(x) == sizes and sizes[0] < sizes[1] < sizes[2]
+    assert list(y) == [read_log(folder)[-1]["loss"] for folder in folders]
+    capsys.readouterr()
+    main(["scaling", "--runs", *map(str, folders), "--x", "params", "--y", "loss", "--out", str(tmp_path / "fit.png")])
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_points"] == 3 and report["b"] == pytest.approx(fit_power_law(x, y).b)
     with pytest.raises(UserError, match="fid"):
         read_runs(folders, "params", "fid")

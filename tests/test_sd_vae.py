@@ -5,9 +5,10 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
-from scalegen.cli import main  # noqa: E402
-from scalegen.run_log import read_log  # noqa: E402
-from scalegen.sd_vae import LATENT_SCALE, LatentCache, extract_latents, load_sd_vae  # noqa: E402
+from scalegen.cli.main import main  # noqa: E402
+from scalegen.train.run_log import read_log  # noqa: E402
+from scalegen.tokenizers.sd_vae import LATENT_SCALE, load_sd_vae  # noqa: E402
+from scalegen.train.caches import LatentCache, extract_latents  # noqa: E402
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -56,7 +57,7 @@ def test_latent_cache_keeps_the_flip(tiny_vae_folder, tmp_path):
 
 
 def test_train_dit_in_latent_space_with_a_cache(tiny_vae_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("scalegen.dit_commands.open_dataset", lambda data, size: RandomImages())
+    monkeypatch.setattr("scalegen.train.dit_task.open_dataset", lambda data, size: RandomImages())
     main(["train", "dit", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
           "--image-size", "16", "--vae", str(tiny_vae_folder), "--latent-cache", "--steps", "2", "--batch-size", "2",
           "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "run")])

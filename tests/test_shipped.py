@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scalegen.cli import main
-from scalegen.demo import SHIPPED_DIT, SHIPPED_VAR, dit_drawer, var_drawer
+from scalegen.cli.main import main
+from scalegen.cli.demo import dit_drawer, var_drawer
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR
 
 SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024  # each shipped model, tokenizer included
 LABELS = torch.tensor([0, 7, 9])
@@ -29,7 +30,7 @@ def test_a_fixed_seed_sample_of_a_shipped_model_is_deterministic_and_in_range(ma
     assert first.shape == (3, 1, 32, 32)
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     assert not torch.equal(first, other_seed)
-    assert first.min() >= -1 and first.max() <= 1 and first.std() > 0.2  # an image, not a constant
+    assert first.min() >= 0 and first.max() <= 1 and first.std() > 0.1  # an image in [0, 1], not a constant
 
 
 def test_demo_writes_both_grids_and_a_report(tmp_path, capsys):

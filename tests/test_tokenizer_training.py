@@ -8,14 +8,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from scalegen.checkpoint import last_checkpoint, load_training_state
-from scalegen.cli import main
+from scalegen.cli.main import main
 from scalegen.errors import UserError
-from scalegen.gan_losses import PatchDiscriminator, adaptive_weight
-from scalegen.lpips import LPIPS, load_lpips
-from scalegen.run_log import read_log
-from scalegen.train import TrainConfig, train
-from scalegen.var_objectives import TokenizerLosses, VQVAETask, reinitialize_dead_codes
-from scalegen.vqvae import VQVAEConfig
+from scalegen.train.gan_losses import PatchDiscriminator, adaptive_weight
+from scalegen.train.lpips import LPIPS, load_lpips
+from scalegen.train.run_log import read_log
+from scalegen.train.trainer import TrainConfig, train
+from scalegen.train.tokenizer_task import TokenizerLosses, VQVAETask, reinitialize_dead_codes
+from scalegen.tokenizers.vqvae import VQVAEConfig
 from tests_support import tiny_fashion
 
 TINY_TOKENIZER = VQVAEConfig(vocab_size=32, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),

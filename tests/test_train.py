@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from scalegen.checkpoint import last_checkpoint
-from scalegen.dit import DiTConfig
-from scalegen.objectives import DiTTask
-from scalegen.run_log import read_log
-from scalegen.train import TrainConfig, train, learning_rate_factor
+from scalegen.models.dit import DiTConfig
+from scalegen.train.dit_task import DiTTask
+from scalegen.train.run_log import read_log
+from scalegen.train.trainer import TrainConfig, train, learning_rate_factor
 from tests_support import tiny_fashion, without_progress_bars
 
 TESTS = Path(__file__).parent

@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from scalegen.errors import UserError
-from scalegen.var import VAR, VARConfig, build_var
-from scalegen.var_blocks import block_causal_mask
-from scalegen.var_edit import box_mask, resize_keep_mask
-from scalegen.var_sampling import filter_logits
-from scalegen.vqvae import build_vqvae
+from scalegen.models.var import VAR, VARConfig, build_var
+from scalegen.models.var_blocks import block_causal_mask
+from scalegen.models.var_edit import box_mask, resize_keep_mask
+from scalegen.models.var_sampling import filter_logits
+from scalegen.tokenizers.vqvae import build_vqvae
 
 DATA = Path(__file__).parent / "data"
 PATCH_NUMS = (1, 2, 3, 4)
@@ -160,11 +160,12 @@ def test_generation_is_deterministic_and_returns_images():
     assert images.min() >= 0 and images.max() <= 1
 
 
-def test_bad_labels_are_user_errors():
+def test_bad_labels_are_value_errors():
+    # Raised inside forward and generate: plain ValueErrors (UserError is for input at the boundaries).
     var = tiny_var().eval()
-    with pytest.raises(UserError, match="class ids"):
+    with pytest.raises(ValueError, match="class ids"):
         var.generate([6])
-    with pytest.raises(UserError, match="class ids"):
+    with pytest.raises(ValueError, match="class ids"):
         var(torch.tensor([-1]), torch.zeros(1, 29, Z_CHANNELS))
 
 
@@ -208,14 +209,14 @@ def test_edit_keeps_source_tokens_at_every_scale(mode):
     assert images.shape == (2, 3, 8, 8)
 
 
-def test_bad_edit_inputs_are_user_errors():
+def test_bad_edit_inputs_are_value_errors():
     var = tiny_var().eval()
     source = [torch.zeros(1, p * p, dtype=torch.long) for p in PATCH_NUMS]
-    with pytest.raises(UserError, match="both"):
+    with pytest.raises(ValueError, match="both"):
         var.generate_tokens([0], source_tokens=source)
-    with pytest.raises(UserError, match="source_tokens must have shapes"):
+    with pytest.raises(ValueError, match="source_tokens must have shapes"):
         var.edit([0], source[:-1], torch.ones(4, 4))
-    with pytest.raises(UserError, match="keep_mask must be"):
+    with pytest.raises(ValueError, match="keep_mask must be"):
         var.edit([0], source, torch.ones(8, 8))
 
 

@@ -8,22 +8,20 @@ import torch
 from PIL import Image
 
 from scalegen.checkpoint import load_weights, save_checkpoint
-from scalegen.data import FASHION_MNIST_FILES, load_fashion_mnist
-from scalegen.cli import main
-from scalegen.run_log import read_log
+from scalegen.cli.main import main
+from scalegen.train.run_log import read_log
 from scalegen.errors import UserError
-from scalegen.train import TrainConfig, train
-from scalegen.var import VAR, VARConfig
+from scalegen.train.trainer import TrainConfig, train
+from scalegen.models.var import VAR, VARConfig
 from scalegen.checkpoint import TOKENIZER_FILE
-from scalegen.var_commands import load_var
-from scalegen.var_edit import box_mask
-from scalegen.var_objectives import VARTask, json_config
-from scalegen.vqvae import VQVAE
-from tests_support import tiny_fashion, user_error, without_progress_bars
+from scalegen.pretrained import load_var
+from scalegen.models.var_edit import box_mask
+from scalegen.checkpoint import json_config
+from scalegen.train.var_task import VARTask
+from scalegen.tokenizers.vqvae import VQVAE
+from tests_support import tiny_fashion, user_error, without_progress_bars, write_fashion_subset
 from test_tokenizer_training import TINY_TOKENIZER
 
-SUBSET_IMAGES = 256
-IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 TINY_VAR = dict(depth=1, width=32, num_heads=2, num_classes=10, patch_nums=(1, 2, 4), vocab_size=32, z_channels=4)
 
 
@@ -39,20 +37,10 @@ def tokenizer_folder(folder: Path) -> VQVAE:
 def var_run(out: Path, steps: int, tokenizer: VQVAE) -> None:
     torch.manual_seed(0)
     task = VARTask(VARConfig(**TINY_VAR), tokenizer, {"model": json_config(TINY_TOKENIZER)}, sample_cfg=2.0)
-    config = TrainConfig(out=str(out), steps=steps, batch_size=16, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05,
-                         grad_clip=2.0, ema_decay=0.0, log_every=1, checkpoint_every=1000, device="cpu")
+    # A constant lr (no warm-up, no decay), so a run stopped early and resumed sees the same schedule.
+    config = TrainConfig(out=str(out), steps=steps, batch_size=16, lr=3e-3, warmup_steps=0, lr_decay_to=1.0,
+                         log_every=1, checkpoint_every=1000, device="cpu")
     train(task, tiny_fashion(8), config)
-
-
-def write_fashion_subset(folder: Path) -> None:
-    """The first SUBSET_IMAGES real Fashion-MNIST images as a folder of IDX files (a quick `--data FOLDER`)."""
-    images, labels = load_fashion_mnist()
-    count = SUBSET_IMAGES
-    image_file, label_file = FASHION_MNIST_FILES["train"]
-    header = IDX_IMAGE_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-    (folder / image_file).write_bytes(header + images[:count].numpy().tobytes())
-    header = IDX_LABEL_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big")
-    (folder / label_file).write_bytes(header + labels[:count].to(torch.uint8).numpy().tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +154,13 @@ def test_a_var_run_without_its_tokenizer_copy_asks_for_one(var_cli_run, tmp_path
     message = user_error(["sample", "var", "--ckpt", str(tmp_path / "orphan"), "--out", str(tmp_path / "g.png"),
                           "--device", "cpu"], capsys)
     assert "pass --tokenizer" in message
-    model, _ = load_var(tmp_path / "orphan", str(var_cli_run / "vq"))
+    model = load_var(tmp_path / "orphan", str(var_cli_run / "vq"))
     assert model.tokenizer.config.vocab_size == 32
 
 
 def test_official_scales_are_read_off_the_number_of_positions():
-    from scalegen.var_commands import official_patch_nums
-    from scalegen.vqvae import PATCH_NUMS_256, PATCH_NUMS_512
+    from scalegen.pretrained import official_patch_nums
+    from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512
 
     assert official_patch_nums({"pos_1LC": torch.zeros(1, 680, 1)}) == PATCH_NUMS_256
     assert official_patch_nums({"pos_1LC": torch.zeros(1, 2240, 1)}) == PATCH_NUMS_512

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scalegen.errors import UserError
-from scalegen.quantizer import MultiScaleQuantizer, phi_indices
-from scalegen.vqvae import VQVAE, VQVAEConfig, build_vqvae
+from scalegen.tokenizers.quantizer import MultiScaleQuantizer, phi_indices
+from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig, build_vqvae
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL_PARAMETERS = 108_948_355  # "108.95M": parameters only, the ema_vocab_hit_SV buffer is not counted
@@ -237,17 +237,18 @@ def test_config_rebuilds_the_model_and_other_scale_counts_load():
     assert other.quantize.ema_vocab_hit_SV.shape == (4, 64)
 
 
-def test_bad_input_raises_user_error():
+def test_bad_input_raises_value_errors_and_bad_options_user_errors():
+    # Tensors of the wrong shape are ValueErrors (raised in forward); bad build options are UserErrors.
     model = tiny()
-    with pytest.raises(UserError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible"):
         model.img_to_tokens(torch.zeros(1, 3, 15, 15))
-    with pytest.raises(UserError, match="16x16"):
+    with pytest.raises(ValueError, match="16x16"):
         model.img_to_tokens(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(UserError, match="expected"):
+    with pytest.raises(ValueError, match="expected"):
         model.img_to_tokens(torch.zeros(1, 1, 16, 16))
-    with pytest.raises(UserError, match="scale 1"):
+    with pytest.raises(ValueError, match="scale 1"):
         model.tokens_to_img([torch.zeros(1, p * p + (k == 1), dtype=torch.long) for k, p in enumerate(TINY_PATCH_NUMS)])
-    with pytest.raises(UserError, match="need 6"):
+    with pytest.raises(ValueError, match="need 6"):
         model.tokens_to_img([torch.zeros(1, 1, dtype=torch.long)])
     with pytest.raises(UserError, match="norm_groups"):
         build_vqvae(ch=20, ch_mult=(1, 2))

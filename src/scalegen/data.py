@@ -38,9 +38,9 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 with the ADM/DiT rounding clamp(127.5 x + 128)."""
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in the networks' [-1, 1] -> float in [0, 1], the range scalegen's sampling calls return (clamped)."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def pad_fashion_mnist(images: torch.Tensor, fill: float) -> torch.Tensor:

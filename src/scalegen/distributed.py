@@ -46,6 +46,11 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, torch_device)
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of its torchrun launch (or a plain single process), group or not."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def barrier(context: DistributedContext) -> None:
     """Wait for every rank (no-op for a single process)."""
     if context.enabled:

@@ -1,5 +1,9 @@
-"""The one exception type the command line turns into a one-line message instead of a traceback."""
+"""The one exception type for bad input, which the command line prints as one line instead of a traceback."""
 
 
-class UserError(Exception):
-    """Bad input from the user: the message says what is wrong and what to do about it."""
+class UserError(ValueError):
+    """Bad input from the user: the message says what is wrong and what to do about it.
+
+    Raised where input enters (the command line, the loaders, the data sets), never deep inside a forward pass;
+    a ValueError, so code that already catches those keeps working.
+    """

@@ -1,0 +1,110 @@
+"""`scalegen demo`: the main job on the embedded default. It samples the shipped Fashion-MNIST DiT and VAR
+(package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md), writes a 10×10 class grid of each,
+and prints for each its sampling time, FLOPs per image, classifier accuracy and FID in the classifier's features."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalegen.data import FashionMNIST
+from scalegen.eval.flops import GIGA, counted_flops
+from scalegen.eval.fmnist import fmnist_report
+from scalegen.images import grid_labels, save_grid, to_uint8
+from scalegen.pretrained import SHIPPED, SHIPPED_DIT, SHIPPED_VAR, load_dit, load_var
+
+DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
+GRID_PER_CLASS = 10
+# Sampling settings of the shipped models, chosen in their RECIPE.md.
+DIT_CFG_SCALE, DIT_STEPS, DIT_SAMPLER = 3.0, 50, "ddim"
+VAR_CFG, VAR_TOP_K, VAR_TOP_P = 1.5, 0, 0.0
+FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
+
+Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [0, 1]
+
+
+def register(commands) -> None:
+    """Add `scalegen demo` to the command line."""
+    parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT and VAR: grids, speed, FLOPs, FID")
+    parser.add_argument("--out", default="runs/demo", help="folder for the grids and report.json")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files (FID baseline)")
+    parser.add_argument("--per-class", type=int, default=GRID_PER_CLASS,
+                        help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
+    parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
+    parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_demo)
+
+
+def dit_drawer(path: str | Path) -> Draw:
+    """Sampling function of a DiT folder (with its tokenizer or VAE), with the demo's settings."""
+    model = load_dit(path)
+
+    def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return model.generate(labels, cfg=DIT_CFG_SCALE, steps=DIT_STEPS, sampler=DIT_SAMPLER, seed=seed)
+
+    return draw
+
+
+def var_drawer(path: str | Path) -> Draw:
+    """Sampling function of a VAR folder (tokenizer inside), with the demo's settings."""
+    model = load_var(path)
+
+    def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return model.generate(labels, cfg=VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed)
+
+    return draw
+
+
+def flops_per_image(draw: Draw) -> float:
+    """FLOPs of one sample, counted by torch's FLOP counter over a small batch (network, guidance and decoder)."""
+    return counted_flops(lambda: draw(torch.arange(FLOP_COUNT_IMAGES) % DEMO_CLASSES, 0)) / FLOP_COUNT_IMAGES
+
+
+def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baseline: float) -> dict:
+    """Draw `per_class` samples of every class, save the grid, score them; returns the report."""
+    labels = grid_labels(list(range(DEMO_CLASSES)), args.per_class)  # (N,)
+    started = time.perf_counter()
+    images = torch.cat([draw(chunk, args.seed + index) for index, chunk in enumerate(labels.split(args.batch_size))])
+    seconds = time.perf_counter() - started
+    pixels = to_uint8(images)[:, 0].numpy()  # (N, H, W) uint8
+    grid_rows = images.reshape(DEMO_CLASSES, args.per_class, *images.shape[1:])[:, :GRID_PER_CLASS]  # (10, 10, 1, H, W)
+    grid = save_grid(grid_rows.flatten(0, 1), DEMO_CLASSES, Path(args.out) / f"{name.lower()}_grid.png")
+    scores = fmnist_report(pixels, labels.numpy())
+    report = {
+        "grid": str(grid), "num_samples": len(labels), "sampling_seconds": round(seconds, 2),
+        "images_per_second": round(len(labels) / seconds, 1), "threads": torch.get_num_threads(),
+        "gflops_per_image": round(flops_per_image(draw) / GIGA, 3), "accuracy": scores["accuracy"],
+        "fid": scores["fid"], "fid_real_train_same_count": real_baseline,
+    }
+    print(f"{name}: {len(labels)} samples in {seconds:.1f} s ({report['images_per_second']} img/s, "
+          f"{report['threads']} CPU thread(s)), {report['gflops_per_image']} GFLOPs/image; classifier accuracy "
+          f"{scores['accuracy']:.3f}; FID {scores['fid']:.2f} (real training images, same count: {real_baseline:.2f}); "
+          f"grid: {grid}")
+    return report
+
+
+def real_train_fid(data: str, count: int, seed: int) -> float:
+    """FID of `count` random real training images in the classifier's features: the floor for that many samples."""
+    train_set = FashionMNIST(None if data == "fashion-mnist" else data, split="train")
+    chosen = np.random.default_rng(seed).choice(len(train_set), size=min(count, len(train_set)), replace=False)
+    return fmnist_report(train_set.images[torch.from_numpy(chosen), 0])["fid"]
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Sample both shipped models, write their grids and report.json, and print each one's figures."""
+    baseline = real_train_fid(args.data, DEMO_CLASSES * args.per_class, args.seed)
+    with torch.no_grad():
+        reports = {
+            "DiT": evaluate_model("DiT", dit_drawer(args.dit), args, baseline),
+            "VAR": evaluate_model("VAR", var_drawer(args.var), args, baseline),
+        }
+    path = Path(args.out) / "report.json"
+    path.write_text(json.dumps(reports, indent=2) + "\n")
+    print(f"demo: report in {path}; train either model from scratch with the commands of {SHIPPED / 'RECIPE.md'}")

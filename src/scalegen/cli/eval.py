@@ -1,0 +1,86 @@
+"""`scalegen eval`, `scalegen flops` and `scalegen scaling`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from scalegen.errors import UserError
+from scalegen.eval import scaling
+from scalegen.eval.evaluate import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS, evaluate, evaluate_fmnist
+from scalegen.eval.flops import flops_table
+
+EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
+batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
+reference statistics take precedence over ones computed from arr_0, as in ADM. With --features fmnist: FID in the
+shipped Fashion-MNIST classifier's features (against the real test set unless --ref is given) and, when the samples
+carry labels, how often the classifier sees the asked class."""
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Handler of `scalegen eval`: prints the metrics as JSON on stdout (progress goes to stderr)."""
+    if args.features == "fmnist":
+        if args.samples is None or args.save_ref is not None:
+            raise UserError("--features fmnist needs --samples and stores no reference (no --save-ref)")
+        result = evaluate_fmnist(args.samples, args.ref)
+    else:
+        if args.samples is None and args.save_ref is None:
+            raise UserError("give --samples to evaluate, or --save-ref OUT.npz to store reference statistics")
+        if args.ref is None:
+            raise UserError("give --ref: an ADM reference batch, an image folder, or a --save-ref file")
+        result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
+                          args.save_ref_images)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+def run_flops(args: argparse.Namespace) -> None:
+    """Handler of `scalegen flops`: prints the DiT Gflops table and per-image sampling costs."""
+    print(flops_table(args.image_size))
+
+
+def run_scaling(args: argparse.Namespace) -> None:
+    """Handler of `scalegen scaling`: fits L = (a·X)^b and prints the fit as JSON."""
+    if (args.table is None) == (args.runs is None):
+        raise UserError("give either --table runs.csv or --runs RUN_FOLDER [RUN_FOLDER ...]")
+    if args.table is not None:
+        names, x, y = scaling.read_table(args.table, args.x, args.y)
+    else:
+        names, x, y = scaling.read_runs(args.runs, args.x, args.y)
+    print(json.dumps(scaling.scaling_report(names, x, y, args.x, args.y, args.out), indent=2))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `eval`, `flops` and `scaling` commands."""
+    parser = subparsers.add_parser("eval", help="FID, sFID, IS, precision/recall as the ADM evaluator",
+                                   description=EVAL_DESCRIPTION)
+    parser.add_argument("--samples", help="samples: ADM .npz (arr_0 uint8 N,H,W,3) or image folder")
+    parser.add_argument("--ref", help="reference: ADM .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or image folder; "
+                                      "optional with --features fmnist (default: the real test set)")
+    parser.add_argument("--features", choices=FEATURE_NETWORKS, default=FEATURE_NETWORKS[0],
+                        help="inception: the ADM metrics; fmnist: FID and class accuracy in the shipped "
+                             "Fashion-MNIST classifier's features")
+    parser.add_argument("--inception-weights", metavar="FILE",
+                        help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub release)")
+    parser.add_argument("--out", help="also write the JSON result to this file")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception pass")
+    parser.add_argument("--save-ref", metavar="OUT.npz", help="write the reference statistics as an ADM .npz")
+    parser.add_argument("--save-ref-images", action="store_true",
+                        help="with --save-ref: also store the reference images as arr_0 (for precision/recall)")
+    parser.set_defaults(handler=run_eval)
+
+    parser = subparsers.add_parser("flops", help="DiT Gflops table against the paper; DiT vs VAR cost per image")
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (256 or 512)")
+    parser.set_defaults(handler=run_flops)
+
+    parser = subparsers.add_parser("scaling", help="fit L = (a*X)^b over runs and plot it on log-log axes",
+                                   description=scaling.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", help="CSV with a header and one row per run (optional 'name' column)")
+    parser.add_argument("--runs", nargs="+", help="run folders written by `scalegen train` (or exported folders)")
+    parser.add_argument("--x", default="params", help="column / key of X (e.g. params, gflops, compute)")
+    parser.add_argument("--y", default="loss", help="column / key of L (e.g. loss, fid)")
+    parser.add_argument("--out", help="PNG of the log-log plot")
+    parser.set_defaults(handler=run_scaling)

@@ -1,0 +1,24 @@
+"""`scalegen export`: a run's final weights in a small self-contained folder."""
+from __future__ import annotations
+
+import argparse
+
+from scalegen.checkpoint import export_weights
+
+WEIGHT_CHOICES = ("ema", "raw")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """Handler of `scalegen export`."""
+    print(f"exported {export_weights(args.run, args.out, args.half, prefer_ema=args.weights == WEIGHT_CHOICES[0])}")
+
+
+def register(commands) -> None:
+    """Add `scalegen export` to the command line."""
+    parser = commands.add_parser("export", help="copy a run's final (EMA) weights into a small self-contained folder")
+    parser.add_argument("--run", required=True, help="run or checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder to write (model.safetensors, config.json, tokenizer)")
+    parser.add_argument("--fp32", dest="half", action="store_false", help="keep fp32 weights (default: fp16)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=WEIGHT_CHOICES[0],
+                        help="EMA (default; the weights themselves for a run without EMA) or raw weights")
+    parser.set_defaults(handler=run_export)

@@ -1,0 +1,93 @@
+"""Options shared by several commands, and the step from parsed arguments to the library's option dataclasses.
+
+No command adds a default of its own: each option's default is the library's (a field default of the dataclass it
+fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), ...)` in Python train alike.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import TypeVar
+
+from scalegen.train.task import TrainingTask
+from scalegen.train.trainer import TrainConfig
+
+Options = TypeVar("Options")
+# Loop settings with their own flag name (the rest are the field name with dashes).
+FLAG_NAMES = {"ema_decay": "--ema"}
+TRAINING_HELP = {
+    "out": "run folder; re-running with the same folder resumes",
+    "steps": "total optimizer steps",
+    "batch_size": "global batch size (over ranks and accumulation steps)",
+    "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay",
+    "betas": "AdamW betas, e.g. 0.9,0.95",
+    "ema_decay": "EMA decay of the sampled weights (0: no EMA)",
+    "grad_clip": "clip the gradient norm (0: off)",
+    "warmup_steps": "linear warm-up steps",
+    "lr_decay_to": "final lr as a fraction of --lr, reached linearly after warm-up (1: constant)",
+    "checkpoint_every": "checkpoint every N steps",
+    "grad_accumulation": "micro-batches per optimizer step",
+    "precision": "autocast precision (auto: bf16 on GPU, fp32 on CPU)",
+    "compile": "torch.compile the model",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
+    "seed": "seed of the data order and the initial weights",
+    "log_every": "write a log row every N steps",
+    "sample_every": "sample grid every N steps (0: at the end)",
+    "keep_checkpoints": "checkpoint folders to keep",
+    "num_workers": "data loader worker processes",
+    "logger": "where the log goes",
+    "device": "cpu or cuda (default: cuda when available)",
+    "flip": "random horizontal flips",
+}
+CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": ["csv", "tensorboard"]}
+
+
+def integers(text: str) -> tuple[int, ...]:
+    """"1,2,3" → (1, 2, 3) for argparse."""
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """"0.9,0.95" → (0.9, 0.95) for argparse."""
+    try:
+        return tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTask]) -> None:
+    """The loop options of every `scalegen train` command; their defaults are `task`'s recipe and `TrainConfig`'s."""
+    recipe = task.recipe
+    for field in fields(TrainConfig):
+        flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        help_text = TRAINING_HELP[field.name]
+        if field.default is MISSING:  # out, steps
+            parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else int,
+                                help=help_text)
+        elif field.default is None and hasattr(recipe, field.name):  # the recipe's setting
+            value = task.recipe_notes.get(field.name, getattr(recipe, field.name))
+            kind = floats if field.name == "betas" else type(getattr(recipe, field.name))
+            parser.add_argument(flag, dest=field.name, type=kind, default=None,
+                                help=f"{help_text} (recipe: {value})")
+        elif isinstance(field.default, bool):
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help_text)
+        else:
+            kind = str if field.default is None else type(field.default)
+            parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
+                                choices=CHOICES.get(field.name), help=f"{help_text} (default: {field.default})")
+
+
+def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) -> Options:
+    """An option dataclass from the parsed arguments that share its field names (plus `values`)."""
+    names = {field.name for field in fields(cls)}
+    return cls(**{**{name: getattr(args, name) for name in names if hasattr(args, name)}, **values})
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The loop settings of a parsed `scalegen train` command."""
+    return dataclass_from_args(TrainConfig, args)

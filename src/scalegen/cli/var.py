@@ -1,0 +1,174 @@
+"""`scalegen train vqvae`, `train var`, `sample var` and `edit var`.
+
+A VAR run folder holds a copy of its tokenizer (RUN/tokenizer.safetensors, its config inside the VAR's config),
+so `sample var` and `edit var` rebuild both models from the run alone.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from scalegen.cli.options import add_training_options, dataclass_from_args, integers, train_config_from_args
+from scalegen.distributed import cleanup, setup_distributed
+from scalegen.errors import UserError
+from scalegen.images import grid_labels, load_image, parse_classes, sample_to_npz, save_grid
+from scalegen.models.var_edit import edit_box
+from scalegen.pretrained import load_var
+from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
+from scalegen.train.var_task import VAROptions, VARTask, train_var
+
+TOKENIZER_DEFAULTS, LOSS_DEFAULTS = VQVAEOptions(), TokenizerLosses()
+# Sampling defaults of `sample var` / `edit var` (the Python call `VAR.generate` has the official ones).
+SAMPLE_CFG, SAMPLE_TOP_P, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 0.95, 8, 64
+
+
+def register(train_parsers, sample_parsers, commands) -> None:
+    """Add `train vqvae`, `train var`, `sample var` and `edit var` to the command line."""
+    parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
+    defaults = TOKENIZER_DEFAULTS
+    parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
+    parser.add_argument("--ch", type=int, default=defaults.ch, help="base width of encoder and decoder")
+    parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult, help="width multiplier per resolution level")
+    parser.add_argument("--num-res-blocks", type=int, default=defaults.num_res_blocks)
+    parser.add_argument("--norm-groups", type=int, default=defaults.norm_groups,
+                        help="GroupNorm groups (divide every level width)")
+    parser.add_argument("--no-attention", dest="use_attention", action="store_false", help="no attention blocks")
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--z-channels", type=int, default=defaults.z_channels)
+    parser.add_argument("--share-quant-resi", type=int, default=defaults.share_quant_resi,
+                        help="φ convs shared over scales (0: one per scale)")
+    parser.add_argument("--l1", type=float, default=LOSS_DEFAULTS.l1, help="weight of the L1 reconstruction loss")
+    parser.add_argument("--l2", type=float, default=LOSS_DEFAULTS.l2, help="weight of the L2 reconstruction loss")
+    parser.add_argument("--quantizer-weight", dest="quantizer", type=float, default=LOSS_DEFAULTS.quantizer)
+    parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
+    parser.add_argument("--lpips-weight", dest="lpips", type=float, default=LOSS_DEFAULTS.lpips,
+                        help="weight of LPIPS (with --lpips-weights)")
+    parser.add_argument("--gan-weight", dest="gan", type=float, default=LOSS_DEFAULTS.gan, help="patch-GAN weight (0: no GAN)")
+    parser.add_argument("--gan-start-step", type=int, default=LOSS_DEFAULTS.gan_start_step,
+                        help="step at which the GAN loss starts")
+    parser.add_argument("--disc-width", dest="discriminator_width", type=int, default=LOSS_DEFAULTS.discriminator_width)
+    parser.add_argument("--disc-layers", dest="discriminator_layers", type=int,
+                        default=LOSS_DEFAULTS.discriminator_layers)
+    parser.add_argument("--disc-lr", dest="discriminator_lr", type=float, default=LOSS_DEFAULTS.discriminator_lr,
+                        help="discriminator lr (default: --lr)")
+    parser.add_argument("--dead-code-every", type=int, default=LOSS_DEFAULTS.dead_code_every,
+                        help="re-initialise dead codes every N steps (0: never)")
+    add_training_options(parser, VQVAETask)
+    parser.set_defaults(handler=run_train_vqvae)
+
+    parser = train_parsers.add_parser("var", help="train a VAR transformer on a trained tokenizer")
+    defaults = VAROptions  # its field defaults (the tokenizer has none)
+    parser.add_argument("--tokenizer", required=True, help="`train vqvae` run folder, checkpoint, or official vae .pth")
+    parser.add_argument("--depth", type=int, default=defaults.depth,
+                        help="blocks; width 64·depth and depth heads unless overridden")
+    parser.add_argument("--width", type=int, default=defaults.width)
+    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
+    parser.add_argument("--data", default=defaults.data)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="default: the tokenizer's image size")
+    parser.add_argument("--token-cache", action="store_true", help="tokenize the data set once into RUN/tokens.safetensors")
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
+                        help="class dropout for classifier-free guidance")
+    parser.add_argument("--base-lr", type=float, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
+    parser.add_argument("--sample-cfg", type=float, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
+    parser.add_argument("--sample-top-p", type=float, default=defaults.sample_top_p)
+    add_training_options(parser, VARTask)
+    parser.set_defaults(handler=run_train_var)
+
+    parser = sample_parsers.add_parser("var", help="sample a VAR: a class grid (.png) or ADM samples (.npz)")
+    add_loading_options(parser)
+    parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
+    parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
+    parser.add_argument("--per-class", type=int, default=SAMPLE_PER_CLASS)
+    parser.add_argument("--num-samples", type=int, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--batch-size", type=int, default=SAMPLE_BATCH_SIZE)
+    parser.set_defaults(handler=run_sample)
+
+    edit_parsers = commands.add_parser("edit", help="zero-shot editing").add_subparsers(dest="model", required=True)
+    parser = edit_parsers.add_parser("var", help="in-paint or out-paint a box of an image with a VAR")
+    add_loading_options(parser)
+    parser.add_argument("--image", required=True, help="input image (center-cropped and resized to the model's size)")
+    parser.add_argument("--box", required=True, help="x0,y0,x1,y1 in pixels of the resized image")
+    parser.add_argument("--mode", choices=["inpaint", "outpaint"], default="inpaint")
+    parser.add_argument("--class", dest="class_id", type=int, default=None, help="class id (default: unconditional)")
+    parser.add_argument("--out", required=True, help="edited image .png; the input and the mask are written beside it")
+    parser.set_defaults(handler=run_edit)
+
+
+def add_loading_options(parser) -> None:
+    """Options shared by `sample var` and `edit var`."""
+    parser.add_argument("--ckpt", required=True, help="VAR run folder, checkpoint folder/file, or official var_d*.pth")
+    parser.add_argument("--tokenizer", default=None, help="override the tokenizer stored with the run")
+    parser.add_argument("--cfg", type=float, default=SAMPLE_CFG, help="classifier-free guidance (ramped over scales)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=SAMPLE_TOP_P)
+    parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+
+
+def run_train_vqvae(args: argparse.Namespace) -> None:
+    """Handler of `scalegen train vqvae`."""
+    options = dataclass_from_args(VQVAEOptions, args, losses=dataclass_from_args(TokenizerLosses, args))
+    train_vqvae(options, train_config_from_args(args))
+
+
+def run_train_var(args: argparse.Namespace) -> None:
+    """Handler of `scalegen train var`."""
+    train_var(dataclass_from_args(VAROptions, args), train_config_from_args(args))
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The VAR sampling settings of `sample var` / `edit var`."""
+    return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth}
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    context = setup_distributed(args.device)
+    model = load_var(args.ckpt, args.tokenizer).to(context.device)
+    try:
+        if args.num_samples:
+            # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
+            path = sample_to_npz(lambda labels: model.generate(labels, **sampling_options(args)),
+                                 model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context)
+            if path is not None:
+                print(f"wrote {path} with {args.num_samples} samples")
+        elif context.is_main:
+            classes = parse_classes(args.classes, model.config.num_classes)
+            generator = torch.Generator(context.device).manual_seed(args.seed)
+            labels = grid_labels(classes, args.per_class).to(context.device)
+            images = torch.cat([model.generate(chunk, generator=generator, **sampling_options(args))
+                                for chunk in labels.split(args.batch_size)])  # (N, C, H, W) in [0, 1]
+            print(f"wrote {save_grid(images, len(classes), args.out)}")
+    finally:
+        cleanup(context)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x0,y0,x1,y1" → four floats."""
+    try:
+        x0, y0, x1, y1 = (float(item) for item in text.split(","))
+    except ValueError:
+        raise UserError(f"--box {text!r} must be four comma-separated numbers x0,y0,x1,y1") from None
+    return x0, y0, x1, y1
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    """In-paint (regenerate the box) or out-paint (keep only the box); writes OUT, OUT_input.png, OUT_mask.png."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_var(args.ckpt, args.tokenizer).to(device)
+    tokenizer = model.tokenizer
+    image = load_image(args.image, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, args.class_id, generator=generator,
+                                   **sampling_options(args))
+    out = Path(args.out)
+    save_grid(edited, 1, out)
+    save_grid(image, 1, out.with_name(f"{out.stem}_input.png"))
+    save_grid(regenerated, 1, out.with_name(f"{out.stem}_mask.png"))  # white = regenerated
+    print(f"wrote {out} (input and mask beside it)")

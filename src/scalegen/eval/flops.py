@@ -1,0 +1,155 @@
+"""Analytic compute of DiT and VAR: the papers' "Gflops" (multiply-accumulates) and the cost of one image.
+
+Counting convention (fvcore's, which reproduces every DiT figure within 0.4%): one unit per multiply-accumulate
+of linear layers, convolutions and attention matmuls (QKᵀ and AV, full T×T even under a mask), plus 4 per
+element of an affine-free LayerNorm; embedding lookups, activations, softmax and elementwise ops count zero.
+The VAE / VQVAE decoders are not included.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, preset_config
+from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE
+from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
+from scalegen.models.var import WIDTH_PER_DEPTH
+from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256, PATCH_NUMS_512
+
+GIGA = 1e9
+TERA = 1e12
+LAYER_NORM_OPS_PER_ELEMENT = 4  # fvcore: mean, variance, subtract, divide for a LayerNorm without affine
+MLP_RATIO = 4
+ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and MLP
+ADALN_CHUNKS_FINAL = 2  # shift/scale
+# Transformer MACs per token per block: qkv 3·D², projection D², MLP 2·4·D².
+LINEAR_MACS_PER_TOKEN = 3 + 1 + 2 * MLP_RATIO
+
+DIT_PAPER_GFLOPS = {  # DiT paper, Table 1 (256px) and Table 4 (XL/2 at 512px)
+    ("DiT-S/2", 256): 6.06, ("DiT-S/4", 256): 1.41, ("DiT-S/8", 256): 0.36,
+    ("DiT-B/2", 256): 23.01, ("DiT-B/4", 256): 5.56, ("DiT-B/8", 256): 1.42,
+    ("DiT-L/2", 256): 80.71, ("DiT-L/4", 256): 19.70, ("DiT-L/8", 256): 5.01,
+    ("DiT-XL/2", 256): 118.64, ("DiT-XL/4", 256): 29.05, ("DiT-XL/8", 256): 7.39,
+    ("DiT-XL/2", 512): 524.6,
+}
+DIT_SAMPLING_STEPS = 250  # DiT's FID setting: 250 DDPM steps with classifier-free guidance
+VAR_PATCH_NUMS = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
+VAR_DEPTHS = (16, 20, 24, 30)
+
+
+def counted_flops(step: Callable[[], object]) -> float:
+    """FLOPs of one call of `step` as torch's FLOP counter measures them (2 per multiply-accumulate, decoders and
+    backward passes included when `step` runs them): the measured counterpart of the analytic figures here."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size: int,
+                     in_channels: int = LATENT_CHANNELS, learn_sigma: bool = True) -> int:
+    """Multiply-accumulates of one DiT forward pass for one image.
+
+    Args:
+        depth: number of blocks.
+        hidden_size: width D.
+        patch_size: patch side p.
+        latent_size: latent side (image / 8).
+        in_channels: latent channels.
+        learn_sigma: output 2·in_channels (ε and the variance interpolation) instead of in_channels.
+    Returns:
+        MACs (the paper's "flops").
+    """
+    tokens = (latent_size // patch_size) ** 2
+    out_channels = 2 * in_channels if learn_sigma else in_channels
+    block = (LINEAR_MACS_PER_TOKEN * tokens * hidden_size ** 2  # qkv, projection, MLP
+             + 2 * tokens ** 2 * hidden_size  # QKᵀ and AV
+             + ADALN_CHUNKS_BLOCK * hidden_size ** 2  # adaLN modulation of the conditioning vector
+             + 2 * LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size)  # two LayerNorms
+    patch_embed = tokens * patch_size ** 2 * in_channels * hidden_size
+    timestep_embed = TIMESTEP_FREQUENCY_SIZE * hidden_size + hidden_size ** 2
+    final = (ADALN_CHUNKS_FINAL * hidden_size ** 2 + LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size
+             + tokens * hidden_size * patch_size ** 2 * out_channels)
+    return depth * block + patch_embed + timestep_embed + final
+
+
+def parse_dit_preset(preset: str) -> tuple[int, int, int]:
+    """(depth, hidden size, patch size) of a preset name such as "DiT-XL/2"."""
+    config = preset_config(preset)
+    return config.depth, config.hidden_size, config.patch_size
+
+
+def dit_gflops(preset: str, image_size: int = 256) -> float:
+    """The DiT paper's Gflops (10⁹ multiply-accumulates) of one forward pass.
+
+    Args:
+        preset: e.g. "DiT-XL/2".
+        image_size: image side in pixels (latent = image / 8).
+    Returns:
+        Gflops, e.g. 118.6 for DiT-XL/2 at 256px.
+    """
+    depth, hidden_size, patch_size = parse_dit_preset(preset)
+    return dit_forward_macs(depth, hidden_size, patch_size, image_size // LATENT_DOWNSAMPLE) / GIGA
+
+
+def dit_image_macs(preset: str, image_size: int = 256, steps: int = DIT_SAMPLING_STEPS, cfg: bool = True) -> float:
+    """MACs to sample one image: steps forward passes, each on a doubled batch with classifier-free guidance."""
+    return dit_gflops(preset, image_size) * GIGA * steps * (2 if cfg else 1)
+
+
+def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = True, cfg: bool = True,
+                   vocab_size: int = OFFICIAL_VOCAB_SIZE, vae_channels: int = OFFICIAL_Z_CHANNELS) -> float:
+    """MACs of the VAR transformer to generate one image, scale by scale.
+
+    With the KV cache each scale runs only its own tokens, attending to the cached prefix. Without it every scale
+    re-runs the whole prefix (a plain forward over all tokens so far). Logits are taken for the new scale only.
+
+    Args:
+        depth: VAR depth d (width 64·d).
+        patch_nums: token-map sides per scale, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16).
+        kv_cache: whether keys and values of earlier scales are cached.
+        cfg: classifier-free guidance doubles the batch (VAR always samples this way).
+        vocab_size: codebook size.
+        vae_channels: VQVAE latent channels (input of the word embedding).
+    Returns:
+        MACs per image.
+    """
+    width = WIDTH_PER_DEPTH * depth
+    total, prefix = 0, 0
+    for scale, side in enumerate(patch_nums):
+        new_tokens = side * side
+        prefix += new_tokens
+        queries = new_tokens if kv_cache else prefix
+        block = (LINEAR_MACS_PER_TOKEN * queries * width ** 2
+                 + 2 * queries * prefix * width  # QKᵀ and AV against every key so far
+                 + ADALN_CHUNKS_BLOCK * width ** 2
+                 + 2 * LAYER_NORM_OPS_PER_ELEMENT * queries * width)
+        class_tokens = 1 if scale == 0 or not kv_cache else 0  # position 0 is the class embedding, not a word
+        embedded_tokens = queries - class_tokens
+        head = (ADALN_CHUNKS_FINAL * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * new_tokens * width
+                + new_tokens * width * vocab_size)
+        total += depth * block + embedded_tokens * vae_channels * width + head
+    return float(total * (2 if cfg else 1))
+
+
+def flops_table(image_size: int = 256) -> str:
+    """The text table `scalegen flops` prints: DiT presets against the paper, then per-image sampling cost."""
+    lines = [f"DiT forward pass at {image_size}px (Gflops = 10^9 multiply-accumulates)",
+             f"{'preset':<10} {'ours':>9} {'paper':>9} {'diff %':>8}"]
+    for size in MODEL_SIZES:
+        for patch in PATCH_SIZES:
+            preset = f"DiT-{size}/{patch}"
+            ours = dit_gflops(preset, image_size)
+            paper = DIT_PAPER_GFLOPS.get((preset, image_size))
+            paper_text = f"{paper:9.2f} {100 * (ours / paper - 1):+8.2f}" if paper else f"{'-':>9} {'-':>8}"
+            lines.append(f"{preset:<10} {ours:9.2f} {paper_text}")
+    lines += ["", f"Cost of one {image_size}px image (TMACs, transformer only, with classifier-free guidance)",
+              f"{'model':<28} {'TMACs':>9}"]
+    lines.append(f"{'DiT-XL/2, 250 steps':<28} {dit_image_macs('DiT-XL/2', image_size) / TERA:9.2f}")
+    if image_size in VAR_PATCH_NUMS:
+        for depth in VAR_DEPTHS:
+            for kv_cache in (True, False):
+                label = f"VAR-d{depth}, {'KV cache' if kv_cache else 'no cache'}"
+                macs = var_image_macs(depth, VAR_PATCH_NUMS[image_size], kv_cache=kv_cache)
+                lines.append(f"{label:<28} {macs / TERA:9.2f}")
+    return "\n".join(lines)

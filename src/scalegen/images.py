@@ -1,0 +1,158 @@
+"""Generated images in one range contract, and where they go: PIL images, class-grid PNGs and ADM-format .npz files.
+
+The contract: every sampling call of scalegen (`DiT.generate`, `VAR.generate`, `VAR.edit`) returns float images
+(B, C, H, W) in [0, 1], C being 1 (grayscale) or 3 (RGB). Everything here takes images in that range.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from scalegen.data import center_crop_arr
+from scalegen.distributed import DistributedContext, gather_tensors
+from scalegen.errors import UserError
+from scalegen.eval.npz import IMAGES_KEY, LABELS_KEY, NpzWriter, write_npz
+
+UINT8_MAX = 255
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> uint8 in [0, 255], rounded to the nearest level (values outside [0, 1] are clamped)."""
+    return (images.float() * UINT8_MAX + 0.5).clamp(0, UINT8_MAX).to(torch.uint8)
+
+
+def parse_classes(classes: str | Sequence[int], num_classes: int) -> list[int]:
+    """Class ids from "0,1,2", "all" or a sequence of ints, each checked against the model's number of classes."""
+    if isinstance(classes, str):
+        if classes == "all":
+            return list(range(num_classes))
+        try:
+            classes = [int(item) for item in classes.split(",") if item.strip()]
+        except ValueError:
+            raise UserError(f"--classes {classes!r} is not a comma-separated list of integers (or 'all')") from None
+    classes = [int(label) for label in classes]
+    bad = [label for label in classes if not 0 <= label < num_classes]
+    if bad or not classes:
+        raise UserError(f"class ids {bad or classes} are out of range; this model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def grid_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """Labels laid out one row per class: (len(classes) * per_class,)."""
+    return torch.tensor(list(classes)).repeat_interleave(per_class)
+
+
+def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
+    """Images (N, C, H, W) in [0, 1] tiled row by row into one PIL image with `rows` rows (grayscale when C == 1)."""
+    pixels = to_uint8(images.detach().cpu())  # (N, C, H, W)
+    count, channels, height, width = pixels.shape
+    columns = -(-count // rows)
+    canvas = torch.zeros(channels, rows * height, columns * width, dtype=torch.uint8)  # (C, rows·H, cols·W)
+    for index, image in enumerate(pixels):
+        row, column = divmod(index, columns)
+        canvas[:, row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    array = canvas.permute(1, 2, 0).numpy()  # (rows·H, cols·W, C)
+    return Image.fromarray(array[..., 0] if channels == 1 else array)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images (B, C, H, W) in [0, 1] -> one PIL image each ("L" for one channel, "RGB" for three)."""
+    return [image_grid(image.unsqueeze(0), 1) for image in images]
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
+    """Save images (N, C, H, W) in [0, 1] as one PNG with `rows` rows; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, rows).save(path)
+    return path
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
+    """An image file, center-cropped and resized to image_size (ADM's crop), as (1, channels, S, S) in [0, 1]."""
+    try:
+        with Image.open(path) as handle:
+            image = center_crop_arr(handle.convert("L" if channels == 1 else "RGB"), image_size)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read image {path} ({error}); pass a PNG or JPEG file") from None
+    pixels = torch.from_numpy(np.array(image)).reshape(image_size, image_size, channels).permute(2, 0, 1)  # (C, S, S)
+    return (pixels.float() / UINT8_MAX).unsqueeze(0)  # (1, C, S, S)
+
+
+def to_adm_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] -> uint8 (N, H, W, 3) as ADM's sample files (grayscale repeated to 3 channels)."""
+    pixels = to_uint8(images.detach().cpu())  # (N, C, H, W)
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)  # (N, 3, H, W)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = None) -> Path:
+    """Write uint8 images (N, H, W, 3) as an ADM-format .npz (`arr_0`); written to a temporary name first.
+
+    The class labels, when given, go in an extra `labels` array (the ADM evaluator reads only `arr_0`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".partial.npz")
+    write_npz(temporary, {IMAGES_KEY: images, **({} if labels is None else {LABELS_KEY: labels})})
+    temporary.replace(path)
+    return path
+
+
+def sample_to_npz(
+    draw: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    path: str | Path,
+    context: DistributedContext,
+) -> Path | None:
+    """Draw `num_samples` uniformly-labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`).
+
+    Each rank seeds the global RNG with seed·world + rank (as DiT's sample_ddp.py) and draws its share in batches;
+    rank 0 gathers every batch and streams it into the file, so the samples never sit in memory all at once.
+
+    Args:
+        draw: labels (b,) on the context's device -> images (b, C, H, W) in [0, 1], drawn from the global RNG.
+        num_classes, num_samples, batch_size, seed: what to draw.
+        path: the .npz to write (through a temporary name).
+        context: this process's place in the torchrun group.
+    Returns:
+        The path written (rank 0), or None on other ranks.
+    """
+    per_rank = math.ceil(num_samples / context.world_size)
+    torch.manual_seed(seed * context.world_size + context.rank)
+    path = Path(path)
+    temporary = path.with_name(path.stem + ".partial.npz")
+    writer, written, all_labels = None, 0, []
+    progress = tqdm(total=per_rank * context.world_size, desc="sampling", unit="img", disable=not context.is_main)
+    for start in range(0, per_rank, batch_size):
+        count = min(batch_size, per_rank - start)
+        labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
+        images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
+        images, labels = gather_tensors(images, context), gather_tensors(labels, context)  # (world·b, …)
+        if context.is_main:
+            if writer is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writer = NpzWriter(temporary)
+                writer.begin_images((num_samples, *images.shape[1:]))
+            keep = min(len(images), num_samples - written)
+            writer.add_images(images[:keep].cpu().numpy())
+            all_labels.append(labels[:keep].cpu().numpy())
+            written += keep
+        progress.update(count * context.world_size)
+    progress.close()
+    if not context.is_main:
+        return None
+    writer.add_array(LABELS_KEY, np.concatenate(all_labels))
+    writer.close()
+    temporary.replace(path)
+    return path

@@ -1,0 +1,252 @@
+"""DiT: the diffusion transformer of Peebles & Xie, with the official state-dict layout and the 12 presets."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scalegen.diffusion.respace import create_diffusion
+from scalegen.diffusion.sampling import Decoder, Sampler, sample_with_guidance
+from scalegen.errors import UserError
+from scalegen.models.dit_blocks import BLOCK_KINDS, FinalLayer, make_block
+from scalegen.models.layers import (
+    LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,
+)
+
+# model size -> (depth, hidden size, heads); the number after the slash in a preset name is the patch size.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+PRESETS: tuple[str, ...] = tuple(f"DiT-{size}/{patch}" for size in MODEL_SIZES for patch in PATCH_SIZES)
+EMBEDDING_INIT_STD = 0.02
+# The official forward_with_cfg guides only the first three ε channels (a GLIDE leftover kept for parity).
+OFFICIAL_GUIDED_CHANNELS = 3
+
+
+@dataclass
+class DiTConfig:
+    """Everything needed to rebuild a DiT; stored beside every checkpoint."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    block: str = "adaln_zero"
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+
+def preset_config(preset: str, **overrides) -> DiTConfig:
+    """The DiTConfig of a named preset such as "DiT-XL/2", with keyword overrides (input_size, num_classes, …)."""
+    try:
+        size, patch = preset.removeprefix("DiT-").split("/")
+        depth, hidden_size, num_heads = MODEL_SIZES[size]
+        patch_size = int(patch)
+        if patch_size not in PATCH_SIZES:
+            raise KeyError(patch)
+    except (KeyError, ValueError):
+        raise UserError(f"unknown DiT preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    return DiTConfig(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **overrides)
+
+
+class DiT(ReferencingModule):
+    """Diffusion transformer: patchify, condition on timestep + class, transformer blocks, unpatchify.
+
+    `forward(x, t, y)` returns (B, out_channels, H, W): ε and, with learn_sigma, the variance interpolation v.
+    `generate(labels, …)` samples images; a latent-space model decodes them with its decoder (`attach_decoder`),
+    which it references but does not own (it is not in the state dict, as in the official checkpoints).
+    """
+
+    def __init__(self, config: DiTConfig, decoder: nn.Module | None = None):
+        super().__init__()
+        if config.block not in BLOCK_KINDS:
+            raise UserError(f"unknown block kind {config.block!r}; choose one of {', '.join(BLOCK_KINDS)}")
+        self.config = config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.gradient_checkpointing = False
+        dim = config.hidden_size
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = LabelEmbedder(config.num_classes, dim, config.class_dropout_prob)
+        # A fixed sin-cos table, kept as a frozen Parameter (not a buffer) so the official key layout holds.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            make_block(config.block, dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(dim, config.patch_size, self.out_channels)
+        self.initialize_weights()
+        self._decoder = ReferencedModule(decoder)
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        grid_size = int(self.x_embedder.num_patches**0.5)
+        self.pos_embed.data.copy_(sincos_2d(self.config.hidden_size, grid_size).unsqueeze(0))
+        # The patch convolution is initialised like a Linear on its flattened weight.
+        patch_weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBEDDING_INIT_STD)
+        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.config.block == "adaln_zero":
+            zeroed += [block.adaLN_modulation[-1] for block in self.blocks]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, p*p*C) back to an image (B, C, H, W)."""
+        patch, channels = self.patch_size, self.out_channels
+        side = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], side, side, patch, patch, channels)  # (B, h, w, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
+        return x.reshape(x.shape[0], channels, side * patch, side * patch)  # (B, C, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict ε (and v) for latents x (B, C, H, W) at integer timesteps t (B,) for classes y (B,)."""
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        t_embedding = self.t_embedder(t)  # (B, D)
+        y_embedding = self.y_embedder(y)  # (B, D)
+        condition = t_embedding + y_embedding  # (B, D)
+        context = torch.stack([t_embedding, y_embedding], dim=1)  # (B, 2, D)
+        in_context = self.config.block == "in_context"
+        if in_context:
+            tokens = torch.cat([context, tokens], dim=1)  # (B, 2 + T, D)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, condition, context, use_reentrant=False)  # (B, T, D)
+            else:
+                tokens = block(tokens, condition, context)  # (B, T, D)
+        if in_context:
+            tokens = tokens[:, context.shape[1] :]  # (B, T, D)
+        tokens = self.final_layer(tokens, condition)  # (B, T, p*p*C_out)
+        return self.unpatchify(tokens)  # (B, C_out, H, W)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_all_channels: bool = False
+    ) -> torch.Tensor:
+        """Classifier-free guidance on a batch laid out as [conditional half; null-class half].
+
+        The first half's latents serve both halves. By default only ε channels 0..2 are guided (the official
+        behaviour); `guide_all_channels=True` guides every ε channel, the standard formulation. With fewer than
+        three input channels (pixel-space grayscale) every ε channel is guided and the variance channels never are:
+        the official slice would reach into the variance channels there and wreck the sampler.
+        """
+        half = x[: len(x) // 2]  # (B/2, C, H, W)
+        output = self.forward(torch.cat([half, half], dim=0), t, y)  # (B, C_out, H, W)
+        guided_channels = self.in_channels if guide_all_channels else min(OFFICIAL_GUIDED_CHANNELS, self.in_channels)
+        eps, rest = output[:, :guided_channels], output[:, guided_channels:]  # (B, g, H, W), (B, C_out-g, H, W)
+        conditional, unconditional = eps.chunk(2, dim=0)  # 2 × (B/2, g, H, W)
+        guided = unconditional + cfg_scale * (conditional - unconditional)  # (B/2, g, H, W)
+        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)  # (B, C_out, H, W)
+
+    def attach_decoder(self, decoder: nn.Module | None) -> None:
+        """Decode generated latents with `decoder` (an SD VAE or tokenizer codec); None for a pixel-space model."""
+        self._decoder = ReferencedModule(decoder)
+
+    @property
+    def decoder(self) -> Decoder | None:
+        """The latent space's decoder, or None for a pixel-space model."""
+        return self._decoder.module
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        cfg: float = 4.0,
+        steps: int = 250,
+        sampler: Sampler = "ddpm",
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        guide_all_channels: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample images of the given classes, as the official sample.py does.
+
+        Args:
+            labels: (B,) class ids.
+            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
+            steps: number of respaced diffusion steps.
+            sampler: "ddpm" (ancestral) or "ddim" (eta 0).
+            seed: seed the global torch RNG with this first, restoring it afterwards; None draws from it as it is
+                (the official sampler's habit: noise at every step comes from the global RNG).
+            noise: starting noise (B, C, h, w); drawn when None.
+            guide_all_channels: guide every ε channel instead of the official first three.
+            progress: show a progress bar.
+        Returns:
+            (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
+        """
+        device = self.pos_embed.device
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)  # (B,)
+        if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
+            raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
+        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        diffusion = create_diffusion(respacing, learn_sigma=self.config.learn_sigma)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return sample_with_guidance(
+                self, diffusion, labels, cfg, sampler, self.decoder, noise, guide_all_channels, progress
+            )
+
+
+def build_dit(
+    preset: str = "DiT-XL/2",
+    input_size: int = 32,
+    num_classes: int = 1000,
+    in_channels: int = 4,
+    learn_sigma: bool = True,
+    class_dropout_prob: float = 0.1,
+    block: str = "adaln_zero",
+    **overrides,
+) -> DiT:
+    """Build a DiT from a preset name ("DiT-S/2" … "DiT-XL/8").
+
+    Args:
+        preset: model size and patch size, e.g. "DiT-XL/2".
+        input_size: latent (or pixel) side length; 32 for 256px images through the SD VAE.
+        num_classes: number of classes; an extra null-class row is added when class_dropout_prob > 0.
+        in_channels: 4 for SD-VAE latents, 1 or 3 for pixel space.
+        learn_sigma: predict the variance interpolation too (out_channels = 2 * in_channels).
+        class_dropout_prob: label dropout in training, enabling classifier-free guidance.
+        block: "adaln_zero" (the paper's), "adaln", "in_context" or "cross_attention" (the ablation).
+        overrides: any other DiTConfig field (depth, hidden_size, num_heads, mlp_ratio) for custom sizes.
+    Returns:
+        A freshly initialised DiT.
+    """
+    config = preset_config(
+        preset,
+        input_size=input_size,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        learn_sigma=learn_sigma,
+        class_dropout_prob=class_dropout_prob,
+        block=block,
+    )
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise UserError(f"unknown DiT option {name!r}; valid options: {', '.join(asdict(config))}")
+        setattr(config, name, value)
+    return DiT(config)

@@ -1,0 +1,168 @@
+"""Building blocks of the transformers: attention, MLP, embedders, positions, and helper modules held by reference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6
+TIMESTEP_FREQUENCY_SIZE = 256
+MAX_PERIOD = 10000
+
+
+class ReferencedModule:
+    """A frozen helper network (a tokenizer, a VAE) that a model uses but does not own.
+
+    Held in a plain attribute, it stays out of the model's parameters and state dict (official checkpoints hold the
+    network alone); deep copies share it (an EMA copy must not duplicate a frozen 100M-parameter VQVAE). To change the
+    helper, replace the holder: it is never mutated, so copies that share it are unaffected.
+    """
+
+    def __init__(self, module: nn.Module | None = None):
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> ReferencedModule:
+        return self
+
+
+class ReferencingModule(nn.Module):
+    """An nn.Module whose `ReferencedModule` attributes follow `.to()`, `.cuda()` and casts: they are no registered
+    children, so nn.Module alone would leave them on the old device."""
+
+    def _apply(self, fn, *args, **kwargs):
+        for value in vars(self).values():
+            if isinstance(value, ReferencedModule) and value.module is not None:
+                value.module._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (B, T, D) by per-sample shift and scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient when available).
+
+    Key names follow timm's `Attention` (`qkv`, `proj`), which the official DiT checkpoints use.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)  # (B, T, 3, H, d)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        x = F.scaled_dot_product_attention(query, key, value)  # (B, H, T, d)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))  # (B, T, D)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens over a few conditioning tokens (the paper's cross-attention block)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        query = self.q(x).reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+        key_value = self.kv(context).reshape(batch, context.shape[1], 2, self.num_heads, head_dim)  # (B, S, 2, H, d)
+        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # 2 × (B, H, S, d)
+        x = F.scaled_dot_product_attention(query, key, value)  # (B, H, T, d)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))  # (B, T, D)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (key names `fc1`, `fc2` as in timm)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (B, T, D)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches to tokens with a strided convolution (key `proj` as in timm)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        self.patch_size = patch_size
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQUENCY_SIZE) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), laid out [cos, sin]."""
+    half = dim // 2
+    frequencies = torch.exp(
+        -math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )  # (half,)
+    angles = t[:, None].float() * frequencies[None]  # (B, half)
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)  # (B, dim)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep t -> sinusoid (256) -> Linear, SiLU, Linear (keys `mlp.0`, `mlp.2`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_SIZE, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector; with dropout > 0 an extra row (index num_classes) is the null class used for CFG."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (B,)
+            labels = torch.where(dropped, self.num_classes, labels)  # (B,)
+        return self.embedding_table(labels)  # (B, D)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """MAE-style 1-D sin-cos embedding of positions (M,) -> (M, dim) as [sin, cos], computed in float64."""
+    omega = 1.0 / MAX_PERIOD ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
+    angles = np.outer(positions.reshape(-1), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # (M, dim)
+
+
+def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """2-D sin-cos position embedding (grid_size², dim): first half encodes the column, second half the row."""
+    columns, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    embedding = np.concatenate([sincos_1d(dim // 2, columns), sincos_1d(dim // 2, rows)], axis=1)  # (T, dim)
+    return torch.from_numpy(embedding).float()

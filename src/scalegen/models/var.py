@@ -1,0 +1,318 @@
+"""VAR: visual autoregressive modelling by next-scale prediction (Tian et al., NeurIPS 2024).
+
+A class-conditional transformer predicts the tokens of a multi-scale VQ tokenizer one whole scale at a time:
+the positions of scale k+1 are the (area-downsampled) image features accumulated from scales <= k, and every
+position attends to all positions of its own and earlier scales. Parameter and buffer names match the official
+FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they load with `strict=True`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from scalegen.errors import UserError
+from scalegen.models.layers import ReferencedModule, ReferencingModule
+from scalegen.models.var_blocks import ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, block_causal_mask
+from scalegen.models.var_sampling import scale_by_scale_generation
+from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
+
+# Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
+WIDTH_PER_DEPTH = 64
+DROP_PATH_PER_DEPTH = 0.1 / 24
+# Official init (models/var.py init_weights): std = sqrt(1 / (3·width)); the head starts 50× smaller, the
+# AdaLN scale/shift rows at half, and the residual gains γ tiny so every block starts close to identity.
+HEAD_INIT_GAIN = 0.02
+ADALN_INIT_GAIN = 0.5
+# Official γ multipliers from the README training commands, as (largest depth, multiplier); deeper models
+# get smaller γ. Depths between the released ones use the next larger released depth's value.
+ADALN_GAMMA_BY_DEPTH = ((20, 1e-3), (24, 1e-4), (30, 1e-5))
+ADALN_GAMMA_DEEPEST = 5e-6
+
+
+@dataclass
+class VARConfig:
+    """Everything needed to rebuild a VAR transformer (stored in checkpoints as `var.config`)."""
+
+    depth: int = 16
+    width: int = 1024
+    num_heads: int = 16
+    num_classes: int = 1000
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    vocab_size: int = OFFICIAL_VOCAB_SIZE
+    z_channels: int = OFFICIAL_Z_CHANNELS
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    drop_path_rate: float = 16 * DROP_PATH_PER_DEPTH
+    label_dropout: float = 0.1
+    norm_eps: float = 1e-6
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        self.patch_nums = tuple(self.patch_nums)  # a list from a saved config compares unequal to a tuple
+
+    @classmethod
+    def for_depth(cls, depth: int, **overrides: Any) -> VARConfig:
+        """Config of the official depth-`depth` model (width 64·depth, depth heads, drop-path 0.1·depth/24)."""
+        rule = dict(
+            depth=depth, width=WIDTH_PER_DEPTH * depth, num_heads=depth, drop_path_rate=DROP_PATH_PER_DEPTH * depth
+        )
+        return cls(**{**rule, **overrides})
+
+
+def default_adaln_gamma(depth: int) -> float:
+    """Initial multiplier of the AdaLN γ rows for a model of this depth (official values for d16–d36)."""
+    for largest_depth, gamma in ADALN_GAMMA_BY_DEPTH:
+        if depth <= largest_depth:
+            return gamma
+    return ADALN_GAMMA_DEEPEST
+
+
+class VAR(ReferencingModule):
+    """Class-conditional next-scale-prediction transformer.
+
+    Args:
+        config: the architecture.
+        tokenizer: the multi-scale VQVAE used by generation and editing. It is referenced, not owned: it is not
+            a submodule and its weights are not in this module's state dict (official checkpoints hold the
+            transformer alone). It can also be given later with `attach_tokenizer`.
+        adaln_gamma: init multiplier of the AdaLN γ rows; None picks the official value for this depth.
+    """
+
+    def __init__(
+        self, config: VARConfig, tokenizer: nn.Module | None = None, adaln_gamma: float | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.patch_nums = config.patch_nums
+        self.num_scales = len(config.patch_nums)
+        self.first_length = config.patch_nums[0] ** 2
+        self.sequence_length = sum(patch * patch for patch in config.patch_nums)
+
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_length, width))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.sequence_length, width))
+        scale_lengths = torch.tensor([patch * patch for patch in config.patch_nums])
+        scale_of_position = torch.repeat_interleave(
+            torch.arange(self.num_scales), scale_lengths, output_size=self.sequence_length
+        )  # (L,)
+        self.register_buffer("lvl_1L", scale_of_position.view(1, -1))
+        self.register_buffer("attn_bias_for_masking", block_causal_mask(scale_of_position))
+
+        self.word_embed = nn.Linear(config.z_channels, width)
+        self.class_emb = nn.Embedding(config.num_classes + 1, width)  # the last row is the null class
+        self.lvl_embed = nn.Embedding(self.num_scales, width)
+        self.shared_ada_lin = (
+            nn.Sequential(nn.SiLU(), SharedAdaLin(width, ADALN_CHUNKS * width)) if config.shared_aln else None
+        )
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        drop_path_rates = [config.drop_path_rate * index / max(config.depth - 1, 1) for index in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(
+                width, config.num_heads, config.mlp_ratio, rate, config.norm_eps, config.shared_aln, config.attn_l2_norm
+            )
+            for rate in drop_path_rates
+        )
+        self.head_nm = AdaLNBeforeHead(width, config.norm_eps)
+        self.head = nn.Linear(width, config.vocab_size)
+
+        self.initialize_weights(adaln_gamma)
+        self._tokenizer = ReferencedModule()
+        if tokenizer is not None:
+            self.attach_tokenizer(tokenizer)
+
+    @torch.no_grad()
+    def initialize_weights(self, adaln_gamma: float | None = None) -> None:
+        """Official VAR init: truncated normals, a small head, near-identity blocks.
+
+        Args:
+            adaln_gamma: multiplier of the AdaLN γ rows; None picks the official value for this depth.
+        """
+        config = self.config
+        gamma = default_adaln_gamma(config.depth) if adaln_gamma is None else adaln_gamma
+        std = math.sqrt(1 / (3 * config.width))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.pos_1LC, std=std)
+        self.head.weight.mul_(HEAD_INIT_GAIN)
+        self.head_nm.ada_lin[-1].weight.mul_(ADALN_INIT_GAIN)
+        residual_gain = 1 / math.sqrt(2 * config.depth)  # keeps the residual stream's variance depth-independent
+        gamma_rows = 2 * config.width  # γ1 and γ2 come first in the AdaLN chunk order
+        for block in self.blocks:
+            block.attn.proj.weight.mul_(residual_gain)
+            block.ffn.fc2.weight.mul_(residual_gain)
+            if config.shared_aln:
+                block.ada_gss.copy_(torch.randn_like(block.ada_gss) / math.sqrt(config.width))
+                block.ada_gss[:, :, 2:].mul_(ADALN_INIT_GAIN)
+                block.ada_gss[:, :, :2].mul_(gamma)
+            else:
+                block.ada_lin[-1].weight[gamma_rows:].mul_(ADALN_INIT_GAIN)
+                block.ada_lin[-1].weight[:gamma_rows].mul_(gamma)
+
+    def attach_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Use this multi-scale VQVAE for generation and editing (kept out of the state dict)."""
+        config = self.config
+        found = (tuple(tokenizer.patch_nums), tokenizer.vocab_size, tokenizer.z_channels)
+        expected = (config.patch_nums, config.vocab_size, config.z_channels)
+        if found != expected:
+            raise UserError(
+                f"tokenizer has (patch_nums, vocab_size, z_channels) = {found} but this VAR needs {expected}: "
+                "use the tokenizer the VAR was trained with"
+            )
+        self._tokenizer = ReferencedModule(tokenizer)
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        """The multi-scale VQVAE that generation decodes with (referenced, shared by copies, moved by `.to()`)."""
+        if self._tokenizer.module is None:
+            raise ValueError("this VAR has no tokenizer: build it with build_var(vqvae, ...) or call attach_tokenizer")
+        return self._tokenizer.module
+
+    def labels_tensor(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Class ids as a (B,) long tensor on the model's device; a one-line error for ids out of range."""
+        device = self.class_emb.weight.device
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)  # (B,)
+        num_classes = self.config.num_classes
+        if labels.numel() == 0 or bool(((labels < 0) | (labels > num_classes)).any()):
+            raise ValueError(
+                f"class ids must be in 0..{num_classes - 1} (or {num_classes} for unconditional); got {labels.tolist()}"
+            )
+        return labels
+
+    def block_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the blocks' AdaLN reads: the class embedding (B, C), or its shared projection (B, 1, 6, C)."""
+        return cond if self.shared_ada_lin is None else self.shared_ada_lin(cond)  # (B, C) or (B, 1, 6, C)
+
+    def head_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Token logits (B, l, V) of hidden states (B, l, C) under the class condition, in float32."""
+        return self.head(self.head_nm(x.float(), cond).float()).float()  # (B, l, V)
+
+    def forward(self, labels: torch.Tensor, var_input: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for all scales.
+
+        Args:
+            labels: (B,) class ids (num_classes = unconditional). In training mode each is replaced by the null
+                class with probability `config.label_dropout`; never in eval mode.
+            var_input: (B, L - p_0², z_channels) tokenizer features of scales 2..K (`tokens_to_var_input`).
+
+        Returns:
+            (B, L, vocab_size) float32 logits; the positions of scale k predict the tokens of scale k.
+        """
+        labels = self.labels_tensor(labels)
+        batch = var_input.shape[0]
+        expected_shape = (batch, self.sequence_length - self.first_length, self.config.z_channels)
+        if tuple(var_input.shape) != expected_shape or labels.shape[0] != batch:
+            raise ValueError(f"var_input must be {expected_shape} with {batch} labels, got {tuple(var_input.shape)}")
+        if self.training and self.config.label_dropout > 0:
+            dropped = torch.rand(batch, device=labels.device) < self.config.label_dropout  # (B,)
+            labels = torch.where(dropped, self.config.num_classes, labels)  # (B,)
+        cond = self.class_emb(labels)  # (B, C)
+        start = cond.unsqueeze(1) + self.pos_start  # (B, p_0², C)
+        x = torch.cat((start, self.word_embed(var_input.float())), dim=1)  # (B, L, C)
+        x = x + (self.lvl_embed(self.lvl_1L) + self.pos_1LC)  # (B, L, C)
+        block_cond = self.block_condition(cond)
+        for block in self.blocks:
+            x = block(x, block_cond, attn_mask=self.attn_bias_for_masking)  # (B, L, C)
+        return self.head_logits(x, cond)  # (B, L, V)
+
+    # The KV-cached, scale-by-scale generation loop lives in var_sampling.py beside its sampling helpers.
+    generate_tokens = scale_by_scale_generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        more_smooth: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate images; see `generate_tokens` for the arguments.
+
+        Returns:
+            (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
+        """
+        sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator)
+        return self._decode(sampled.features)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        source_tokens: Sequence[torch.Tensor],
+        keep_mask: torch.Tensor,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        more_smooth: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot editing: regenerate the masked-out region of a tokenized image.
+
+        Args:
+            labels: (B,) class ids; num_classes (the null class) for unconditional in/out-painting, a real class
+                for class-conditional editing.
+            source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
+            keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
+            cfg, top_k, top_p, seed, more_smooth, generator: as in `generate_tokens`.
+
+        Returns:
+            (B, C, H, W) edited images in [0, 1].
+        """
+        sampled = self.generate_tokens(
+            labels, cfg, top_k, top_p, seed, more_smooth, generator, source_tokens=source_tokens, keep_mask=keep_mask
+        )
+        return self._decode(sampled.features)
+
+    def _decode(self, features: torch.Tensor) -> torch.Tensor:
+        images = self.tokenizer.features_to_img(features).float()  # (B, C, H, W) in [-1, 1]
+        return (images + 1) / 2  # (B, C, H, W) in [0, 1]
+
+
+def build_var(
+    vqvae: nn.Module,
+    depth: int = 16,
+    num_classes: int = 1000,
+    shared_aln: bool = False,
+    attn_l2_norm: bool = True,
+    patch_nums: Sequence[int] | None = None,
+    adaln_gamma: float | None = None,
+    **overrides: Any,
+) -> VAR:
+    """Build an official-architecture VAR on top of a multi-scale tokenizer.
+
+    Args:
+        vqvae: the tokenizer (gives vocab_size, z_channels and the default patch_nums).
+        depth: number of blocks; width 64·depth, depth heads, drop-path 0.1·depth/24.
+        num_classes: number of real classes (one more embedding row is the null class).
+        shared_aln: one AdaLN projection shared by all blocks (VAR-d36-s layout).
+        attn_l2_norm: cosine attention with learned per-head temperature (official default).
+        patch_nums: token grid sides per scale; None = the tokenizer's.
+        adaln_gamma: init multiplier of the AdaLN γ rows; None = the official value for this depth.
+        **overrides: any other VARConfig field (width, num_heads, label_dropout, norm_eps, ...).
+
+    Returns:
+        The VAR, in training mode, referencing (not owning) `vqvae`.
+    """
+    config = VARConfig.for_depth(
+        depth,
+        num_classes=num_classes,
+        patch_nums=tuple(vqvae.patch_nums if patch_nums is None else patch_nums),
+        vocab_size=vqvae.vocab_size,
+        z_channels=vqvae.z_channels,
+        shared_aln=shared_aln,
+        attn_l2_norm=attn_l2_norm,
+        **overrides,
+    )
+    return VAR(config, tokenizer=vqvae, adaln_gamma=adaln_gamma)

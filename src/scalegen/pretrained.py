@@ -1,0 +1,189 @@
+"""Loading trained models: a run folder, a checkpoint folder, an exported folder or an official `.pt/.pth` becomes a
+ready model in eval mode, with the tokenizer or decoder it samples through attached.
+
+    model = load_var(SHIPPED_VAR)                    # the shipped Fashion-MNIST VAR, tokenizer inside
+    images = model.generate([0, 7], cfg=1.5, seed=0) # (2, 1, 32, 32) in [0, 1]
+
+Official files store no config: it is read off the weight shapes. Every bad file is a one-line `UserError`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scalegen.checkpoint import ASSETS, TOKENIZER_FILE, find_tokenizer_copy, load_weights, read_weights_file
+from scalegen.errors import UserError
+from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
+from scalegen.models.var import VAR, VARConfig
+from scalegen.tokenizers.codec import TokenizerCodec
+from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
+from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
+
+SHIPPED = ASSETS / "fashion_mnist"
+SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"  # the demo's Fashion-MNIST models (see their RECIPE.md)
+PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
+MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer"}
+
+
+def check_kind(stored: dict | None, kind: str, path: str | Path) -> None:
+    """A one-line error when a stored config describes another kind of model than the loader's."""
+    if stored is not None and stored.get("kind") != kind:
+        found = stored.get("kind")
+        raise UserError(f"{path} holds a {found} model, not a {MODEL_NAMES[kind]}; use `scalegen sample {found}` "
+                        f"(load_{found} in Python)")
+
+
+def stored_model_config(config_class: type, stored: dict, path: str | Path):
+    """The model config dataclass of a stored config; a one-line error when its "model" entry does not fit."""
+    try:
+        return config_class(**stored["model"])
+    except (KeyError, TypeError) as error:
+        raise UserError(f"the config of {path} does not describe a {config_class.__name__} ({error}); "
+                        "restore its config.json") from None
+
+
+def load_strictly(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load `weights` strictly into `model`, turning a mismatch into a one-line error; returns it in eval mode."""
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not match the model it describes: {str(error).splitlines()[0]}") from None
+    return model.eval()
+
+
+# ----- tokenizer -----
+
+def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> VQVAE:
+    """A multi-scale VQVAE tokenizer in eval mode from a `train vqvae` run, checkpoint, export or an official vae .pth.
+
+    Args:
+        path: the run folder, checkpoint or file.
+        official_patch_nums: scales to use with an official file, which stores none (the same weights serve the
+            256px and the 512px VARs).
+    """
+    if not Path(path).exists():
+        raise UserError(f"tokenizer {path} not found; pass --tokenizer RUN (from `scalegen train vqvae`) "
+                        "or a local vae_ch160v4096z32.pth")
+    stored, weights = load_weights(path)
+    check_kind(stored, "vqvae", path)
+    config = stored_model_config(VQVAEConfig, stored, path) if stored else VQVAEConfig(patch_nums=official_patch_nums)
+    return load_strictly(VQVAE(config), weights, path)
+
+
+def stored_tokenizer(ckpt: str | Path, stored: dict) -> VQVAE:
+    """The tokenizer copied into a VAR (or tokenizer-latent DiT) run, found by `find_tokenizer_copy`, else its source."""
+    copy = find_tokenizer_copy(ckpt)
+    description = stored["tokenizer"]
+    if copy is not None:
+        config = stored_model_config(VQVAEConfig, description, copy)
+        return load_strictly(VQVAE(config), read_weights_file(copy), copy)
+    source = description.get("source")
+    if source and Path(source).exists():
+        return load_tokenizer(source)
+    raise UserError(f"no {TOKENIZER_FILE} beside {ckpt} and the original tokenizer {source} is gone; "
+                    "pass --tokenizer (tokenizer= in Python)")
+
+
+# ----- DiT -----
+
+def dit_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
+    """Infer the config of an official DiT checkpoint from its weight shapes (heads from the size table)."""
+    try:
+        tokens, hidden_size = state_dict["pos_embed"].shape[1:]
+        patch_weight = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        depth = 1 + max(int(name.split(".")[1]) for name in state_dict if name.startswith("blocks."))
+        num_heads = next(heads for (_, width, heads) in MODEL_SIZES.values() if width == hidden_size)
+        out_features = state_dict["final_layer.linear.weight"].shape[0]
+    except (KeyError, StopIteration, ValueError):
+        raise UserError("the checkpoint is not a DiT state dict (pos_embed / x_embedder / blocks missing)") from None
+    in_channels, patch_size = patch_weight.shape[1], patch_weight.shape[2]
+    return DiTConfig(
+        input_size=int(math.isqrt(tokens)) * patch_size, patch_size=patch_size, in_channels=in_channels,
+        hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_features == patch_size * patch_size * in_channels * 2,
+    )
+
+
+def dit_decoder(ckpt: str | Path, stored: dict | None, config: DiTConfig,
+                vae: str | None = None) -> LatentCodec | TokenizerCodec | None:
+    """The decoder of a DiT's latents: its run's tokenizer, an SD VAE (`vae` overrides the stored path), or None
+    (pixels; `vae="none"` forces it)."""
+    stored = stored or {}
+    if "tokenizer" in stored:
+        return TokenizerCodec(stored_tokenizer(ckpt, stored), stored["tokenizer"]["latent_scale"])
+    vae = vae or stored.get("vae")
+    if config.in_channels == LATENT_CHANNELS and not vae:
+        raise UserError("this DiT works in SD-VAE latent space; pass --vae PATH to a local sd-vae-ft-ema/mse folder "
+                        f"(vae=PATH in Python; vae={PIXEL_SPACE!r} loads the bare network)")
+    return load_sd_vae(vae) if vae and vae.lower() != PIXEL_SPACE else None
+
+
+def load_dit(path: str | Path, vae: str | None = None) -> DiT:
+    """A DiT in eval mode, its decoder attached, from a run folder, checkpoint, export or official .pt.
+
+    Args:
+        path: where the weights are (the EMA weights are taken when there are some).
+        vae: a local SD-VAE folder or file for a model in SD-VAE latents (overrides the one stored with a run);
+            "none" loads the bare network without a decoder.
+    """
+    stored, weights = load_weights(path)
+    check_kind(stored, "dit", path)
+    config = stored_model_config(DiTConfig, stored, path) if stored else dit_config_from_state_dict(weights)
+    model = load_strictly(DiT(config), weights, path)
+    model.attach_decoder(dit_decoder(path, stored, config, vae))
+    return model
+
+
+# ----- VAR -----
+
+def var_config_from_state_dict(weights: dict[str, torch.Tensor], tokenizer: VQVAE) -> VARConfig:
+    """Config of an official VAR checkpoint from its weight shapes (heads = depth, as every official model)."""
+    try:
+        width = weights["class_emb.weight"].shape[1]
+        num_classes = weights["class_emb.weight"].shape[0] - 1
+        depth = 1 + max(int(name.split(".")[1]) for name in weights if name.startswith("blocks."))
+    except (KeyError, ValueError):
+        raise UserError("the checkpoint is not a VAR state dict (class_emb / blocks missing)") from None
+    return VARConfig.for_depth(depth, width=width, num_classes=num_classes, patch_nums=tokenizer.patch_nums,
+                               vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels,
+                               shared_aln="shared_ada_lin.1.weight" in weights)
+
+
+def official_patch_nums(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The scales of an official VAR checkpoint, read off its number of positions (680: 256px, 2240: 512px)."""
+    positions = weights["pos_1LC"].shape[1] if "pos_1LC" in weights else None
+    for patch_nums in (PATCH_NUMS_256, PATCH_NUMS_512):
+        if positions == sum(side * side for side in patch_nums):
+            return patch_nums
+    raise UserError(f"a VAR checkpoint with {positions} positions matches neither official scale set; "
+                    "use a scalegen run folder, which stores its scales")
+
+
+def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None) -> VAR:
+    """A VAR in eval mode, its tokenizer attached, from a run folder, checkpoint, export or official var_d*.pth.
+
+    Args:
+        path: where the weights are.
+        tokenizer: the tokenizer to use instead of the run's own copy (a path, or a VQVAE already loaded); needed
+            for an official checkpoint, which holds the transformer alone.
+    """
+    stored, weights = load_weights(path)
+    check_kind(stored, "var", path)
+    if isinstance(tokenizer, VQVAE):
+        vqvae = tokenizer
+    elif tokenizer:
+        patch_nums = tuple(stored["model"]["patch_nums"]) if stored else official_patch_nums(weights)
+        vqvae = load_tokenizer(tokenizer, patch_nums)
+    elif stored is not None:
+        vqvae = stored_tokenizer(path, stored)
+    else:
+        raise UserError(f"{path} is an official VAR checkpoint; pass --tokenizer with its vae_ch160v4096z32.pth "
+                        "(tokenizer= in Python)")
+    config = stored_model_config(VARConfig, stored, path) if stored else var_config_from_state_dict(weights, vqvae)
+    model = load_strictly(VAR(config), weights, path)
+    model.attach_tokenizer(vqvae)
+    return model

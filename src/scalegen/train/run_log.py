@@ -1,0 +1,56 @@
+"""Training log: CSV (always readable, no extra package) or TensorBoard, appended across resumes."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Literal
+
+from scalegen.checkpoint import RunFolder
+from scalegen.errors import UserError
+
+Logger = Literal["csv", "tensorboard"]
+
+
+class RunLog:
+    """Appends one row of figures per logged step to RUN/log.csv (or TensorBoard events in RUN/tensorboard)."""
+
+    def __init__(self, run: RunFolder, kind: Logger = "csv", enabled: bool = True):
+        self.kind, self.enabled, self.path = kind, enabled, run.log
+        self.writer = None
+        if enabled and kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(run.tensorboard)
+
+    def write(self, step: int, figures: dict[str, float]) -> None:
+        """Record the figures of one step."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in figures.items():
+                self.writer.add_scalar(name, value, step)
+            return
+        row = {"step": step, **figures}
+        header = list(row)
+        if self.path.exists():
+            with open(self.path, newline="") as stream:
+                header = next(csv.reader(stream), header)
+        new_file = not self.path.exists()
+        with open(self.path, "a", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=header, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def close(self) -> None:
+        """Flush TensorBoard events."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, float]]:
+    """All rows of RUN/log.csv as floats (missing figures are absent)."""
+    with open(RunFolder(run_dir).log, newline="") as stream:
+        return [{key: float(value) for key, value in row.items() if value not in ("", None)} for row in csv.DictReader(stream)]

@@ -1,0 +1,174 @@
+"""Training a VAR on a frozen tokenizer: the task (teacher-forced cross-entropy over all scales, sample grid) and
+`train_var`, which builds a run from `VAROptions`.
+
+The recipe is the official VAR one: AdamW (0.9, 0.95), weight decay 0.05 (not on norms, biases, embeddings and
+positions), gradient clipping at 2, lr = base_lr · batch / 256, warm-up over the first 1/50 of training, then a
+linear decay to 0.1 of the lr, no EMA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalegen.checkpoint import RunFolder, json_config, keep_tokenizer_copy
+from scalegen.data import FASHION_MNIST_NAME, open_dataset
+from scalegen.distributed import barrier, setup_distributed
+from scalegen.errors import UserError
+from scalegen.images import grid_labels, save_grid
+from scalegen.models.var import VAR, VARConfig
+from scalegen.pretrained import load_tokenizer
+from scalegen.tokenizers.vqvae import VQVAE
+from scalegen.train.caches import TokenCache, extract_tokens
+from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, Recipe, TrainingTask, scale_names
+from scalegen.train.trainer import TrainConfig, train
+
+# Official VAR recipe (utils/lr_control.py): no weight decay on these, besides every 1-D tensor and bias.
+NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale_mul")
+SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) distribution
+VAR_BASE_LR = 1e-4
+VAR_BATCH_REFERENCE = 256  # official rule: lr = base_lr · batch / 256
+WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training
+
+
+class VARTask(TrainingTask):
+    """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
+
+    Batches hold "image" (tokenized here) or "tokens" (B, L) from a `TokenCache`. `base_lr` sets the recipe's lr
+    (base_lr · batch / 256).
+    """
+
+    kind = "var"
+    recipe = Recipe(weight_decay=0.05, betas=(0.9, 0.95), ema_decay=0.0, grad_clip=2.0, lr_decay_to=0.1)
+    recipe_notes = {"lr": f"base_lr × batch / {VAR_BATCH_REFERENCE}", "warmup_steps": f"steps / {WARMUP_FRACTION}"}
+
+    def __init__(self, model_config: VARConfig, tokenizer: VQVAE, tokenizer_config: dict,
+                 label_smoothing: float = 0.0, sample_cfg: float = 4.0, sample_top_p: float = 0.95,
+                 extra_config: dict | None = None, base_lr: float = VAR_BASE_LR):
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        super().__init__(VAR(model_config, tokenizer=self.tokenizer), extra_config)
+        self.tokenizer_config = tokenizer_config
+        self.label_smoothing, self.sample_cfg, self.sample_top_p = label_smoothing, sample_cfg, sample_top_p
+        self.base_lr = base_lr
+        self.scale_lengths = [side * side for side in model_config.patch_nums]
+
+    def helpers(self) -> list[nn.Module]:
+        return [self.tokenizer]
+
+    def config(self) -> dict:
+        return {**super().config(), "tokenizer": self.tokenizer_config}
+
+    def training_defaults(self, steps: int, batch_size: int) -> Recipe:
+        return replace(self.recipe, batch_size=batch_size, lr=self.base_lr * batch_size / VAR_BATCH_REFERENCE,
+                       warmup_steps=steps // WARMUP_FRACTION)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            if "tokens" in batch:
+                tokens = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p²)
+            else:
+                tokens = self.tokenizer.img_to_tokens(batch["image"])  # K × (B, p²)
+            var_input = self.tokenizer.tokens_to_var_input(tokens)  # (B, L - 1, Cvae)
+        targets = torch.cat(tokens, dim=1)  # (B, L)
+        logits = model(batch["label"], var_input)  # (B, L, V)
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=self.label_smoothing,
+                                    reduction="none")  # (B, L)
+        correct = (logits.argmax(-1) == targets).float()  # (B, L)
+        figures = {"accuracy": correct.mean().item()}
+        names = scale_names(self.model.config.patch_nums)
+        for name, scale_loss, scale_correct in zip(names, per_token.detach().split(self.scale_lengths, dim=1),
+                                                   correct.split(self.scale_lengths, dim=1)):
+            figures[f"loss_{name}"] = scale_loss.mean().item()
+            figures[f"accuracy_{name}"] = scale_correct.mean().item()
+        return per_token.mean(), figures
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            exempt = parameter.ndim <= 1 or name.endswith("bias") or any(key in name for key in NO_DECAY_KEYS)
+            (no_decay if exempt else decay).append(parameter)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def write_samples(self, model: nn.Module, path: Path) -> None:
+        classes = list(range(min(model.config.num_classes, GRID_MAX_CLASSES)))
+        labels = grid_labels(classes, GRID_PER_CLASS).to(self.device)
+        images = model.generate(labels, cfg=self.sample_cfg, top_k=SAMPLE_TOP_K, top_p=self.sample_top_p, seed=0)
+        save_grid(images, len(classes), path)
+
+
+@dataclass
+class VAROptions:
+    """What a VAR run trains besides the loop settings (`TrainConfig`): the transformer, its tokenizer, its data.
+
+    Fields:
+        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run).
+        depth: blocks; width 64·depth and depth heads unless `width` / `num_heads` say otherwise.
+        data, image_size: the data set; image_size None takes the tokenizer's.
+        token_cache: tokenize the data set once into RUN/tokens.safetensors.
+        label_smoothing, label_dropout: the cross-entropy's smoothing and the class dropout for guidance.
+        base_lr: the recipe's lr is base_lr · batch / 256.
+        sample_cfg, sample_top_p: the periodic sample grid's guidance and nucleus.
+    """
+
+    tokenizer: str
+    depth: int = 16
+    width: int | None = None
+    num_heads: int | None = None
+    data: str = FASHION_MNIST_NAME
+    image_size: int | None = None
+    token_cache: bool = False
+    label_smoothing: float = 0.0
+    label_dropout: float = 0.1
+    base_lr: float = VAR_BASE_LR
+    sample_cfg: float = 4.0
+    sample_top_p: float = 0.95
+
+
+def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
+    """Train (or resume) a VAR run in `config.out` on a frozen tokenizer, copied into the run folder.
+
+    Args:
+        options: the transformer, its tokenizer and its data.
+        config: the loop settings; those left at None follow the VAR recipe (`VARTask.recipe`).
+    Returns:
+        The last logged figures.
+    """
+    tokenizer = load_tokenizer(options.tokenizer)
+    image_size = options.image_size or tokenizer.image_size
+    if image_size != tokenizer.image_size:
+        raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
+                        f"--image-size {tokenizer.image_size}")
+    dataset = open_dataset(options.data, image_size)
+    if dataset.channels != tokenizer.config.in_channels:
+        raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
+                        f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
+    overrides = {name: getattr(options, name) for name in ("width", "num_heads") if getattr(options, name) is not None}
+    model_config = VARConfig.for_depth(
+        options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
+        vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
+        **overrides,
+    )
+    if model_config.width % model_config.num_heads:
+        raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
+                        "change --width or --num-heads")
+    run = RunFolder(config.out)
+    context = setup_distributed(config.device)
+    if context.is_main:
+        keep_tokenizer_copy(tokenizer.state_dict(), run.root)
+        if options.token_cache and not run.token_cache.exists():
+            extract_tokens(tokenizer, dataset, run.token_cache, device=context.device)
+    barrier(context)  # the other ranks wait for the token cache
+    if options.token_cache:
+        dataset = TokenCache(run.token_cache)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
+    task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
+                   options.sample_top_p, extra_config={"data": options.data, "image_size": image_size},
+                   base_lr=options.base_lr)
+    return train(task, dataset, config)

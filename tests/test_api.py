@@ -1,0 +1,137 @@
+"""The public Python API: loaders return ready models that sample in one range, bad files are one-line errors, the
+recipes live in the library, runs without EMA keep no EMA copy, and `--debug` shows tracebacks."""
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scalegen
+from scalegen.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, RunFolder, load_training_state
+from scalegen.cli.main import main
+from scalegen.models.dit import DiTConfig
+from scalegen.models.var import VARConfig
+from scalegen.train.dit_task import DiTTask
+from scalegen.train.trainer import TrainConfig, train
+from scalegen.train.var_task import VARTask
+from test_tokenizer_training import TINY_TOKENIZER
+from test_var_training import TINY_VAR, tokenizer_folder
+from tests_support import tiny_fashion, user_error
+
+LABELS = [0, 7, 9]
+
+
+@pytest.mark.parametrize("load, folder, sampling", [
+    (scalegen.load_dit, scalegen.SHIPPED_DIT, dict(cfg=3.0, steps=4, sampler="ddim")),
+    (scalegen.load_var, scalegen.SHIPPED_VAR, dict(cfg=1.5)),
+], ids=["dit", "var"])
+def test_a_loaded_model_generates_pictures_in_zero_one(load, folder, sampling):
+    model = load(folder)
+    assert not model.training
+    images = model.generate(LABELS, seed=0, **sampling)  # (3, 1, 32, 32)
+    assert images.shape == (3, 1, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.1
+    torch.testing.assert_close(model.generate(LABELS, seed=0, **sampling), images, atol=0, rtol=0)
+    pictures = scalegen.to_pil(images)
+    assert [(picture.mode, picture.size) for picture in pictures] == [("L", (32, 32))] * 3
+    assert np.array_equal(np.asarray(pictures[1]), np.asarray(scalegen.image_grid(images[1:2], 1)))
+    assert scalegen.image_grid(images, 1).size == (3 * 32, 32)
+
+
+def test_dit_generate_with_a_seed_leaves_the_global_rng_alone():
+    model = scalegen.load_dit(scalegen.SHIPPED_DIT)
+    state = torch.get_rng_state()
+    model.generate([1], cfg=1.0, steps=2, sampler="ddim", seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="class ids"):
+        model.generate([10], steps=2)
+
+
+def test_the_decoder_and_tokenizer_follow_the_model_and_are_shared_by_copies():
+    dit = scalegen.load_dit(scalegen.SHIPPED_DIT)
+    var = scalegen.load_var(scalegen.SHIPPED_VAR)
+    for model, helper in ((dit, dit.decoder), (var, var.tokenizer)):
+        assert helper is not None and not any(name.startswith("_") for name in model.state_dict())
+        clone = copy.deepcopy(model)
+        assert (clone.decoder if model is dit else clone.tokenizer) is helper
+        model.double()
+        assert next(helper.parameters()).dtype == torch.float64
+
+
+def test_load_tokenizer_takes_a_tokenizer_run(tmp_path):
+    original = tokenizer_folder(tmp_path / "vq")
+    loaded = scalegen.load_tokenizer(tmp_path / "vq")
+    assert not loaded.training and loaded.config == TINY_TOKENIZER
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0)
+
+
+def broken_copy(tmp_path, name: str):
+    folder = tmp_path / name
+    shutil.copytree(scalegen.SHIPPED_VAR, folder)
+    return folder
+
+
+def test_a_bad_file_is_a_one_line_user_error(tmp_path):
+    truncated = broken_copy(tmp_path, "truncated")
+    data = (truncated / MODEL_FILE).read_bytes()
+    (truncated / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    garbage = broken_copy(tmp_path, "garbage")
+    (garbage / CONFIG_FILE).write_text("{not json")
+    listed = broken_copy(tmp_path, "listed")
+    (listed / CONFIG_FILE).write_text("[1, 2]")
+    no_model = broken_copy(tmp_path, "no_model")
+    config = json.loads((no_model / CONFIG_FILE).read_text())
+    (no_model / CONFIG_FILE).write_text(json.dumps({**config, "model": {**config["model"], "colour": 3}}))
+    cases = {truncated: "truncated", garbage: "cannot read", listed: "not an object", no_model: "colour",
+             tmp_path / "missing": "does not exist"}
+    for folder, expected in cases.items():
+        with pytest.raises(scalegen.UserError, match=expected) as caught:
+            scalegen.load_var(folder)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(scalegen.UserError, match="not a DiT"):
+        scalegen.load_dit(scalegen.SHIPPED_VAR)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_python_training_follows_the_task_recipe_and_skips_a_zero_ema(tmp_path):
+    torch.manual_seed(0)
+    task = VARTask(VARConfig(**TINY_VAR), tokenizer_folder(tmp_path / "vq"), {})
+    train(task, tiny_fashion(8), TrainConfig(out=str(tmp_path / "var"), steps=2, batch_size=16, device="cpu"))
+    checkpoint = RunFolder(tmp_path / "var").last_checkpoint()
+    stored = load_training_state(checkpoint)["train_config"]
+    assert (stored["weight_decay"], tuple(stored["betas"]), stored["grad_clip"]) == (0.05, (0.9, 0.95), 2.0)
+    assert stored["lr"] == pytest.approx(1e-4 * 16 / 256) and stored["ema_decay"] == 0.0
+    assert not (checkpoint / EMA_FILE).exists() and (checkpoint / MODEL_FILE).exists()
+    assert json.loads((checkpoint / CONFIG_FILE).read_text())["params"] == sum(
+        parameter.numel() for parameter in task.model.parameters())
+
+    dit = DiTTask(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=10), sample_steps=2)
+    train(dit, tiny_fashion(8), TrainConfig(out=str(tmp_path / "dit"), steps=1, batch_size=16, device="cpu"))
+    checkpoint = RunFolder(tmp_path / "dit").last_checkpoint()
+    assert load_training_state(checkpoint)["train_config"]["ema_decay"] == 0.9999 and (checkpoint / EMA_FILE).exists()
+
+
+def test_the_readme_python_example_runs_on_the_shipped_models(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    shipped_part = block.split("# official checkpoints", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(shipped_part, names)  # noqa: S102  (our own README)
+    assert names["images"].shape == (3, 1, 32, 32) and 0 <= names["images"].min() <= names["images"].max() <= 1
+    assert (tmp_path / "sneaker.png").exists() and names["grid"].size == (3 * 32, 32)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    command = ["sample", "dit", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")]
+    assert "does not exist" in user_error(command, capsys)
+    with pytest.raises(scalegen.UserError, match="does not exist"):
+        main(["--debug", *command])
+    monkeypatch.setenv("SCALEGEN_DEBUG", "1")
+    with pytest.raises(scalegen.UserError, match="does not exist"):
+        main(command)

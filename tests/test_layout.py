@@ -1,0 +1,76 @@
+"""The house's structure, measured from the code's own imports: subpackages by role, no import circles, at most
+nine import floors, argparse and the `cli` package only under cli/."""
+import ast
+from pathlib import Path
+
+import scalegen
+
+PACKAGE = Path(scalegen.__file__).parent
+MAX_FLOORS = 9
+SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """The scalegen modules a module imports (`from scalegen.eval import metrics` names scalegen.eval.metrics)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
+                      for alias in node.names}
+    return {module for module in found if module in MODULES and module != name}
+
+
+def floors() -> dict[str, int]:
+    """Each module's floor: 1 when it imports no other scalegen module, else one above the highest it imports."""
+    found: dict[str, int] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> int:
+        assert name not in path, f"import circle: {' -> '.join(path + (name,))}"
+        if name not in found:
+            found[name] = 1 + max((visit(imported, path + (name,)) for imported in imports_of(name)), default=0)
+        return found[name]
+
+    for name in MODULES:
+        visit(name, ())
+    return found
+
+
+def test_modules_sit_in_subpackages_by_role():
+    top_level = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert SUBPACKAGES <= top_level
+    assert {"__main__", "errors", "checkpoint", "pretrained", "data", "distributed", "images"} <= top_level
+    assert len(list(PACKAGE.glob("*.py"))) <= 9  # the package's face and its base modules; the rest is by role
+
+
+def test_no_import_circles_and_at_most_nine_floors():
+    faces = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    measured = {name: level for name, level in floors().items() if name not in faces}
+    assert max(measured.values()) <= MAX_FLOORS, sorted(measured.items(), key=lambda item: -item[1])[:5]
+    assert measured["scalegen.errors"] == 1
+
+
+def test_argparse_and_the_cli_live_only_in_cli():
+    for name, path in MODULES.items():
+        if name.startswith("scalegen.cli") or name == "scalegen.__main__":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert "argparse" not in imported, f"{name} imports argparse"
+        assert not any(module.startswith("scalegen.cli") for module in imported), f"{name} imports the cli"
+        assert "add_argument" not in path.read_text(), f"{name} defines command-line options"
+
+
+def test_modules_stay_small():
+    for name, path in MODULES.items():
+        assert len(path.read_text().splitlines()) <= 400, f"{name} is over 400 lines"

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from scalegen.train.trainer import AUTOCAST_DTYPES
-from scalegen.checkpoint import json_config
+from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
 from scalegen.models.var import VARConfig
 from scalegen.tokenizers.vqvae import build_vqvae

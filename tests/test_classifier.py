@@ -1,6 +1,5 @@
 """The shipped Fashion-MNIST classifier: accurate on real images, FID ≈ 0 on itself, the eval and train commands."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from scalegen.eval import fmnist as classifier, metrics
 from scalegen.cli.main import main
-from scalegen.data import FASHION_MNIST_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, load_fashion_mnist, to_model_range
+from scalegen.data import load_fashion_mnist, to_model_range, write_fashion_mnist_subset
 from scalegen.errors import UserError
 from scalegen.train.run_log import read_log
 from scalegen.images import save_npz
@@ -76,20 +75,10 @@ def test_eval_features_fmnist_prints_fid_and_accuracy(real_test, tmp_path, capsy
     assert "--samples" in capsys.readouterr().err
 
 
-def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    """One uncompressed IDX file (big-endian header: magic, count, then rows and columns for images)."""
-    header = [magic, *array.shape]
-    path.write_bytes(b"".join(value.to_bytes(4, "big") for value in header) + array.astype(np.uint8).tobytes())
-
-
 def test_short_training_run_lowers_the_loss_and_exports(tmp_path):
     data = tmp_path / "fashion"
-    data.mkdir()
     for split, count in (("train", 512), ("test", 128)):
-        images, labels = load_fashion_mnist(None, split)
-        image_file, label_file = FASHION_MNIST_FILES[split]
-        write_idx(data / image_file, images[:count].numpy(), IDX_IMAGE_MAGIC)
-        write_idx(data / label_file, labels[:count].numpy(), IDX_LABEL_MAGIC)
+        write_fashion_mnist_subset(data, count, split)
     exported = tmp_path / "export" / "small.safetensors"
     main(["train", "classifier", "--data", str(data), "--steps", "60", "--batch-size", "64", "--width", "16", "--lr", "3e-3", "--lr-decay-to", "1",
           "--feature-dim", "32", "--warmup-steps", "0", "--log-every", "1", "--out", str(tmp_path / "run"),

@@ -16,6 +16,7 @@ from scalegen import checkpoint as checkpoint_module
 from scalegen.checkpoint import last_checkpoint, load_weights, save_checkpoint
 from scalegen.cli.main import main
 from tests_support import user_error, without_progress_bars
+from scalegen.errors import UserError
 from scalegen.data import FashionMNIST, ImageFolder, ResumableSampler, center_crop_arr, collate
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.pretrained import dit_config_from_state_dict, load_dit
@@ -70,9 +71,10 @@ def test_checkpoints_are_atomic_and_last_always_loads(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module, "save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="disk full while writing checkpoint step 2.*step-0000001 is intact"):
         write_run(tmp_path, step=2)
     assert last_checkpoint(tmp_path) == first
+    assert not list((tmp_path / "checkpoints").glob(".staging-*"))  # the partial files are gone
     config, weights = load_weights(tmp_path)
     assert config["kind"] == "dit" and "pos_embed" in weights
     assert json.loads((tmp_path / "last.json").read_text())["step"] == 1

@@ -16,7 +16,7 @@ from scalegen.models.var import VAR, VARConfig
 from scalegen.checkpoint import TOKENIZER_FILE
 from scalegen.pretrained import load_var
 from scalegen.models.var_edit import box_mask
-from scalegen.checkpoint import json_config
+from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
 from scalegen.tokenizers.vqvae import VQVAE
 from tests_support import tiny_fashion, user_error, without_progress_bars, write_fashion_subset

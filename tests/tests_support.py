@@ -4,11 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import Dataset
 
 from scalegen.cli.main import main
-from scalegen.data import FASHION_MNIST_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, FashionMNIST, load_fashion_mnist
+from scalegen.data import FashionMNIST, write_fashion_mnist_subset
 
 FASHION_SUBSET = 512
 SUBSET_IMAGES = 256
@@ -35,14 +34,7 @@ def tiny_fashion(image_size: int = 8) -> Subset:
 
 def write_fashion_subset(folder: Path) -> Path:
     """The first SUBSET_IMAGES real Fashion-MNIST images as a folder of IDX files (a quick `--data FOLDER`)."""
-    images, labels = load_fashion_mnist()
-    count = SUBSET_IMAGES
-    image_file, label_file = FASHION_MNIST_FILES["train"]
-    header = IDX_IMAGE_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-    (folder / image_file).write_bytes(header + images[:count].numpy().tobytes())
-    header = IDX_LABEL_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big")
-    (folder / label_file).write_bytes(header + labels[:count].to(torch.uint8).numpy().tobytes())
-    return folder
+    return write_fashion_mnist_subset(folder, SUBSET_IMAGES)
 
 
 def user_error(argv: list[str], capsys) -> str:
@@ -52,6 +44,19 @@ def user_error(argv: list[str], capsys) -> str:
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith("scalegen: error:") and "\n" not in message
+    return message
+
+
+def training_error(argv: list[str], capsys) -> str:
+    """Run a training command expecting it to stop with a UserError: exit code 2, no traceback, the error on the last
+    line of stderr (after the progress bar), which is returned."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    message = error.strip().splitlines()[-1]
+    assert message.startswith("scalegen: error:")
     return message
 
 

@@ -1,5 +1,5 @@
 """The run-folder layout, defined once, and one checkpoint format for every model: safetensors weights + JSON config,
-written atomically.
+written so that no crash, full disk or second trainer can lose a complete checkpoint.
 
 A run folder (`scalegen train … --out RUN`) looks like:
     RUN/last.json                      {"step": 300, "path": "checkpoints/step-0000300"}
@@ -8,24 +8,32 @@ A run folder (`scalegen train … --out RUN`) looks like:
     RUN/samples/step-0000300.png       sample grids
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
     RUN/latents.safetensors, RUN/tokens.safetensors   the optional latent / token caches
-`last.json` is replaced only after a checkpoint folder is complete, so a crash never leaves a half-written "last".
+    RUN/.lock                          held (flock) by the process training in RUN, with its pid
+A checkpoint is written complete and fsync'ed in a staging folder, renamed into place under a name no live folder
+has (a re-saved step gets `step-0000300.1`), and only then does `last.json` move; older folders are removed last.
 An exported folder (`scalegen export`) holds model.safetensors, config.json and the tokenizer copy side by side.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
-import pickle
 import shutil
-import tempfile
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
+from scalegen.files import (
+    contiguous_copy, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json, read_weights_file,
+    safe_torch_load, save_weights_atomic, write_failure, write_json_atomic,
+)
 
 LAST_POINTER = "last.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -39,8 +47,19 @@ TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
 LATENT_CACHE_FILE = "latents.safetensors"
 TOKEN_CACHE_FILE = "tokens.safetensors"
+LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
+STEP_PREFIX = "step-"
+STEP_DIGITS = 7
 ASSETS = Path(__file__).parent / "assets"  # weights shipped inside the package
+HELD_LOCKS: dict[Path, int] = {}  # run folders this process holds the lock of, and how deeply
+UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder named step-0000300 or step-0000300.1; None for any other name."""
+    digits = folder.name.removeprefix(STEP_PREFIX).split(".")[0]
+    return int(digits) if folder.name.startswith(STEP_PREFIX) and digits.isdigit() else None
 
 
 class RunFolder:
@@ -55,66 +74,137 @@ class RunFolder:
         self.tokenizer_copy = self.root / TOKENIZER_FILE
         self.latent_cache = self.root / LATENT_CACHE_FILE
         self.token_cache = self.root / TOKEN_CACHE_FILE
+        self.lock_file = self.root / LOCK_FILE
 
     def checkpoint(self, step: int) -> Path:
-        """The folder of the checkpoint at `step`."""
-        return self.checkpoints / f"step-{step:07d}"
+        """The canonical folder of the checkpoint at `step`."""
+        return self.checkpoints / f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
 
     def sample_grid(self, step: int) -> Path:
         """The sample grid drawn at `step`."""
-        return self.root / SAMPLES_DIR / f"step-{step:07d}.png"
+        return self.root / SAMPLES_DIR / f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}.png"
 
-    def last_checkpoint(self) -> Path | None:
-        """The checkpoint folder `last.json` points at, or None for a run without checkpoints."""
+    def step_folders(self) -> list[Path]:
+        """Every checkpoint folder, newest step first (a re-saved step's newest copy first)."""
+        folders = [path for path in self.checkpoints.glob(f"{STEP_PREFIX}*") if checkpoint_step(path) is not None]
+        return sorted(folders, key=lambda path: (checkpoint_step(path), path.name.count("."), path.name), reverse=True)
+
+    def pointed_checkpoint(self) -> Path | None:
+        """The folder `last.json` names (checked to lie inside RUN/checkpoints), or None without a `last.json`."""
         if not self.last_pointer.exists():
             return None
         pointer = read_json(self.last_pointer)
-        if not isinstance(pointer.get("path"), str):
-            raise UserError(f"{self.last_pointer} has no checkpoint path; delete it to start afresh")
-        folder = self.root / pointer["path"]
-        if not (folder / MODEL_FILE).exists():
-            raise UserError(f"{self.last_pointer} points at {folder}, which is incomplete; "
-                            f"delete {self.last_pointer} to start afresh")
+        folder = self.root / str(pointer.get("path", ""))
+        if not isinstance(pointer.get("path"), str) or folder.resolve().parent != self.checkpoints.resolve():
+            raise UserError(f"{self.last_pointer} does not point into {self.checkpoints}; delete {self.last_pointer} "
+                            "and re-run to resume from the newest complete checkpoint")
         return folder
 
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint folder `last.json` points at, or None for a run without checkpoints."""
+        folder = self.pointed_checkpoint()
+        if folder is not None and not (folder / MODEL_FILE).exists():
+            raise UserError(f"{self.last_pointer} points at {folder}, which is incomplete; re-run the training command "
+                            "to resume from the newest complete checkpoint")
+        return folder
 
-def json_config(config) -> dict:
-    """`asdict(config)` as it reads back from JSON (tuples become lists), so stored and fresh configs compare equal."""
-    return json.loads(json.dumps(asdict(config)))
+    def resume_candidates(self) -> list[tuple[Path | None, str | None]]:
+        """Checkpoint folders to try on resume, in order: the one `last.json` names, then the others, newest first.
+
+        Returns:
+            (folder, None) pairs, and (None, why) first when `last.json` itself is unusable.
+        """
+        try:
+            pointed = self.pointed_checkpoint()
+        except UserError as error:
+            return [(None, str(error))] + [(folder, None) for folder in self.step_folders()]
+        others = [(folder, None) for folder in self.step_folders() if folder != pointed]
+        return ([(pointed, None)] if pointed is not None else []) + others
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what crashed writes left behind (staging folders, temporary files); returns what was removed."""
+        leftovers = list(self.checkpoints.glob(f"{STAGING_PREFIX}*")) + list(self.root.glob(f".{LAST_POINTER}.*"))
+        leftovers += [path for path in self.root.glob(".*.safetensors.*") if path.is_file()]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return leftovers
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; a one-line error when it is not valid JSON or not an object."""
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold RUN/.lock (an OS file lock that dies with the process) while inside; re-entrant within one process.
+
+    A second process on the same run folder gets a one-line error naming the process that holds it.
+    """
+    run = RunFolder(run_dir)
+    key = run.root.resolve()
+    if key in HELD_LOCKS:
+        HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            HELD_LOCKS[key] -= 1
+        return
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path} ({error}); restore it from a copy or train the run again") from None
-    if not isinstance(payload, dict):
-        raise UserError(f"{path} holds a JSON {type(payload).__name__}, not an object; restore it from a copy")
-    return payload
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a one-line error when it is truncated or no safetensors file at all."""
+        run.root.mkdir(parents=True, exist_ok=True)
+        handle = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise UserError(f"cannot use {run.root} as a run folder ({write_failure(error)}); choose a writable --out") from None
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read {path} ({first_line}): it is truncated or not a safetensors file; "
-                        "export or train it again") from None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise UserError(f"{run.root} is in use by {holder}; wait for it to finish or choose another --out") from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"process {os.getpid()}".encode(), 0)
+    HELD_LOCKS[key] = 1
+    try:
+        yield
+    finally:
+        del HELD_LOCKS[key]
+        os.close(handle)  # closing the descriptor releases the lock
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
+@contextmanager
+def guarded_run(run_dir: str | Path) -> Iterator[RunFolder]:
+    """Work in a run folder: hold its lock (rank 0 of a launch) and turn a full disk or an unwritable folder into a
+    one-line error that says which checkpoint is intact."""
+    run = RunFolder(run_dir)
+    with run_lock(run.root) if launched_as_main() else nullcontext():
+        try:
+            yield run
+        except (OSError, SafetensorError, RuntimeError) as error:
+            if not (is_disk_full(error) or getattr(error, "errno", None) in UNWRITABLE_ERRNOS):
+                raise
+            live = run.pointed_checkpoint() if run.last_pointer.exists() else None
+            kept = f"the last checkpoint {live.name} is intact" if live else "no checkpoint was written yet"
+            raise UserError(f"{write_failure(error)} while writing in {run.root}; {kept}; free space (or fix the "
+                            "permissions) and re-run to resume") from None
 
 
-def contiguous_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies (safetensors refuses shared or strided storage)."""
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state_dict.items()}
+def write_checkpoint_files(folder: Path, config: dict, model_state: dict[str, torch.Tensor],
+                           ema_state: dict[str, torch.Tensor] | None, training_state: dict) -> None:
+    """The files of one checkpoint, each fsync'ed, into an existing (staging) folder."""
+    save_file(contiguous_copy(model_state), folder / MODEL_FILE)
+    if ema_state is not None:
+        save_file(contiguous_copy(ema_state), folder / EMA_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    torch.save(training_state, folder / STATE_FILE)
+    for path in folder.iterdir():
+        follow_umask(path)
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def free_name(run: RunFolder, step: int) -> Path:
+    """The canonical folder of `step`, or the first free `.N` variant when a folder of that step already exists."""
+    canonical = run.checkpoint(step)
+    candidate, generation = canonical, 0
+    while candidate.exists():
+        generation += 1
+        candidate = canonical.with_name(f"{canonical.name}.{generation}")
+    return candidate
 
 
 def save_checkpoint(
@@ -126,7 +216,7 @@ def save_checkpoint(
     training_state: dict,
     keep: int = 2,
 ) -> Path:
-    """Write one complete checkpoint folder, then point `last.json` at it; keep the newest `keep` folders.
+    """Write one complete checkpoint folder, then point `last.json` at it; keep the newest `keep` steps.
 
     Args:
         run_dir: the run folder.
@@ -134,33 +224,47 @@ def save_checkpoint(
         config: the JSON config that rebuilds the model.
         model_state, ema_state: the weights; ema_state None writes no ema.safetensors (a run without EMA).
         training_state: optimizer, RNG and step state (tensors and plain containers only).
-        keep: how many checkpoint folders to keep.
+        keep: how many steps' checkpoints to keep (the one `last.json` names is always kept).
     Returns:
         The checkpoint folder.
+    Raises:
+        UserError: the disk is full or the folder unwritable; the partial files are removed, the previous
+            checkpoint is untouched.
     """
     run = RunFolder(run_dir)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.checkpoint(step)
-    staging = Path(tempfile.mkdtemp(dir=run.checkpoints, prefix=STAGING_PREFIX))
-    save_file(contiguous_copy(model_state), staging / MODEL_FILE)
-    if ema_state is not None:
-        save_file(contiguous_copy(ema_state), staging / EMA_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    torch.save(training_state, staging / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    write_json_atomic(run.last_pointer, {"step": step, "path": str(final.relative_to(run.root))})
-    for old in sorted(run.checkpoints.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    staging = None
+    try:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        staging = make_temporary_folder(run.checkpoints, STAGING_PREFIX)
+        write_checkpoint_files(staging, config, model_state, ema_state, training_state)
+        final = free_name(run, step)
+        os.replace(staging, final)
+        fsync_path(run.checkpoints)
+        write_json_atomic(run.last_pointer, {"step": step, "path": str(final.relative_to(run.root))})
+    except (OSError, RuntimeError, ValueError) as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = run.pointed_checkpoint() if run.last_pointer.exists() else None
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"{write_failure(error)} while writing checkpoint step {step} in {run.root}; {kept}; "
+                        "free space (or fix the folder's permissions) and re-run to resume") from None
+    prune(run, final, keep)
     return final
 
 
-def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written under a temporary name, then renamed."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file(contiguous_copy(state_dict), temporary)
-    temporary.replace(path)
+def prune(run: RunFolder, live: Path, keep: int) -> None:
+    """Keep the live folder and the newest copy of the `keep - 1` steps before it; remove the rest (older copies of
+    a re-saved step, folders of later steps a resume fell back from)."""
+    live_step = checkpoint_step(live)
+    kept_steps = {live_step}
+    for folder in run.step_folders():  # newest first
+        step = checkpoint_step(folder)
+        if folder == live:
+            continue
+        if step < live_step and step not in kept_steps and len(kept_steps) < keep:
+            kept_steps.add(step)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def keep_tokenizer_copy(tokenizer_state: dict[str, torch.Tensor], run_dir: str | Path) -> None:
@@ -200,52 +304,25 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
     stored, weights = load_weights(run, prefer_ema)
     if stored is None:
         raise UserError(f"{run} is not a scalegen run or checkpoint folder; export needs its config.json")
-    if half:
-        weights = halved(weights)
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    save_weights_atomic(weights, destination / MODEL_FILE)
     tokenizer = find_tokenizer_copy(run)
-    if tokenizer is not None:
-        tokenizer_weights = read_weights_file(tokenizer)
-        save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
-        # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
-        stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
-    write_json_atomic(destination / CONFIG_FILE, stored)
+    tokenizer_weights = read_weights_file(tokenizer) if tokenizer is not None else None
+    destination = Path(destination)
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+        save_weights_atomic(halved(weights) if half else weights, destination / MODEL_FILE)
+        if tokenizer_weights is not None:
+            save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
+            # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
+            stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
+        write_json_atomic(destination / CONFIG_FILE, stored)
+    except (OSError, RuntimeError) as error:
+        raise UserError(f"{write_failure(error)} while exporting to {destination}; choose another --out") from None
     return destination
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint folder a run's `last.json` points at, or None for a run without checkpoints."""
     return RunFolder(run_dir).last_checkpoint()
-
-
-class StoredArguments:
-    """What an `argparse.Namespace` in an official checkpoint unpickles into: a plain attribute bag (DiT's train.py
-    stores its arguments as one), so loading them runs no code of argparse's or anyone's."""
-
-    def __init__(self, **values) -> None:
-        self.__dict__.update(values)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-
-# The pickled name of argparse.Namespace, resolved to StoredArguments by the weights-only unpickler.
-STORED_ARGUMENTS_NAME = "argparse.Namespace"
-
-
-def safe_torch_load(path: str | Path):
-    """torch.load restricted to tensors and plain containers; anything needing arbitrary unpickling is refused."""
-    try:
-        with torch.serialization.safe_globals([(StoredArguments, STORED_ARGUMENTS_NAME)]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"refusing to load {path}: it needs arbitrary unpickling, which could run code ({first_line[:120]}); "
-            "convert it to a plain state dict or safetensors"
-        ) from None
 
 
 def load_training_state(folder: Path) -> dict:

@@ -79,6 +79,21 @@ def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> 
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
+def write_fashion_mnist_subset(folder: str | Path, count: int, split: str = "train") -> Path:
+    """The first `count` Fashion-MNIST images of a split as a folder of IDX files (a small `--data FOLDER`)."""
+    images, labels = load_fashion_mnist(None, split)
+    count = min(count, len(labels))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    rows, columns = images.shape[1:]
+    header = IDX_IMAGE_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big") + rows.to_bytes(4, "big") + columns.to_bytes(4, "big")
+    (folder / image_file).write_bytes(header + images[:count].numpy().tobytes())
+    header = IDX_LABEL_MAGIC.to_bytes(4, "big") + count.to_bytes(4, "big")
+    (folder / label_file).write_bytes(header + labels[:count].to(torch.uint8).numpy().tobytes())
+    return folder
+
+
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     """ADM center crop: halve with BOX while the short side is >= 2x the target, BICUBIC resize, center crop."""
     while min(image.size) >= 2 * image_size:

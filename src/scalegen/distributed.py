@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scalegen.errors import UserError
+
 
 @dataclass
 class DistributedContext:
@@ -33,6 +35,10 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
         device: "cpu", "cuda" or None (cuda when available).
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if device is not None and not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device!r} is not a device scalegen runs on; use cpu or cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asks for a GPU, but this PyTorch build sees none; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,7 +48,12 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     else:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        except (RuntimeError, ValueError) as error:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise UserError(f"cannot join the torchrun group at {address} ({str(error).splitlines()[0][:160]}); the port "
+                            "may be in use: pick another --master-port, or use --standalone") from None
     return DistributedContext(rank, world_size, local_rank, torch_device)
 
 

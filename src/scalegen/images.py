@@ -27,6 +27,19 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * UINT8_MAX + 0.5).clamp(0, UINT8_MAX).to(torch.uint8)
 
 
+def check_output(path: str | Path, num_samples: int) -> None:
+    """Before sampling: `.npz` takes `num_samples` samples, an image file (.png, .jpg, …) a class grid."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz" and num_samples <= 0:
+        raise UserError(f"--out {path} writes ADM samples: give --num-samples N, or name a .png for a class grid")
+    if suffix != ".npz" and num_samples > 0:
+        raise UserError(f"--num-samples writes an ADM .npz, not {suffix or 'a file without extension'}: "
+                        f"name --out with .npz, or drop --num-samples for a class grid")
+    if suffix != ".npz" and suffix not in Image.registered_extensions():
+        raise UserError(f"--out {path}: {suffix or 'no extension'} is no image format; name a .png (class grid) or "
+                        ".npz (with --num-samples)")
+
+
 def parse_classes(classes: str | Sequence[int], num_classes: int) -> list[int]:
     """Class ids from "0,1,2", "all" or a sequence of ints, each checked against the model's number of classes."""
     if isinstance(classes, str):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.checkpoint import ASSETS, TOKENIZER_FILE, find_tokenizer_copy, load_weights, read_weights_file
+from scalegen.checkpoint import ASSETS, TOKENIZER_FILE, find_tokenizer_copy, load_weights
+from scalegen.files import read_weights_file
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
 from scalegen.models.var import VAR, VARConfig

@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 
-from scalegen.cli.options import add_training_options, dataclass_from_args, train_config_from_args
+from scalegen.cli.options import POSITIVE, add_training_options, dataclass_from_args, train_config_from_args
 from scalegen.train.classifier_task import ClassifierOptions, ClassifierTask, train_classifier
 
 
@@ -14,8 +14,8 @@ def register(train_parsers) -> None:
     """Add `train classifier` to the command line."""
     parser = train_parsers.add_parser("classifier", help="train the Fashion-MNIST classifier used by eval --features fmnist")
     parser.add_argument("--data", default=ClassifierOptions.data, help="fashion-mnist or a folder of its four IDX files")
-    parser.add_argument("--width", type=int, default=ClassifierOptions.width, help="channels of the first stage")
-    parser.add_argument("--feature-dim", type=int, default=ClassifierOptions.feature_dim, help="FID feature size")
+    parser.add_argument("--width", type=POSITIVE, default=ClassifierOptions.width, help="channels of the first stage")
+    parser.add_argument("--feature-dim", type=POSITIVE, default=ClassifierOptions.feature_dim, help="FID feature size")
     parser.add_argument("--export", metavar="FILE.safetensors",
                         help="after training, write the better of EMA/raw weights (fp16), test-set statistics and a "
                              "JSON card beside it")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalegen.cli.options import POSITIVE
 from scalegen.data import FashionMNIST
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report
@@ -33,11 +34,11 @@ def register(commands) -> None:
     parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT and VAR: grids, speed, FLOPs, FID")
     parser.add_argument("--out", default="runs/demo", help="folder for the grids and report.json")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files (FID baseline)")
-    parser.add_argument("--per-class", type=int, default=GRID_PER_CLASS,
+    parser.add_argument("--per-class", type=POSITIVE, default=GRID_PER_CLASS,
                         help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=POSITIVE, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_demo)
 

@@ -5,10 +5,10 @@ import argparse
 
 import torch
 
-from scalegen.cli.options import add_training_options, dataclass_from_args, train_config_from_args
+from scalegen.cli.options import POSITIVE, NON_NEGATIVE, fraction, at_least, add_training_options, dataclass_from_args, train_config_from_args
 from scalegen.diffusion.sampling import SAMPLERS
 from scalegen.distributed import cleanup, setup_distributed
-from scalegen.images import grid_labels, parse_classes, sample_to_npz, save_grid
+from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS
 from scalegen.pretrained import load_dit
@@ -16,6 +16,8 @@ from scalegen.train.dit_task import DiTOptions, DiTTask, train_dit
 
 DEFAULTS = DiTOptions()
 SAMPLE_CFG_SCALE, SAMPLE_STEPS, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 250, 8, 32  # the official sample.py's
+MIN_STEPS = at_least(2)  # a respaced diffusion needs two steps
+DIT_GUIDANCE = at_least(1.0, float)  # 1 = no guidance; the official sampler treats anything below as 1
 
 
 def register(train_parsers, sample_parsers) -> None:
@@ -23,20 +25,20 @@ def register(train_parsers, sample_parsers) -> None:
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
     parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--data", default=DEFAULTS.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
-    parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
+    parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size)
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
                         help="`train vqvae` run: diffuse its quantized features instead of pixels")
     parser.add_argument("--latent-cache", action="store_true", help="encode the data set once into RUN/latents.safetensors")
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
-    parser.add_argument("--class-dropout", type=float, default=DEFAULTS.class_dropout)
+    parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout)
     parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false")
-    parser.add_argument("--depth", type=int, help="override the preset's depth")
-    parser.add_argument("--hidden-size", type=int, help="override the preset's width")
-    parser.add_argument("--num-heads", type=int, help="override the preset's heads")
-    parser.add_argument("--patch-size", type=int, help="override the preset's patch size")
-    parser.add_argument("--sample-steps", type=int, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
-    parser.add_argument("--sample-cfg", type=float, default=DEFAULTS.sample_cfg,
+    parser.add_argument("--depth", type=POSITIVE, help="override the preset's depth")
+    parser.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
+    parser.add_argument("--num-heads", type=POSITIVE, help="override the preset's heads")
+    parser.add_argument("--patch-size", type=POSITIVE, help="override the preset's patch size")
+    parser.add_argument("--sample-steps", type=MIN_STEPS, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
+    parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
                         help="guidance scale of the periodic sample grid")
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
@@ -45,14 +47,15 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/file, or official DiT .pt")
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
-    parser.add_argument("--per-class", type=int, default=SAMPLE_PER_CLASS)
-    parser.add_argument("--num-samples", type=int, default=0, help="write this many uniformly-labelled samples to .npz")
-    parser.add_argument("--cfg-scale", type=float, default=SAMPLE_CFG_SCALE)
-    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
+    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--cfg-scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
+                        help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS)
     parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0])
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=SAMPLE_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE)
     parser.add_argument("--vae", default=None, help="override the VAE path stored in the checkpoint")
     parser.add_argument("--device", default=None)
     parser.set_defaults(handler=run_sample)
@@ -65,6 +68,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    check_output(args.out, args.num_samples)
     context = setup_distributed(args.device)
     model = load_dit(args.ckpt, args.vae).to(context.device)
 

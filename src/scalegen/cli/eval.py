@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scalegen.cli.options import POSITIVE
 from scalegen.errors import UserError
 from scalegen.eval import scaling
 from scalegen.eval.evaluate import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS, evaluate, evaluate_fmnist
@@ -65,14 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--inception-weights", metavar="FILE",
                         help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub release)")
     parser.add_argument("--out", help="also write the JSON result to this file")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception pass")
+    parser.add_argument("--batch-size", type=POSITIVE, default=DEFAULT_BATCH_SIZE, help="images per Inception pass")
     parser.add_argument("--save-ref", metavar="OUT.npz", help="write the reference statistics as an ADM .npz")
     parser.add_argument("--save-ref-images", action="store_true",
                         help="with --save-ref: also store the reference images as arr_0 (for precision/recall)")
     parser.set_defaults(handler=run_eval)
 
     parser = subparsers.add_parser("flops", help="DiT Gflops table against the paper; DiT vs VAR cost per image")
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (256 or 512)")
+    parser.add_argument("--image-size", type=POSITIVE, default=256, help="image side in pixels, a multiple of 64 (256 or 512)")
     parser.set_defaults(handler=run_flops)
 
     parser = subparsers.add_parser("scaling", help="fit L = (a*X)^b over runs and plot it on log-log axes",

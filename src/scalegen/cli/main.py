@@ -6,6 +6,7 @@ import os
 import sys
 
 from scalegen.cli import classifier, demo, dit, export, var
+from scalegen.cli.options import OneLineParser
 from scalegen.cli import eval as evaluation
 from scalegen.errors import UserError
 
@@ -14,7 +15,7 @@ DEBUG_VARIABLE = "SCALEGEN_DEBUG"
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (train / sample / edit / demo / export and the evaluation commands)."""
-    parser = argparse.ArgumentParser(prog="scalegen", description=__doc__)
+    parser = OneLineParser(prog="scalegen", description=__doc__)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of any error (also with {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True)

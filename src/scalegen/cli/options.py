@@ -6,11 +6,13 @@ fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), .
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TypeVar
 
 from scalegen.train.task import TrainingTask
-from scalegen.train.trainer import TrainConfig
+from scalegen.train.trainer import MINIMUMS, TrainConfig
 
 Options = TypeVar("Options")
 # Loop settings with their own flag name (the rest are the field name with dashes).
@@ -39,8 +41,46 @@ TRAINING_HELP = {
     "logger": "where the log goes",
     "device": "cpu or cuda (default: cuda when available)",
     "flip": "random horizontal flips",
+    "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)",
 }
 CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": ["csv", "tensorboard"]}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other scalegen error (exit code 2)."""
+
+    def error(self, message: str) -> None:
+        print(f"scalegen: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` that is at least `minimum`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+NON_NEGATIVE_FLOAT = at_least(0.0, float)
 
 
 def integers(text: str) -> tuple[int, ...]:
@@ -65,21 +105,22 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
     for field in fields(TrainConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
         help_text = TRAINING_HELP[field.name]
+        default_kind = int if field.default is MISSING else type(getattr(recipe, field.name, field.default))
+        kind = at_least(MINIMUMS[field.name], default_kind) if field.name in MINIMUMS else default_kind
         if field.default is MISSING:  # out, steps
-            parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else int,
+            parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else kind,
                                 help=help_text)
         elif field.default is None and hasattr(recipe, field.name):  # the recipe's setting
             value = task.recipe_notes.get(field.name, getattr(recipe, field.name))
-            kind = floats if field.name == "betas" else type(getattr(recipe, field.name))
-            parser.add_argument(flag, dest=field.name, type=kind, default=None,
+            parser.add_argument(flag, dest=field.name, type=floats if field.name == "betas" else kind, default=None,
                                 help=f"{help_text} (recipe: {value})")
         elif isinstance(field.default, bool):
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=help_text)
         else:
-            kind = str if field.default is None else type(field.default)
-            parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
-                                choices=CHOICES.get(field.name), help=f"{help_text} (default: {field.default})")
+            shown = "" if field.default is None else f" (default: {field.default})"
+            parser.add_argument(flag, dest=field.name, type=str if field.default is None else kind, default=field.default,
+                                choices=CHOICES.get(field.name), help=help_text + shown)
 
 
 def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) -> Options:

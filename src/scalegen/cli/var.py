@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from scalegen.cli.options import add_training_options, dataclass_from_args, integers, train_config_from_args
+from scalegen.cli.options import POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, fraction, at_least, add_training_options, dataclass_from_args, integers, train_config_from_args
 from scalegen.distributed import cleanup, setup_distributed
 from scalegen.errors import UserError
-from scalegen.images import grid_labels, load_image, parse_classes, sample_to_npz, save_grid
+from scalegen.images import check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid
 from scalegen.models.var_edit import edit_box
 from scalegen.pretrained import load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
@@ -29,33 +29,33 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
     defaults = TOKENIZER_DEFAULTS
     parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size)
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
-    parser.add_argument("--ch", type=int, default=defaults.ch, help="base width of encoder and decoder")
+    parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
     parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult, help="width multiplier per resolution level")
-    parser.add_argument("--num-res-blocks", type=int, default=defaults.num_res_blocks)
-    parser.add_argument("--norm-groups", type=int, default=defaults.norm_groups,
+    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks)
+    parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
                         help="GroupNorm groups (divide every level width)")
     parser.add_argument("--no-attention", dest="use_attention", action="store_false", help="no attention blocks")
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--z-channels", type=int, default=defaults.z_channels)
-    parser.add_argument("--share-quant-resi", type=int, default=defaults.share_quant_resi,
+    parser.add_argument("--vocab-size", type=at_least(2), default=defaults.vocab_size)
+    parser.add_argument("--z-channels", type=POSITIVE, default=defaults.z_channels)
+    parser.add_argument("--share-quant-resi", type=NON_NEGATIVE, default=defaults.share_quant_resi,
                         help="φ convs shared over scales (0: one per scale)")
-    parser.add_argument("--l1", type=float, default=LOSS_DEFAULTS.l1, help="weight of the L1 reconstruction loss")
-    parser.add_argument("--l2", type=float, default=LOSS_DEFAULTS.l2, help="weight of the L2 reconstruction loss")
-    parser.add_argument("--quantizer-weight", dest="quantizer", type=float, default=LOSS_DEFAULTS.quantizer)
+    parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l1, help="weight of the L1 reconstruction loss")
+    parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l2, help="weight of the L2 reconstruction loss")
+    parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.quantizer)
     parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
-    parser.add_argument("--lpips-weight", dest="lpips", type=float, default=LOSS_DEFAULTS.lpips,
+    parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.lpips,
                         help="weight of LPIPS (with --lpips-weights)")
-    parser.add_argument("--gan-weight", dest="gan", type=float, default=LOSS_DEFAULTS.gan, help="patch-GAN weight (0: no GAN)")
-    parser.add_argument("--gan-start-step", type=int, default=LOSS_DEFAULTS.gan_start_step,
+    parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.gan, help="patch-GAN weight (0: no GAN)")
+    parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=LOSS_DEFAULTS.gan_start_step,
                         help="step at which the GAN loss starts")
-    parser.add_argument("--disc-width", dest="discriminator_width", type=int, default=LOSS_DEFAULTS.discriminator_width)
-    parser.add_argument("--disc-layers", dest="discriminator_layers", type=int,
+    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=LOSS_DEFAULTS.discriminator_width)
+    parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
                         default=LOSS_DEFAULTS.discriminator_layers)
-    parser.add_argument("--disc-lr", dest="discriminator_lr", type=float, default=LOSS_DEFAULTS.discriminator_lr,
+    parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.discriminator_lr,
                         help="discriminator lr (default: --lr)")
-    parser.add_argument("--dead-code-every", type=int, default=LOSS_DEFAULTS.dead_code_every,
+    parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
     add_training_options(parser, VQVAETask)
     parser.set_defaults(handler=run_train_vqvae)
@@ -63,19 +63,19 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser = train_parsers.add_parser("var", help="train a VAR transformer on a trained tokenizer")
     defaults = VAROptions  # its field defaults (the tokenizer has none)
     parser.add_argument("--tokenizer", required=True, help="`train vqvae` run folder, checkpoint, or official vae .pth")
-    parser.add_argument("--depth", type=int, default=defaults.depth,
+    parser.add_argument("--depth", type=POSITIVE, default=defaults.depth,
                         help="blocks; width 64·depth and depth heads unless overridden")
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
+    parser.add_argument("--width", type=POSITIVE, default=defaults.width)
+    parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads)
     parser.add_argument("--data", default=defaults.data)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="default: the tokenizer's image size")
+    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
     parser.add_argument("--token-cache", action="store_true", help="tokenize the data set once into RUN/tokens.safetensors")
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
+    parser.add_argument("--label-smoothing", type=fraction, default=defaults.label_smoothing)
+    parser.add_argument("--label-dropout", type=fraction, default=defaults.label_dropout,
                         help="class dropout for classifier-free guidance")
-    parser.add_argument("--base-lr", type=float, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
-    parser.add_argument("--sample-cfg", type=float, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
-    parser.add_argument("--sample-top-p", type=float, default=defaults.sample_top_p)
+    parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
+    parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
+    parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p)
     add_training_options(parser, VARTask)
     parser.set_defaults(handler=run_train_var)
 
@@ -83,9 +83,9 @@ def register(train_parsers, sample_parsers, commands) -> None:
     add_loading_options(parser)
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
-    parser.add_argument("--per-class", type=int, default=SAMPLE_PER_CLASS)
-    parser.add_argument("--num-samples", type=int, default=0, help="write this many uniformly-labelled samples to .npz")
-    parser.add_argument("--batch-size", type=int, default=SAMPLE_BATCH_SIZE)
+    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
+    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE)
     parser.set_defaults(handler=run_sample)
 
     edit_parsers = commands.add_parser("edit", help="zero-shot editing").add_subparsers(dest="model", required=True)
@@ -103,9 +103,9 @@ def add_loading_options(parser) -> None:
     """Options shared by `sample var` and `edit var`."""
     parser.add_argument("--ckpt", required=True, help="VAR run folder, checkpoint folder/file, or official var_d*.pth")
     parser.add_argument("--tokenizer", default=None, help="override the tokenizer stored with the run")
-    parser.add_argument("--cfg", type=float, default=SAMPLE_CFG, help="classifier-free guidance (ramped over scales)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=SAMPLE_TOP_P)
+    parser.add_argument("--cfg", type=NON_NEGATIVE_FLOAT, default=SAMPLE_CFG, help="classifier-free guidance (ramped over scales)")
+    parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=fraction, default=SAMPLE_TOP_P, help="nucleus sampling (0: off)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -129,6 +129,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    check_output(args.out, args.num_samples)
     context = setup_distributed(args.device)
     model = load_var(args.ckpt, args.tokenizer).to(context.device)
     try:

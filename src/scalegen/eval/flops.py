@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, preset_config
 from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
@@ -134,6 +135,10 @@ def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = Tru
 
 def flops_table(image_size: int = 256) -> str:
     """The text table `scalegen flops` prints: DiT presets against the paper, then per-image sampling cost."""
+    smallest = LATENT_DOWNSAMPLE * max(PATCH_SIZES)
+    if image_size <= 0 or image_size % smallest:
+        raise UserError(f"--image-size {image_size}: the table needs a positive multiple of {smallest} "
+                        f"(the SD VAE's {LATENT_DOWNSAMPLE}× times the largest patch, {max(PATCH_SIZES)}), e.g. 256")
     lines = [f"DiT forward pass at {image_size}px (Gflops = 10^9 multiply-accumulates)",
              f"{'preset':<10} {'ours':>9} {'paper':>9} {'diff %':>8}"]
     for size in MODEL_SIZES:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.checkpoint import ASSETS, read_json, read_weights_file
+from scalegen.checkpoint import ASSETS
+from scalegen.files import read_json, read_weights_file
 from scalegen.data import FASHION_MNIST_CLASSES, FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist, to_model_range
 from scalegen.errors import UserError
 from scalegen.eval import metrics

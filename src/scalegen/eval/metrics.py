@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -57,6 +56,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise UserError(f"feature statistics differ in size ({mu1.shape} vs {mu2.shape}): "
                         "compute both with the same Inception network")
+    if not all(np.isfinite(array).all() for array in (mu1, sigma1, mu2, sigma2)):
+        # sqrtm of a NaN matrix does not return; a NaN in the images' features or stored statistics is the cause
+        raise UserError("the feature statistics hold NaN or infinite values: check the samples and the reference "
+                        "(recompute stored mu/sigma with `scalegen eval --save-ref`)")
     difference = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on near-singular input; we check the result instead

@@ -76,6 +76,12 @@ class DiT(ReferencingModule):
         super().__init__()
         if config.block not in BLOCK_KINDS:
             raise UserError(f"unknown block kind {config.block!r}; choose one of {', '.join(BLOCK_KINDS)}")
+        if config.hidden_size % config.num_heads:
+            raise UserError(f"hidden size {config.hidden_size} is not divisible by {config.num_heads} heads; "
+                            "change --hidden-size or --num-heads")
+        if config.input_size % config.patch_size:
+            raise UserError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}; "
+                            "change --model, --patch-size or --image-size")
         self.config = config
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels

@@ -135,7 +135,13 @@ def edit_box(
     if class_id is not None and not 0 <= class_id < num_classes:
         raise UserError(f"--class {class_id} is out of range; this model has classes 0..{num_classes - 1}")
     size = tokenizer.image_size
-    keep = box_mask(size, box, tokenizer.patch_nums[-1], mode)  # (p, p), 1 = keep
+    grid = tokenizer.patch_nums[-1]
+    keep = box_mask(size, box, grid, mode)  # (p, p), 1 = keep
+    if keep.min() == keep.max():
+        inside = int((keep if mode == "outpaint" else 1 - keep).sum())
+        raise UserError(f"the box {box} covers {inside} of the {grid}×{grid} tokens ({size / grid:g} px each), so "
+                        f"{mode} would change {'nothing' if inside == 0 else 'everything'}; make the box cover at "
+                        "least one token and leave at least one out")
     source_tokens = tokenizer.img_to_tokens(image.to(model.class_emb.weight.device) * 2 - 1)  # K × (1, p²)
     edited = model.edit([num_classes if class_id is None else class_id], source_tokens, keep, **sampling)
     regenerated = F.interpolate((1 - keep)[None, None], size=(size, size), mode="nearest")  # (1, 1, S, S)

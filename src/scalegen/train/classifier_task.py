@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, halved, load_weights, read_json
+from scalegen.checkpoint import RunFolder, guarded_run, halved, load_weights
+from scalegen.files import read_json
 from scalegen.data import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, open_dataset
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
@@ -159,23 +160,23 @@ def train_classifier(options: ClassifierOptions, config: TrainConfig) -> dict | 
         options: the network, data and export.
         config: the loop settings; those left at None follow the classifier recipe (`ClassifierTask.recipe`).
     """
-    started = time.perf_counter()
-    dataset = open_dataset(options.data, FASHION_MNIST_PADDED_SIZE)
-    if not isinstance(dataset, FashionMNIST):
-        raise UserError(f"--data {options.data} is not Fashion-MNIST; the classifier trains on fashion-mnist or its "
-                        "IDX files")
-    root = None if options.data == FASHION_MNIST_NAME else options.data
-    test_set = FashionMNIST(root, FASHION_MNIST_PADDED_SIZE, "test")
-    model_config = ClassifierConfig(width=options.width, feature_dim=options.feature_dim,
-                                    num_classes=dataset.num_classes)
-    torch.manual_seed(config.seed)  # the initial weights follow the seed
-    task = ClassifierTask(model_config, test_set, extra_config={"data": options.data})
-    train(task, dataset, config)
-    seconds = time.perf_counter() - started
-    if not options.export or not launched_as_main():
-        return None
-    card = export_classifier(config.out, options.export, dataset, test_set)
-    card.update(command=options.command, wall_clock_seconds=round(seconds, 1), machine=machine_description(config.device))
-    Path(options.export).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return card
-
+    with guarded_run(config.out):
+        started = time.perf_counter()
+        dataset = open_dataset(options.data, FASHION_MNIST_PADDED_SIZE)
+        if not isinstance(dataset, FashionMNIST):
+            raise UserError(f"--data {options.data} is not Fashion-MNIST; the classifier trains on fashion-mnist or its "
+                            "IDX files")
+        root = None if options.data == FASHION_MNIST_NAME else options.data
+        test_set = FashionMNIST(root, FASHION_MNIST_PADDED_SIZE, "test")
+        model_config = ClassifierConfig(width=options.width, feature_dim=options.feature_dim,
+                                        num_classes=dataset.num_classes)
+        torch.manual_seed(config.seed)  # the initial weights follow the seed
+        task = ClassifierTask(model_config, test_set, extra_config={"data": options.data})
+        train(task, dataset, config)
+        seconds = time.perf_counter() - started
+        if not options.export or not launched_as_main():
+            return None
+        card = export_classifier(config.out, options.export, dataset, test_set)
+        card.update(command=options.command, wall_clock_seconds=round(seconds, 1), machine=machine_description(config.device))
+        Path(options.export).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+        return card

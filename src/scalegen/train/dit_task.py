@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, json_config, keep_tokenizer_copy
+from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, open_dataset
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.errors import UserError
+from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.pretrained import PIXEL_SPACE, load_tokenizer
@@ -114,7 +115,8 @@ class DiTOptions:
 
 
 def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:
-    """The DiT config for a training run: the preset on inputs (in_channels, input_size²), with any overrides."""
+    """The DiT config for a training run: the preset on inputs (in_channels, input_size²), with any overrides
+    (checked when the DiT is built)."""
     config = preset_config(
         options.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         class_dropout_prob=options.class_dropout, learn_sigma=options.learn_sigma, block=options.block,
@@ -122,9 +124,6 @@ def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num
     for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(options, name) is not None:
             setattr(config, name, getattr(options, name))
-    if config.input_size % config.patch_size:
-        raise UserError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}; "
-                        "change --model or --patch-size")
     return config
 
 
@@ -151,29 +150,30 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         options: the model, latent space and data.
         config: the loop settings; those left at None follow the DiT recipe (`DiTTask.recipe`).
     """
-    if options.tokenizer and not options.pixel_space:
-        raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
-    run = RunFolder(config.out)
-    dataset = open_dataset(options.data, options.image_size)
-    extra_config = {"data": options.data, "image_size": options.image_size}
-    if options.tokenizer:
-        codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
-        in_channels, input_size = codec.tokenizer.z_channels, codec.tokenizer.patch_nums[-1]
-    elif not options.pixel_space:
-        if options.image_size % LATENT_DOWNSAMPLE:
-            raise UserError(f"--image-size {options.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
-        codec, in_channels = load_sd_vae(options.vae), LATENT_CHANNELS
-        input_size = options.image_size // LATENT_DOWNSAMPLE
-    else:
-        codec, in_channels, input_size = None, dataset.channels, options.image_size
-    model_config = dit_model_config(options, input_size, in_channels, dataset.num_classes)
-    if codec is not None and options.latent_cache:
-        context = setup_distributed(config.device)
-        if context.is_main and not run.latent_cache.exists():
-            extract_latents(codec, dataset, run.latent_cache, device=context.device)
-        barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
-        dataset = LatentCache(run.latent_cache)  # batches now carry "latent"; the codec only decodes sample grids
-    vae = None if options.pixel_space else options.vae
-    torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
-    task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config=extra_config)
-    return train(task, dataset, config)
+    with guarded_run(config.out):
+        if options.tokenizer and not options.pixel_space:
+            raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
+        run = RunFolder(config.out)
+        dataset = open_dataset(options.data, options.image_size)
+        extra_config = {"data": options.data, "image_size": options.image_size}
+        if options.tokenizer:
+            codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
+            in_channels, input_size = codec.tokenizer.z_channels, codec.tokenizer.patch_nums[-1]
+        elif not options.pixel_space:
+            if options.image_size % LATENT_DOWNSAMPLE:
+                raise UserError(f"--image-size {options.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
+            codec, in_channels = load_sd_vae(options.vae), LATENT_CHANNELS
+            input_size = options.image_size // LATENT_DOWNSAMPLE
+        else:
+            codec, in_channels, input_size = None, dataset.channels, options.image_size
+        model_config = dit_model_config(options, input_size, in_channels, dataset.num_classes)
+        if codec is not None and options.latent_cache:
+            context = setup_distributed(config.device)
+            if context.is_main and not run.latent_cache.exists():
+                extract_latents(codec, dataset, run.latent_cache, device=context.device)
+            barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
+            dataset = LatentCache(run.latent_cache)  # batches now carry "latent"; the codec only decodes sample grids
+        vae = None if options.pixel_space else options.vae
+        torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
+        task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config=extra_config)
+        return train(task, dataset, config)

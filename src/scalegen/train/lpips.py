@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from scalegen.checkpoint import safe_torch_load
+from scalegen.files import safe_torch_load
 from scalegen.errors import UserError
 
 # VGG16 `features` layout: conv widths per stage; each stage ends at the ReLU LPIPS taps (relu1_2 … relu5_3).

@@ -7,6 +7,7 @@ from typing import Literal
 
 from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
+from scalegen.files import replace_atomically
 
 Logger = Literal["csv", "tensorboard"]
 
@@ -23,6 +24,21 @@ class RunLog:
             except ImportError:
                 raise UserError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(run.tensorboard)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the CSV rows past `step` (logged by a run that crashed before its next checkpoint), so the steps
+        trained again are not logged twice."""
+        if not self.enabled or self.writer is not None or not self.path.exists():
+            return
+        with open(self.path, newline="") as stream:
+            rows = list(csv.reader(stream))
+        kept = rows[:1] + [row for row in rows[1:] if row and float(row[0]) <= step]
+        if len(kept) < len(rows):
+            def write(temporary: Path) -> None:
+                with open(temporary, "w", newline="") as stream:
+                    csv.writer(stream).writerows(kept)
+
+            replace_atomically(self.path, write)
 
     def write(self, step: int, figures: dict[str, float]) -> None:
         """Record the figures of one step."""

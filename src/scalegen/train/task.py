@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from scalegen.checkpoint import json_config
+from scalegen.files import json_config
 from scalegen.distributed import DistributedContext
 
 GRID_PER_CLASS = 8  # the periodic training grid: 8 samples of each of the first 10 classes

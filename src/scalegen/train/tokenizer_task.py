@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scalegen.checkpoint import guarded_run
 from scalegen.data import FASHION_MNIST_NAME, open_dataset, to_unit_range
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
@@ -268,14 +269,14 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         options: the tokenizer, its losses and its data.
         config: the loop settings; those left at None follow the tokenizer recipe (`VQVAETask.recipe`).
     """
-    dataset = open_dataset(options.data, options.image_size)
-    model_config = tokenizer_config(options, dataset.channels)
-    lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
-    losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
-    items = (dataset[(index, False)] for index in range(min(len(dataset), 4 * GRID_IMAGES)))
-    grid_images = torch.stack([item["image"] for item in items if item is not None][:GRID_IMAGES])  # (N, C, H, W)
-    torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
-    task = VQVAETask(model_config, losses, grid_images, lpips,
-                     extra_config={"data": options.data, "image_size": options.image_size})
-    return train(task, dataset, config)
-
+    with guarded_run(config.out):
+        dataset = open_dataset(options.data, options.image_size)
+        model_config = tokenizer_config(options, dataset.channels)
+        lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
+        losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
+        items = (dataset[(index, False)] for index in range(min(len(dataset), 4 * GRID_IMAGES)))
+        grid_images = torch.stack([item["image"] for item in items if item is not None][:GRID_IMAGES])  # (N, C, H, W)
+        torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
+        task = VQVAETask(model_config, losses, grid_images, lpips,
+                         extra_config={"data": options.data, "image_size": options.image_size})
+        return train(task, dataset, config)

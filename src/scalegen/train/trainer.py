@@ -6,6 +6,7 @@ recipe; the trainer owns the loop and everything that must survive a crash.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -20,16 +21,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scalegen.checkpoint import (
-    EMA_FILE, MODEL_FILE, RunFolder, load_training_state, read_weights_file, save_checkpoint, stored_config,
+    EMA_FILE, MODEL_FILE, RunFolder, guarded_run, load_training_state, save_checkpoint, stored_config,
 )
 from scalegen.data import ResumableSampler, collate
 from scalegen.distributed import DistributedContext, barrier, cleanup, mean_over_ranks, setup_distributed
 from scalegen.errors import UserError
+from scalegen.files import read_weights_file
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.task import Recipe, TrainingTask
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
+MINIMUMS = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "grad_accumulation": 1, "log_every": 1,
+            "keep_checkpoints": 1, "max_nonfinite_steps": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
+            "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0}
 
 
 @dataclass
@@ -63,6 +71,18 @@ class TrainConfig:
     logger: Logger = "csv"
     device: str | None = None
     flip: bool = True
+    max_nonfinite_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
+
+    def __post_init__(self) -> None:
+        for name, smallest in MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < smallest:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} is {value}; it must be at least {smallest}")
+        if self.ema_decay is not None and self.ema_decay >= 1:
+            raise UserError(f"--ema is {self.ema_decay}; an EMA decay must lie in [0, 1) (0: no EMA)")
+
+
 
 
 RECIPE_FIELDS = tuple(field.name for field in fields(Recipe))
@@ -149,34 +169,57 @@ class Trainer:
         self.precision = resolve_precision(config.precision, context.device)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.step = 0
+        self.figures: dict[str, float] = {}  # the last logged figures
         self.sampler = ResumableSampler(
             len(dataset), self.micro_batch, context.rank, context.world_size, config.seed, config.flip
         )
 
     def resume(self) -> bool:
-        """Continue from RUN/last.json when present: weights, EMA, optimizer, step, data position, RNG."""
-        folder = self.folder.last_checkpoint()
-        if folder is None:
-            return False
-        stored = stored_config(folder)
-        if stored.get("model") != self.task.config().get("model"):
-            raise UserError(
-                f"{self.folder.root} holds a different model ({stored.get('model')}); use another --out or the same options"
-            )
-        self.model.load_state_dict(read_weights_file(folder / MODEL_FILE))
+        """Continue from the newest complete checkpoint (the one `last.json` names unless it is broken): weights, EMA,
+        optimizer, step, data position, RNG. A checkpoint that cannot be read is skipped, saying why."""
+        candidates = self.folder.resume_candidates()
+        for folder, problem in candidates:
+            try:
+                if problem is not None:
+                    raise UserError(problem)
+                stored = stored_config(folder)
+                weights = read_weights_file(folder / MODEL_FILE)
+                # A run checkpointed without EMA starts its EMA from the current weights.
+                ema_file = folder / EMA_FILE if (folder / EMA_FILE).exists() else folder / MODEL_FILE
+                ema_weights = read_weights_file(ema_file) if self.ema is not None else None
+                state = load_training_state(folder)
+            except UserError as error:
+                if self.context.is_main:
+                    tqdm.write(f"skipping checkpoint {folder.name if folder else 'pointer'}: {error}")
+                continue
+            if stored.get("model") != self.task.config().get("model"):
+                raise UserError(f"{self.folder.root} holds a different model ({stored.get('model')}); "
+                                "use another --out or the same options")
+            self.load_state(weights, ema_weights, state)
+            if self.context.is_main:
+                print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
+            return True
+        if candidates:
+            raise UserError(f"{self.folder.root} holds checkpoints but none is complete; move the folder away to "
+                            "start afresh")
+        return False
+
+    def load_state(self, weights: dict, ema_weights: dict | None, state: dict) -> None:
+        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place."""
+        self.model.load_state_dict(weights)
         if self.ema is not None:
-            # A run checkpointed without EMA starts its EMA from the current weights.
-            ema_file = folder / EMA_FILE if (folder / EMA_FILE).exists() else folder / MODEL_FILE
-            self.ema.load_state_dict(read_weights_file(ema_file))
-        state = load_training_state(folder)
+            self.ema.load_state_dict(ema_weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.task.load_extra_state(state["task"])
         restore_rng_state(state["rng"][self.context.rank] if self.context.rank < len(state["rng"]) else state["rng"][0])
-        if self.context.is_main:
-            print(f"resuming {self.folder.root} from step {self.step}")
-        return True
+
+    def weights_are_finite(self) -> bool:
+        """Whether every parameter (and EMA parameter) is finite: a checkpoint is written only then. (Buffers may hold
+        infinities on purpose, as VAR's attention mask.)"""
+        modules = [self.model] + ([self.ema] if self.ema is not None else [])
+        return all(bool(torch.isfinite(parameter).all()) for module in modules for parameter in module.parameters())
 
     def save(self) -> None:
         """Checkpoint (rank 0 writes; every rank contributes its RNG state so each resumes its own stream)."""
@@ -194,10 +237,13 @@ class Trainer:
                 "task": self.task.extra_state(),
             }
             ema_state = self.ema.state_dict() if self.ema is not None else None
-            save_checkpoint(
-                self.folder.root, self.step, self.task.config(), self.model.state_dict(), ema_state,
-                training_state, self.config.keep_checkpoints,
-            )
+            if self.weights_are_finite():
+                save_checkpoint(
+                    self.folder.root, self.step, self.task.config(), self.model.state_dict(), ema_state,
+                    training_state, self.config.keep_checkpoints,
+                )
+            else:
+                tqdm.write(f"not writing checkpoint step {self.step}: the weights are not finite")
         barrier(self.context)
 
     def samples(self) -> None:
@@ -215,11 +261,16 @@ class Trainer:
     def run(self) -> dict[str, float]:
         """Train to `config.steps`; returns the last logged figures."""
         config, context = self.config, self.context
-        self.folder.root.mkdir(parents=True, exist_ok=True)
-        if not self.resume():
+        if context.is_main:
+            self.folder.root.mkdir(parents=True, exist_ok=True)
+            self.folder.clean_leftovers()
+        barrier(context)
+        resumed = self.resume()
+        if not resumed:
             if self.ema is not None:
                 self.ema.load_state_dict(self.model.state_dict())  # the official code syncs EMA before step 0
             torch.manual_seed(config.seed * context.world_size + context.rank)  # per-rank seed, as DiT's train.py
+        start_step = self.step
         self.sampler.start_batch = self.step * config.grad_accumulation
         loader = DataLoader(
             self.dataset, batch_size=self.micro_batch, sampler=self.sampler, collate_fn=collate,
@@ -233,11 +284,24 @@ class Trainer:
         if config.compile:
             network = torch.compile(network)
         log = RunLog(self.folder, config.logger, enabled=context.is_main)
+        log.forget_after(self.step)  # rows a crashed run logged past its last checkpoint are logged again
         batches = iter(loader)
         progress = tqdm(total=config.steps, initial=self.step, disable=not context.is_main, desc=self.task.kind)
-        figures: dict[str, float] = {}
-        window_start, window_images, skipped = time.perf_counter(), 0, 0
         self.model.train()
+        try:
+            self.train_steps(batches, network, log, progress)
+        finally:
+            progress.close()  # an error's message starts on a line of its own
+        if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
+            self.save()
+        self.samples()
+        log.close()
+        return self.figures
+
+    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm) -> None:
+        """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way."""
+        config, context = self.config, self.context
+        window_start, window_images, skipped, nonfinite = time.perf_counter(), 0, 0, NonFiniteSteps(config)
         while self.step < config.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = config.lr * learning_rate_factor(self.step, config)
@@ -255,41 +319,81 @@ class Trainer:
                 for name, value in {"loss": loss.item(), **extra}.items():
                     step_figures[name] = step_figures.get(name, 0.0) + value / config.grad_accumulation
                 window_images += len(batch["label"]) * context.world_size
-            if config.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                step_figures["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                update_ema(self.ema, self.model, config.ema_decay)
+            finite = self.gradient_step(step_figures)
             self.step += 1
-            step_figures.update(self.task.after_step(self.step, context))
+            if finite:
+                nonfinite.passed()
+                step_figures.update(self.task.after_step(self.step, context))
+            else:
+                nonfinite.skipped(self.step, self.folder)
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = time.perf_counter() - window_start
-                figures = {name: mean_over_ranks(value, context) for name, value in step_figures.items()}
+                self.figures = figures = {name: mean_over_ranks(value, context) for name, value in step_figures.items()}
                 figures.update(lr=self.optimizer.param_groups[0]["lr"], images_per_second=window_images / elapsed)
-                figures["skipped_images"] = skipped
+                figures.update(skipped_images=skipped, nonfinite_steps=nonfinite.total)
                 log.write(self.step, figures)
-                progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_second']:.0f}")
+                progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_second']:.0f}",
+                                     **({"nonfinite": nonfinite.total} if nonfinite.total else {}))
                 window_start, window_images = time.perf_counter(), 0
             if config.sample_every and self.step % config.sample_every == 0 and self.step != config.steps:
                 self.samples()
-            if self.step % config.checkpoint_every == 0 and self.step != config.steps:
-                self.save()
-        progress.close()
-        self.save()
-        self.samples()
-        log.close()
-        return figures
+            if self.step % config.checkpoint_every == 0 and self.step != config.steps and not nonfinite.in_a_row:
+                self.save()  # not in the middle of skipped steps: the last checkpoint stays the last good one
+
+    def gradient_step(self, step_figures: dict[str, float]) -> bool:
+        """Clip, check and apply this step's gradients (optimizer, scaler, EMA); returns False when the loss or the
+        gradients were not finite on any rank, in which case nothing is updated."""
+        config = self.config
+        finite = math.isfinite(step_figures["loss"])
+        if config.grad_clip > 0 or self.precision != "fp16":
+            self.scaler.unscale_(self.optimizer)
+            parameters = [parameter for parameter in self.model.parameters() if parameter.grad is not None]
+            norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip if config.grad_clip > 0 else math.inf)
+            step_figures["grad_norm"] = norm.item()
+            # fp16's scaler skips steps with overflowing gradients itself and lowers its scale; they are no failure.
+            finite = finite and (math.isfinite(step_figures["grad_norm"]) or self.precision == "fp16")
+        finite = mean_over_ranks(float(finite), self.context) == 1.0  # every rank skips together
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                update_ema(self.ema, self.model, config.ema_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+
+class NonFiniteSteps:
+    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop training in one line."""
+
+    def __init__(self, config: TrainConfig):
+        self.limit, self.lr = config.max_nonfinite_steps, config.lr
+        self.total, self.in_a_row = 0, 0
+
+    def passed(self) -> None:
+        self.in_a_row = 0
+
+    def skipped(self, step: int, run: RunFolder) -> None:
+        self.total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            live = run.pointed_checkpoint() if run.last_pointer.exists() else None
+            good = f"the last good checkpoint is {live}" if live else "no checkpoint was written yet"
+            raise UserError(f"training diverged: the loss or the gradients were not finite for {self.in_a_row} steps "
+                            f"in a row (up to step {step}); {good}; lower --lr (now {self.lr:g}) or set --grad-clip, "
+                            "then re-run to resume from it")
 
 
 def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str, float]:
-    """Set up (torchrun-aware) distribution, train, and tear down. Returns the last logged figures."""
+    """Set up (torchrun-aware) distribution, train, and tear down. Returns the last logged figures.
+
+    The run folder is locked while training (rank 0 of a launch holds it); a full disk or an unwritable folder is a
+    one-line error that names the intact checkpoint.
+    """
     context = setup_distributed(config.device)
     try:
-        return Trainer(task, dataset, config, context).run()
+        with guarded_run(config.out):
+            return Trainer(task, dataset, config, context).run()
     finally:
         cleanup(context)
 

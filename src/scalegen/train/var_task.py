@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, json_config, keep_tokenizer_copy
+from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, open_dataset
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.errors import UserError
+from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.pretrained import load_tokenizer
@@ -139,36 +140,37 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
     Returns:
         The last logged figures.
     """
-    tokenizer = load_tokenizer(options.tokenizer)
-    image_size = options.image_size or tokenizer.image_size
-    if image_size != tokenizer.image_size:
-        raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
-                        f"--image-size {tokenizer.image_size}")
-    dataset = open_dataset(options.data, image_size)
-    if dataset.channels != tokenizer.config.in_channels:
-        raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
-                        f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
-    overrides = {name: getattr(options, name) for name in ("width", "num_heads") if getattr(options, name) is not None}
-    model_config = VARConfig.for_depth(
-        options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
-        vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
-        **overrides,
-    )
-    if model_config.width % model_config.num_heads:
-        raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
-                        "change --width or --num-heads")
-    run = RunFolder(config.out)
-    context = setup_distributed(config.device)
-    if context.is_main:
-        keep_tokenizer_copy(tokenizer.state_dict(), run.root)
-        if options.token_cache and not run.token_cache.exists():
-            extract_tokens(tokenizer, dataset, run.token_cache, device=context.device)
-    barrier(context)  # the other ranks wait for the token cache
-    if options.token_cache:
-        dataset = TokenCache(run.token_cache)
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
-    task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
-                   options.sample_top_p, extra_config={"data": options.data, "image_size": image_size},
-                   base_lr=options.base_lr)
-    return train(task, dataset, config)
+    with guarded_run(config.out):
+        tokenizer = load_tokenizer(options.tokenizer)
+        image_size = options.image_size or tokenizer.image_size
+        if image_size != tokenizer.image_size:
+            raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
+                            f"--image-size {tokenizer.image_size}")
+        dataset = open_dataset(options.data, image_size)
+        if dataset.channels != tokenizer.config.in_channels:
+            raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
+                            f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
+        overrides = {name: getattr(options, name) for name in ("width", "num_heads") if getattr(options, name) is not None}
+        model_config = VARConfig.for_depth(
+            options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
+            vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
+            **overrides,
+        )
+        if model_config.width % model_config.num_heads:
+            raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
+                            "change --width or --num-heads")
+        run = RunFolder(config.out)
+        context = setup_distributed(config.device)
+        if context.is_main:
+            keep_tokenizer_copy(tokenizer.state_dict(), run.root)
+            if options.token_cache and not run.token_cache.exists():
+                extract_tokens(tokenizer, dataset, run.token_cache, device=context.device)
+        barrier(context)  # the other ranks wait for the token cache
+        if options.token_cache:
+            dataset = TokenCache(run.token_cache)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
+        task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
+                       options.sample_top_p, extra_config={"data": options.data, "image_size": image_size},
+                       base_lr=options.base_lr)
+        return train(task, dataset, config)

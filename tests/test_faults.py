@@ -202,6 +202,8 @@ BAD_INPUTS = {
     "image size 0": ["train", "vqvae", "--image-size", "0", "--steps", "1"],
     "heads do not divide": ["train", "dit", "--hidden-size", "30", "--num-heads", "4", "--steps", "1"],
     "ema 1.5": ["train", "dit", "--ema", "1.5", "--steps", "1"],
+    "one beta": ["train", "dit", "--betas", "0.9", "--steps", "1"],
+    "keep no checkpoint": ["train", "dit", "--keep-checkpoints", "0", "--steps", "1"],
     "per class 0": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--per-class", "0"],
     "per class -1": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--per-class", "-1"],
     "sample batch 0": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--batch-size", "0"],
@@ -246,3 +248,27 @@ def test_more_bad_files_and_boxes_are_one_line_errors(tmp_path, capsys):
         assert "sees none" in user_error(["train", "dit", *TINY_DIT[:-2], "--device", "cuda", "--steps", "1", "--out",
                                           str(tmp_path / "cuda")], capsys)
     assert os.listdir(tmp_path / "run")  # nothing of the broken run was deleted
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MB tmpfs, where the machine lets us mount one (root on Linux); the test is skipped elsewhere."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_disk, tmp_path, capsys):
+    data = write_fashion_subset(tmp_path)
+    arguments = [*TINY_DIT, "--hidden-size", "64", "--depth", "2", "--data", str(data), "--steps", "6",
+                 "--checkpoint-every", "1"]
+    message = training_error(["train", "dit", *arguments, "--out", str(tiny_disk / "run")], capsys)
+    assert "no space left on the device while writing checkpoint step" in message and "is intact" in message
+    assert not list((tiny_disk / "run" / "checkpoints").glob(".staging-*"))
+    load_weights(tiny_disk / "run")  # the kept checkpoint loads

@@ -241,7 +241,7 @@ def save_checkpoint(
         os.replace(staging, final)
         fsync_path(run.checkpoints)
         write_json_atomic(run.last_pointer, {"step": step, "path": str(final.relative_to(run.root))})
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         previous = run.pointed_checkpoint() if run.last_pointer.exists() else None
@@ -315,7 +315,7 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
             # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
             stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
         write_json_atomic(destination / CONFIG_FILE, stored)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{write_failure(error)} while exporting to {destination}; choose another --out") from None
     return destination
 

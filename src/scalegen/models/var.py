@@ -246,6 +246,26 @@ class VAR(ReferencingModule):
         return self._decode(sampled.features)
 
     @torch.no_grad()
+    def generate_frames(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
+        `generate_tokens`; the last frame is `generate`'s image for the same seed).
+
+        Returns:
+            One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
+        """
+        sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator)
+        frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
+        return [self._decode(features) for features in frames]
+
+    @torch.no_grad()
     def edit(
         self,
         labels: torch.Tensor | Sequence[int],

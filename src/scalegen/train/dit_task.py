@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, open_dataset
+from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.errors import UserError
@@ -155,7 +155,7 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
             raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
         run = RunFolder(config.out)
         dataset = open_dataset(options.data, options.image_size)
-        extra_config = {"data": options.data, "image_size": options.image_size}
+        extra_config = run_description(options.data, options.image_size, dataset)
         if options.tokenizer:
             codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
             in_channels, input_size = codec.tokenizer.z_channels, codec.tokenizer.patch_nums[-1]

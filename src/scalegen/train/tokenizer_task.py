@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scalegen.checkpoint import guarded_run
-from scalegen.data import FASHION_MNIST_NAME, open_dataset, to_unit_range
+from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description, to_unit_range
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.images import save_grid
@@ -278,5 +278,5 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         grid_images = torch.stack([item["image"] for item in items if item is not None][:GRID_IMAGES])  # (N, C, H, W)
         torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
         task = VQVAETask(model_config, losses, grid_images, lpips,
-                         extra_config={"data": options.data, "image_size": options.image_size})
+                         extra_config=run_description(options.data, options.image_size, dataset))
         return train(task, dataset, config)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, open_dataset
+from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
@@ -147,6 +147,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
             raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
                             f"--image-size {tokenizer.image_size}")
         dataset = open_dataset(options.data, image_size)
+        description = run_description(options.data, image_size, dataset)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
                             f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
@@ -171,6 +172,6 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
-                       options.sample_top_p, extra_config={"data": options.data, "image_size": image_size},
+                       options.sample_top_p, extra_config=description,
                        base_lr=options.base_lr)
         return train(task, dataset, config)

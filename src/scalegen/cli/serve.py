@@ -1,0 +1,30 @@
+"""`scalegen serve`: the web page (Gradio) with the shipped models, or the DiT and VAR given."""
+from __future__ import annotations
+
+import argparse
+
+from scalegen.cli.options import at_least
+from scalegen.errors import UserError
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+PORT = at_least(1)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Handler of `scalegen serve`: serves until interrupted."""
+    try:
+        from scalegen.web.app import serve  # Gradio is an optional extra: imported only to serve
+    except ImportError as error:
+        raise UserError(f"the web page needs Gradio ({error}): pip install 'scalegen[web]'") from None
+    serve(args.dit, args.var, args.host, args.port)
+
+
+def register(commands) -> None:
+    """Add `scalegen serve` to the command line."""
+    parser = commands.add_parser("serve", help="a web page to sample and edit with a DiT and a VAR (Gradio)")
+    parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT run, export or official .pt (default: the shipped one)")
+    parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR run, export or official .pth (default: the shipped one)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.set_defaults(handler=run_serve)

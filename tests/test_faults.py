@@ -247,6 +247,8 @@ def test_more_bad_files_and_boxes_are_one_line_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert "sees none" in user_error(["train", "dit", *TINY_DIT[:-2], "--device", "cuda", "--steps", "1", "--out",
                                           str(tmp_path / "cuda")], capsys)
+    assert "no such file or directory" in user_error(["sample", "var", "--ckpt", str(SHIPPED_VAR), "--classes", "0",
+                                                      "--per-class", "1", "--out", "/proc/grid.png"], capsys)
     assert os.listdir(tmp_path / "run")  # nothing of the broken run was deleted
 
 

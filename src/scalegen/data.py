@@ -290,6 +290,9 @@ def cache_with_mirrors(
         parts["labels"].append(batch["label"])
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".partial")
-    save_file({name: torch.cat(chunks) for name, chunks in parts.items()}, temporary)
-    temporary.replace(path)
+    try:
+        save_file({name: torch.cat(chunks) for name, chunks in parts.items()}, temporary)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no partial cache behind
     return path

@@ -18,6 +18,7 @@ from scalegen.data import center_crop_arr
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
 from scalegen.eval.npz import IMAGES_KEY, LABELS_KEY, NpzWriter, write_npz
+from scalegen.files import replace_atomically
 
 UINT8_MAX = 255
 
@@ -113,9 +114,8 @@ def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = N
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".partial.npz")
-    write_npz(temporary, {IMAGES_KEY: images, **({} if labels is None else {LABELS_KEY: labels})})
-    temporary.replace(path)
+    replace_atomically(path, lambda temporary: write_npz(
+        temporary, {IMAGES_KEY: images, **({} if labels is None else {LABELS_KEY: labels})}))
     return path
 
 
@@ -147,25 +147,30 @@ def sample_to_npz(
     temporary = path.with_name(path.stem + ".partial.npz")
     writer, written, all_labels = None, 0, []
     progress = tqdm(total=per_rank * context.world_size, desc="sampling", unit="img", disable=not context.is_main)
-    for start in range(0, per_rank, batch_size):
-        count = min(batch_size, per_rank - start)
-        labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
-        images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
-        images, labels = gather_tensors(images, context), gather_tensors(labels, context)  # (world·b, …)
-        if context.is_main:
-            if writer is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                writer = NpzWriter(temporary)
-                writer.begin_images((num_samples, *images.shape[1:]))
-            keep = min(len(images), num_samples - written)
-            writer.add_images(images[:keep].cpu().numpy())
-            all_labels.append(labels[:keep].cpu().numpy())
-            written += keep
-        progress.update(count * context.world_size)
-    progress.close()
-    if not context.is_main:
-        return None
-    writer.add_array(LABELS_KEY, np.concatenate(all_labels))
-    writer.close()
-    temporary.replace(path)
+    try:
+        for start in range(0, per_rank, batch_size):
+            count = min(batch_size, per_rank - start)
+            labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
+            images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
+            images, labels = gather_tensors(images, context), gather_tensors(labels, context)  # (world·b, …)
+            if context.is_main:
+                if writer is None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    writer = NpzWriter(temporary)
+                    writer.begin_images((num_samples, *images.shape[1:]))
+                keep = min(len(images), num_samples - written)
+                writer.add_images(images[:keep].cpu().numpy())
+                all_labels.append(labels[:keep].cpu().numpy())
+                written += keep
+            progress.update(count * context.world_size)
+        progress.close()
+        if not context.is_main:
+            return None
+        writer.add_array(LABELS_KEY, np.concatenate(all_labels))
+        writer.close()
+        temporary.replace(path)
+    finally:
+        if context.is_main:  # rank 0 alone writes the file: an interrupted or failed write leaves nothing behind
+            temporary.unlink(missing_ok=True)
     return path
+

@@ -5,7 +5,9 @@ import argparse
 
 import torch
 
-from scalegen.cli.options import POSITIVE, NON_NEGATIVE, fraction, at_least, add_training_options, dataclass_from_args, train_config_from_args
+from scalegen.cli.options import (
+    NON_NEGATIVE, POSITIVE, add_training_options, at_least, dataclass_from_args, fraction, train_config_from_args,
+)
 from scalegen.diffusion.sampling import SAMPLERS
 from scalegen.distributed import cleanup, setup_distributed
 from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid

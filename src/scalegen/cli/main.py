@@ -9,6 +9,7 @@ from scalegen.cli import classifier, demo, dit, export, serve, var
 from scalegen.cli.options import OneLineParser
 from scalegen.cli import eval as evaluation
 from scalegen.errors import UserError
+from scalegen.files import is_disk_full, write_failure
 
 DEBUG_VARIABLE = "SCALEGEN_DEBUG"
 
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"scalegen: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a full disk or a path that cannot be written (run folders word it themselves)
+        if debug or not (is_disk_full(error) or error.filename is not None):
+            raise
+        print(f"scalegen: error: {write_failure(error)}: {error.filename or 'a file'}; free space or choose another "
+              "path", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
-from scalegen.cli.options import POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, fraction, at_least, add_training_options, dataclass_from_args, integers, train_config_from_args
+from scalegen.cli.options import (
+    NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_training_options, at_least, dataclass_from_args, fraction, integers,
+    train_config_from_args,
+)
 from scalegen.distributed import cleanup, setup_distributed
-from scalegen.errors import UserError
 from scalegen.images import check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid
-from scalegen.models.var_edit import edit_box
+from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.pretrained import load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
 from scalegen.train.var_task import VAROptions, VARTask, train_var
@@ -148,15 +150,6 @@ def run_sample(args: argparse.Namespace) -> None:
             print(f"wrote {save_grid(images, len(classes), args.out)}")
     finally:
         cleanup(context)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """"x0,y0,x1,y1" → four floats."""
-    try:
-        x0, y0, x1, y1 = (float(item) for item in text.split(","))
-    except ValueError:
-        raise UserError(f"--box {text!r} must be four comma-separated numbers x0,y0,x1,y1") from None
-    return x0, y0, x1, y1
 
 
 def run_edit(args: argparse.Namespace) -> None:

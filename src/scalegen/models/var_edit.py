@@ -22,6 +22,15 @@ MIN_TOKENS_TO_EDIT = 4
 KEEP_THRESHOLD = 0.5
 
 
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x0,y0,x1,y1" (pixels) → four floats."""
+    try:
+        x0, y0, x1, y1 = (float(item) for item in str(text).split(","))
+    except ValueError:
+        raise UserError(f"the box (--box) {text!r} must be four comma-separated numbers x0,y0,x1,y1") from None
+    return x0, y0, x1, y1
+
+
 def box_mask(
     image_size: int | tuple[int, int],
     box: tuple[float, float, float, float],

@@ -25,7 +25,7 @@ from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.images import grid_labels, image_grid
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
-from scalegen.models.var_edit import edit_box
+from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.pretrained import load_dit, load_var
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
@@ -141,15 +141,6 @@ def data_set_image(models: Models, class_name: str | None, seed: int) -> tuple[I
         return Image.fromarray(test_set.images[chosen, 0].numpy()), f"data set image {chosen}"
     except (UserError, ValueError) as error:
         return None, WARNING + str(error)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """"x0,y0,x1,y1" → four floats."""
-    try:
-        x0, y0, x1, y1 = (float(item) for item in str(text).split(","))
-    except ValueError:
-        raise UserError(f"the box {text!r} must be four comma-separated numbers x0,y0,x1,y1") from None
-    return x0, y0, x1, y1
 
 
 def edit(models: Models, picture: Image.Image | None, box: str, mode: str, class_name: str, seed: int, cfg: float):

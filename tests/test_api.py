@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import scalegen
 from scalegen.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, RunFolder, load_training_state
 from scalegen.cli.main import main
+from scalegen.data import class_ids, imagenet_names
 from scalegen.models.dit import DiTConfig
 from scalegen.models.var import VARConfig
 from scalegen.train.dit_task import DiTTask
@@ -135,3 +137,22 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SCALEGEN_DEBUG", "1")
     with pytest.raises(scalegen.UserError, match="does not exist"):
         main(command)
+
+
+def test_classes_by_name_in_python_and_on_the_command_line(tmp_path, capsys):
+    var = scalegen.load_var(scalegen.SHIPPED_VAR)
+    assert var.class_names[1] == "Trouser"
+    torch.testing.assert_close(var.generate(["trouser", "Bag"], cfg=1.5, seed=0), var.generate([1, 8], cfg=1.5, seed=0),
+                               atol=0, rtol=0)
+    with pytest.raises(scalegen.UserError, match="unknown class 'Hat'"):
+        var.generate("Hat,1")
+    main(["sample", "var", "--ckpt", str(scalegen.SHIPPED_VAR), "--classes", "Trouser,8", "--per-class", "3",
+          "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * 32)
+    names = imagenet_names()
+    assert len(set(names)) == 1000 and names[207] == "golden retriever" and "crane (134)" in names
+    assert class_ids("golden retriever, 7", names) == [207, 7] and class_ids("all", names) == list(range(1000))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("scalegen ")

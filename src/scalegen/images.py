@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from scalegen.data import center_crop_arr
+from scalegen.data import center_crop_arr, class_ids
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
 from scalegen.eval.npz import IMAGES_KEY, LABELS_KEY, NpzWriter, write_npz
@@ -41,20 +41,9 @@ def check_output(path: str | Path, num_samples: int) -> None:
                         ".npz (with --num-samples)")
 
 
-def parse_classes(classes: str | Sequence[int], num_classes: int) -> list[int]:
-    """Class ids from "0,1,2", "all" or a sequence of ints, each checked against the model's number of classes."""
-    if isinstance(classes, str):
-        if classes == "all":
-            return list(range(num_classes))
-        try:
-            classes = [int(item) for item in classes.split(",") if item.strip()]
-        except ValueError:
-            raise UserError(f"--classes {classes!r} is not a comma-separated list of integers (or 'all')") from None
-    classes = [int(label) for label in classes]
-    bad = [label for label in classes if not 0 <= label < num_classes]
-    if bad or not classes:
-        raise UserError(f"class ids {bad or classes} are out of range; this model has classes 0..{num_classes - 1}")
-    return classes
+def parse_classes(classes: str | Sequence[int | str], num_classes: int, names: Sequence[str] | None = None) -> list[int]:
+    """Class ids from "all", "0,1,2", "golden retriever,7" or a sequence of ids and names (see `data.class_ids`)."""
+    return class_ids(classes, names if names is not None else [f"class {index}" for index in range(num_classes)])
 
 
 def grid_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:

@@ -48,11 +48,11 @@ def register(train_parsers, sample_parsers) -> None:
     parser = sample_parsers.add_parser("dit", help="sample a DiT: a class grid (.png) or ADM samples (.npz)")
     parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/file, or official DiT .pt")
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
-    parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
+    parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
-    parser.add_argument("--cfg-scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
-                        help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
+                        help="classifier-free guidance scale (1: none); --cfg-scale is the official name")
     parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS)
     parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0])
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
@@ -85,7 +85,7 @@ def run_sample(args: argparse.Namespace) -> None:
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:
-            classes = parse_classes(args.classes, model.config.num_classes)
+            classes = parse_classes(args.classes, model.config.num_classes, model.class_names)
             torch.manual_seed(args.seed)
             labels = grid_labels(classes, args.per_class).to(context.device)
             images = torch.cat([draw(chunk) for chunk in labels.split(args.batch_size)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import version
 
 from scalegen.cli import classifier, demo, dit, export, serve, var
 from scalegen.cli.options import OneLineParser
@@ -17,6 +18,7 @@ DEBUG_VARIABLE = "SCALEGEN_DEBUG"
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (train / sample / edit / demo / export and the evaluation commands)."""
     parser = OneLineParser(prog="scalegen", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"scalegen {version('scalegen')}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of any error (also with {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True)

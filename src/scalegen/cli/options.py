@@ -46,8 +46,20 @@ TRAINING_HELP = {
 CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": ["csv", "tensorboard"]}
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with its default, except where there is none (or the help says it in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other scalegen error (exit code 2)."""
+    """An ArgumentParser whose errors are one line, like every other scalegen error (exit code 2), and whose help
+    shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         print(f"scalegen: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
@@ -118,9 +130,8 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=help_text)
         else:
-            shown = "" if field.default is None else f" (default: {field.default})"
             parser.add_argument(flag, dest=field.name, type=str if field.default is None else kind, default=field.default,
-                                choices=CHOICES.get(field.name), help=help_text + shown)
+                                choices=CHOICES.get(field.name), help=help_text)
 
 
 def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) -> Options:

@@ -84,7 +84,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser = sample_parsers.add_parser("var", help="sample a VAR: a class grid (.png) or ADM samples (.npz)")
     add_loading_options(parser)
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
-    parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
+    parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
     parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE)
@@ -142,7 +142,7 @@ def run_sample(args: argparse.Namespace) -> None:
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:
-            classes = parse_classes(args.classes, model.config.num_classes)
+            classes = parse_classes(args.classes, model.config.num_classes, model.class_names)
             generator = torch.Generator(context.device).manual_seed(args.seed)
             labels = grid_labels(classes, args.per_class).to(context.device)
             images = torch.cat([model.generate(chunk, generator=generator, **sampling_options(args))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scalegen.data import label_ids
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.diffusion.sampling import Decoder, Sampler, decode, guided_steps, sample_with_guidance
 from scalegen.errors import UserError
@@ -100,6 +101,7 @@ class DiT(ReferencingModule):
         self.final_layer = FinalLayer(dim, config.patch_size, self.out_channels)
         self.initialize_weights()
         self._decoder = ReferencedModule(decoder)
+        self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
@@ -193,7 +195,7 @@ class DiT(ReferencingModule):
         """Sample images of the given classes, as the official sample.py does.
 
         Args:
-            labels: (B,) class ids.
+            labels: (B,) class ids, or class names ("Trouser", ["golden retriever", 7]) of a loaded model.
             cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
             steps: number of respaced diffusion steps.
             sampler: "ddpm" (ancestral) or "ddim" (eta 0).
@@ -241,6 +243,7 @@ class DiT(ReferencingModule):
 
     def sampling_setup(self, labels: torch.Tensor | Sequence[int], steps: int, sampler: Sampler):
         """Checked class ids (B,) on the model's device and the respaced diffusion of `steps` steps."""
+        labels = label_ids(labels, self.class_names)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from scalegen.data import label_ids
 from scalegen.errors import UserError
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.var_blocks import ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, block_causal_mask
@@ -122,6 +123,7 @@ class VAR(ReferencingModule):
 
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
+        self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
         if tokenizer is not None:
             self.attach_tokenizer(tokenizer)
 
@@ -177,9 +179,10 @@ class VAR(ReferencingModule):
         return self._tokenizer.module
 
     def labels_tensor(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Class ids as a (B,) long tensor on the model's device; a one-line error for ids out of range."""
+        """Class ids (or class names of a loaded model) as a (B,) long tensor on the model's device; a one-line error
+        for ids out of range."""
         device = self.class_emb.weight.device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)  # (B,)
+        labels = torch.as_tensor(label_ids(labels, self.class_names), dtype=torch.long, device=device).reshape(-1)  # (B,)
         num_classes = self.config.num_classes
         if labels.numel() == 0 or bool(((labels < 0) | (labels > num_classes)).any()):
             raise ValueError(

@@ -1,5 +1,6 @@
 """The public Python API: loaders return ready models that sample in one range, bad files are one-line errors, the
 recipes live in the library, runs without EMA keep no EMA copy, and `--debug` shows tracebacks."""
+import argparse
 import copy
 import json
 import shutil
@@ -12,7 +13,7 @@ from PIL import Image
 
 import scalegen
 from scalegen.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, RunFolder, load_training_state
-from scalegen.cli.main import main
+from scalegen.cli.main import build_parser, main
 from scalegen.data import class_ids, imagenet_names
 from scalegen.models.dit import DiTConfig
 from scalegen.models.var import VARConfig
@@ -21,7 +22,7 @@ from scalegen.train.trainer import TrainConfig, train
 from scalegen.train.var_task import VARTask
 from test_tokenizer_training import TINY_TOKENIZER
 from test_var_training import TINY_VAR, tokenizer_folder
-from tests_support import tiny_fashion, user_error
+from tests_support import tiny_fashion, user_error, write_fashion_subset
 
 LABELS = [0, 7, 9]
 
@@ -156,3 +157,53 @@ def test_classes_by_name_in_python_and_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("scalegen ")
+
+
+def test_every_option_of_every_command_explains_itself():
+    def options(parser, command):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from options(child, f"{command} {name}")
+            elif action.option_strings and action.dest != "help":
+                yield command, action
+
+    parser = build_parser()
+    undocumented = [f"{command} {action.option_strings[0]}" for command, action in options(parser, "scalegen")
+                    if not action.help]
+    assert not undocumented
+    sample_help = parser._subparsers._group_actions[0].choices["sample"]._subparsers._group_actions[0].choices["dit"]
+    assert "(default: 250)" in sample_help.format_help() and "--cfg-scale" in sample_help.format_help()
+
+
+def test_resume_lists_the_options_that_changed_and_batch_jobs_log_progress_lines(tmp_path, capsys):
+    data = write_fashion_subset(tmp_path)
+    command = ["train", "dit", "--model", "DiT-S/4", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+               "--image-size", "8", "--data", str(data), "--batch-size", "8", "--sample-steps", "2", "--log-every", "1",
+               "--device", "cpu", "--out", str(tmp_path / "run")]
+    main([*command, "--steps", "2"])
+    first = capsys.readouterr().out
+    assert first.startswith("train dit: DiT with") and "steps 0 → 2" in first and "done: steps 0 → 2" in first
+    main([*command, "--steps", "3", "--lr", "3e-4"])
+    assert "--steps 3 (was 2), --lr 0.0003 (was 0.0001)" in capsys.readouterr().out
+    lines = (tmp_path / "run" / "progress.log").read_text().splitlines()  # pytest's stdout is no terminal
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2", "3/3"]
+
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_tensorboard_and_offline_wandb_get_the_figures_and_the_sample_grids(logger, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch.utils.tensorboard" if logger == "tensorboard" else "wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = write_fashion_subset(tmp_path)
+    main(["train", "dit", "--model", "DiT-S/4", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+          "--image-size", "8", "--data", str(data), "--batch-size", "8", "--sample-steps", "2", "--log-every", "1",
+          "--steps", "2", "--logger", logger, "--device", "cpu", "--out", str(tmp_path / "run")])
+    if logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+        assert "loss" in events.Tags()["scalars"] and "samples" in events.Tags()["images"]
+    else:
+        runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -4,27 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from torch.utils.data import Dataset
 
 from scalegen.cli.main import main
-from scalegen.data import FashionMNIST, write_fashion_mnist_subset
+from scalegen.data import FashionMNIST, Subset, write_fashion_mnist_subset
 
 FASHION_SUBSET = 512
 SUBSET_IMAGES = 256
-
-
-class Subset(Dataset):
-    """The first `count` items of a dataset, keeping its channels and number of classes."""
-
-    def __init__(self, dataset, count: int):
-        self.dataset, self.count = dataset, count
-        self.channels, self.num_classes = dataset.channels, dataset.num_classes
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, item):
-        return self.dataset[item]
 
 
 def tiny_fashion(image_size: int = 8) -> Subset:

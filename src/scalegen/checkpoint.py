@@ -5,6 +5,7 @@ A run folder (`scalegen train … --out RUN`) looks like:
     RUN/last.json                      {"step": 300, "path": "checkpoints/step-0000300"}
     RUN/checkpoints/step-0000300/      model.safetensors  [ema.safetensors]  config.json  training_state.pt
     RUN/log.csv                        one row of figures per logged step (RUN/tensorboard/ with --logger tensorboard)
+    RUN/progress.log                   the progress, a line per logged step, when training runs without a terminal
     RUN/samples/step-0000300.png       sample grids
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
     RUN/latents.safetensors, RUN/tokens.safetensors   the optional latent / token caches
@@ -48,6 +49,7 @@ SAMPLES_DIR = "samples"
 LATENT_CACHE_FILE = "latents.safetensors"
 TOKEN_CACHE_FILE = "tokens.safetensors"
 LOCK_FILE = ".lock"
+PROGRESS_FILE = "progress.log"  # a line per logged step when training runs without a terminal
 STAGING_PREFIX = ".staging-"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 7
@@ -75,6 +77,7 @@ class RunFolder:
         self.latent_cache = self.root / LATENT_CACHE_FILE
         self.token_cache = self.root / TOKEN_CACHE_FILE
         self.lock_file = self.root / LOCK_FILE
+        self.progress = self.root / PROGRESS_FILE
 
     def checkpoint(self, step: int) -> Path:
         """The canonical folder of the checkpoint at `step`."""

@@ -174,6 +174,26 @@ class ImageFolder(Dataset):
         return {"image": pixels.flip(-1) if flip else pixels, "label": torch.tensor(label)}
 
 
+class Subset(Dataset):
+    """The first `count` items of a data set (`--max-images`), keeping its channels, classes and class names."""
+
+    def __init__(self, dataset: Dataset, count: int):
+        self.dataset, self.count = dataset, min(count, len(dataset))
+        self.channels, self.num_classes = dataset.channels, dataset.num_classes
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item):
+        return self.dataset[item]
+
+
+def limited(dataset: Dataset, max_images: int | None) -> Dataset:
+    """The data set, or its first `max_images` items (a quick smoke test that also caches only those)."""
+    return dataset if max_images is None or max_images >= len(dataset) else Subset(dataset, max_images)
+
+
 def collate(items: list[dict | None]) -> dict:
     """Stack dataset items into a batch, dropping (and counting) items that could not be read."""
     kept = [item for item in items if item is not None]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from scalegen.data import center_crop_arr, class_ids
@@ -21,6 +21,7 @@ from scalegen.eval.npz import IMAGES_KEY, LABELS_KEY, NpzWriter, write_npz
 from scalegen.files import replace_atomically
 
 UINT8_MAX = 255
+LABEL_PADDING = 4  # pixels around a grid row's name
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,27 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [image_grid(image.unsqueeze(0), 1) for image in images]
 
 
-def save_grid(images: torch.Tensor, rows: int, path: str | Path) -> Path:
-    """Save images (N, C, H, W) in [0, 1] as one PNG with `rows` rows; returns the path."""
+def labelled(grid: Image.Image, row_names: Sequence[str]) -> Image.Image:
+    """A grid with each row's name written in a margin on its left."""
+    font = ImageFont.load_default()
+    margin = LABEL_PADDING * 2 + max(int(font.getlength(name)) for name in row_names)
+    row_height = grid.height // len(row_names)
+    canvas = Image.new(grid.mode, (grid.width + margin, grid.height), color=0)
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, name in enumerate(row_names):
+        draw.text((LABEL_PADDING, row * row_height + row_height // 2), name, fill=UINT8_MAX if grid.mode == "L" else
+                  (UINT8_MAX,) * 3, font=font, anchor="lm")
+    return canvas
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path, row_names: Sequence[str] | None = None) -> Path:
+    """Save images (N, C, H, W) in [0, 1] as one PNG with `rows` rows, optionally with each row's name on its left;
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows).save(path)
+    grid = image_grid(images, rows)
+    (labelled(grid, row_names) if row_names else grid).save(path)
     return path
 
 

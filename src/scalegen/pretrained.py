@@ -10,16 +10,19 @@ A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from scalegen.checkpoint import ASSETS, TOKENIZER_FILE, find_tokenizer_copy, load_weights
-from scalegen.files import read_weights_file
+from scalegen.checkpoint import ASSETS, CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_weights, stored_config
+from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS
+from scalegen.files import read_json, read_weights_file, save_weights_atomic, write_json_atomic
 from scalegen.data import class_names
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
+from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, diffusers_config, from_diffusers, to_diffusers
 from scalegen.models.var import VAR, VARConfig
 from scalegen.tokenizers.codec import TokenizerCodec
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
@@ -29,6 +32,10 @@ SHIPPED = ASSETS / "fashion_mnist"
 SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"  # the demo's Fashion-MNIST models (see their RECIPE.md)
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
 MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer"}
+# A diffusers DiTPipeline folder.
+DIFFUSERS_TRANSFORMER, DIFFUSERS_SCHEDULER, DIFFUSERS_VAE = "transformer", "scheduler", "vae"
+DIFFUSERS_WEIGHTS, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_INDEX = (
+    "diffusion_pytorch_model.safetensors", "scheduler_config.json", "model_index.json")
 
 
 def check_kind(stored: dict | None, kind: str, path: str | Path) -> None:
@@ -133,13 +140,59 @@ def load_dit(path: str | Path, vae: str | None = None) -> DiT:
         vae: a local SD-VAE folder or file for a model in SD-VAE latents (overrides the one stored with a run);
             "none" loads the bare network without a decoder.
     """
-    stored, weights = load_weights(path)
-    check_kind(stored, "dit", path)
-    config = stored_model_config(DiTConfig, stored, path) if stored else dit_config_from_state_dict(weights)
+    transformer = diffusers_transformer_folder(path)
+    if transformer is not None:
+        weights, fields = from_diffusers(read_weights_file(transformer / DIFFUSERS_WEIGHTS),
+                                         read_json(transformer / CONFIG_FILE))
+        config = DiTConfig(**fields)
+        weights["pos_embed"] = DiT(config).state_dict()["pos_embed"]  # diffusers computes the fixed table itself
+        stored = {"vae": str(transformer.parent / DIFFUSERS_VAE)} if (transformer.parent / DIFFUSERS_VAE).is_dir() else None
+    else:
+        stored, weights = load_weights(path)
+        check_kind(stored, "dit", path)
+        config = stored_model_config(DiTConfig, stored, path) if stored else dit_config_from_state_dict(weights)
     model = load_strictly(DiT(config), weights, path)
     model.attach_decoder(dit_decoder(path, stored, config, vae))
     model.class_names = class_names(config.num_classes, stored)
     return model
+
+
+def diffusers_transformer_folder(path: str | Path) -> Path | None:
+    """The `DiTTransformer2DModel` folder of a diffusers pipeline folder (its transformer/) or the folder itself."""
+    for folder in (Path(path) / DIFFUSERS_TRANSFORMER, Path(path)):
+        config = folder / CONFIG_FILE
+        if folder.is_dir() and (folder / DIFFUSERS_WEIGHTS).exists() and config.exists():
+            return folder if read_json(config).get("_class_name") == DIFFUSERS_CLASS else None
+    return None
+
+
+def export_diffusers(path: str | Path, destination: str | Path) -> Path:
+    """Write a DiT as a diffusers pipeline folder: transformer/ (`DiTTransformer2DModel.from_pretrained` loads it),
+    scheduler/ (the 1000-step linear DDPM schedule DiT trains with), vae/ when the run names a local SD-VAE folder.
+
+    diffusers' DiT embeds timesteps with frequencies exp(-ln 10⁴·i/(half−1)) where the official code uses /half, so
+    its outputs differ slightly from the official (and scalegen's) DiT; the weights convert exactly both ways.
+    """
+    model = load_dit(path, vae=PIXEL_SPACE)
+    destination = Path(destination)
+    transformer = destination / DIFFUSERS_TRANSFORMER
+    transformer.mkdir(parents=True, exist_ok=True)
+    save_weights_atomic(to_diffusers(model.state_dict(), model.config), transformer / DIFFUSERS_WEIGHTS)
+    write_json_atomic(transformer / CONFIG_FILE, diffusers_config(model.config))
+    (destination / DIFFUSERS_SCHEDULER).mkdir(exist_ok=True)
+    write_json_atomic(destination / DIFFUSERS_SCHEDULER / DIFFUSERS_SCHEDULER_FILE, {
+        "_class_name": "DDPMScheduler", "num_train_timesteps": REFERENCE_NUM_STEPS, "beta_schedule": "linear",
+        "beta_start": LINEAR_BETA_START, "beta_end": LINEAR_BETA_END, "clip_sample": False,
+        "variance_type": "learned_range" if model.config.learn_sigma else "fixed_small",
+    })
+    components = {"transformer": ["diffusers", DIFFUSERS_CLASS], "scheduler": ["diffusers", "DDPMScheduler"]}
+    stored_vae = (stored_config(path) if Path(path).is_dir() and diffusers_transformer_folder(path) is None
+                  else {}).get("vae")
+    if stored_vae and Path(stored_vae).is_dir():
+        shutil.copytree(stored_vae, destination / DIFFUSERS_VAE, dirs_exist_ok=True)
+        components["vae"] = ["diffusers", "AutoencoderKL"]
+    write_json_atomic(destination / DIFFUSERS_INDEX, {"_class_name": "DiTPipeline", **components})
+    return destination
 
 
 # ----- VAR -----

@@ -38,8 +38,8 @@ def register(commands) -> None:
                         help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
-    parser.add_argument("--batch-size", type=POSITIVE, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=POSITIVE, default=250, help="images per generation batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the real-image baseline")
     parser.set_defaults(handler=run_demo)
 
 

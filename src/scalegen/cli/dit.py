@@ -27,14 +27,16 @@ def register(train_parsers, sample_parsers) -> None:
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
     parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--data", default=DEFAULTS.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
-    parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size)
+    parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
                         help="`train vqvae` run: diffuse its quantized features instead of pixels")
     parser.add_argument("--latent-cache", action="store_true", help="encode the data set once into RUN/latents.safetensors")
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
-    parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout)
-    parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false")
+    parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout,
+                        help="label dropout, which classifier-free guidance needs")
+    parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false",
+                        help="predict ε only (fixed variance) instead of ε and the variance")
     parser.add_argument("--depth", type=POSITIVE, help="override the preset's depth")
     parser.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
     parser.add_argument("--num-heads", type=POSITIVE, help="override the preset's heads")
@@ -42,6 +44,9 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--sample-steps", type=MIN_STEPS, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
                         help="guidance scale of the periodic sample grid")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
+                             "number of classes re-initialises only the class embedding")
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
 
@@ -49,17 +54,18 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/file, or official DiT .pt")
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
-    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
+    parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
+    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS, help="grid: samples per class (one row each)")
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
     parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
                         help="classifier-free guidance scale (1: none); --cfg-scale is the official name")
-    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS)
-    parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0])
+    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS, help="respaced diffusion steps")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0], help="ancestral DDPM or DDIM (eta 0)")
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the labels with --num-samples)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per forward batch")
     parser.add_argument("--vae", default=None, help="override the VAE path stored in the checkpoint")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.set_defaults(handler=run_sample)
 
 
@@ -89,6 +95,7 @@ def run_sample(args: argparse.Namespace) -> None:
             torch.manual_seed(args.seed)
             labels = grid_labels(classes, args.per_class).to(context.device)
             images = torch.cat([draw(chunk) for chunk in labels.split(args.batch_size)])
-            print(f"wrote {save_grid(images, len(classes), args.out)}")
+            names = [model.class_names[label] for label in classes] if args.label_grid else None
+            print(f"wrote {save_grid(images, len(classes), args.out, names)}")
     finally:
         cleanup(context)

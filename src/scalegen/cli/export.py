@@ -4,12 +4,20 @@ from __future__ import annotations
 import argparse
 
 from scalegen.checkpoint import export_weights
+from scalegen.errors import UserError
+from scalegen.pretrained import export_diffusers
 
 WEIGHT_CHOICES = ("ema", "raw")
+FORMATS = ("scalegen", "diffusers")
 
 
 def run_export(args: argparse.Namespace) -> None:
     """Handler of `scalegen export`."""
+    if args.format == "diffusers":
+        if not args.half or args.weights != WEIGHT_CHOICES[0]:
+            raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")
+        print(f"exported {export_diffusers(args.run, args.out)} (a diffusers DiTPipeline folder)")
+        return
     print(f"exported {export_weights(args.run, args.out, args.half, prefer_ema=args.weights == WEIGHT_CHOICES[0])}")
 
 
@@ -21,4 +29,6 @@ def register(commands) -> None:
     parser.add_argument("--fp32", dest="half", action="store_false", help="keep fp32 weights (default: fp16)")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=WEIGHT_CHOICES[0],
                         help="EMA (default; the weights themselves for a run without EMA) or raw weights")
+    parser.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                        help="scalegen (any --ckpt) or diffusers (a DiT as a DiTPipeline folder: transformer/, scheduler/)")
     parser.set_defaults(handler=run_export)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TypeVar
 
+from scalegen.train.run_log import LOGGERS
 from scalegen.train.task import TrainingTask
 from scalegen.train.trainer import MINIMUMS, TrainConfig
 
@@ -38,12 +39,13 @@ TRAINING_HELP = {
     "sample_every": "sample grid every N steps (0: at the end)",
     "keep_checkpoints": "checkpoint folders to keep",
     "num_workers": "data loader worker processes",
-    "logger": "where the log goes",
+    "logger": "where the log goes: log.csv, TensorBoard (with the sample grids) or W&B offline (`wandb sync` later)",
     "device": "cpu or cuda (default: cuda when available)",
     "flip": "random horizontal flips",
     "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)",
+    "max_images": "train (and cache) on the first N images only: a quick smoke test (default: all)",
 }
-CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": ["csv", "tensorboard"]}
+CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": list(LOGGERS)}
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -117,8 +119,9 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
     for field in fields(TrainConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
         help_text = TRAINING_HELP[field.name]
-        default_kind = int if field.default is MISSING else type(getattr(recipe, field.name, field.default))
-        kind = at_least(MINIMUMS[field.name], default_kind) if field.name in MINIMUMS else default_kind
+        smallest = MINIMUMS.get(field.name)  # its type is the setting's (1: int, 0.0: float)
+        kind = at_least(smallest, type(smallest)) if smallest is not None else type(getattr(recipe, field.name,
+                                                                                            field.default))
         if field.default is MISSING:  # out, steps
             parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else kind,
                                 help=help_text)
@@ -130,8 +133,8 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=field.name, type=str if field.default is None else kind, default=field.default,
-                                choices=CHOICES.get(field.name), help=help_text)
+            parser.add_argument(flag, dest=field.name, type=str if smallest is None and field.default is None else kind,
+                                default=field.default, choices=CHOICES.get(field.name), help=help_text)
 
 
 def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) -> Options:

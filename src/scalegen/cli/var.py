@@ -31,34 +31,40 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
     defaults = TOKENIZER_DEFAULTS
     parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
-    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size)
+    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
     parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
     parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult, help="width multiplier per resolution level")
-    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks)
+    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks,
+                        help="residual blocks per resolution level")
     parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
                         help="GroupNorm groups (divide every level width)")
     parser.add_argument("--no-attention", dest="use_attention", action="store_false", help="no attention blocks")
-    parser.add_argument("--vocab-size", type=at_least(2), default=defaults.vocab_size)
-    parser.add_argument("--z-channels", type=POSITIVE, default=defaults.z_channels)
+    parser.add_argument("--vocab-size", type=at_least(2), default=defaults.vocab_size, help="codebook size")
+    parser.add_argument("--z-channels", type=POSITIVE, default=defaults.z_channels, help="latent (code) channels")
     parser.add_argument("--share-quant-resi", type=NON_NEGATIVE, default=defaults.share_quant_resi,
                         help="φ convs shared over scales (0: one per scale)")
     parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l1, help="weight of the L1 reconstruction loss")
     parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l2, help="weight of the L2 reconstruction loss")
-    parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.quantizer)
+    parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.quantizer,
+                        help="weight of the quantizer (commitment) loss")
     parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
     parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.lpips,
                         help="weight of LPIPS (with --lpips-weights)")
     parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.gan, help="patch-GAN weight (0: no GAN)")
     parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=LOSS_DEFAULTS.gan_start_step,
                         help="step at which the GAN loss starts")
-    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=LOSS_DEFAULTS.discriminator_width)
+    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=LOSS_DEFAULTS.discriminator_width,
+                        help="patch discriminator base width")
     parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
-                        default=LOSS_DEFAULTS.discriminator_layers)
+                        default=LOSS_DEFAULTS.discriminator_layers, help="patch discriminator layers")
     parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.discriminator_lr,
                         help="discriminator lr (default: --lr)")
     parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
+                             "number of classes re-initialises only the class embedding")
     add_training_options(parser, VQVAETask)
     parser.set_defaults(handler=run_train_vqvae)
 
@@ -67,17 +73,20 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--tokenizer", required=True, help="`train vqvae` run folder, checkpoint, or official vae .pth")
     parser.add_argument("--depth", type=POSITIVE, default=defaults.depth,
                         help="blocks; width 64·depth and depth heads unless overridden")
-    parser.add_argument("--width", type=POSITIVE, default=defaults.width)
-    parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads)
-    parser.add_argument("--data", default=defaults.data)
+    parser.add_argument("--width", type=POSITIVE, default=defaults.width, help="override the width (default: 64·depth)")
+    parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads, help="override the heads (default: depth)")
+    parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
     parser.add_argument("--token-cache", action="store_true", help="tokenize the data set once into RUN/tokens.safetensors")
-    parser.add_argument("--label-smoothing", type=fraction, default=defaults.label_smoothing)
+    parser.add_argument("--label-smoothing", type=fraction, default=defaults.label_smoothing, help="cross-entropy label smoothing")
     parser.add_argument("--label-dropout", type=fraction, default=defaults.label_dropout,
                         help="class dropout for classifier-free guidance")
     parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
-    parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p)
+    parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
+                             "number of classes re-initialises only the class embedding")
     add_training_options(parser, VARTask)
     parser.set_defaults(handler=run_train_var)
 
@@ -85,9 +94,10 @@ def register(train_parsers, sample_parsers, commands) -> None:
     add_loading_options(parser)
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
-    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS)
+    parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
+    parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS, help="grid: samples per class (one row each)")
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
-    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per generation batch")
     parser.set_defaults(handler=run_sample)
 
     edit_parsers = commands.add_parser("edit", help="zero-shot editing").add_subparsers(dest="model", required=True)
@@ -95,8 +105,10 @@ def register(train_parsers, sample_parsers, commands) -> None:
     add_loading_options(parser)
     parser.add_argument("--image", required=True, help="input image (center-cropped and resized to the model's size)")
     parser.add_argument("--box", required=True, help="x0,y0,x1,y1 in pixels of the resized image")
-    parser.add_argument("--mode", choices=["inpaint", "outpaint"], default="inpaint")
-    parser.add_argument("--class", dest="class_id", type=int, default=None, help="class id (default: unconditional)")
+    parser.add_argument("--mode", choices=["inpaint", "outpaint"], default="inpaint",
+                        help="inpaint: regenerate the box; outpaint: keep only the box")
+    parser.add_argument("--class", dest="class_id", default=None,
+                        help="the class (id or name) to draw the new content as (default: unconditional)")
     parser.add_argument("--out", required=True, help="edited image .png; the input and the mask are written beside it")
     parser.set_defaults(handler=run_edit)
 
@@ -109,8 +121,8 @@ def add_loading_options(parser) -> None:
     parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=fraction, default=SAMPLE_TOP_P, help="nucleus sampling (0: off)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of the labels with --num-samples)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -147,7 +159,8 @@ def run_sample(args: argparse.Namespace) -> None:
             labels = grid_labels(classes, args.per_class).to(context.device)
             images = torch.cat([model.generate(chunk, generator=generator, **sampling_options(args))
                                 for chunk in labels.split(args.batch_size)])  # (N, C, H, W) in [0, 1]
-            print(f"wrote {save_grid(images, len(classes), args.out)}")
+            names = [model.class_names[label] for label in classes] if args.label_grid else None
+            print(f"wrote {save_grid(images, len(classes), args.out, names)}")
     finally:
         cleanup(context)
 
@@ -159,7 +172,9 @@ def run_edit(args: argparse.Namespace) -> None:
     tokenizer = model.tokenizer
     image = load_image(args.image, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
     generator = torch.Generator(device).manual_seed(args.seed)
-    edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, args.class_id, generator=generator,
+    class_id = None if args.class_id is None else parse_classes(args.class_id, model.config.num_classes,
+                                                                  model.class_names)[0]
+    edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, class_id, generator=generator,
                                    **sampling_options(args))
     out = Path(args.out)
     save_grid(edited, 1, out)

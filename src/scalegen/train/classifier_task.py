@@ -17,7 +17,9 @@ from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, halved, load_weights
 from scalegen.files import read_json
-from scalegen.data import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, open_dataset
+from scalegen.data import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, limited, open_dataset,
+)
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
 from scalegen.eval import metrics
@@ -162,10 +164,11 @@ def train_classifier(options: ClassifierOptions, config: TrainConfig) -> dict | 
     """
     with guarded_run(config.out):
         started = time.perf_counter()
-        dataset = open_dataset(options.data, FASHION_MNIST_PADDED_SIZE)
-        if not isinstance(dataset, FashionMNIST):
+        train_set = open_dataset(options.data, FASHION_MNIST_PADDED_SIZE)
+        if not isinstance(train_set, FashionMNIST):
             raise UserError(f"--data {options.data} is not Fashion-MNIST; the classifier trains on fashion-mnist or its "
                             "IDX files")
+        dataset = limited(train_set, config.max_images)
         root = None if options.data == FASHION_MNIST_NAME else options.data
         test_set = FashionMNIST(root, FASHION_MNIST_PADDED_SIZE, "test")
         model_config = ClassifierConfig(width=options.width, feature_dim=options.feature_dim,
@@ -176,7 +179,7 @@ def train_classifier(options: ClassifierOptions, config: TrainConfig) -> dict | 
         seconds = time.perf_counter() - started
         if not options.export or not launched_as_main():
             return None
-        card = export_classifier(config.out, options.export, dataset, test_set)
+        card = export_classifier(config.out, options.export, train_set, test_set)
         card.update(command=options.command, wall_clock_seconds=round(seconds, 1), machine=machine_description(config.device))
         Path(options.export).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
         return card

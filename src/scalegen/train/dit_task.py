@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description
+from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.errors import UserError
@@ -20,6 +20,7 @@ from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.pretrained import PIXEL_SPACE, load_tokenizer
 from scalegen.tokenizers.codec import TokenizerCodec, measure_latent_scale
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
+from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, extract_latents
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
@@ -91,6 +92,7 @@ class DiTOptions:
         class_dropout: label dropout for classifier-free guidance.
         learn_sigma: predict the variance interpolation too.
         sample_steps, sample_cfg: the periodic sample grid's DDPM steps and guidance scale.
+        init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
     """
 
     model: str = "DiT-S/2"
@@ -108,6 +110,7 @@ class DiTOptions:
     patch_size: int | None = None
     sample_steps: int = 50
     sample_cfg: float = 4.0
+    init_from: str | None = None
 
     @property
     def pixel_space(self) -> bool:
@@ -154,7 +157,7 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         if options.tokenizer and not options.pixel_space:
             raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
         run = RunFolder(config.out)
-        dataset = open_dataset(options.data, options.image_size)
+        dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
         extra_config = run_description(options.data, options.image_size, dataset)
         if options.tokenizer:
             codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
@@ -176,4 +179,6 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         vae = None if options.pixel_space else options.vae
         torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
         task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config=extra_config)
+        if options.init_from:
+            task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)

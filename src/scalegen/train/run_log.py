@@ -1,29 +1,42 @@
-"""Training log: CSV (always readable, no extra package) or TensorBoard, appended across resumes."""
+"""Training log: CSV (always readable, no extra package), TensorBoard or Weights & Biases (offline), appended across
+resumes; TensorBoard and W&B get the sample grids too."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from PIL import Image
+
 from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
 from scalegen.files import replace_atomically
 
-Logger = Literal["csv", "tensorboard"]
+Logger = Literal["csv", "tensorboard", "wandb"]
+LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
+SAMPLES_TAG = "samples"
 
 
 class RunLog:
-    """Appends one row of figures per logged step to RUN/log.csv (or TensorBoard events in RUN/tensorboard)."""
+    """Appends one row of figures per logged step to RUN/log.csv (or TensorBoard events in RUN/tensorboard, or an
+    offline W&B run in RUN/wandb that `wandb sync` uploads later)."""
 
     def __init__(self, run: RunFolder, kind: Logger = "csv", enabled: bool = True):
         self.kind, self.enabled, self.path = kind, enabled, run.log
         self.writer = None
         if enabled and kind == "tensorboard":
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # an optional package: imported only when asked
             except ImportError:
                 raise UserError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(run.tensorboard)
+        elif enabled and kind == "wandb":
+            try:
+                import wandb  # an optional package: imported only when asked
+            except ImportError:
+                raise UserError("--logger wandb needs the wandb package: pip install wandb") from None
+            self.writer = wandb.init(project="scalegen", name=run.root.name, dir=run.root, mode="offline")
 
     def forget_after(self, step: int) -> None:
         """Drop the CSV rows past `step` (logged by a run that crashed before its next checkpoint), so the steps
@@ -44,9 +57,12 @@ class RunLog:
         """Record the figures of one step."""
         if not self.enabled:
             return
-        if self.writer is not None:
+        if self.kind == "tensorboard" and self.writer is not None:
             for name, value in figures.items():
                 self.writer.add_scalar(name, value, step)
+            return
+        if self.kind == "wandb" and self.writer is not None:
+            self.writer.log(figures, step=step)
             return
         row = {"step": step, **figures}
         header = list(row)
@@ -60,10 +76,24 @@ class RunLog:
                 writer.writeheader()
             writer.writerow(row)
 
+    def add_image(self, step: int, path: Path) -> None:
+        """Show a sample grid (a PNG) in TensorBoard or W&B; the CSV log keeps its path only in RUN/samples/."""
+        if not self.enabled or self.writer is None:
+            return
+        pixels = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
+        if self.kind == "tensorboard":
+            self.writer.add_image(SAMPLES_TAG, pixels, step, dataformats="HWC")
+        else:
+            import wandb
+
+            self.writer.log({SAMPLES_TAG: wandb.Image(pixels)}, step=step)
+
     def close(self) -> None:
-        """Flush TensorBoard events."""
-        if self.writer is not None:
+        """Flush TensorBoard events or finish the W&B run."""
+        if self.kind == "tensorboard" and self.writer is not None:
             self.writer.close()
+        elif self.kind == "wandb" and self.writer is not None:
+            self.writer.finish()
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, float]]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scalegen.checkpoint import guarded_run
-from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description, to_unit_range
+from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description, to_unit_range
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.images import save_grid
@@ -23,6 +23,7 @@ from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
 from scalegen.train.gan_losses import (
     PatchDiscriminator, adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, smallest_image_size,
 )
+from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.lpips import LPIPS, load_lpips
 from scalegen.train.task import Recipe, TrainingTask, scale_names
 from scalegen.train.trainer import TrainConfig, train
@@ -222,7 +223,8 @@ class VQVAEOptions:
 
     The architecture fields are `VQVAEConfig`'s (channels follow the data set); `use_attention` switches both the
     level and the middle attention blocks. `lpips_weights` is a local LPIPS-VGG state dict: it enables the perceptual
-    loss, weighted by `losses.lpips`.
+    loss, weighted by `losses.lpips`. `init_from` starts from these weights (a tokenizer run, export or official
+    vae .pth): fine-tuning.
     """
 
     data: str = FASHION_MNIST_NAME
@@ -238,6 +240,7 @@ class VQVAEOptions:
     share_quant_resi: int = 4
     lpips_weights: str | None = None
     losses: TokenizerLosses = field(default_factory=TokenizerLosses)
+    init_from: str | None = None
 
 
 def tokenizer_config(options: VQVAEOptions, in_channels: int) -> VQVAEConfig:
@@ -270,7 +273,7 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         config: the loop settings; those left at None follow the tokenizer recipe (`VQVAETask.recipe`).
     """
     with guarded_run(config.out):
-        dataset = open_dataset(options.data, options.image_size)
+        dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
         model_config = tokenizer_config(options, dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
         losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
@@ -279,4 +282,6 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
         task = VQVAETask(model_config, losses, grid_images, lpips,
                          extra_config=run_description(options.data, options.image_size, dataset))
+        if options.init_from:
+            task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -25,6 +26,7 @@ from scalegen.data import ResumableSampler, collate
 from scalegen.distributed import DistributedContext, barrier, cleanup, mean_over_ranks, setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import read_weights_file
+from scalegen.train.guards import NonFiniteSteps, changed_options
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.task import Recipe, TrainingTask
@@ -35,7 +37,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
 MINIMUMS = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "grad_accumulation": 1, "log_every": 1,
-            "keep_checkpoints": 1, "max_nonfinite_steps": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
+            "keep_checkpoints": 1, "max_nonfinite_steps": 1, "max_images": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
             "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0}
 
 
@@ -71,6 +73,7 @@ class TrainConfig:
     device: str | None = None
     flip: bool = True
     max_nonfinite_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
+    max_images: int | None = None  # train (and cache) on the first N images only: a smoke test
 
     def __post_init__(self) -> None:
         for name, smallest in MINIMUMS.items():
@@ -147,6 +150,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.step = 0
         self.figures: dict[str, float] = {}  # the last logged figures
+        self.log: RunLog | None = None
         self.sampler = ResumableSampler(
             len(dataset), self.micro_batch, context.rank, context.world_size, config.seed, config.flip
         )
@@ -175,6 +179,9 @@ class Trainer:
             self.load_state(weights, ema_weights, state)
             if self.context.is_main:
                 print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
+                changed = changed_options(state.get("train_config", {}), asdict(self.config))
+                if changed:
+                    print(f"options changed since the run was checkpointed (the new values are used): {changed}")
             return True
         if candidates:
             raise UserError(f"{self.folder.root} holds checkpoints but none is complete; move the folder away to "
@@ -191,6 +198,17 @@ class Trainer:
         self.step = state["step"]
         self.task.load_extra_state(state["task"])
         restore_rng_state(state["rng"][self.context.rank] if self.context.rank < len(state["rng"]) else state["rng"][0])
+
+    def summary(self) -> str:
+        """What this run is about to do, in one line."""
+        config, context = self.config, self.context
+        parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        data = self.task.extra_config.get("data", type(self.dataset).__name__)
+        return (f"train {self.task.kind}: {type(self.model).__name__} with {parameters / 1e6:.2f} M parameters on "
+                f"{context.device}, {self.precision}, {context.world_size} process(es); data {data} "
+                f"({len(self.dataset):,} items); batch {config.batch_size} = {self.micro_batch} per micro-batch × "
+                f"{config.grad_accumulation} accumulation × {context.world_size} rank(s); steps {self.step} → "
+                f"{config.steps}; out {self.folder.root}")
 
     def weights_are_finite(self) -> bool:
         """Whether every parameter (and EMA parameter) is finite: a checkpoint is written only then. (Buffers may hold
@@ -232,6 +250,8 @@ class Trainer:
             was_training = model.training
             self.task.write_samples(model.eval(), path)
             model.train(was_training)
+            if self.log is not None:
+                self.log.add_image(self.step, path)
             tqdm.write(f"samples: {path}")
         barrier(self.context)
 
@@ -260,22 +280,32 @@ class Trainer:
             network = DistributedDataParallel(network, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
         if config.compile:
             network = torch.compile(network)
-        log = RunLog(self.folder, config.logger, enabled=context.is_main)
+        self.log = log = RunLog(self.folder, config.logger, enabled=context.is_main)
         log.forget_after(self.step)  # rows a crashed run logged past its last checkpoint are logged again
         batches = iter(loader)
-        progress = tqdm(total=config.steps, initial=self.step, disable=not context.is_main, desc=self.task.kind)
+        # On a terminal a progress bar; otherwise (a batch job) a line per logged step in RUN/progress.log.
+        interactive = sys.stdout.isatty()
+        progress = tqdm(total=config.steps, initial=self.step, disable=not (context.is_main and interactive),
+                        desc=self.task.kind)
+        if context.is_main:
+            print(self.summary())
+        started = time.perf_counter()
         self.model.train()
         try:
-            self.train_steps(batches, network, log, progress)
+            self.train_steps(batches, network, log, progress, interactive)
         finally:
             progress.close()  # an error's message starts on a line of its own
         if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
             self.save()
         self.samples()
         log.close()
+        if context.is_main:
+            loss = self.figures.get("loss")
+            print(f"done: steps {start_step} → {self.step} in {time.perf_counter() - started:.1f} s; last loss "
+                  f"{loss if loss is None else f'{loss:.4f}'}; checkpoint {self.folder.pointed_checkpoint()}")
         return self.figures
 
-    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm) -> None:
+    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm, interactive: bool) -> None:
         """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way."""
         config, context = self.config, self.context
         window_start, window_images, skipped, nonfinite = time.perf_counter(), 0, 0, NonFiniteSteps(config)
@@ -312,6 +342,10 @@ class Trainer:
                 log.write(self.step, figures)
                 progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_second']:.0f}",
                                      **({"nonfinite": nonfinite.total} if nonfinite.total else {}))
+                if context.is_main and not interactive:
+                    with open(self.folder.progress, "a") as stream:
+                        stream.write(f"step {self.step}/{config.steps} loss {figures['loss']:.4f} "
+                                     f"{figures['images_per_second']:.0f} img/s nonfinite {nonfinite.total}\n")
                 window_start, window_images = time.perf_counter(), 0
             if config.sample_every and self.step % config.sample_every == 0 and self.step != config.steps:
                 self.samples()
@@ -338,27 +372,6 @@ class Trainer:
                 update_ema(self.ema, self.model, config.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         return finite
-
-
-class NonFiniteSteps:
-    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop training in one line."""
-
-    def __init__(self, config: TrainConfig):
-        self.limit, self.lr = config.max_nonfinite_steps, config.lr
-        self.total, self.in_a_row = 0, 0
-
-    def passed(self) -> None:
-        self.in_a_row = 0
-
-    def skipped(self, step: int, run: RunFolder) -> None:
-        self.total += 1
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            live = run.pointed_checkpoint() if run.last_pointer.exists() else None
-            good = f"the last good checkpoint is {live}" if live else "no checkpoint was written yet"
-            raise UserError(f"training diverged: the loss or the gradients were not finite for {self.in_a_row} steps "
-                            f"in a row (up to step {step}); {good}; lower --lr (now {self.lr:g}) or set --grad-clip, "
-                            "then re-run to resume from it")
 
 
 def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str, float]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, open_dataset, run_description
+from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
@@ -23,6 +23,7 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.pretrained import load_tokenizer
 from scalegen.tokenizers.vqvae import VQVAE
+from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import TokenCache, extract_tokens
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, Recipe, TrainingTask, scale_names
 from scalegen.train.trainer import TrainConfig, train
@@ -115,6 +116,7 @@ class VAROptions:
         label_smoothing, label_dropout: the cross-entropy's smoothing and the class dropout for guidance.
         base_lr: the recipe's lr is base_lr · batch / 256.
         sample_cfg, sample_top_p: the periodic sample grid's guidance and nucleus.
+        init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
     """
 
     tokenizer: str
@@ -129,6 +131,7 @@ class VAROptions:
     base_lr: float = VAR_BASE_LR
     sample_cfg: float = 4.0
     sample_top_p: float = 0.95
+    init_from: str | None = None
 
 
 def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
@@ -146,7 +149,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         if image_size != tokenizer.image_size:
             raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
                             f"--image-size {tokenizer.image_size}")
-        dataset = open_dataset(options.data, image_size)
+        dataset = limited(open_dataset(options.data, image_size), config.max_images)
         description = run_description(options.data, image_size, dataset)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
@@ -174,4 +177,6 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
                        options.sample_top_p, extra_config=description,
                        base_lr=options.base_lr)
+        if options.init_from:
+            task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)

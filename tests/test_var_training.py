@@ -196,3 +196,18 @@ def test_a_discriminator_too_deep_for_the_images_is_a_one_line_error(var_cli_run
                           "--norm-groups", "4", "--no-attention", "--share-quant-resi", "3", "--gan-weight", "0.1",
                           "--data", str(var_cli_run / "data"), "--steps", "1", "--out", str(tmp_path / "vq")], capsys)
     assert "too small for a 3-layer discriminator" in message
+
+
+def test_a_var_and_a_tokenizer_fine_tune_from_their_runs(var_cli_run, tmp_path):
+    tokenizer_args = ["--image-size", "8", "--patch-nums", "1,2,4", "--ch", "8", "--ch-mult", "1,2", "--norm-groups", "4",
+                      "--num-res-blocks", "1", "--no-attention", "--share-quant-resi", "3", "--vocab-size", "32",
+                      "--z-channels", "4", "--data", str(var_cli_run / "data"), "--batch-size", "16", "--device", "cpu"]
+    main(["train", "vqvae", *tokenizer_args, "--steps", "1", "--lr", "0", "--init-from", str(var_cli_run / "vq"),
+          "--out", str(tmp_path / "vq")])
+    start, tuned = load_weights(var_cli_run / "vq")[1], load_weights(tmp_path / "vq")[1]
+    assert all(torch.equal(start[name], tuned[name]) for name in start if "ema_vocab_hit" not in name)  # lr 0
+    main(["train", "var", "--tokenizer", str(var_cli_run / "vq"), "--depth", "1", "--width", "32", "--num-heads", "2",
+          "--data", str(var_cli_run / "data"), "--steps", "1", "--batch-size", "16", "--device", "cpu",
+          "--init-from", str(var_cli_run / "var"), "--out", str(tmp_path / "var")])
+    stored = load_weights(tmp_path / "var")[0]
+    assert stored["init_from"]["reinitialized"] == [] and stored["init_from"]["path"].endswith("var")

@@ -6,7 +6,8 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    NON_NEGATIVE, POSITIVE, add_training_options, at_least, dataclass_from_args, fraction, train_config_from_args,
+    NON_NEGATIVE, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args, fraction,
+    train_config_from_args,
 )
 from scalegen.diffusion.sampling import SAMPLERS
 from scalegen.distributed import cleanup, setup_distributed
@@ -44,9 +45,7 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--sample-steps", type=MIN_STEPS, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
                         help="guidance scale of the periodic sample grid")
-    parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
-                             "number of classes re-initialises only the class embedding")
+    add_init_from(parser)
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
 

@@ -113,6 +113,13 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def add_init_from(parser: argparse.ArgumentParser) -> None:
+    """`--init-from`, the fine-tuning option of `train dit`, `train var` and `train vqvae`."""
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
+                             "number of classes re-initialises only the class embedding")
+
+
 def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTask]) -> None:
     """The loop options of every `scalegen train` command; their defaults are `task`'s recipe and `TrainConfig`'s."""
     recipe = task.recipe

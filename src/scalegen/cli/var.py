@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_training_options, at_least, dataclass_from_args, fraction, integers,
+    NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args,
+    fraction, integers,
     train_config_from_args,
 )
 from scalegen.distributed import cleanup, setup_distributed
@@ -62,9 +63,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="discriminator lr (default: --lr)")
     parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
-    parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
-                             "number of classes re-initialises only the class embedding")
+    add_init_from(parser)
     add_training_options(parser, VQVAETask)
     parser.set_defaults(handler=run_train_vqvae)
 
@@ -84,9 +83,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
     parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
-    parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
-                             "number of classes re-initialises only the class embedding")
+    add_init_from(parser)
     add_training_options(parser, VARTask)
     parser.set_defaults(handler=run_train_var)
 

@@ -94,15 +94,20 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path, row_names: Sequ
     return path
 
 
-def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
-    """An image file, center-cropped and resized to image_size (ADM's crop), as (1, channels, S, S) in [0, 1]."""
-    try:
-        with Image.open(path) as handle:
-            image = center_crop_arr(handle.convert("L" if channels == 1 else "RGB"), image_size)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read image {path} ({error}); pass a PNG or JPEG file") from None
+def picture_tensor(picture: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """A PIL image, center-cropped and resized to image_size (ADM's crop), as (1, channels, S, S) in [0, 1]."""
+    image = center_crop_arr(picture.convert("L" if channels == 1 else "RGB"), image_size)
     pixels = torch.from_numpy(np.array(image)).reshape(image_size, image_size, channels).permute(2, 0, 1)  # (C, S, S)
     return (pixels.float() / UINT8_MAX).unsqueeze(0)  # (1, C, S, S)
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
+    """An image file, as `picture_tensor` makes it: (1, channels, S, S) in [0, 1]."""
+    try:
+        with Image.open(path) as handle:
+            return picture_tensor(handle, image_size, channels)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read image {path} ({error}); pass a PNG or JPEG file") from None
 
 
 def to_adm_uint8(images: torch.Tensor) -> np.ndarray:

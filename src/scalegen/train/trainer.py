@@ -29,7 +29,7 @@ from scalegen.files import read_weights_file
 from scalegen.train.guards import NonFiniteSteps, changed_options
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
-from scalegen.train.task import Recipe, TrainingTask
+from scalegen.train.task import Recipe, TrainingTask, parameter_count
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,7 +202,7 @@ class Trainer:
     def summary(self) -> str:
         """What this run is about to do, in one line."""
         config, context = self.config, self.context
-        parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        parameters = parameter_count(self.model)
         data = self.task.extra_config.get("data", type(self.dataset).__name__)
         return (f"train {self.task.kind}: {type(self.model).__name__} with {parameters / 1e6:.2f} M parameters on "
                 f"{context.device}, {self.precision}, {context.world_size} process(es); data {data} "

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import torch
 from PIL import Image
 
-from scalegen.data import FashionMNIST, center_crop_arr
+from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
-from scalegen.images import grid_labels, image_grid
+from scalegen.images import grid_labels, image_grid, picture_tensor
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
@@ -151,10 +150,7 @@ def edit(models: Models, picture: Image.Image | None, box: str, mode: str, class
         if picture is None:
             raise UserError("no image: upload one or take one of the data set")
         tokenizer = models.var.tokenizer
-        channels, size = tokenizer.config.in_channels, tokenizer.image_size
-        cropped = center_crop_arr(picture.convert("L" if channels == 1 else "RGB"), size)
-        pixels = torch.from_numpy(np.array(cropped)).reshape(size, size, channels).permute(2, 0, 1)  # (C, S, S)
-        image = pixels.float().unsqueeze(0) / 255  # (1, C, S, S) in [0, 1]
+        image = picture_tensor(picture, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
         class_id = None if class_name in (None, "", UNCONDITIONAL) else selected_labels(models.var, [class_name])[0]
         with models.locks["VAR"]:
             edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, cfg=cfg, seed=int(seed))

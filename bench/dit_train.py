@@ -16,7 +16,8 @@ from scalegen.models.dit import build_dit
 from scalegen.eval.flops import dit_forward_macs
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE
-from scalegen.train.trainer import AUTOCAST_DTYPES, update_ema
+from scalegen.train.optimization import update_ema
+from scalegen.train.trainer import AUTOCAST_DTYPES
 
 from timing import peak_memory_gib, seconds_per_call
 

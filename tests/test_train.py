@@ -12,7 +12,8 @@ from scalegen.checkpoint import last_checkpoint
 from scalegen.models.dit import DiTConfig
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
-from scalegen.train.trainer import TrainConfig, train, learning_rate_factor
+from scalegen.train.optimization import learning_rate_factor
+from scalegen.train.trainer import TrainConfig, train
 from tests_support import tiny_fashion, without_progress_bars
 
 TESTS = Path(__file__).parent

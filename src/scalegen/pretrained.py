@@ -67,7 +67,8 @@ def load_strictly(model: nn.Module, weights: dict[str, torch.Tensor], path: str 
 # ----- tokenizer -----
 
 def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> VQVAE:
-    """A multi-scale VQVAE tokenizer in eval mode from a `train vqvae` run, checkpoint, export or an official vae .pth.
+    """A multi-scale VQVAE tokenizer in eval mode from a `train vqvae` run, checkpoint, export or an official vae .pth,
+    or the tokenizer a DiT or VAR run or export was trained on (to train another model in the same latent space).
 
     Args:
         path: the run folder, checkpoint or file.
@@ -78,6 +79,8 @@ def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATC
         raise UserError(f"tokenizer {path} not found; pass --tokenizer RUN (from `scalegen train vqvae`) "
                         "or a local vae_ch160v4096z32.pth")
     stored, weights = load_weights(path)
+    if stored is not None and stored.get("kind") in ("dit", "var") and "tokenizer" in stored:
+        return stored_tokenizer(path, stored).eval()
     check_kind(stored, "vqvae", path)
     config = stored_model_config(VQVAEConfig, stored, path) if stored else VQVAEConfig(patch_nums=official_patch_nums)
     return load_strictly(VQVAE(config), weights, path)
@@ -154,6 +157,7 @@ def load_dit(path: str | Path, vae: str | None = None) -> DiT:
     model = load_strictly(DiT(config), weights, path)
     model.attach_decoder(dit_decoder(path, stored, config, vae))
     model.class_names = class_names(config.num_classes, stored)
+    model.objective = (stored or {}).get("objective", {}).get("name", "ddpm")
     return model
 
 

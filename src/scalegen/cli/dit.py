@@ -9,13 +9,14 @@ from scalegen.cli.options import (
     NON_NEGATIVE, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args, fraction,
     train_config_from_args,
 )
-from scalegen.diffusion.sampling import SAMPLERS
+from scalegen.diffusion.flow import TIME_SAMPLINGS
+from scalegen.diffusion.sampling import OBJECTIVES, SAMPLERS
 from scalegen.distributed import cleanup, setup_distributed
 from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS
 from scalegen.pretrained import load_dit
-from scalegen.train.dit_task import DiTOptions, DiTTask, train_dit
+from scalegen.train.dit_task import LOSS_WEIGHTINGS, DiTOptions, DiTTask, train_dit
 
 DEFAULTS = DiTOptions()
 SAMPLE_CFG_SCALE, SAMPLE_STEPS, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 250, 8, 32  # the official sample.py's
@@ -36,8 +37,8 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
     parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout,
                         help="label dropout, which classifier-free guidance needs")
-    parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false",
-                        help="predict ε only (fixed variance) instead of ε and the variance")
+    parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", default=None,
+                        help="ddpm: predict ε only (fixed variance) instead of ε and the variance (flow never learns σ)")
     parser.add_argument("--depth", type=POSITIVE, help="override the preset's depth")
     parser.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
     parser.add_argument("--num-heads", type=POSITIVE, help="override the preset's heads")
@@ -45,6 +46,19 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--sample-steps", type=MIN_STEPS, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
                         help="guidance scale of the periodic sample grid")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
+                        help="ddpm: the paper's ε-prediction; flow: SiT's linear flow matching (velocity prediction)")
+    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=DEFAULTS.t_sampling,
+                        help="flow: how training draws t in [0, 1]")
+    parser.add_argument("--logit-mean", type=float, default=DEFAULTS.logit_mean, help="flow: the logit-normal's location")
+    parser.add_argument("--logit-std", type=float, default=DEFAULTS.logit_std, help="flow: the logit-normal's scale")
+    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=DEFAULTS.loss_weighting,
+                        help="ddpm: min-snr weights the ε loss by min(SNR, γ)/SNR")
+    parser.add_argument("--snr-gamma", type=float, default=DEFAULTS.snr_gamma, help="γ of min-SNR weighting")
+    parser.add_argument("--repa-encoder", default=DEFAULTS.repa_encoder, metavar="FILE.safetensors",
+                        help="REPA: align a block with this frozen encoder's features (`train classifier --export`)")
+    parser.add_argument("--repa-depth", type=POSITIVE, default=DEFAULTS.repa_depth, help="REPA: the aligned block (1-based)")
+    parser.add_argument("--repa-weight", type=float, default=DEFAULTS.repa_weight, help="REPA: λ of the alignment loss")
     add_init_from(parser)
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
@@ -58,8 +72,10 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
     parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
                         help="classifier-free guidance scale (1: none); --cfg-scale is the official name")
-    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS, help="respaced diffusion steps")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0], help="ancestral DDPM or DDIM (eta 0)")
+    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS, help="respaced diffusion steps (flow: ODE/SDE steps)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="ddpm models: ddpm (ancestral, the default), ddim (eta 0), dpm-solver++ (2M); flow models: "
+                             "euler (the default), heun, euler-maruyama")
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the labels with --num-samples)")
     parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per forward batch")

@@ -10,8 +10,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.data import label_ids
+from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.respace import create_diffusion
-from scalegen.diffusion.sampling import Decoder, Sampler, decode, guided_steps, sample_with_guidance
+from scalegen.diffusion.sampling import (
+    DEFAULT_SAMPLERS, OBJECTIVE_SAMPLERS, OBJECTIVES, Decoder, Objective, Sampler, SamplingPlan, decode, guided_steps,
+    sample_with_guidance,
+)
 from scalegen.errors import UserError
 from scalegen.models.dit_blocks import BLOCK_KINDS, FinalLayer, make_block
 from scalegen.models.layers import (
@@ -102,6 +106,7 @@ class DiT(ReferencingModule):
         self.initialize_weights()
         self._decoder = ReferencedModule(decoder)
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
+        self.objective: Objective = "ddpm"  # what the output means (set by the loaders and the training task)
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
@@ -186,7 +191,7 @@ class DiT(ReferencingModule):
         labels: torch.Tensor | Sequence[int],
         cfg: float = 4.0,
         steps: int = 250,
-        sampler: Sampler = "ddpm",
+        sampler: Sampler | None = None,
         seed: int | None = None,
         noise: torch.Tensor | None = None,
         guide_all_channels: bool = False,
@@ -197,8 +202,9 @@ class DiT(ReferencingModule):
         Args:
             labels: (B,) class ids, or class names ("Trouser", ["golden retriever", 7]) of a loaded model.
             cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
-            steps: number of respaced diffusion steps.
-            sampler: "ddpm" (ancestral) or "ddim" (eta 0).
+            steps: number of respaced diffusion steps (of ODE/SDE steps for a flow model).
+            sampler: for a DDPM model "ddpm" (ancestral, the default), "ddim" (eta 0) or "dpm-solver++" (2M); for a
+                flow model "euler" (the default), "heun" (two network calls a step) or "euler-maruyama".
             seed: seed the global torch RNG with this first, restoring it afterwards; None draws from it as it is
                 (the official sampler's habit: noise at every step comes from the global RNG).
             noise: starting noise (B, C, h, w); drawn when None.
@@ -207,11 +213,9 @@ class DiT(ReferencingModule):
         Returns:
             (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
         """
-        labels, diffusion = self.sampling_setup(labels, steps, sampler)
+        labels, plan = self.sampling_setup(labels, steps, sampler)
         with seeded(seed, labels.device):
-            return sample_with_guidance(
-                self, diffusion, labels, cfg, sampler, self.decoder, noise, guide_all_channels, progress
-            )
+            return sample_with_guidance(self, plan, labels, cfg, self.decoder, noise, guide_all_channels, progress)
 
     @torch.no_grad()
     def generate_frames(
@@ -219,7 +223,7 @@ class DiT(ReferencingModule):
         labels: torch.Tensor | Sequence[int],
         cfg: float = 4.0,
         steps: int = 250,
-        sampler: Sampler = "ddpm",
+        sampler: Sampler | None = None,
         seed: int | None = None,
         frames: int = 8,
         guide_all_channels: bool = False,
@@ -230,25 +234,41 @@ class DiT(ReferencingModule):
         Returns:
             `frames` tensors (B, C, H, W) in [0, 1], from the first step's prediction to the final sample.
         """
-        labels, diffusion = self.sampling_setup(labels, steps, sampler)
+        labels, plan = self.sampling_setup(labels, steps, sampler)
         shown = {round(index * (steps - 1) / max(frames - 1, 1)) for index in range(frames)}
         images = []
         with seeded(seed, labels.device):
-            for index, output in enumerate(guided_steps(self, diffusion, labels, cfg, sampler, self.decoder,
+            for index, output in enumerate(guided_steps(self, plan, labels, cfg, self.decoder,
                                                         guide_all_channels=guide_all_channels)):
                 if index in shown:
                     latents = output["sample"] if index == steps - 1 else output["pred_xstart"]
                     images.append(decode(latents, self.decoder))  # (B, C, H, W)
         return images
 
-    def sampling_setup(self, labels: torch.Tensor | Sequence[int], steps: int, sampler: Sampler):
-        """Checked class ids (B,) on the model's device and the respaced diffusion of `steps` steps."""
+    def sampling_setup(
+        self, labels: torch.Tensor | Sequence[int], steps: int, sampler: Sampler | None
+    ) -> tuple[torch.Tensor, SamplingPlan]:
+        """Checked class ids (B,) on the model's device and the sampling plan of `steps` steps."""
         labels = label_ids(labels, self.class_names)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
-        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-        return labels, create_diffusion(respacing, learn_sigma=self.config.learn_sigma)
+        return labels, sampling_plan(self.objective, sampler, steps, self.config.learn_sigma)
+
+
+def sampling_plan(objective: Objective, sampler: Sampler | None, steps: int, learn_sigma: bool) -> SamplingPlan:
+    """The plan for a model trained with `objective`; `sampler` None takes the objective's default. A sampler of
+    the other objective is a one-line error."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    sampler = sampler or DEFAULT_SAMPLERS[objective]
+    if sampler not in OBJECTIVE_SAMPLERS[objective]:
+        raise UserError(f"a model trained with the {objective} objective samples with "
+                        f"{', '.join(OBJECTIVE_SAMPLERS[objective])}, not {sampler}")
+    if objective == "flow":
+        return SamplingPlan(LinearFlow(), sampler, steps)
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    return SamplingPlan(create_diffusion(respacing, learn_sigma=learn_sigma), sampler, steps)
 
 
 @contextmanager

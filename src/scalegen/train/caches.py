@@ -22,11 +22,13 @@ TOKEN_BATCH_SIZE = 64
 
 
 class LatentCache(Dataset):
-    """Cached latents addressed by (index, flip), as the image datasets; yields a fresh sample each time."""
+    """Cached latents addressed by (index, flip), as the image datasets; yields a fresh sample each time, and the
+    image itself too when the data set it was made from is given (REPA's encoder needs it)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, images: Dataset | None = None):
         tensors = load_file(Path(path))
         self.mean, self.std, self.labels = tensors["mean"], tensors["std"], tensors["labels"]  # (N, 2, C_latent, h, w) ×2
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,7 +36,10 @@ class LatentCache(Dataset):
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
         mean, std = self.mean[index, int(flip)].float(), self.std[index, int(flip)].float()  # (C_latent, h, w)
-        return {"latent": mean + std * torch.randn_like(mean), "label": self.labels[index]}
+        item_data = {"latent": mean + std * torch.randn_like(mean), "label": self.labels[index]}
+        if self.images is not None:
+            item_data["image"] = self.images[item]["image"]  # (C, H, W)
+        return item_data
 
 
 def extract_latents(

@@ -1,10 +1,15 @@
-"""Training a DiT: the task (diffusion loss, sample grid) and `train_dit`, which builds a run from `DiTOptions`
+"""Training a DiT: the task (its objective's loss, sample grid) and `train_dit`, which builds a run from `DiTOptions`
 in pixel space, in SD-VAE latents, or in the quantized features of one of our tokenizers.
+
+Objectives: "ddpm" (the paper's: ε-prediction with learned σ, t uniform over 1000 steps; optionally min-SNR-γ
+weighting of the ε loss) or "flow" (SiT's linear interpolant with velocity prediction, t uniform or logit-normal).
+Either can add REPA's alignment loss (train/repa.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -12,7 +17,9 @@ from torch import nn
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
+from scalegen.diffusion.flow import TIME_SAMPLINGS, LinearFlow, TimeSampling
 from scalegen.diffusion.respace import create_diffusion
+from scalegen.diffusion.sampling import OBJECTIVES, Objective
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
@@ -22,17 +29,57 @@ from scalegen.tokenizers.codec import TokenizerCodec, measure_latent_scale
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, extract_latents
+from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, projector, token_grid_features
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
 
-GRID_SAMPLER = "ddpm"
+LossWeighting = Literal["none", "min-snr"]
+LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min-snr")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the DiT learns to predict and how its loss is drawn and weighted (stored in every checkpoint's config).
+
+    Fields:
+        name: "ddpm" (ε and learned σ, the paper's) or "flow" (velocity on the linear interpolant, SiT's).
+        time_sampling: flow only: t "uniform" or "logit-normal" (location logit_mean, scale logit_std).
+        loss_weighting: ddpm only: "min-snr" weights the ε loss by min(SNR, γ)/SNR (Hang et al. 2023).
+        snr_gamma: γ of min-SNR (the paper's 5).
+        repa_depth: REPA's block (1-based; 0: no REPA), repa_weight: λ of its loss.
+    """
+
+    name: Objective = "ddpm"
+    time_sampling: TimeSampling = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: LossWeighting = "none"
+    snr_gamma: float = 5.0
+    repa_depth: int = 0
+    repa_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.name!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise UserError(f"unknown --t-sampling {self.time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise UserError(f"unknown --loss-weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+        if self.name == "ddpm" and self.time_sampling != "uniform":
+            raise UserError("--t-sampling is for --objective flow; ddpm draws its 1000 steps uniformly")
+        if self.name == "flow" and self.loss_weighting != "none":
+            raise UserError("--loss-weighting min-snr weights the ddpm objective; flow trains unweighted")
+        if self.snr_gamma <= 0:
+            raise UserError(f"--snr-gamma is {self.snr_gamma}; it must be positive")
 
 
 class DiTTask(TrainingTask):
-    """DiT trained with the diffusion loss (MSE on ε + VLB on the variance), t uniform over all 1000 steps.
+    """DiT trained with its objective's loss: ddpm (MSE on ε + VLB on the variance, t uniform over all 1000 steps)
+    or flow (velocity MSE), plus REPA's alignment loss when an encoder is given.
 
     The batch holds either pixels ("image", encoded on the fly through the codec when one is given) or cached
-    latents ("latent"). Recipe: the DiT paper's (AdamW lr 1e-4, no weight decay, EMA 0.9999, batch 64 here).
+    latents ("latent", with "image" too for REPA's encoder). Recipe: the DiT paper's (AdamW lr 1e-4, no weight
+    decay, EMA 0.9999, batch 64 here).
     """
 
     kind = "dit"
@@ -45,17 +92,35 @@ class DiTTask(TrainingTask):
         sample_steps: int = 50,
         sample_cfg_scale: float = 4.0,
         extra_config: dict | None = None,
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        repa_encoder: nn.Module | None = None,
     ):
         super().__init__(DiT(model_config, decoder=codec), extra_config)
-        self.codec, self.vae = codec, vae
+        if objective.name == "flow" and model_config.learn_sigma:
+            raise UserError("a flow model predicts a velocity only: train it with --no-learn-sigma")
+        self.codec, self.vae, self.objective = codec, vae, objective
+        self.model.objective = objective.name
         self.diffusion = create_diffusion("", learn_sigma=model_config.learn_sigma)
+        self.flow = LinearFlow(objective.time_sampling, objective.logit_mean, objective.logit_std)
         self.sample_steps, self.sample_cfg_scale = sample_steps, sample_cfg_scale
+        self.repa_encoder, self.projector, self.tap = repa_encoder, None, None
+        if repa_encoder is not None:
+            if not 1 <= objective.repa_depth <= model_config.depth:
+                raise UserError(f"--repa-depth {objective.repa_depth} must name a block in 1..{model_config.depth}")
+            self.projector = projector(model_config.hidden_size, repa_encoder.feature_dim)
+            self.tap = BlockTap(self.model.blocks[objective.repa_depth - 1])
 
     def helpers(self) -> list[nn.Module]:
-        return [self.codec] if self.codec is not None else []
+        return [module for module in (self.codec, self.repa_encoder, self.projector) if module is not None]
 
     def config(self) -> dict:
-        return {**super().config(), "vae": self.vae}
+        return {**super().config(), "vae": self.vae, "objective": asdict(self.objective)}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        groups = super().parameter_groups(weight_decay)
+        if self.projector is not None:
+            groups.append({"params": list(self.projector.parameters()), "weight_decay": weight_decay})
+        return groups
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         if "latent" in batch:
@@ -64,16 +129,48 @@ class DiTTask(TrainingTask):
             x_start = self.codec.encode(batch["image"])  # (B, C_latent, h, w)
         else:
             x_start = batch["image"]  # (B, C, H, W)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)  # (B,)
-        terms = self.diffusion.training_losses(model, x_start, t, model_kwargs={"y": batch["label"]})
+        kwargs = {"y": batch["label"]}
+        if self.objective.name == "flow":
+            terms = self.flow.training_losses(model, x_start, model_kwargs=kwargs)
+        else:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)  # (B,)
+            terms = self.diffusion.training_losses(model, x_start, t, model_kwargs=kwargs)
+            if self.objective.loss_weighting == "min-snr":
+                terms["loss"] = self.min_snr_weights(t) * terms["mse"] + terms.get("vb", 0.0)  # (B,)
+        loss = terms["loss"].mean()
         extra = {name: terms[name].mean().item() for name in ("mse", "vb") if name in terms}
-        return terms["loss"].mean(), extra
+        if self.tap is not None:
+            alignment = self.repa_loss(batch["image"])
+            loss = loss + self.objective.repa_weight * alignment
+            extra["repa"] = alignment.item()
+        return loss, extra
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """min(SNR_t, γ) / SNR_t for step indices t (B,), with SNR = ᾱ / (1 − ᾱ)."""
+        alphas_cumprod = torch.as_tensor(self.diffusion.alphas_cumprod, device=t.device)[t]  # (B,) float64
+        snr = alphas_cumprod / (1 - alphas_cumprod)  # (B,)
+        return (snr.clamp(max=self.objective.snr_gamma) / snr).float()  # (B,)
+
+    def repa_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images."""
+        tokens = self.tap.take()  # (B, T', D)
+        grid = self.model.config.input_size // self.model.config.patch_size
+        tokens = tokens[:, -grid * grid :]  # (B, T, D): image tokens only (in-context blocks put theirs first)
+        target = token_grid_features(self.repa_encoder(images).float(), grid)  # (B, T, C)
+        return alignment_loss(self.projector(tokens), target).mean()
+
+    def extra_state(self) -> dict:
+        return {"projector": self.projector.state_dict()} if self.projector is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.projector is not None and "projector" in state:
+            self.projector.load_state_dict(state["projector"])
 
     def write_samples(self, model: nn.Module, path: Path) -> None:
         classes = list(range(min(model.config.num_classes, GRID_MAX_CLASSES)))
         labels = grid_labels(classes, GRID_PER_CLASS)
-        images = model.generate(labels, cfg=self.sample_cfg_scale, steps=self.sample_steps, sampler=GRID_SAMPLER,
-                                seed=0)  # (N, C, H, W) in [0, 1]
+        images = model.generate(labels, cfg=self.sample_cfg_scale, steps=self.sample_steps,
+                                seed=0)  # (N, C, H, W) in [0, 1], with the objective's default sampler
         save_grid(images, len(classes), path)
 
 
@@ -90,9 +187,12 @@ class DiTOptions:
         latent_cache: encode the data set once into RUN/latents.safetensors.
         block: the conditioning block ("adaln_zero", the paper's, or an ablation).
         class_dropout: label dropout for classifier-free guidance.
-        learn_sigma: predict the variance interpolation too.
-        sample_steps, sample_cfg: the periodic sample grid's DDPM steps and guidance scale.
+        learn_sigma: predict the variance interpolation too (None: yes for ddpm, no for flow, which cannot).
+        sample_steps, sample_cfg: the periodic sample grid's steps and guidance scale.
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
+        objective, t_sampling, logit_mean, logit_std, loss_weighting, snr_gamma: the `ObjectiveConfig`.
+        repa_encoder: REPA's frozen encoder (`train classifier --export` file; None: no REPA), repa_depth: the
+            aligned block (1-based), repa_weight: λ.
     """
 
     model: str = "DiT-S/2"
@@ -103,7 +203,7 @@ class DiTOptions:
     latent_cache: bool = False
     block: str = "adaln_zero"
     class_dropout: float = 0.1
-    learn_sigma: bool = True
+    learn_sigma: bool | None = None
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
@@ -111,10 +211,28 @@ class DiTOptions:
     sample_steps: int = 50
     sample_cfg: float = 4.0
     init_from: str | None = None
+    objective: Objective = "ddpm"
+    t_sampling: TimeSampling = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: LossWeighting = "none"
+    snr_gamma: float = 5.0
+    repa_encoder: str | None = None
+    repa_depth: int = 2
+    repa_weight: float = 0.5
 
     @property
     def pixel_space(self) -> bool:
         return self.vae is None or self.vae.lower() == PIXEL_SPACE
+
+    @property
+    def learns_sigma(self) -> bool:
+        return self.learn_sigma if self.learn_sigma is not None else self.objective == "ddpm"
+
+    def objective_config(self) -> ObjectiveConfig:
+        """The run's `ObjectiveConfig` (checked)."""
+        return ObjectiveConfig(self.objective, self.t_sampling, self.logit_mean, self.logit_std, self.loss_weighting,
+                               self.snr_gamma, self.repa_depth if self.repa_encoder else 0, self.repa_weight)
 
 
 def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:
@@ -122,7 +240,7 @@ def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num
     (checked when the DiT is built)."""
     config = preset_config(
         options.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-        class_dropout_prob=options.class_dropout, learn_sigma=options.learn_sigma, block=options.block,
+        class_dropout_prob=options.class_dropout, learn_sigma=options.learns_sigma, block=options.block,
     )
     for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(options, name) is not None:
@@ -156,8 +274,13 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
     with guarded_run(config.out):
         if options.tokenizer and not options.pixel_space:
             raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
+        objective = options.objective_config()
+        encoder = load_patch_encoder(options.repa_encoder) if options.repa_encoder else None
         run = RunFolder(config.out)
         dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
+        if encoder is not None and dataset.channels != encoder.stages[0][0].in_channels:
+            raise UserError(f"the REPA encoder sees images of {encoder.stages[0][0].in_channels} channel(s), the data "
+                            f"have {dataset.channels}; train an encoder on this data")
         extra_config = run_description(options.data, options.image_size, dataset)
         if options.tokenizer:
             codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
@@ -175,10 +298,14 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
             if context.is_main and not run.latent_cache.exists():
                 extract_latents(codec, dataset, run.latent_cache, device=context.device)
             barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
-            dataset = LatentCache(run.latent_cache)  # batches now carry "latent"; the codec only decodes sample grids
+            # Batches now carry "latent" (and "image" for REPA's encoder); the codec only decodes sample grids.
+            dataset = LatentCache(run.latent_cache, images=dataset if encoder is not None else None)
         vae = None if options.pixel_space else options.vae
         torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
-        task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config=extra_config)
+        task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config, objective,
+                       encoder)
+        if encoder is not None:
+            task.extra_config["repa_encoder"] = str(Path(options.repa_encoder).resolve())
         if options.init_from:
             task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)

@@ -27,6 +27,7 @@ from scalegen.distributed import DistributedContext, barrier, cleanup, mean_over
 from scalegen.errors import UserError
 from scalegen.files import read_weights_file
 from scalegen.train.guards import NonFiniteSteps, changed_options
+from scalegen.train.optimization import average_gradients, learning_rate_factor, update_ema
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.task import Recipe, TrainingTask, parameter_count
@@ -87,8 +88,6 @@ class TrainConfig:
             raise UserError(f"--ema is {self.ema_decay}; an EMA decay must lie in [0, 1) (0: no EMA)")
 
 
-
-
 RECIPE_FIELDS = tuple(field.name for field in fields(Recipe))
 
 
@@ -97,23 +96,6 @@ def resolved_config(config: TrainConfig, task: TrainingTask) -> TrainConfig:
     batch_size = config.batch_size if config.batch_size is not None else task.recipe.batch_size
     recipe = task.training_defaults(config.steps, batch_size)
     return replace(config, **{name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(config, name) is None})
-
-
-def learning_rate_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up from 0 to 1, then linear decay to `lr_decay_to` at the last step."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    remaining = max(config.steps - config.warmup_steps, 1)
-    progress = (step - config.warmup_steps) / remaining
-    return 1.0 + (config.lr_decay_to - 1.0) * progress
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model over every parameter (frozen ones too, as the official code)."""
-    ema_parameters = list(ema.parameters())
-    model_parameters = [parameter.detach() for parameter in model.parameters()]
-    torch._foreach_lerp_(ema_parameters, model_parameters, 1.0 - decay)
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
@@ -146,6 +128,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             task.parameter_groups(config.weight_decay), lr=config.lr, betas=config.betas, weight_decay=0.0
         )
+        # Trained beside the model (REPA's projector): DDP does not see them, so the trainer averages their gradients.
+        model_parameters = {id(parameter) for parameter in self.model.parameters()}
+        self.outside_parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
+                                   if id(parameter) not in model_parameters]
         self.precision = resolve_precision(config.precision, context.device)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.step = 0
@@ -357,9 +343,12 @@ class Trainer:
         gradients were not finite on any rank, in which case nothing is updated."""
         config = self.config
         finite = math.isfinite(step_figures["loss"])
+        if self.context.enabled:
+            average_gradients(self.outside_parameters, self.context)
         if config.grad_clip > 0 or self.precision != "fp16":
             self.scaler.unscale_(self.optimizer)
-            parameters = [parameter for parameter in self.model.parameters() if parameter.grad is not None]
+            parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
+                          if parameter.grad is not None]
             norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip if config.grad_clip > 0 else math.inf)
             step_figures["grad_norm"] = norm.item()
             # fp16's scaler skips steps with overflowing gradients itself and lowers its scale; they are no failure.

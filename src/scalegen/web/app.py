@@ -22,13 +22,13 @@ from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.images import grid_labels, image_grid, picture_tensor
+from scalegen.diffusion.sampling import FAST_SAMPLERS, OBJECTIVE_SAMPLERS
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.pretrained import load_dit, load_var
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
-DIT_SAMPLERS = ("ddim", "ddpm")
 DEFAULT_DIT_STEPS, DEFAULT_CFG, MAX_PER_CLASS, STRIP_FRAMES = 50, 3.0, 10, 8
 DEFAULT_BOX = "8,8,24,24"
 UNCONDITIONAL = "(unconditional)"
@@ -56,6 +56,11 @@ class Models:
         loaded = [f"{name}: {len(model.class_names)} classes" for name, model in (("DiT", self.dit), ("VAR", self.var))
                   if model is not None]
         return "loaded " + "; ".join(loaded) if loaded else "no model loaded"
+
+    def dit_samplers(self) -> tuple[list[str], str]:
+        """The samplers the loaded DiT's objective offers, and the page's default among them."""
+        objective = self.dit.objective if self.dit is not None else "ddpm"
+        return list(OBJECTIVE_SAMPLERS[objective]), FAST_SAMPLERS[objective]
 
     def class_names(self) -> list[str]:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
@@ -166,7 +171,9 @@ def load(models: Models, dit_path: str, var_path: str):
     except (UserError, ValueError) as error:
         message = WARNING + str(error)
     names = models.class_names()
-    return message, gr.update(choices=names, value=[]), gr.update(choices=[UNCONDITIONAL, *names])
+    samplers, default = models.dit_samplers()
+    return (message, gr.update(choices=names, value=[]), gr.update(choices=[UNCONDITIONAL, *names]),
+            gr.update(choices=samplers, value=default))
 
 
 def build_app(models: Models) -> gr.Blocks:
@@ -189,7 +196,8 @@ def build_app(models: Models) -> gr.Blocks:
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 cfg = gr.Slider(1.0, 8.0, value=DEFAULT_CFG, step=0.5, label="guidance (cfg)", elem_id="cfg")
             with gr.Row():
-                sampler = gr.Radio(list(DIT_SAMPLERS), value="ddim", label="DiT sampler", elem_id="sampler")
+                samplers, default_sampler = models.dit_samplers()
+                sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
                 steps = gr.Slider(2, 250, value=DEFAULT_DIT_STEPS, step=1, label="DiT steps", elem_id="steps")
                 top_k = gr.Number(0, precision=0, minimum=0, label="VAR top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
@@ -231,7 +239,8 @@ def build_app(models: Models) -> gr.Blocks:
                                       elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
                 shown_result = gr.Image(label="result", type="pil", elem_id="edit-result",
                                         elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
-        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path], [load_message, classes, edit_class])
+        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path],
+                          [load_message, classes, edit_class, sampler])
         generate.click(lambda *values: sample(models, *values),
                        [choice, classes, per_class, seed, cfg, sampler, steps, top_k, top_p],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])

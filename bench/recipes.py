@@ -1,0 +1,115 @@
+"""Benchmark: time to quality of the DiT recipes (ddpm, flow, flow + logit-normal, flow + logit-normal + REPA).
+
+    python bench/recipes.py --runs RUNS [--recipes ddpm,flow,...] [--num-samples 2000] [--steps 25] [--cfg 3]
+                            [--json bench/recipes.json] [--plot bench/recipes.png]
+
+RUNS holds one `scalegen train dit` run per recipe (RUNS/ddpm, RUNS/flow, …, made by the commands in
+bench/README.md: the same model, latent space, data order and images for each). Every kept checkpoint of each run is
+scored with `eval --features fmnist`'s numbers — FID against the real test set and the accuracy of the class asked
+for — on `--num-samples` samples (an equal number per class, the same seeds for every checkpoint), drawn with
+`--steps` network evaluations and guidance `--cfg` (DDIM for ddpm, Euler for flow: the same cost). Training FLOPs
+per image are counted by torch's FLOP counter over one loss + backward of the run's own task (REPA's projector and
+frozen encoder included). Points already in the JSON file are not scored again, so an interrupted run continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from scalegen import load_dit  # noqa: E402
+from scalegen.checkpoint import load_training_state, stored_config  # noqa: E402
+from scalegen.eval.flops import counted_flops  # noqa: E402
+from scalegen.eval.fmnist import fmnist_report  # noqa: E402
+from scalegen.images import to_uint8  # noqa: E402
+from scalegen.models.dit import DiTConfig  # noqa: E402
+from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402
+from scalegen.train.repa import load_patch_encoder  # noqa: E402
+
+RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa")
+SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # one network evaluation (×2 with guidance) per step each
+FLOP_BATCH = 4
+SAMPLE_BATCH = 250
+CLASSES = 10
+
+
+def training_flops_per_image(run: Path) -> float:
+    """FLOPs of one loss + backward per image of the run's task, on cached latents (the tokenizer is not counted)."""
+    stored = stored_config(run)
+    config = DiTConfig(**stored["model"])
+    objective = ObjectiveConfig(**stored.get("objective", {}))
+    encoder = load_patch_encoder(stored["repa_encoder"]) if stored.get("repa_encoder") else None
+    task = DiTTask(config, objective=objective, repa_encoder=encoder)
+    batch = {"latent": torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size),
+             "label": torch.arange(FLOP_BATCH), "image": torch.rand(FLOP_BATCH, 1, 32, 32) * 2 - 1}
+    task.model.train()
+    return counted_flops(lambda: task.loss(task.model, batch)[0].backward()) / FLOP_BATCH
+
+
+def score(checkpoint: Path, num_samples: int, steps: int, cfg: float) -> dict:
+    """FID and accuracy of `num_samples` samples of a checkpoint, and the seconds they took to draw."""
+    model = load_dit(checkpoint)
+    labels = torch.arange(num_samples) % CLASSES  # (N,)
+    started = time.perf_counter()
+    images = torch.cat([model.generate(chunk, cfg=cfg, steps=steps, sampler=SAMPLERS[model.objective], seed=index)
+                        for index, chunk in enumerate(labels.split(SAMPLE_BATCH))])  # (N, 1, 32, 32) in [0, 1]
+    seconds = time.perf_counter() - started
+    report = fmnist_report(to_uint8(images)[:, 0].numpy(), labels.numpy())
+    return {"fid": report["fid"], "accuracy": report["accuracy"], "sampling_seconds": seconds}
+
+
+def plot(points: dict, path: Path) -> None:
+    """FID against training FLOPs, one line per recipe."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for recipe, rows in points.items():
+        rows = sorted(rows.values(), key=lambda row: row["training_flops"])
+        axis.plot([row["training_flops"] for row in rows], [row["fid"] for row in rows], marker="o", label=recipe)
+    axis.set_xscale("log")
+    axis.set_xlabel("training FLOPs")
+    axis.set_ylabel("FID (Fashion-MNIST classifier features)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True, help="folder with one run per recipe")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--json", default="bench/recipes.json")
+    parser.add_argument("--plot", default="bench/recipes.png")
+    args = parser.parse_args()
+    path = Path(args.json)
+    points = json.loads(path.read_text()) if path.exists() else {}
+    for recipe in args.recipes.split(","):
+        run = Path(args.runs) / recipe
+        per_image = training_flops_per_image(run)
+        for checkpoint in sorted((run / "checkpoints").glob("step-*")):
+            state = load_training_state(checkpoint)
+            step, key = state["step"], str(state["step"])
+            if key in points.get(recipe, {}):
+                continue
+            images_seen = step * state["train_config"]["batch_size"]
+            row = {"step": step, "images": images_seen, "flops_per_image": per_image,
+                   "training_flops": images_seen * per_image, **score(checkpoint, args.num_samples, args.steps, args.cfg)}
+            points.setdefault(recipe, {})[key] = row
+            path.write_text(json.dumps(points, indent=1))
+            print(f"{recipe:18s} step {step:5d}  {row['training_flops'] / 1e15:6.3f} PFLOPs  FID {row['fid']:6.2f}  "
+                  f"accuracy {row['accuracy']:.3f}", flush=True)
+    plot(points, Path(args.plot))
+    print(f"wrote {path} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

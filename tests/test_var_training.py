@@ -14,7 +14,7 @@ from scalegen.errors import UserError
 from scalegen.train.trainer import TrainConfig, train
 from scalegen.models.var import VAR, VARConfig
 from scalegen.checkpoint import TOKENIZER_FILE
-from scalegen.pretrained import load_var
+from scalegen.pretrained import load_tokenizer, load_var
 from scalegen.models.var_edit import box_mask
 from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
@@ -143,8 +143,9 @@ def test_bad_edit_and_sample_inputs_are_one_line_errors(var_cli_run, tmp_path, c
     message = user_error(["train", "var", "--tokenizer", str(tmp_path / "missing"), "--steps", "1",
                           "--out", str(tmp_path / "v")], capsys)
     assert "tokenizer" in message and "not found" in message
-    assert "not a tokenizer" in user_error(["train", "var", "--tokenizer", run, "--steps", "1",
-                                            "--out", str(tmp_path / "v")], capsys)
+    # A VAR run is a tokenizer source too: its tokenizer, to train another model in the same token space.
+    assert load_tokenizer(run).state_dict().keys() == load_var(run).tokenizer.state_dict().keys()
+    torch.testing.assert_close(load_tokenizer(run).state_dict(), load_var(run).tokenizer.state_dict())
 
 
 def test_a_var_run_without_its_tokenizer_copy_asks_for_one(var_cli_run, tmp_path, capsys):

@@ -17,6 +17,7 @@ from scalegen.cli.options import (
 )
 from scalegen.distributed import cleanup, setup_distributed
 from scalegen.images import check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid
+from scalegen.models.var_blocks import ATTENTION_BACKENDS
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.pretrained import load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
@@ -78,6 +79,9 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
     parser.add_argument("--token-cache", action="store_true", help="tokenize the data set once into RUN/tokens.safetensors")
     parser.add_argument("--label-smoothing", type=fraction, default=defaults.label_smoothing, help="cross-entropy label smoothing")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=defaults.attention,
+                        help="teacher forcing: sdpa (dense block-causal mask, the official path) or flex "
+                             "(FlexAttention block-sparse mask; GPU, else sdpa with a warning)")
     parser.add_argument("--label-dropout", type=fraction, default=defaults.label_dropout,
                         help="class dropout for classifier-free guidance")
     parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")

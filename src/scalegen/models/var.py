@@ -8,6 +8,7 @@ FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they load with
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,10 @@ import torch.nn as nn
 from scalegen.data import label_ids
 from scalegen.errors import UserError
 from scalegen.models.layers import ReferencedModule, ReferencingModule
-from scalegen.models.var_blocks import ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, block_causal_mask
+from scalegen.models.var_blocks import (
+    ADALN_CHUNKS, ATTENTION_BACKENDS, AdaLNBeforeHead, AdaLNSelfAttn, AttentionBackend, BlockMask, SharedAdaLin,
+    block_causal_block_mask, block_causal_mask, flex_unavailable_reason,
+)
 from scalegen.models.var_sampling import scale_by_scale_generation
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
@@ -82,12 +86,25 @@ class VAR(ReferencingModule):
             a submodule and its weights are not in this module's state dict (official checkpoints hold the
             transformer alone). It can also be given later with `attach_tokenizer`.
         adaln_gamma: init multiplier of the AdaLN γ rows; None picks the official value for this depth.
+        attention: how teacher forcing (`forward`) attends: "sdpa" (default, the official computation: SDPA with
+            a dense additive block-causal mask) or "flex" (FlexAttention with a block-sparse mask, built once per
+            device; compiled on CUDA). Where FlexAttention cannot run (torch < 2.5, or a backward pass on CPU/MPS)
+            the forward warns with the reason and uses SDPA. Generation is unaffected (it needs no mask). The
+            `attention` attribute may be changed at any time; it is not part of the config or the checkpoint.
     """
 
     def __init__(
-        self, config: VARConfig, tokenizer: nn.Module | None = None, adaln_gamma: float | None = None
+        self,
+        config: VARConfig,
+        tokenizer: nn.Module | None = None,
+        adaln_gamma: float | None = None,
+        attention: AttentionBackend = "sdpa",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        self.attention = attention
+        self._block_masks: dict[torch.device, BlockMask] = {}  # FlexAttention masks by device, built on first use
         self.config = config
         width = config.width
         self.patch_nums = config.patch_nums
@@ -222,9 +239,27 @@ class VAR(ReferencingModule):
         x = torch.cat((start, self.word_embed(var_input.float())), dim=1)  # (B, L, C)
         x = x + (self.lvl_embed(self.lvl_1L) + self.pos_1LC)  # (B, L, C)
         block_cond = self.block_condition(cond)
+        attn_mask = self.teacher_forcing_mask(x)
         for block in self.blocks:
-            x = block(x, block_cond, attn_mask=self.attn_bias_for_masking)  # (B, L, C)
+            x = block(x, block_cond, attn_mask=attn_mask)  # (B, L, C)
         return self.head_logits(x, cond)  # (B, L, V)
+
+    def teacher_forcing_mask(self, x: torch.Tensor) -> torch.Tensor | BlockMask:
+        """The block-causal mask `forward` attends with: the dense (1, 1, L, L) buffer for "sdpa", the cached
+        BlockMask for "flex" (or the dense one, with a warning saying why, where FlexAttention cannot run).
+
+        Args:
+            x: (B, L, C) activations entering the blocks.
+        """
+        if self.attention == "sdpa":
+            return self.attn_bias_for_masking
+        reason = flex_unavailable_reason(x)
+        if reason is not None:
+            warnings.warn(f"attention='flex' falls back to SDPA: {reason}", stacklevel=2)
+            return self.attn_bias_for_masking
+        if x.device not in self._block_masks:
+            self._block_masks[x.device] = block_causal_block_mask(self.lvl_1L[0])
+        return self._block_masks[x.device]
 
     # The KV-cached, scale-by-scale generation loop lives in var_sampling.py beside its sampling helpers.
     generate_tokens = scale_by_scale_generation
@@ -311,6 +346,7 @@ def build_var(
     attn_l2_norm: bool = True,
     patch_nums: Sequence[int] | None = None,
     adaln_gamma: float | None = None,
+    attention: AttentionBackend = "sdpa",
     **overrides: Any,
 ) -> VAR:
     """Build an official-architecture VAR on top of a multi-scale tokenizer.
@@ -323,6 +359,7 @@ def build_var(
         attn_l2_norm: cosine attention with learned per-head temperature (official default).
         patch_nums: token grid sides per scale; None = the tokenizer's.
         adaln_gamma: init multiplier of the AdaLN γ rows; None = the official value for this depth.
+        attention: teacher-forcing attention, "sdpa" or "flex" (see `VAR`).
         **overrides: any other VARConfig field (width, num_heads, label_dropout, norm_eps, ...).
 
     Returns:
@@ -338,4 +375,4 @@ def build_var(
         attn_l2_norm=attn_l2_norm,
         **overrides,
     )
-    return VAR(config, tokenizer=vqvae, adaln_gamma=adaln_gamma)
+    return VAR(config, tokenizer=vqvae, adaln_gamma=adaln_gamma, attention=attention)

@@ -1,16 +1,24 @@
-"""Building blocks of the VAR transformer: AdaLN self-attention blocks, their attention with a KV cache, and
-the AdaLN before the head.
+"""Building blocks of the VAR transformer: AdaLN self-attention blocks, their attention (SDPA with a dense mask,
+or FlexAttention with a block-sparse one) with a static KV cache, and the AdaLN before the head.
 
 Attribute names follow the official FoundationVision/VAR modules so that official checkpoints load with
 `strict=True` (`attn.mat_qkv`, `attn.scale_mul_1H11`, `ffn.fc1`, `ada_lin.1`, `ada_gss`, ...).
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch < 2.5 has no FlexAttention
+    BlockMask = create_block_mask = flex_attention = None
 
 # Per-head multiplier of the L2-normalised queries: it starts at 4 and is clamped at 100 (both as logarithms).
 INITIAL_QUERY_SCALE = 4.0
@@ -19,35 +27,49 @@ MAX_QUERY_SCALE = 100.0
 PLAIN_ATTENTION_SCALE_FACTOR = 0.25
 # Official AdaLN modulation layout: one (B, 1, 6, C) tensor, chunks in this order.
 ADALN_CHUNKS = 6
+# Teacher-forcing attention: "sdpa" (the official path, a dense additive mask) or "flex" (FlexAttention, a
+# block-sparse mask that skips the blocks above the diagonal).
+AttentionBackend = Literal["sdpa", "flex"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+# Devices where torch's FlexAttention is inference only (no backward pass).
+FLEX_INFERENCE_ONLY_DEVICES = ("cpu", "mps")
 
 
 class KVCache:
     """Keys and values of all scales seen so far, for one attention layer during generation.
 
     Next-scale prediction feeds one whole scale at a time; each new scale attends to every earlier scale and to
-    itself, so the cache simply grows by concatenation and no mask is needed.
+    itself, so no mask is needed: attention reads the filled prefix of a buffer of the whole sequence, allocated
+    at the first scale and written in place at every later one (no re-allocation or copying of earlier scales).
     """
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None  # (B, H, L_seen, head_dim)
-        self.values: torch.Tensor | None = None  # (B, H, L_seen, head_dim)
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.length = 0  # positions filled so far
+        self.keys: torch.Tensor | None = None  # (B, H, max_length, head_dim)
+        self.values: torch.Tensor | None = None  # (B, H, max_length, head_dim)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the keys and values of a new scale.
+        """Write the keys and values of a new scale after the filled prefix.
 
         Args:
             keys: (B, H, l, head_dim) keys of the new positions.
             values: (B, H, l, head_dim) values of the new positions.
 
         Returns:
-            All keys and values so far, each (B, H, L_seen + l, head_dim).
+            Views of all keys and values so far, each (B, H, L_seen + l, head_dim).
         """
         if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat((self.keys, keys), dim=2)  # (B, H, L_seen + l, head_dim)
-            self.values = torch.cat((self.values, values), dim=2)  # (B, H, L_seen + l, head_dim)
-        return self.keys, self.values
+            batch, heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
+            self.values = values.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache of {self.max_length} positions cannot take {end}")
+        self.keys[:, :, self.length : end] = keys  # (B, H, l, head_dim)
+        self.values[:, :, self.length : end] = values  # (B, H, l, head_dim)
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]  # each (B, H, L_seen + l, head_dim)
 
 
 def block_causal_mask(scale_of_position: torch.Tensor) -> torch.Tensor:
@@ -62,6 +84,46 @@ def block_causal_mask(scale_of_position: torch.Tensor) -> torch.Tensor:
     allowed = scale_of_position.view(-1, 1) >= scale_of_position.view(1, -1)  # (L, L) query scale >= key scale
     zero = torch.zeros((), dtype=torch.float32)
     return torch.where(allowed, zero, -torch.inf).view(1, 1, *allowed.shape)
+
+
+def block_causal_block_mask(scale_of_position: torch.Tensor) -> BlockMask:
+    """FlexAttention's block-sparse form of `block_causal_mask` (same allowed pairs), on the positions' device.
+
+    Args:
+        scale_of_position: (L,) scale index of every position.
+
+    Returns:
+        A BlockMask for (L, L) attention, shared by all batch entries and heads.
+    """
+
+    def same_or_earlier_scale(
+        batch: torch.Tensor, head: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor
+    ) -> torch.Tensor:
+        return scale_of_position[query_index] >= scale_of_position[key_index]
+
+    length = scale_of_position.shape[0]
+    return create_block_mask(same_or_earlier_scale, None, None, length, length, device=scale_of_position.device)
+
+
+def flex_unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why FlexAttention cannot run teacher forcing on these activations, or None when it can.
+
+    Args:
+        x: (B, L, C) activations entering the blocks (their device, and whether gradients flow through them).
+    """
+    if flex_attention is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (it needs torch >= 2.5)"
+    needs_backward = torch.is_grad_enabled() and x.requires_grad
+    if needs_backward and x.device.type in FLEX_INFERENCE_ONLY_DEVICES:
+        return f"FlexAttention has no backward pass on {x.device.type} (torch {torch.__version__})"
+    return None
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process: on GPUs only the compiled kernel is fused and skips the masked
+    blocks (eager mode materialises the full score matrix)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class DropPath(nn.Module):
@@ -108,13 +170,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """Attend over the input (and over the cached earlier scales when a cache is given).
 
         Args:
             x: (B, l, C) input positions.
-            attn_mask: additive (1, 1, l, l) mask (0 or -inf), for teacher forcing; None with a cache.
+            attn_mask: for teacher forcing, an additive (1, 1, l, l) mask (0 or -inf) for SDPA, or a BlockMask
+                for FlexAttention (`block_causal_block_mask`); None with a cache.
             cache: the layer's KV cache during generation; it is extended with this call's keys and values.
 
         Returns:
@@ -131,9 +194,15 @@ class SelfAttention(nn.Module):
             key = F.normalize(key, dim=-1)  # (B, H, l, d)
         if cache is not None:
             key, value = cache.extend(key, value)  # (B, H, L_seen, d)
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(query.dtype)  # SDPA wants the mask in the query dtype under autocast
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=self.softmax_scale)
+        if BlockMask is not None and isinstance(attn_mask, BlockMask):
+            attend = compiled_flex_attention() if query.is_cuda else flex_attention
+            # Under autocast the normalised query and key come out in float32; SDPA casts them, flex does not.
+            query, key = query.to(value.dtype), key.to(value.dtype)  # (B, H, l, d)
+            out = attend(query, key, value, block_mask=attn_mask, scale=self.softmax_scale)  # (B, H, l, d)
+        else:
+            if attn_mask is not None:
+                attn_mask = attn_mask.to(query.dtype)  # SDPA wants the mask in the query dtype under autocast
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=self.softmax_scale)
         out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, l, C)
         return self.proj(out)  # (B, l, C)
 
@@ -196,7 +265,7 @@ class AdaLNSelfAttn(nn.Module):
         self,
         x: torch.Tensor,
         cond: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Run the block.
@@ -204,7 +273,7 @@ class AdaLNSelfAttn(nn.Module):
         Args:
             x: (B, l, C) positions.
             cond: (B, C) class embedding, or with `shared_aln` the shared projection (B, 1, 6, C).
-            attn_mask: additive (1, 1, l, l) block-causal mask for teacher forcing, or None.
+            attn_mask: block-causal mask for teacher forcing (additive (1, 1, l, l) tensor, or a BlockMask), or None.
             cache: this block's KV cache during generation, or None.
 
         Returns:

@@ -148,7 +148,7 @@ def scale_by_scale_generation(
     block_cond = model.block_condition(cond)
     level_and_position = model.lvl_embed(model.lvl_1L) + model.pos_1LC  # (1, L, C)
     x = cond.unsqueeze(1) + model.pos_start + level_and_position[:, : model.first_length]  # (2B, p_0², C)
-    caches = [KVCache() for _ in model.blocks]
+    caches = [KVCache(model.sequence_length) for _ in model.blocks]  # each allocated once, at the first scale
     finest = model.patch_nums[-1]
     features = cond.new_zeros(batch, model.config.z_channels, finest, finest)  # (B, Cvae, p_K, p_K)
     all_tokens: list[torch.Tensor] = []

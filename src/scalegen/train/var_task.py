@@ -21,6 +21,7 @@ from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
+from scalegen.models.var_blocks import AttentionBackend
 from scalegen.pretrained import load_tokenizer
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
@@ -117,6 +118,8 @@ class VAROptions:
         base_lr: the recipe's lr is base_lr · batch / 256.
         sample_cfg, sample_top_p: the periodic sample grid's guidance and nucleus.
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
+        attention: teacher forcing through "sdpa" (a dense block-causal mask, the official path) or "flex"
+            (FlexAttention's block-sparse mask; GPU only for training, SDPA with a warning elsewhere).
     """
 
     tokenizer: str
@@ -132,6 +135,7 @@ class VAROptions:
     sample_cfg: float = 4.0
     sample_top_p: float = 0.95
     init_from: str | None = None
+    attention: AttentionBackend = "sdpa"
 
 
 def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
@@ -177,6 +181,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
                        options.sample_top_p, extra_config=description,
                        base_lr=options.base_lr)
+        task.model.attention = options.attention  # how it attends, not what it is: no part of the config
         if options.init_from:
             task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)

@@ -6,7 +6,8 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    NON_NEGATIVE, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args, fraction,
+    NON_NEGATIVE, POSITIVE, add_init_from, add_precision_option, add_training_options, at_least, dataclass_from_args,
+    fraction,
     train_config_from_args,
 )
 from scalegen.diffusion.flow import TIME_SAMPLINGS
@@ -81,6 +82,7 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per forward batch")
     parser.add_argument("--vae", default=None, help="override the VAE path stored in the checkpoint")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_precision_option(parser)
     parser.set_defaults(handler=run_sample)
 
 
@@ -96,7 +98,7 @@ def run_sample(args: argparse.Namespace) -> None:
     model = load_dit(args.ckpt, args.vae).to(context.device)
 
     def draw(labels: torch.Tensor) -> torch.Tensor:
-        return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler,
+        return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler, precision=args.precision,
                               guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
 
     try:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import TypeVar
 
+from scalegen.distributed import PRECISIONS
 from scalegen.train.run_log import LOGGERS
 from scalegen.train.task import TrainingTask
 from scalegen.train.trainer import MINIMUMS, TrainConfig
@@ -31,7 +32,7 @@ TRAINING_HELP = {
     "lr_decay_to": "final lr as a fraction of --lr, reached linearly after warm-up (1: constant)",
     "checkpoint_every": "checkpoint every N steps",
     "grad_accumulation": "micro-batches per optimizer step",
-    "precision": "autocast precision (auto: bf16 on GPU, fp32 on CPU)",
+    "precision": "autocast precision (auto: bf16 on a GPU or a CPU with AMX/AVX512-BF16, else fp32; fp32: exact)",
     "compile": "torch.compile the model",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
     "seed": "seed of the data order and the initial weights",
@@ -45,7 +46,7 @@ TRAINING_HELP = {
     "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)",
     "max_images": "train (and cache) on the first N images only: a quick smoke test (default: all)",
 }
-CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "logger": list(LOGGERS)}
+CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS)}
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -142,6 +143,13 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
         else:
             parser.add_argument(flag, dest=field.name, type=str if smallest is None and field.default is None else kind,
                                 default=field.default, choices=CHOICES.get(field.name), help=help_text)
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """`--precision` of the sampling commands: fp32 (the official numbers) unless asked."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="autocast of the network: fp32 is exact; bf16 (or auto: bf16 where the GPU or CPU has "
+                             "bf16 matrix units) is faster")
 
 
 def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) -> Options:

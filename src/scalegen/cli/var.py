@@ -12,7 +12,7 @@ import torch
 
 from scalegen.cli.options import (
     NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args,
-    fraction, integers,
+    add_precision_option, fraction, integers,
     train_config_from_args,
 )
 from scalegen.distributed import cleanup, setup_distributed
@@ -124,6 +124,7 @@ def add_loading_options(parser) -> None:
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of the labels with --num-samples)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_precision_option(parser)
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -139,7 +140,8 @@ def run_train_var(args: argparse.Namespace) -> None:
 
 def sampling_options(args: argparse.Namespace) -> dict:
     """The VAR sampling settings of `sample var` / `edit var`."""
-    return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth}
+    return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
+            "precision": args.precision}
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -109,7 +109,7 @@ def sample_loop(
 def decode(latents: torch.Tensor, decoder: Decoder | None) -> torch.Tensor:
     """Latents (B, c, h, w) -> images (B, C, H, W) in [0, 1] (pixel-space latents are the images)."""
     images = decoder.decode(latents) if decoder is not None else latents  # (B, C, H, W) in [-1, 1]
-    return to_unit_range(images)  # (B, C, H, W)
+    return to_unit_range(images.float())  # (B, C, H, W), float32 even when sampled under autocast
 
 
 @torch.no_grad()

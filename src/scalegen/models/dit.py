@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.data import label_ids
+from scalegen.distributed import Precision, autocast
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.diffusion.sampling import (
@@ -196,6 +197,7 @@ class DiT(ReferencingModule):
         noise: torch.Tensor | None = None,
         guide_all_channels: bool = False,
         progress: bool = False,
+        precision: Precision = "fp32",
     ) -> torch.Tensor:
         """Sample images of the given classes, as the official sample.py does.
 
@@ -210,11 +212,13 @@ class DiT(ReferencingModule):
             noise: starting noise (B, C, h, w); drawn when None.
             guide_all_channels: guide every ε channel instead of the official first three.
             progress: show a progress bar.
+            precision: the network's autocast: "fp32" (the default) is the official computation; "bf16" or "auto"
+                are faster where the hardware has bf16 units.
         Returns:
             (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
         """
         labels, plan = self.sampling_setup(labels, steps, sampler)
-        with seeded(seed, labels.device):
+        with seeded(seed, labels.device), autocast(precision, labels.device):
             return sample_with_guidance(self, plan, labels, cfg, self.decoder, noise, guide_all_channels, progress)
 
     @torch.no_grad()
@@ -227,6 +231,7 @@ class DiT(ReferencingModule):
         seed: int | None = None,
         frames: int = 8,
         guide_all_channels: bool = False,
+        precision: Precision = "fp32",
     ) -> list[torch.Tensor]:
         """Watch a sample form: the predicted clean image x̂₀ at `frames` evenly spaced steps, the last being the
         sample itself (arguments as `generate`; the same seed gives the same final images).
@@ -237,7 +242,7 @@ class DiT(ReferencingModule):
         labels, plan = self.sampling_setup(labels, steps, sampler)
         shown = {round(index * (steps - 1) / max(frames - 1, 1)) for index in range(frames)}
         images = []
-        with seeded(seed, labels.device):
+        with seeded(seed, labels.device), autocast(precision, labels.device):
             for index, output in enumerate(guided_steps(self, plan, labels, cfg, self.decoder,
                                                         guide_all_channels=guide_all_channels)):
                 if index in shown:

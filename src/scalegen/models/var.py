@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from scalegen.data import label_ids
+from scalegen.distributed import Precision, autocast
 from scalegen.errors import UserError
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.var_blocks import (
@@ -274,13 +275,16 @@ class VAR(ReferencingModule):
         seed: int | None = None,
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
+        precision: Precision = "fp32",
     ) -> torch.Tensor:
-        """Generate images; see `generate_tokens` for the arguments.
+        """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
+        the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
 
         Returns:
             (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
         """
-        sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator)
+        with autocast(precision, self.pos_1LC.device):
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator)
         return self._decode(sampled.features)
 
     @torch.no_grad()
@@ -292,14 +296,16 @@ class VAR(ReferencingModule):
         top_p: float = 0.0,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        precision: Precision = "fp32",
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
-        `generate_tokens`; the last frame is `generate`'s image for the same seed).
+        `generate`; the last frame is `generate`'s image for the same seed).
 
         Returns:
             One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
         """
-        sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator)
+        with autocast(precision, self.pos_1LC.device):
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator)
         frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
         return [self._decode(features) for features in frames]
 
@@ -315,6 +321,7 @@ class VAR(ReferencingModule):
         seed: int | None = None,
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
+        precision: Precision = "fp32",
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 
@@ -323,14 +330,14 @@ class VAR(ReferencingModule):
                 for class-conditional editing.
             source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
-            cfg, top_k, top_p, seed, more_smooth, generator: as in `generate_tokens`.
+            cfg, top_k, top_p, seed, more_smooth, generator, precision: as in `generate`.
 
         Returns:
             (B, C, H, W) edited images in [0, 1].
         """
-        sampled = self.generate_tokens(
-            labels, cfg, top_k, top_p, seed, more_smooth, generator, source_tokens=source_tokens, keep_mask=keep_mask
-        )
+        with autocast(precision, self.pos_1LC.device):
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator,
+                                           source_tokens=source_tokens, keep_mask=keep_mask)
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:

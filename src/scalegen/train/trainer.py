@@ -11,7 +11,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal
 
 import torch
 from torch import nn
@@ -23,7 +22,9 @@ from scalegen.checkpoint import (
     EMA_FILE, MODEL_FILE, RunFolder, guarded_run, load_training_state, save_checkpoint, stored_config,
 )
 from scalegen.data import ResumableSampler, collate
-from scalegen.distributed import DistributedContext, barrier, cleanup, mean_over_ranks, setup_distributed
+from scalegen.distributed import (
+    DistributedContext, Precision, autocast, barrier, cleanup, mean_over_ranks, resolve_precision, setup_distributed,
+)
 from scalegen.errors import UserError
 from scalegen.files import read_weights_file
 from scalegen.train.guards import NonFiniteSteps, changed_options
@@ -32,8 +33,6 @@ from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.task import Recipe, TrainingTask, parameter_count
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
@@ -96,13 +95,6 @@ def resolved_config(config: TrainConfig, task: TrainingTask) -> TrainConfig:
     batch_size = config.batch_size if config.batch_size is not None else task.recipe.batch_size
     recipe = task.training_defaults(config.steps, batch_size)
     return replace(config, **{name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(config, name) is None})
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """"auto" is bf16 on GPU and fp32 on CPU (CPU autocast is slower than fp32 for these models)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 class Trainer:
@@ -305,8 +297,7 @@ class Trainer:
                 batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
                 last_micro = micro_step == config.grad_accumulation - 1
                 sync = network.no_sync() if context.enabled and not last_micro else nullcontext()
-                autocast = torch.autocast(context.device.type, dtype=AUTOCAST_DTYPES[self.precision]) if self.precision in AUTOCAST_DTYPES else nullcontext()
-                with sync, autocast:
+                with sync, autocast(self.precision, context.device):
                     loss, extra = self.task.loss(network, batch)
                 self.scaler.scale(loss / config.grad_accumulation).backward()
                 for name, value in {"loss": loss.item(), **extra}.items():

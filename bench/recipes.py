@@ -87,18 +87,20 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--at", default="", help="score only these steps, e.g. 200,600,1000 (default: every kept one)")
     parser.add_argument("--json", default="bench/recipes.json")
     parser.add_argument("--plot", default="bench/recipes.png")
     args = parser.parse_args()
     path = Path(args.json)
     points = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {int(step) for step in args.at.split(",") if step}
     for recipe in args.recipes.split(","):
         run = Path(args.runs) / recipe
         per_image = training_flops_per_image(run)
         for checkpoint in sorted((run / "checkpoints").glob("step-*")):
             state = load_training_state(checkpoint)
             step, key = state["step"], str(state["step"])
-            if key in points.get(recipe, {}):
+            if key in points.get(recipe, {}) or (wanted and step not in wanted):
                 continue
             images_seen = step * state["train_config"]["batch_size"]
             row = {"step": step, "images": images_seen, "flops_per_image": per_image,

@@ -158,15 +158,16 @@ def tiny_encoder(tmp_path) -> PatchEncoder:
     return load_patch_encoder(path)
 
 
-def test_repa_loss_is_minus_one_for_identical_features_and_trains_only_model_and_projector(tmp_path):
+def test_repa_loss_is_zero_for_identical_features_and_trains_only_model_and_projector(tmp_path):
     features = torch.randn(3, 5, 7)
-    torch.testing.assert_close(alignment_loss(features, 2.5 * features), -torch.ones(3))
+    torch.testing.assert_close(alignment_loss(features, 2.5 * features), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(alignment_loss(features, -features), 2 * torch.ones(3))
     encoder = tiny_encoder(tmp_path)
     task = tiny_flow_task(encoder)
     images = torch.rand(4, 1, 8, 8) * 2 - 1
     loss, extra = task.loss(task.model, {"image": images, "label": torch.tensor([0, 1, 2, 3])})
     loss.backward()
-    assert -1 <= extra["repa"] <= 1
+    assert 0 <= extra["repa"] <= 2
     assert all(parameter.grad is None for parameter in encoder.parameters())
     assert all(parameter.grad is not None for parameter in task.projector.parameters())
     aligned_block = task.model.blocks[0]

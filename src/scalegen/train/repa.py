@@ -1,7 +1,8 @@
 """REPA (Yu et al. 2024): align a DiT block's hidden tokens with a frozen encoder's patch features.
 
-A projector MLP maps block K's tokens (B, T, D) to the encoder's feature size; the loss is the negative cosine
-similarity with the encoder's feature map of the clean image, resized to the DiT's token grid, averaged over tokens.
+A projector MLP maps block K's tokens (B, T, D) to the encoder's feature size; the loss is one minus the cosine
+similarity with the encoder's feature map of the clean image, resized to the DiT's token grid, averaged over tokens
+(REPA's negative similarity plus one: the same gradients, and zero for perfectly aligned features).
 The projector trains with the DiT and is saved with the run (in its training state); sampling never needs it.
 
 The encoder is a Fashion-MNIST CNN of ours (`scalegen train classifier --export FILE`), its convolutional feature
@@ -63,9 +64,9 @@ def token_grid_features(features: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Negative cosine similarity per example: projected tokens and target features (B, T, C) -> (B,)."""
+    """One minus the mean cosine similarity per example: projected tokens and target features (B, T, C) -> (B,)."""
     similarity = F.cosine_similarity(projected, target, dim=-1)  # (B, T)
-    return -similarity.mean(dim=1)  # (B,)
+    return 1 - similarity.mean(dim=1)  # (B,)
 
 
 class BlockTap:

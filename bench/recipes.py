@@ -7,7 +7,7 @@ RUNS holds one `scalegen train dit` run per recipe (RUNS/ddpm, RUNS/flow, …, m
 bench/README.md: the same model, latent space, data order and images for each). Every kept checkpoint of each run is
 scored with `eval --features fmnist`'s numbers — FID against the real test set and the accuracy of the class asked
 for — on `--num-samples` samples (an equal number per class, the same seeds for every checkpoint), drawn with
-`--steps` network evaluations and guidance `--cfg` (DDIM for ddpm, Euler for flow: the same cost). Training FLOPs
+`--steps` network evaluations and guidance `--cfg` (DPM-Solver++ 2M for ddpm, Euler for flow: the same cost). Training FLOPs
 per image are counted by torch's FLOP counter over one loss + backward of the run's own task (REPA's projector and
 frozen encoder included). Points already in the JSON file are not scored again, so an interrupted run continues.
 """
@@ -34,7 +34,7 @@ from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402
 from scalegen.train.repa import load_patch_encoder  # noqa: E402
 
 RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa")
-SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # one network evaluation (×2 with guidance) per step each
+SAMPLERS = {"ddpm": "dpm-solver++", "flow": "euler"}  # one network evaluation (×2 with guidance) per step each
 FLOP_BATCH = 4
 SAMPLE_BATCH = 250
 CLASSES = 10
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="folder with one run per recipe")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--at", default="", help="score only these steps, e.g. 200,600,1000 (default: every kept one)")
     parser.add_argument("--json", default="bench/recipes.json")

@@ -17,7 +17,8 @@ from scalegen.checkpoint import last_checkpoint, load_weights, save_checkpoint
 from scalegen.cli.main import main
 from tests_support import user_error, without_progress_bars
 from scalegen.errors import UserError
-from scalegen.data import FashionMNIST, ImageFolder, ResumableSampler, center_crop_arr, collate
+from scalegen.data import FashionMNIST, ImageFolder, center_crop_arr, collate
+from scalegen.train.loading import ResumableSampler
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.pretrained import dit_config_from_state_dict, load_dit
 

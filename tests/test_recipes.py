@@ -108,11 +108,11 @@ def test_dpm_solver_first_order_is_ddim_and_second_order_converges_faster():
 def test_min_snr_weights_are_one_where_snr_is_below_gamma():
     config = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     task = DiTTask(config, objective=ObjectiveConfig(loss_weighting="min-snr", snr_gamma=5.0))
-    alpha_bar = task.diffusion.alphas_cumprod
+    alpha_bar = torch.tensor(task.diffusion.alphas_cumprod, dtype=torch.float32)  # the weights are float32 too
     weights = task.min_snr_weights(torch.arange(1000))
     snr = alpha_bar / (1 - alpha_bar)
-    assert weights[snr < 5].eq(1).all() and (weights[snr > 5] < 1).all()
-    assert weights[0].item() == pytest.approx(5 / snr[0], rel=1e-5)
+    assert weights[snr < 5].eq(1).all() and (weights[snr > 5] < 1).all() and (weights[snr > 5] > 0).all()
+    assert weights[0].item() == pytest.approx(5 / snr[0].item(), rel=1e-5)
 
 
 def test_objective_mistakes_are_one_line_errors():

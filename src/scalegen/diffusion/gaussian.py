@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from scalegen.diffusion.math import (
     LEARNED_VARIANCES, LossType, MeanType, VarianceType, discretized_gaussian_log_likelihood, mean_flat, normal_kl,
+    schedule_on_device,
 )
 from scalegen.errors import UserError
 
@@ -31,8 +32,8 @@ RESCALED_MSE_REFERENCE_STEPS = 1000.0
 
 def _extract(array: np.ndarray, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Gather array[t] as float32 and broadcast it to `shape` (batch first)."""
-    # Casting before gathering gives the same float32 values and keeps float64 off the device.
-    values = torch.from_numpy(array).float().to(device=t.device)[t]  # (B,)
+    # The float32 copy on the device is made once (a copy per call would wait for the GPU); float64 stays off it.
+    values = schedule_on_device(array, t.device)[t]  # (B,)
     return values.view(-1, *([1] * (len(shape) - 1))).expand(shape)  # (B, C, H, W)
 
 

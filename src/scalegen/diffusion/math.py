@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import enum
 import math
+from functools import lru_cache
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 
 ScheduleName = Literal["linear", "squaredcos_cap_v2"]
+SCHEDULE_CACHE_SIZE = 64  # schedule arrays kept on their devices (a diffusion has about a dozen)
 
 
 class MeanType(enum.Enum):
@@ -190,3 +192,14 @@ def discretized_gaussian_log_likelihood(
         log_cdf_upper,
         torch.where(x > EDGE_BIN_THRESHOLD, log_one_minus_cdf_lower, log_bin_mass),
     )  # (B, C, H, W)
+
+
+@lru_cache(maxsize=SCHEDULE_CACHE_SIZE)
+def _schedule_tensor(values: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(values), dtype=torch.float64).float().to(device)  # (T,)
+
+
+def schedule_on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float64 schedule array (T,) as float32 on `device`, copied there once per content and device: a copy at
+    every step would make the host wait for the GPU. Casting before gathering gives the same float32 values."""
+    return _schedule_tensor(np.ascontiguousarray(array, dtype=np.float64).tobytes(), torch.device(device))

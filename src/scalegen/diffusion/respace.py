@@ -98,13 +98,16 @@ class SpacedDiffusion(GaussianDiffusion):
         base_alphas_cumprod = np.cumprod(1.0 - np.array(betas, dtype=np.float64))
         # Kept original step for each new step index.
         self.timestep_map = sorted(step for step in self.use_timesteps if 0 <= step < self.original_num_steps)
+        self.timestep_maps: dict[torch.device, torch.Tensor] = {}  # timestep_map on each device it served
         # A kept step's beta spans all skipped steps since the previous kept one: 1 - ᾱ_now / ᾱ_previous.
         previous_alphas_cumprod = np.append(1.0, base_alphas_cumprod[self.timestep_map][:-1])
         spaced_betas = 1 - base_alphas_cumprod[self.timestep_map] / previous_alphas_cumprod
         super().__init__(betas=spaced_betas, mean_type=mean_type, variance_type=variance_type, loss_type=loss_type)
 
     def _call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> tuple[Any, Any]:
-        original_t = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t]  # (B,)
+        if t.device not in self.timestep_maps:  # built once per device: a copy per call would wait for the GPU
+            self.timestep_maps[t.device] = torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)  # (T',)
+        original_t = self.timestep_maps[t.device][t].to(t.dtype)  # (B,)
         return super()._call_model(model, x, original_t, model_kwargs)
 
 

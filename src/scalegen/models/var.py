@@ -201,11 +201,26 @@ class VAR(ReferencingModule):
         for ids out of range."""
         device = self.class_emb.weight.device
         labels = torch.as_tensor(label_ids(labels, self.class_names), dtype=torch.long, device=device).reshape(-1)  # (B,)
+        if labels.numel() == 0 or bool(((labels < 0) | (labels > self.config.num_classes)).any()):
+            raise ValueError(self.labels_error(labels))
+        return labels
+
+    def labels_error(self, labels: torch.Tensor) -> str:
+        """The message for class ids out of range."""
         num_classes = self.config.num_classes
-        if labels.numel() == 0 or bool(((labels < 0) | (labels > num_classes)).any()):
-            raise ValueError(
-                f"class ids must be in 0..{num_classes - 1} (or {num_classes} for unconditional); got {labels.tolist()}"
-            )
+        return f"class ids must be in 0..{num_classes - 1} (or {num_classes} for unconditional); got {labels.tolist()}"
+
+    def checked_labels(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """`labels_tensor` for the training step: the range check runs on the device, so the host never waits for it
+        (and torch.compile traces it). A bad id raises at once on CPU, as a device-side assert on a GPU."""
+        device = self.class_emb.weight.device
+        labels = torch.as_tensor(label_ids(labels, self.class_names), dtype=torch.long, device=device).reshape(-1)  # (B,)
+        if labels.numel() == 0:
+            raise ValueError(self.labels_error(labels))
+        try:
+            torch._assert_async(((labels >= 0) & (labels <= self.config.num_classes)).all(), "class ids out of range")
+        except RuntimeError:
+            raise ValueError(self.labels_error(labels)) from None
         return labels
 
     def block_condition(self, cond: torch.Tensor) -> torch.Tensor:
@@ -227,7 +242,7 @@ class VAR(ReferencingModule):
         Returns:
             (B, L, vocab_size) float32 logits; the positions of scale k predict the tokens of scale k.
         """
-        labels = self.labels_tensor(labels)
+        labels = self.checked_labels(labels)  # (B,)
         batch = var_input.shape[0]
         expected_shape = (batch, self.sequence_length - self.first_length, self.config.z_channels)
         if tuple(var_input.shape) != expected_shape or labels.shape[0] != batch:

@@ -16,6 +16,7 @@ from scalegen.data import cache_with_mirrors
 from scalegen.tokenizers.codec import TokenizerCodec
 from scalegen.tokenizers.sd_vae import LatentCodec
 from scalegen.tokenizers.vqvae import VQVAE
+from scalegen.train.loading import OnDevice
 
 LATENT_BATCH_SIZE = 32
 TOKEN_BATCH_SIZE = 64
@@ -40,6 +41,22 @@ class LatentCache(Dataset):
         if self.images is not None:
             item_data["image"] = self.images[item]["image"]  # (C, H, W)
         return item_data
+
+    def to(self, device: torch.device) -> LatentCache:
+        """Hold the cache (and the images beside it) on `device` (for `OnDevice`)."""
+        self.mean, self.std, self.labels = self.mean.to(device), self.std.to(device), self.labels.to(device)
+        if self.images is not None:
+            self.images = OnDevice(self.images, device)
+        return self
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
+        """The items (indices[i], flips[i]) as one batch, a fresh latent sample each (`OnDevice`)."""
+        flips = flips.long()
+        mean, std = self.mean[indices, flips].float(), self.std[indices, flips].float()  # (B, C_latent, h, w)
+        batch = {"latent": mean + std * torch.randn_like(mean), "label": self.labels[indices]}
+        if self.images is not None:
+            batch["image"] = self.images.dataset.batch(indices, flips.bool())["image"]  # (B, C, H, W)
+        return batch
 
 
 def extract_latents(
@@ -69,6 +86,15 @@ class TokenCache(Dataset):
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
         return {"tokens": self.tokens[index, int(flip)].long(), "label": self.labels[index]}
+
+    def to(self, device: torch.device) -> TokenCache:
+        """Hold the tokens on `device` (for `OnDevice`)."""
+        self.tokens, self.labels = self.tokens.to(device), self.labels.to(device)
+        return self
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
+        """The items (indices[i], flips[i]) as one batch (`OnDevice`)."""
+        return {"tokens": self.tokens[indices, flips.long()].long(), "label": self.labels[indices]}
 
 
 def extract_tokens(tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,

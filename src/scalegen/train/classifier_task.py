@@ -43,9 +43,9 @@ class ClassifierTask(TrainingTask):
         super().__init__(FashionClassifier(config), extra_config)
         self.test_set = test_set
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["image"])  # (B, classes)
-        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean().item()
+        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()  # ()
         return F.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

@@ -18,6 +18,7 @@ from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import barrier, setup_distributed
 from scalegen.diffusion.flow import TIME_SAMPLINGS, LinearFlow, TimeSampling
+from scalegen.diffusion.math import schedule_on_device
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.diffusion.sampling import OBJECTIVES, Objective
 from scalegen.errors import UserError
@@ -122,7 +123,7 @@ class DiTTask(TrainingTask):
             groups.append({"params": list(self.projector.parameters()), "weight_decay": weight_decay})
         return groups
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "latent" in batch:
             x_start = batch["latent"]  # (B, C_latent, h, w)
         elif self.codec is not None:
@@ -138,18 +139,18 @@ class DiTTask(TrainingTask):
             if self.objective.loss_weighting == "min-snr":
                 terms["loss"] = self.min_snr_weights(t) * terms["mse"] + terms.get("vb", 0.0)  # (B,)
         loss = terms["loss"].mean()
-        extra = {name: terms[name].mean().item() for name in ("mse", "vb") if name in terms}
+        extra = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}  # () each
         if self.tap is not None:
             alignment = self.repa_loss(batch["image"])
             loss = loss + self.objective.repa_weight * alignment
-            extra["repa"] = alignment.item()
+            extra["repa"] = alignment.detach()  # ()
         return loss, extra
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
         """min(SNR_t, γ) / SNR_t for step indices t (B,), with SNR = ᾱ / (1 − ᾱ)."""
-        alphas_cumprod = torch.as_tensor(self.diffusion.alphas_cumprod, device=t.device)[t]  # (B,) float64
+        alphas_cumprod = schedule_on_device(self.diffusion.alphas_cumprod, t.device)[t]  # (B,)
         snr = alphas_cumprod / (1 - alphas_cumprod)  # (B,)
-        return (snr.clamp(max=self.objective.snr_gamma) / snr).float()  # (B,)
+        return snr.clamp(max=self.objective.snr_gamma) / snr  # (B,)
 
     def repa_loss(self, images: torch.Tensor) -> torch.Tensor:
         """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
 
@@ -16,22 +18,35 @@ def changed_options(stored: dict, current: dict) -> str:
 
 
 class NonFiniteSteps:
-    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop training in one line."""
+    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop training in one line.
 
-    def __init__(self, config) -> None:
-        """`config`: the run's TrainConfig (its max_nonfinite_steps and lr)."""
+    The counts live on the device (`record` needs no host sync); `read` brings them to the host, which the trainer
+    does at log and checkpoint steps (every step where the host must know, e.g. a task's `after_step`). A diverged
+    run therefore stops at the first read after its limit was reached, and says at which step it was reached.
+    """
+
+    def __init__(self, config, device: torch.device) -> None:
+        """`config`: the run's TrainConfig (its max_nonfinite_steps and lr); `device`: where the counts live."""
         self.limit, self.lr = config.max_nonfinite_steps, config.lr
-        self.total, self.in_a_row = 0, 0
+        self.total, self.in_a_row = 0, 0  # as of the last `read`
+        # (3,) long: skipped steps in all, in a row now, and the step where the row first reached the limit (0: not)
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)
 
-    def passed(self) -> None:
-        self.in_a_row = 0
+    def record(self, applied: torch.Tensor, step: int) -> None:
+        """Count optimizer step `step`, applied or skipped (`applied`: a 0-dim bool tensor on the device)."""
+        skipped = (~applied).long()  # ()
+        in_a_row = (self.counts[1] + 1) * skipped  # ()
+        reached = torch.where((self.counts[2] == 0) & (in_a_row >= self.limit), step, self.counts[2])  # ()
+        self.counts = torch.stack([self.counts[0] + skipped, in_a_row, reached])  # (3,)
 
-    def skipped(self, step: int, run: RunFolder) -> None:
-        self.total += 1
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
+    def read(self, step: int, run: RunFolder) -> None:
+        """Bring the counts to the host (one sync); stop the run, naming its last good checkpoint, once too many steps
+        in a row were skipped."""
+        self.total, self.in_a_row, reached = self.counts.tolist()
+        if reached:
+            noticed = f", noticed at step {step}" if reached != step else ""
             live = run.pointed_checkpoint() if run.last_pointer.exists() else None
             good = f"the last good checkpoint is {live}" if live else "no checkpoint was written yet"
-            raise UserError(f"training diverged: the loss or the gradients were not finite for {self.in_a_row} steps "
-                            f"in a row (up to step {step}); {good}; lower --lr (now {self.lr:g}) or set --grad-clip, "
-                            "then re-run to resume from it")
+            raise UserError(f"training diverged: the loss or the gradients were not finite for {self.limit} steps "
+                            f"in a row (up to step {reached}{noticed}); {good}; lower --lr (now {self.lr:g}) or set "
+                            "--grad-clip, then re-run to resume from it")

@@ -1,13 +1,22 @@
-"""The pieces of an optimizer step the trainer composes: the learning-rate schedule, the EMA update, and the
-gradient average of parameters trained outside the DDP-wrapped model."""
+"""The pieces of an optimizer step the trainer composes: the optimizer itself (fused AdamW, which can skip a step on
+the device), the learning-rate schedule, the EMA update, and the gradient average of parameters trained outside the
+DDP-wrapped model."""
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scalegen.distributed import DistributedContext
+
+# Devices whose AdamW runs fused: one kernel per step, and it takes `found_inf`, so a non-finite step is skipped on
+# the device without the host reading a flag (GradScaler's mechanism). Not the CPU: torch 2.13's fused CPU kernel
+# rounds differently from the foreach AdamW (a tiny DiT's weights drift 6e-4 apart in 100 steps), and fp32 CPU runs
+# keep their exact numbers; a CPU has no device to wait for anyway.
+FUSED_DEVICES = ("cuda",)
+IMPLEMENTATION_KEYS = ("fused", "foreach")  # the optimizer settings a checkpoint must not override
 
 
 class Schedule(Protocol):
@@ -27,12 +36,61 @@ def learning_rate_factor(step: int, config: Schedule) -> float:
     return 1.0 + (config.lr_decay_to - 1.0) * progress
 
 
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the parameter groups (each with its own weight decay): fused where the device has the kernel."""
+    fused = device.type in FUSED_DEVICES
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0, fused=fused or None)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_unless` can skip a step without the host knowing (the fused kernel takes `found_inf`)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """One fused optimizer step that leaves parameters, moments and step counts untouched where `skip` (a 0-dim
+    bool tensor on the device) is true; no host sync."""
+    optimizer.found_inf = skip.to(torch.float32)  # read by fused Adam(W), as GradScaler passes it
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, keeping this optimizer's implementation (a checkpoint of a foreach AdamW would
+    otherwise turn a fused one back into foreach, and leave its step counts on the wrong device)."""
+    groups = [{**saved, **{key: group[key] for key in IMPLEMENTATION_KEYS}}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model over every parameter (frozen ones too, as the official code)."""
-    ema_parameters = list(ema.parameters())
-    model_parameters = [parameter.detach() for parameter in model.parameters()]
-    torch._foreach_lerp_(ema_parameters, model_parameters, 1.0 - decay)
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
+    """ema = decay * ema + (1 - decay) * model over every parameter (frozen ones too, as the official code).
+
+    Args:
+        applied: a 0-dim bool tensor on the device; where false (a skipped step) the EMA is left as it was, without
+            a host sync. FSDP parameters are updated shard by shard (the EMA is sharded like the model).
+    """
+    ema_parameters = [local(parameter) for parameter in ema.parameters()]
+    model_parameters = [local(parameter).detach() for parameter in model.parameters()]
+    if applied is None:
+        torch._foreach_lerp_(ema_parameters, model_parameters, 1.0 - decay)
+        return
+    # (): 0 on a skipped step, so the lerp keeps the EMA; one per dtype (lerp's weight has its tensor's dtype)
+    weights = {dtype: applied.to(dtype) * (1.0 - decay) for dtype in {parameter.dtype for parameter in ema_parameters}}
+    torch._foreach_lerp_(ema_parameters, model_parameters, [weights[parameter.dtype] for parameter in ema_parameters])
 
 
 def average_gradients(parameters: list[nn.Parameter], context: DistributedContext) -> None:

@@ -86,8 +86,12 @@ class TrainingTask:
     def prepare(self, lr: float) -> None:
         """Called once the run's settings are known, before training or resuming (e.g. a second optimizer's lr)."""
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss of one micro-batch and extra figures to log."""
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of one micro-batch and extra figures to log.
+
+        The figures are detached 0-dim tensors, left on the device: the trainer accumulates them there and reads them
+        on the host at log steps only (an `.item()` here would make every micro-step wait for the device).
+        """
         raise NotImplementedError
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

@@ -129,18 +129,18 @@ class VQVAETask(TrainingTask):
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.completed_steps >= self.losses.gan_start_step
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]  # (B, C, H, W)
         reconstruction, quantizer_loss, vocab_hits = model(images)  # (B, C, H, W), (), (S, V)
         reconstruction = reconstruction.float()  # (B, C, H, W)
         l1 = (reconstruction - images).abs().mean()
         l2 = (reconstruction - images).square().mean()
         reconstruction_loss = self.losses.l1 * l1 + self.losses.l2 * l2
-        figures = {"l1": l1.item(), "l2": l2.item(), "quantizer": quantizer_loss.item()}
+        figures = {"l1": l1.detach(), "l2": l2.detach(), "quantizer": quantizer_loss.detach()}  # () each
         if self.lpips is not None:
             perceptual = self.lpips(reconstruction, images).mean()
             reconstruction_loss = reconstruction_loss + self.losses.lpips * perceptual
-            figures["lpips"] = perceptual.item()
+            figures["lpips"] = perceptual.detach()
         loss = reconstruction_loss + self.losses.quantizer * quantizer_loss
         if self.discriminator is not None:
             generator_loss, weight = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
@@ -150,7 +150,7 @@ class VQVAETask(TrainingTask):
                 weight = self.losses.gan * adaptive_weight(reconstruction_loss, generator_loss, last_layer)
                 loss = loss + weight * generator_loss
                 self.pending_pairs.append((images.detach(), reconstruction.detach()))
-            figures.update(gan_generator=generator_loss.item(), gan_weight=weight.item())
+            figures.update(gan_generator=generator_loss.detach(), gan_weight=weight.detach())
         hits = vocab_hits.detach()  # (S, V)
         self.pending_hits = hits if self.pending_hits is None else self.pending_hits + hits
         self.last_images = images.detach()

@@ -1,15 +1,18 @@
-"""The one trainer every model uses: AdamW, EMA, mixed precision, accumulation, DDP, logs, samples, resume.
+"""The one trainer every model uses: AdamW, EMA, mixed precision, accumulation, DDP or FSDP, logs, samples, resume.
 
 A model plugs in through a `TrainingTask` (see task.py): it owns the model, its loss, its sample grid and its
 recipe; the trainer owns the loop and everything that must survive a crash.
+
+The hot loop does not wait for the device: losses and figures stay on it as 0-dim tensors, a non-finite step is
+skipped there (fused AdamW's `found_inf`, a masked EMA update), and the host reads figures and counts only at log and
+checkpoint steps — or every step where it must know the outcome (fp16's scaler, a task with an `after_step`).
 """
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -21,18 +24,20 @@ from tqdm import tqdm
 from scalegen.checkpoint import (
     EMA_FILE, MODEL_FILE, RunFolder, guarded_run, load_training_state, save_checkpoint, stored_config,
 )
-from scalegen.data import ResumableSampler, collate
+from scalegen.data import collate
 from scalegen.distributed import (
-    DistributedContext, Precision, autocast, barrier, cleanup, mean_over_ranks, resolve_precision, setup_distributed,
+    DistributedContext, Precision, autocast, barrier, cleanup, resolve_precision, setup_distributed,
 )
 from scalegen.errors import UserError
 from scalegen.files import read_weights_file
+from scalegen.train import sharding
 from scalegen.train.guards import NonFiniteSteps, changed_options
-from scalegen.train.optimization import average_gradients, learning_rate_factor, update_ema
+from scalegen.train.loading import OnDevice, ResumableSampler
+from scalegen.train.optimization import build_optimizer, learning_rate_factor, load_optimizer_state
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
+from scalegen.train.stepping import GradientStep, compile_regions, device_figure, mean_figures
 from scalegen.train.task import Recipe, TrainingTask, parameter_count
-
 
 
 # The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
@@ -62,7 +67,8 @@ class TrainConfig:
     checkpoint_every: int | None = None
     grad_accumulation: int = 1
     precision: Precision = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block in place (regional)
+    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it with DDP
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
@@ -74,6 +80,7 @@ class TrainConfig:
     flip: bool = True
     max_nonfinite_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
     max_images: int | None = None  # train (and cache) on the first N images only: a smoke test
+    data_on_device: bool = False  # hold an in-memory data set on the device and gather whole batches there
 
     def __post_init__(self) -> None:
         for name, smallest in MINIMUMS.items():
@@ -102,6 +109,8 @@ class Trainer:
 
     def __init__(self, task: TrainingTask, dataset: Dataset, config: TrainConfig, context: DistributedContext):
         config = resolved_config(config, task)
+        if config.data_on_device:
+            dataset = OnDevice(dataset, context.device)
         self.task, self.dataset, self.config, self.context = task, dataset, config, context
         world = context.world_size * config.grad_accumulation
         if config.batch_size % world:
@@ -115,17 +124,29 @@ class Trainer:
         self.model = task.model
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing = True
+        self.precision = resolve_precision(config.precision, context.device)
+        self.sharded = config.fsdp and context.enabled  # a single process has nothing to shard
+        if self.sharded:
+            sharding.broadcast_from_main(self.model)
         # Without EMA (decay 0, as the VAR and tokenizer recipes) there is no copy to keep, update or save.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if config.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(
-            task.parameter_groups(config.weight_decay), lr=config.lr, betas=config.betas, weight_decay=0.0
-        )
-        # Trained beside the model (REPA's projector): DDP does not see them, so the trainer averages their gradients.
-        model_parameters = {id(parameter) for parameter in self.model.parameters()}
-        self.outside_parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
-                                   if id(parameter) not in model_parameters]
-        self.precision = resolve_precision(config.precision, context.device)
-        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        self.sampling_copy: nn.Module | None = None  # FSDP: rank 0's plain model that sample grids are drawn from
+        if self.sharded:
+            if context.is_main:
+                self.sampling_copy = copy.deepcopy(self.model).requires_grad_(False).eval()
+            policy = sharding.mixed_precision(self.precision, context.device)
+            for module in [self.model] + ([self.ema] if self.ema is not None else []):
+                sharding.shard(module, policy)
+        self.optimizer = build_optimizer(task.parameter_groups(config.weight_decay), config.lr, config.betas,
+                                         context.device)
+        if self.sharded:
+            sharding.parameter_names(self.model, self.optimizer)  # refuses parameters trained beside the model
+        self.gradient_step = GradientStep(self.model, self.ema, self.optimizer, self.precision, config.grad_clip,
+                                          config.ema_decay, context)
+        self.scaler = self.gradient_step.scaler
+        # The host must know each step's outcome where it acts on it: a host-side skip, or a task's `after_step`.
+        self.host_outcome = (not self.gradient_step.skip_on_device
+                             or type(task).after_step is not TrainingTask.after_step)
         self.step = 0
         self.figures: dict[str, float] = {}  # the last logged figures
         self.log: RunLog | None = None
@@ -167,11 +188,18 @@ class Trainer:
         return False
 
     def load_state(self, weights: dict, ema_weights: dict | None, state: dict) -> None:
-        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place."""
-        self.model.load_state_dict(weights)
-        if self.ema is not None:
-            self.ema.load_state_dict(ema_weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place (sharding them under FSDP:
+        every rank holds the full checkpoint)."""
+        if self.sharded:
+            sharding.load_weights(self.model, weights)
+            if self.ema is not None:
+                sharding.load_weights(self.ema, ema_weights)
+            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(weights)
+            if self.ema is not None:
+                self.ema.load_state_dict(ema_weights)
+            load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.task.load_extra_state(state["task"])
@@ -183,36 +211,44 @@ class Trainer:
         parameters = parameter_count(self.model)
         data = self.task.extra_config.get("data", type(self.dataset).__name__)
         return (f"train {self.task.kind}: {type(self.model).__name__} with {parameters / 1e6:.2f} M parameters on "
-                f"{context.device}, {self.precision}, {context.world_size} process(es); data {data} "
-                f"({len(self.dataset):,} items); batch {config.batch_size} = {self.micro_batch} per micro-batch × "
+                f"{context.device}, {self.precision}, {context.world_size} process(es){' with FSDP' * self.sharded}; "
+                f"data {data} ({len(self.dataset):,} items); batch {config.batch_size} = {self.micro_batch} per micro-batch × "
                 f"{config.grad_accumulation} accumulation × {context.world_size} rank(s); steps {self.step} → "
                 f"{config.steps}; out {self.folder.root}")
 
-    def weights_are_finite(self) -> bool:
-        """Whether every parameter (and EMA parameter) is finite: a checkpoint is written only then. (Buffers may hold
-        infinities on purpose, as VAR's attention mask.)"""
-        modules = [self.model] + ([self.ema] if self.ema is not None else [])
-        return all(bool(torch.isfinite(parameter).all()) for module in modules for parameter in module.parameters())
+    def weights_are_finite(self, weights: list[dict[str, torch.Tensor] | None]) -> bool:
+        """Whether every parameter in these state dicts (the model's, the EMA's) is finite: a checkpoint is written
+        only then. (Buffers may hold infinities on purpose, as VAR's attention mask.)"""
+        names = [name for name, _ in self.model.named_parameters()]
+        return all(bool(torch.isfinite(state[name]).all()) for state in weights if state is not None
+                   for name in names if name in state)
 
     def save(self) -> None:
-        """Checkpoint (rank 0 writes; every rank contributes its RNG state so each resumes its own stream)."""
+        """Checkpoint (rank 0 writes; every rank contributes its RNG state so each resumes its own stream, and under
+        FSDP its shards, gathered into the full tensors every checkpoint holds)."""
         states = [rng_state()]
         if self.context.enabled:
             states = [None] * self.context.world_size
             torch.distributed.all_gather_object(states, rng_state())
+        if self.sharded:
+            model_state = sharding.gathered_weights(self.model)
+            ema_state = sharding.gathered_weights(self.ema) if self.ema is not None else None
+            optimizer_state = sharding.gathered_optimizer_state(self.model, self.optimizer)
+        elif self.context.is_main:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+            ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.context.is_main:
             training_state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict(),
                 "step": self.step,
                 "rng": states,
                 "train_config": asdict(self.config),
                 "task": self.task.extra_state(),
             }
-            ema_state = self.ema.state_dict() if self.ema is not None else None
-            if self.weights_are_finite():
+            if self.weights_are_finite([model_state, ema_state]):
                 save_checkpoint(
-                    self.folder.root, self.step, self.task.config(), self.model.state_dict(), ema_state,
+                    self.folder.root, self.step, self.task.config(), model_state, ema_state,
                     training_state, self.config.keep_checkpoints,
                 )
             else:
@@ -221,10 +257,15 @@ class Trainer:
 
     def samples(self) -> None:
         """Sample grid from the EMA weights (the weights themselves without EMA) into RUN/samples/ (rank 0 only)."""
+        model = self.ema if self.ema is not None else self.model
+        if self.sharded:  # every rank takes part in gathering the weights into rank 0's plain copy
+            weights = sharding.gathered_weights(model)
+            if self.context.is_main:
+                self.sampling_copy.load_state_dict(weights)
+            model = self.sampling_copy
         if self.context.is_main:
             path = self.folder.sample_grid(self.step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            model = self.ema if self.ema is not None else self.model
             was_training = model.training
             self.task.write_samples(model.eval(), path)
             model.train(was_training)
@@ -249,15 +290,17 @@ class Trainer:
         self.sampler.start_batch = self.step * config.grad_accumulation
         loader = DataLoader(
             self.dataset, batch_size=self.micro_batch, sampler=self.sampler, collate_fn=collate,
-            num_workers=config.num_workers, pin_memory=context.device.type == "cuda", drop_last=True,
+            num_workers=0 if config.data_on_device else config.num_workers, drop_last=True,
+            pin_memory=context.device.type == "cuda" and not config.data_on_device,
             # Its own generator: creating the iterator must not consume the global RNG restored on resume.
             generator=torch.Generator().manual_seed(config.seed),
         )
-        network = self.model
-        if context.enabled:
-            network = DistributedDataParallel(network, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
         if config.compile:
-            network = torch.compile(network)
+            compile_regions(self.model)
+        network = self.model
+        if context.enabled and not self.sharded:
+            network = DistributedDataParallel(network, device_ids=[context.local_rank] if context.device.type == "cuda"
+                                              else None, gradient_as_bucket_view=True)
         self.log = log = RunLog(self.folder, config.logger, enabled=context.is_main)
         log.forget_after(self.step)  # rows a crashed run logged past its last checkpoint are logged again
         batches = iter(loader)
@@ -286,34 +329,37 @@ class Trainer:
     def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm, interactive: bool) -> None:
         """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way."""
         config, context = self.config, self.context
-        window_start, window_images, skipped, nonfinite = time.perf_counter(), 0, 0, NonFiniteSteps(config)
+        window_start, window_images, skipped = time.perf_counter(), 0, 0
+        nonfinite = NonFiniteSteps(config, context.device)
         while self.step < config.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = config.lr * learning_rate_factor(self.step, config)
-            step_figures: dict[str, float] = {}
+            logging = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.steps
+            step_figures: dict[str, torch.Tensor | float] = {}  # 0-dim float64 tensors on the device
             for micro_step in range(config.grad_accumulation):
                 batch = next(batches)
                 skipped += batch.pop("skipped")
                 batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
-                last_micro = micro_step == config.grad_accumulation - 1
-                sync = network.no_sync() if context.enabled and not last_micro else nullcontext()
-                with sync, autocast(self.precision, context.device):
+                with self.gradient_sync(network, micro_step == config.grad_accumulation - 1), \
+                        autocast(self.precision, context.device):
                     loss, extra = self.task.loss(network, batch)
                 self.scaler.scale(loss / config.grad_accumulation).backward()
-                for name, value in {"loss": loss.item(), **extra}.items():
-                    step_figures[name] = step_figures.get(name, 0.0) + value / config.grad_accumulation
+                for name, value in {"loss": loss, **(extra if logging else {})}.items():  # the loss: for the guard
+                    share = device_figure(value, context.device) / config.grad_accumulation  # ()
+                    step_figures[name] = step_figures[name] + share if name in step_figures else share
                 window_images += len(batch["label"]) * context.world_size
-            finite = self.gradient_step(step_figures)
+            applied = self.gradient_step(step_figures, logging)
             self.step += 1
-            if finite:
-                nonfinite.passed()
+            nonfinite.record(applied, self.step)
+            checkpointing = self.step % config.checkpoint_every == 0 and self.step != config.steps
+            if logging or checkpointing or self.host_outcome:
+                nonfinite.read(self.step, self.folder)  # the host's only look at the guard: stops a diverged run
+            if self.host_outcome and not nonfinite.in_a_row:
                 step_figures.update(self.task.after_step(self.step, context))
-            else:
-                nonfinite.skipped(self.step, self.folder)
             progress.update(1)
-            if self.step % config.log_every == 0 or self.step == config.steps:
+            if logging:
                 elapsed = time.perf_counter() - window_start
-                self.figures = figures = {name: mean_over_ranks(value, context) for name, value in step_figures.items()}
+                self.figures = figures = mean_figures(step_figures, context)
                 figures.update(lr=self.optimizer.param_groups[0]["lr"], images_per_second=window_images / elapsed)
                 figures.update(skipped_images=skipped, nonfinite_steps=nonfinite.total)
                 log.write(self.step, figures)
@@ -326,32 +372,15 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if config.sample_every and self.step % config.sample_every == 0 and self.step != config.steps:
                 self.samples()
-            if self.step % config.checkpoint_every == 0 and self.step != config.steps and not nonfinite.in_a_row:
+            if checkpointing and not nonfinite.in_a_row:
                 self.save()  # not in the middle of skipped steps: the last checkpoint stays the last good one
 
-    def gradient_step(self, step_figures: dict[str, float]) -> bool:
-        """Clip, check and apply this step's gradients (optimizer, scaler, EMA); returns False when the loss or the
-        gradients were not finite on any rank, in which case nothing is updated."""
-        config = self.config
-        finite = math.isfinite(step_figures["loss"])
-        if self.context.enabled:
-            average_gradients(self.outside_parameters, self.context)
-        if config.grad_clip > 0 or self.precision != "fp16":
-            self.scaler.unscale_(self.optimizer)
-            parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
-                          if parameter.grad is not None]
-            norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip if config.grad_clip > 0 else math.inf)
-            step_figures["grad_norm"] = norm.item()
-            # fp16's scaler skips steps with overflowing gradients itself and lowers its scale; they are no failure.
-            finite = finite and (math.isfinite(step_figures["grad_norm"]) or self.precision == "fp16")
-        finite = mean_over_ranks(float(finite), self.context) == 1.0  # every rank skips together
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                update_ema(self.ema, self.model, config.ema_decay)
-        self.optimizer.zero_grad(set_to_none=True)
-        return finite
+    def gradient_sync(self, network: nn.Module, last_micro: bool) -> AbstractContextManager:
+        """Gradients are reduced over the ranks on a step's last micro-batch only (DDP's no_sync, FSDP's switch)."""
+        if self.sharded:
+            network.set_requires_gradient_sync(last_micro)
+            return nullcontext()
+        return network.no_sync() if self.context.enabled and not last_micro else nullcontext()
 
 
 def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str, float]:

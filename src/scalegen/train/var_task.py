@@ -68,7 +68,7 @@ class VARTask(TrainingTask):
         return replace(self.recipe, batch_size=batch_size, lr=self.base_lr * batch_size / VAR_BATCH_REFERENCE,
                        warmup_steps=steps // WARMUP_FRACTION)
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             if "tokens" in batch:
                 tokens = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p²)
@@ -80,12 +80,12 @@ class VARTask(TrainingTask):
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=self.label_smoothing,
                                     reduction="none")  # (B, L)
         correct = (logits.argmax(-1) == targets).float()  # (B, L)
-        figures = {"accuracy": correct.mean().item()}
+        figures = {"accuracy": correct.mean()}  # () each, left on the device
         names = scale_names(self.model.config.patch_nums)
         for name, scale_loss, scale_correct in zip(names, per_token.detach().split(self.scale_lengths, dim=1),
                                                    correct.split(self.scale_lengths, dim=1)):
-            figures[f"loss_{name}"] = scale_loss.mean().item()
-            figures[f"accuracy_{name}"] = scale_correct.mean().item()
+            figures[f"loss_{name}"] = scale_loss.mean()
+            figures[f"accuracy_{name}"] = scale_correct.mean()
         return per_token.mean(), figures
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import statistics
 import sys
 import tempfile
@@ -43,12 +44,25 @@ VAR_DEPTH, VAR_PATCH_NUMS, VAR_BATCH, VAR_CLASSES = 8, (1, 2, 3, 4, 5, 6, 8, 10,
 VAR_CFG, VAR_TOP_K, VAR_TOP_P = 1.5, 900, 0.96
 
 
+def import_from_clone(path: Path, module: str, names: list[str]) -> list:
+    """`from module import names` out of a clone; its top-level packages (both clones have a `models`) are dropped
+    from sys.modules afterwards so the other clone can import its own."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(path))
+    try:
+        imported = importlib.import_module(module)
+        return [getattr(imported, name) for name in names]
+    finally:
+        sys.path.remove(str(path))
+        for name in set(sys.modules) - before:
+            if not name.startswith(("torch", "numpy", "scalegen", "timm")):
+                del sys.modules[name]
+
+
 def official_dit_step(path: Path, device: torch.device):
     """The official train.py inner step for DiT-S/2 on the CLI's default shapes."""
-    sys.path.insert(0, str(path))
-    from diffusion import create_diffusion as official_diffusion  # noqa: PLC0415 (the clone's package)
-    from models import DiT_models  # noqa: PLC0415
-    sys.path.remove(str(path))
+    (DiT_models,) = import_from_clone(path, "models", ["DiT_models"])
+    (official_diffusion,) = import_from_clone(path, "diffusion", ["create_diffusion"])
     model = DiT_models["DiT-S/2"](input_size=IMAGE_SIZE, in_channels=CHANNELS, num_classes=CLASSES).to(device)
     return training_step(model, official_diffusion(timestep_respacing=""), device, "fp32")
 
@@ -84,9 +98,7 @@ def scalegen_cli_seconds(device: torch.device) -> float:
 
 def var_pair(path: Path, device: torch.device):
     """An official VAR and a scalegen VAR with the same weights, each as a generation call."""
-    sys.path.insert(0, str(path))
-    from models import VAR as OfficialVAR, VQVAE as OfficialVQVAE  # noqa: PLC0415 (the clone's package)
-    sys.path.remove(str(path))
+    OfficialVAR, OfficialVQVAE = import_from_clone(path, "models", ["VAR", "VQVAE"])
     tokenizer = OfficialVQVAE(vocab_size=4096, z_channels=32, ch=32, test_mode=True, share_quant_resi=4,
                               v_patch_nums=VAR_PATCH_NUMS).to(device)
     official = OfficialVAR(vae_local=tokenizer, num_classes=VAR_CLASSES, depth=VAR_DEPTH, embed_dim=64 * VAR_DEPTH,

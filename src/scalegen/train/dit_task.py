@@ -34,6 +34,7 @@ from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, pr
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
 
+REPA_DEFAULT_DEPTH = 2  # the aligned block when an encoder is given (REPA: about a third of the depth)
 LossWeighting = Literal["none", "min-snr"]
 LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min-snr")
 
@@ -212,15 +213,15 @@ class DiTOptions:
     sample_steps: int = 50
     sample_cfg: float = 4.0
     init_from: str | None = None
-    objective: Objective = "ddpm"
-    t_sampling: TimeSampling = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: LossWeighting = "none"
-    snr_gamma: float = 5.0
+    objective: Objective = ObjectiveConfig.name
+    t_sampling: TimeSampling = ObjectiveConfig.time_sampling
+    logit_mean: float = ObjectiveConfig.logit_mean
+    logit_std: float = ObjectiveConfig.logit_std
+    loss_weighting: LossWeighting = ObjectiveConfig.loss_weighting
+    snr_gamma: float = ObjectiveConfig.snr_gamma
     repa_encoder: str | None = None
-    repa_depth: int = 2
-    repa_weight: float = 0.5
+    repa_depth: int = REPA_DEFAULT_DEPTH
+    repa_weight: float = ObjectiveConfig.repa_weight
 
     @property
     def pixel_space(self) -> bool:

@@ -66,7 +66,7 @@ class OnDevice(Dataset):
         return self.length
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
-        return self.__getitems__([item])
+        return self.dataset[item]  # one item, as the data set gives it (its tensors now on the device)
 
     def __getitems__(self, items: list[tuple[int, bool]]) -> dict:
         indices = torch.tensor([index for index, _ in items], device=self.device)  # (B,)

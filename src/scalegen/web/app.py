@@ -176,6 +176,12 @@ def load(models: Models, dit_path: str, var_path: str):
             gr.update(choices=samplers, value=default))
 
 
+def shown_image(label: str, elem_id: str, height: int = SHOWN_HEIGHT) -> gr.Image:
+    """An output picture of the page: enlarged pixel for pixel, not editable."""
+    return gr.Image(label=label, type="pil", elem_id=elem_id, elem_classes="scalegen-pixels", height=height,
+                    interactive=False)
+
+
 def build_app(models: Models) -> gr.Blocks:
     """The page, wired to `models`."""
     names = models.class_names()
@@ -204,16 +210,11 @@ def build_app(models: Models) -> gr.Blocks:
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             figures = gr.Markdown(elem_id="sample-info")
             with gr.Row():
-                dit_grid = gr.Image(label="DiT", type="pil", elem_id="dit-grid",
-                                    elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
-                var_grid = gr.Image(label="VAR", type="pil", elem_id="var-grid",
-                                    elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
+                dit_grid = shown_image("DiT", "dit-grid")
+                var_grid = shown_image("VAR", "var-grid")
             with gr.Row():
-                dit_strip = gr.Image(label="DiT: predicted x̂₀ along the steps", type="pil", elem_id="dit-strip",
-                                     elem_classes="scalegen-pixels", height=STRIP_HEIGHT,
-                                     interactive=False)
-                var_strip = gr.Image(label="VAR: after each scale", type="pil", elem_id="var-strip",
-                                     elem_classes="scalegen-pixels", height=STRIP_HEIGHT, interactive=False)
+                dit_strip = shown_image("DiT: predicted x̂₀ along the steps", "dit-strip", STRIP_HEIGHT)
+                var_strip = shown_image("VAR: after each scale", "var-strip", STRIP_HEIGHT)
             download = gr.File(label="download (PNG)", elem_id="download")
         with gr.Tab("Edit", elem_id="edit-tab"):
             with gr.Row():
@@ -233,12 +234,9 @@ def build_app(models: Models) -> gr.Blocks:
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
             edit_message = gr.Markdown(elem_id="edit-info")
             with gr.Row():
-                shown_input = gr.Image(label="input", type="pil", elem_id="edit-shown",
-                                       elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
-                shown_mask = gr.Image(label="mask (white: regenerated)", type="pil", elem_id="edit-mask",
-                                      elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
-                shown_result = gr.Image(label="result", type="pil", elem_id="edit-result",
-                                        elem_classes="scalegen-pixels", height=SHOWN_HEIGHT, interactive=False)
+                shown_input = shown_image("input", "edit-shown")
+                shown_mask = shown_image("mask (white: regenerated)", "edit-mask")
+                shown_result = shown_image("result", "edit-result")
         load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path],
                           [load_message, classes, edit_class, sampler])
         generate.click(lambda *values: sample(models, *values),

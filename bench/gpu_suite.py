@@ -5,7 +5,8 @@
 
 Rows: DiT-XL/2 256px bf16 training at batch 32 and 128, eager and with regional torch.compile (each block compiled);
 DiT-XL/2 250-step DDPM sampling with guidance 1.5 (time of a few steps, scaled to 250); VAR-d16 training; VAR-d16
-generation at batch 1 and 64 in bf16 with the static KV cache. Random weights, random latents / images.
+generation at batch 1 and 64 in bf16 with the static KV cache, eager and (on CUDA) replayed from CUDA graphs. Random
+weights, random latents / images.
 
 FLOP convention: 2 FLOPs per multiply-accumulate counted by torch's FLOP counter on one forward pass (fvcore's
 convention: matmuls and convolutions; attention's full T×T), training = 3 × forward (backward ≈ 2 × forward),
@@ -149,14 +150,16 @@ def var_training(settings: dict, device: torch.device, steps: int) -> dict:
             "mfu_percent": utilisation(per_second, device), "peak_memory_gib": peak_memory_gib(device)}
 
 
-def var_generation(settings: dict, batch: int, device: torch.device) -> dict:
-    """VAR generation with CFG 1.5, top-k 900, top-p 0.96 (the paper's FID setting), static KV cache, bf16."""
+def var_generation(settings: dict, batch: int, cuda_graphs: bool, device: torch.device) -> dict:
+    """VAR generation with CFG 1.5, top-k 900, top-p 0.96 (the paper's FID setting), static KV cache, bf16, each
+    scale's step replayed from a CUDA graph or not (the capture, on the first call, is not timed)."""
     reset_memory(device)
     model = var_task(settings, device).model.eval()
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)  # (B,)
-    seconds = seconds_per_call(lambda: model.generate(labels, cfg=1.5, top_k=900, top_p=0.96, precision="bf16"),
-                               2, 1, device)
-    return {"row": f"VAR-d{settings['var_depth']} generation, batch {batch}, bf16, static KV cache",
+    seconds = seconds_per_call(lambda: model.generate(labels, cfg=1.5, top_k=900, top_p=0.96, precision="bf16",
+                                                      cuda_graphs=cuda_graphs), 2, 1, device)
+    graphs = "CUDA graphs" if cuda_graphs else "eager"
+    return {"row": f"VAR-d{settings['var_depth']} generation, batch {batch}, bf16, static KV cache, {graphs}",
             "images_per_second": batch / seconds, "peak_memory_gib": peak_memory_gib(device)}
 
 
@@ -190,7 +193,8 @@ def main() -> None:
     timed(rows, lambda: dit_sampling(settings["dit"], settings["latent"], settings["sample_batch"], device))
     timed(rows, lambda: var_training(settings, device, args.steps))
     for batch in settings["generate_batches"]:
-        timed(rows, lambda: var_generation(settings, batch, device))
+        for cuda_graphs in (False, True) if device.type == "cuda" else (False,):
+            timed(rows, lambda: var_generation(settings, batch, cuda_graphs, device))
     with open(args.json, "w") as stream:
         json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, stream, indent=1)
     print(f"wrote {args.json}")

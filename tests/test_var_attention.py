@@ -159,3 +159,47 @@ def test_static_cache_generation_equals_growing_cache(monkeypatch, flavour, run)
     assert all(torch.equal(static, growing) for static, growing in zip(static_tokens.logits, growing_tokens.logits))
     assert torch.equal(static_tokens.features, growing_tokens.features)
     assert torch.equal(static_images, growing_images)
+
+
+def test_cuda_graphs_on_cpu_is_a_one_line_error():
+    var = small_var("cosine").eval()
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device; it is on cpu"):
+        var.generate([0, 1], seed=0, cuda_graphs=True)
+    assert var.scale_graphs is None
+
+
+def test_graph_key_follows_batch_autocast_mode_and_weight_addresses():
+    var = small_var("shared").eval()
+    cond = var.class_emb(torch.tensor([0, 1, 5, 5]))  # (2B, C)
+    key = var_sampling.graph_key(var, cond)
+    with torch.no_grad():
+        var.head.weight.mul_(2)  # in place: the graphs read the new values, so they stay valid
+    assert var_sampling.graph_key(var, cond) == key
+    assert var_sampling.graph_key(var, cond[:2]) != key
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert var_sampling.graph_key(var, cond) != key
+    assert var_sampling.graph_key(var.train(), cond) != key
+    var.eval().head.weight.data = var.head.weight.data.clone()  # a new address: the graphs would read stale memory
+    assert var_sampling.graph_key(var, cond) != key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("flavour", list(MODEL_FLAVOURS))
+def test_cuda_graph_generation_equals_eager(flavour, precision):
+    var = small_var(flavour).cuda().eval()
+    for labels in ([0, 4, 5], [3, 3, 1], [2]):  # the second reuses the graphs, the third captures anew
+        for run in ("greedy", "sampled"):
+            settings = dict(seed=0, **GENERATION_RUNS[run])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                eager = var.generate_tokens(labels, **settings)
+                graphed = var.generate_tokens(labels, cuda_graphs=True, **settings)
+            assert all(torch.equal(first, second) for first, second in zip(eager.tokens, graphed.tokens))
+            assert all(torch.allclose(first, second, atol=FP32_TOLERANCE)
+                       for first, second in zip(eager.logits, graphed.logits))
+        assert var.scale_graphs.cond.shape[0] == 2 * len(labels)
+    keep = torch.zeros(PATCH_NUMS[-1], PATCH_NUMS[-1], device="cuda")  # (p, p)
+    keep[:, : PATCH_NUMS[-1] // 2] = 1
+    source = [tokens[:1] for tokens in eager.tokens]
+    edited = [var.edit([1], source, keep, seed=0, cuda_graphs=graphs, precision=precision) for graphs in (False, True)]
+    assert torch.equal(*edited)

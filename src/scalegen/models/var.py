@@ -24,7 +24,7 @@ from scalegen.models.var_blocks import (
     ADALN_CHUNKS, ATTENTION_BACKENDS, AdaLNBeforeHead, AdaLNSelfAttn, AttentionBackend, BlockMask, SharedAdaLin,
     block_causal_block_mask, block_causal_mask, flex_unavailable_reason,
 )
-from scalegen.models.var_sampling import scale_by_scale_generation
+from scalegen.models.var_sampling import ScaleGraphs, scale_by_scale_generation
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -142,6 +142,7 @@ class VAR(ReferencingModule):
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
+        self.scale_graphs: ScaleGraphs | None = None  # generation's CUDA graphs, captured on first use
         if tokenizer is not None:
             self.attach_tokenizer(tokenizer)
 
@@ -196,12 +197,12 @@ class VAR(ReferencingModule):
             raise ValueError("this VAR has no tokenizer: build it with build_var(vqvae, ...) or call attach_tokenizer")
         return self._tokenizer.module
 
-    def labels_tensor(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    def labels_tensor(self, labels: torch.Tensor | Sequence[int], check_on_host: bool = True) -> torch.Tensor:
         """Class ids (or class names of a loaded model) as a (B,) long tensor on the model's device; a one-line error
-        for ids out of range."""
+        for none, or (when `check_on_host`) for ids out of range."""
         device = self.class_emb.weight.device
         labels = torch.as_tensor(label_ids(labels, self.class_names), dtype=torch.long, device=device).reshape(-1)  # (B,)
-        if labels.numel() == 0 or bool(((labels < 0) | (labels > self.config.num_classes)).any()):
+        if labels.numel() == 0 or (check_on_host and bool(((labels < 0) | (labels > self.config.num_classes)).any())):
             raise ValueError(self.labels_error(labels))
         return labels
 
@@ -213,10 +214,7 @@ class VAR(ReferencingModule):
     def checked_labels(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """`labels_tensor` for the training step: the range check runs on the device, so the host never waits for it
         (and torch.compile traces it). A bad id raises at once on CPU, as a device-side assert on a GPU."""
-        device = self.class_emb.weight.device
-        labels = torch.as_tensor(label_ids(labels, self.class_names), dtype=torch.long, device=device).reshape(-1)  # (B,)
-        if labels.numel() == 0:
-            raise ValueError(self.labels_error(labels))
+        labels = self.labels_tensor(labels, check_on_host=False)  # (B,)
         try:
             torch._assert_async(((labels >= 0) & (labels <= self.config.num_classes)).all(), "class ids out of range")
         except RuntimeError:
@@ -277,8 +275,7 @@ class VAR(ReferencingModule):
             self._block_masks[x.device] = block_causal_block_mask(self.lvl_1L[0])
         return self._block_masks[x.device]
 
-    # The KV-cached, scale-by-scale generation loop lives in var_sampling.py beside its sampling helpers.
-    generate_tokens = scale_by_scale_generation
+    generate_tokens = scale_by_scale_generation  # the KV-cached loop, in var_sampling.py beside its helpers
 
     @torch.no_grad()
     def generate(
@@ -291,6 +288,7 @@ class VAR(ReferencingModule):
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
+        cuda_graphs: bool = False,
     ) -> torch.Tensor:
         """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
         the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
@@ -299,7 +297,7 @@ class VAR(ReferencingModule):
             (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
         """
         with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator)
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator, cuda_graphs=cuda_graphs)
         return self._decode(sampled.features)
 
     @torch.no_grad()
@@ -312,6 +310,7 @@ class VAR(ReferencingModule):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
+        cuda_graphs: bool = False,
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
         `generate`; the last frame is `generate`'s image for the same seed).
@@ -320,7 +319,7 @@ class VAR(ReferencingModule):
             One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
         """
         with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator)
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator, cuda_graphs=cuda_graphs)
         frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
         return [self._decode(features) for features in frames]
 
@@ -337,6 +336,7 @@ class VAR(ReferencingModule):
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
+        cuda_graphs: bool = False,
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 
@@ -345,14 +345,14 @@ class VAR(ReferencingModule):
                 for class-conditional editing.
             source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
-            cfg, top_k, top_p, seed, more_smooth, generator, precision: as in `generate`.
+            cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs: as in `generate`.
 
         Returns:
             (B, C, H, W) edited images in [0, 1].
         """
         with autocast(precision, self.pos_1LC.device):
             sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator,
-                                           source_tokens=source_tokens, keep_mask=keep_mask)
+                                           source_tokens=source_tokens, keep_mask=keep_mask, cuda_graphs=cuda_graphs)
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""VAR generation: the KV-cached, scale-by-scale loop with classifier-free guidance (`VAR.generate_tokens`) and
-its token sampling: top-k / top-p filtering, multinomial draws and the Gumbel-softmax smoothing used for
-visualisation. Each piece reproduces the official VAR code draw for draw, so a seeded `torch.Generator` gives the
-same tokens as the official `autoregressive_infer_cfg`.
+"""VAR generation: the KV-cached, scale-by-scale loop with classifier-free guidance (`VAR.generate_tokens`), the
+optional CUDA-graph capture of each scale's network step (`ScaleGraphs`), and the token sampling: top-k / top-p
+filtering, multinomial draws and the Gumbel-softmax smoothing used for visualisation. Each piece reproduces the
+official VAR code draw for draw, so a seeded `torch.Generator` gives the same tokens as the official
+`autoregressive_infer_cfg`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -94,6 +96,108 @@ def smooth_embedding(filtered_logits: torch.Tensor, progress: float, codebook: t
     return mixture @ codebook  # (B, l, Cvae)
 
 
+def scale_logits(
+    model: nn.Module, x: torch.Tensor, block_cond: torch.Tensor, cond: torch.Tensor, caches: Sequence[KVCache]
+) -> torch.Tensor:
+    """The network part of one scale's generation step: the blocks over the scale's positions, each extending its
+    KV cache, then the head.
+
+    Args:
+        x: (2B, p², C) inputs of the scale, for both guidance halves.
+        block_cond: what the blocks' AdaLN reads (`VAR.block_condition`).
+        cond: (2B, C) class embeddings.
+        caches: one KV cache per block.
+
+    Returns:
+        (2B, p², V) float32 logits.
+    """
+    for block, cache in zip(model.blocks, caches):
+        x = block(x, block_cond, cache=cache)  # (2B, p², C)
+    return model.head_logits(x, cond)  # (2B, p², V)
+
+
+def graph_key(model: nn.Module, cond: torch.Tensor) -> tuple:
+    """What a set of captured graphs is only valid for: batch, autocast state, mode, and the weights' addresses (a
+    moved or replaced parameter has a new address; weights changed in place are read by the graphs as they are)."""
+    device_type = cond.device.type
+    autocast_state = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    addresses = tuple(tensor.data_ptr() for tensor in (*model.parameters(), *model.buffers()))
+    return cond.shape, cond.dtype, cond.device, autocast_state, model.training, addresses
+
+
+def uncached_autocast(device: torch.device) -> AbstractContextManager:
+    """The surrounding autocast again, with its weight-cast cache off: cached casts made during a capture would be
+    freed back into the graphs' memory pool when the context exits, and reused under them."""
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+
+
+class ScaleGraphs:
+    """Every scale's network step (`scale_logits`) captured once as a CUDA graph, for one batch size and autocast
+    state, and replayed by generation: one launch per scale instead of one per kernel, with no Python in between.
+
+    Inputs are copied into static buffers. The KV caches are static too: replaying the scales in order refills them
+    in place, so each generation overwrites the last. Captured by `scale_by_scale_generation(cuda_graphs=True)` on
+    its first call, kept on the model (`model.scale_graphs`) and recaptured when `graph_key` changes.
+    """
+
+    def __init__(self, model: nn.Module, cond: torch.Tensor, block_cond: torch.Tensor, width: int) -> None:
+        device = cond.device
+        self.key = graph_key(model, cond)
+        self.cond = cond.clone()  # (2B, C)
+        self.block_cond = block_cond.clone()
+        self.inputs = [cond.new_zeros(cond.shape[0], patch * patch, width) for patch in model.patch_nums]
+        self.caches = [KVCache(model.sequence_length) for _ in model.blocks]
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.outputs: list[torch.Tensor] = []  # per scale (2B, p², V), written by each replay
+        with uncached_autocast(device):
+            # Warm-up on a side stream (as torch's capture guide asks); it also allocates the caches outside the pool.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for x in self.inputs:
+                    scale_logits(model, x, self.block_cond, self.cond, self.caches)
+            torch.cuda.current_stream(device).wait_stream(side)
+            for cache in self.caches:
+                cache.length = 0
+            pool = torch.cuda.graph_pool_handle()  # shared: the scales replay in the order they were captured
+            for x in self.inputs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs.append(scale_logits(model, x, self.block_cond, self.cond, self.caches))
+                self.graphs.append(graph)
+
+    def start(self, cond: torch.Tensor, block_cond: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Load a generation's class condition; returns its step: (scale index, (2B, p², C) input) -> (2B, p², V)
+        logits (a static buffer, overwritten by the next generation)."""
+        self.cond.copy_(cond)
+        self.block_cond.copy_(block_cond)
+
+        def step(scale_index: int, x: torch.Tensor) -> torch.Tensor:
+            self.inputs[scale_index].copy_(x)
+            self.graphs[scale_index].replay()
+            return self.outputs[scale_index]
+
+        return step
+
+
+def network_step(
+    model: nn.Module, cond: torch.Tensor, block_cond: torch.Tensor, width: int, cuda_graphs: bool
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """One generation's network step per scale: (scale index, (2B, p², C) input) -> (2B, p², V) logits, eager with
+    fresh KV caches, or replayed from the model's CUDA graphs (captured here when missing or stale)."""
+    if not cuda_graphs:
+        caches = [KVCache(model.sequence_length) for _ in model.blocks]  # each allocated once, at the first scale
+        return lambda scale_index, x: scale_logits(model, x, block_cond, cond, caches)
+    if cond.device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the model on a CUDA device; it is on {cond.device.type}")
+    if model.scale_graphs is None or model.scale_graphs.key != graph_key(model, cond):
+        model.scale_graphs = None  # free the old graphs' memory before capturing new ones
+        model.scale_graphs = ScaleGraphs(model, cond, block_cond, width)
+    return model.scale_graphs.start(cond, block_cond)
+
+
 class SampledTokens(NamedTuple):
     """Result of `VAR.generate_tokens`."""
 
@@ -114,6 +218,7 @@ def scale_by_scale_generation(
     generator: torch.Generator | None = None,
     source_tokens: Sequence[torch.Tensor] | None = None,
     keep_mask: torch.Tensor | None = None,
+    cuda_graphs: bool = False,
 ) -> SampledTokens:
     """Sample tokens scale by scale with a KV cache and classifier-free guidance (bound as `VAR.generate_tokens`).
 
@@ -129,6 +234,8 @@ def scale_by_scale_generation(
         generator: random generator to draw from (overrides `seed`).
         source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
         keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
+        cuda_graphs: replay each scale's network step from CUDA graphs (`ScaleGraphs`, captured on the first call
+            for this batch size and precision): the same tokens, fewer launches. CUDA only.
 
     Returns:
         SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
@@ -148,7 +255,7 @@ def scale_by_scale_generation(
     block_cond = model.block_condition(cond)
     level_and_position = model.lvl_embed(model.lvl_1L) + model.pos_1LC  # (1, L, C)
     x = cond.unsqueeze(1) + model.pos_start + level_and_position[:, : model.first_length]  # (2B, p_0², C)
-    caches = [KVCache(model.sequence_length) for _ in model.blocks]  # each allocated once, at the first scale
+    network = network_step(model, cond, block_cond, x.shape[-1], cuda_graphs)
     finest = model.patch_nums[-1]
     features = cond.new_zeros(batch, model.config.z_channels, finest, finest)  # (B, Cvae, p_K, p_K)
     all_tokens: list[torch.Tensor] = []
@@ -156,9 +263,7 @@ def scale_by_scale_generation(
     position = 0
     for scale_index, patch in enumerate(model.patch_nums):
         progress = scale_index / max(model.num_scales - 1, 1)
-        for block, cache in zip(model.blocks, caches):
-            x = block(x, block_cond, cache=cache)  # (2B, p², C)
-        both_logits = model.head_logits(x, cond)  # (2B, p², V)
+        both_logits = network(scale_index, x)  # (2B, p², V)
         guidance = cfg * progress
         logits = (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, p², V)
         filtered = filter_logits(logits, top_k, top_p)  # (B, p², V)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scalegen.errors import UserError
 from scalegen.models import var_sampling
 from scalegen.models.var import VAR, build_var
 from scalegen.models.var_blocks import KVCache, block_causal_mask, flex_unavailable_reason
@@ -163,7 +164,7 @@ def test_static_cache_generation_equals_growing_cache(monkeypatch, flavour, run)
 
 def test_cuda_graphs_on_cpu_is_a_one_line_error():
     var = small_var("cosine").eval()
-    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device; it is on cpu"):
+    with pytest.raises(UserError, match="need the model on a CUDA device, and it is on cpu"):
         var.generate([0, 1], seed=0, cuda_graphs=True)
     assert var.scale_graphs is None
 

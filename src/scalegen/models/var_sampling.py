@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from scalegen.errors import UserError
 from scalegen.models.var_blocks import KVCache
 from scalegen.models.var_edit import check_edit_inputs, resize_keep_mask
 
@@ -191,7 +192,8 @@ def network_step(
         caches = [KVCache(model.sequence_length) for _ in model.blocks]  # each allocated once, at the first scale
         return lambda scale_index, x: scale_logits(model, x, block_cond, cond, caches)
     if cond.device.type != "cuda":
-        raise ValueError(f"cuda_graphs needs the model on a CUDA device; it is on {cond.device.type}")
+        raise UserError(f"CUDA graphs (--cuda-graphs) need the model on a CUDA device, and it is on {cond.device.type}: "
+                        "leave them off there")
     if model.scale_graphs is None or model.scale_graphs.key != graph_key(model, cond):
         model.scale_graphs = None  # free the old graphs' memory before capturing new ones
         model.scale_graphs = ScaleGraphs(model, cond, block_cond, width)

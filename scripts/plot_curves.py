@@ -1,6 +1,7 @@
 """Training curves of the shipped Fashion-MNIST models: one panel per run, from each run's log.csv.
 
-Usage: python scripts/plot_curves.py RUNS_FOLDER OUT.png   (RUNS_FOLDER holds tokenizer/, dit/, tokenizer_var/, var/)
+Usage: python scripts/plot_curves.py RUNS_FOLDER OUT.png   (RUNS_FOLDER holds some of tokenizer/, dit/,
+tokenizer_var/, var/: one panel for each found; a column a run does not log is left out)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 PANELS = {  # run folder -> (title, columns to plot)
     "tokenizer": ("DiT's VQ tokenizer (CPU)", ["l1", "l2", "quantizer"]),
-    "dit": ("DiT in that tokenizer's latents (CPU)", ["loss", "mse", "vb"]),
+    "dit": ("DiT in that tokenizer's latents (CPU)", ["loss", "mse", "vb", "repa"]),
     "tokenizer_var": ("VAR's VQ tokenizer (GPU, patch GAN)", ["l1", "l2", "quantizer"]),
     "var": ("VAR (GPU)", ["loss", "accuracy"]),
 }
@@ -32,12 +33,19 @@ def read_log(path: Path) -> dict[str, list[float]]:
 
 
 def main(runs: Path, out: Path) -> None:
-    """Draw the panels, two per row, into `out`."""
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7.2))
-    for axis, (folder, (title, columns)) in zip(axes.flat, PANELS.items()):
+    """Draw a panel for each run found, two per row, into `out`."""
+    panels = {folder: panel for folder, panel in PANELS.items() if (runs / folder / "log.csv").is_file()}
+    if not panels:
+        sys.exit(f"{runs} holds none of {', '.join(f'{folder}/log.csv' for folder in PANELS)}")
+    columns_of_figure = min(len(panels), 2)
+    rows_of_figure = -(-len(panels) // columns_of_figure)
+    figure, axes = plt.subplots(rows_of_figure, columns_of_figure, figsize=(5 * columns_of_figure, 3.6 * rows_of_figure),
+                                squeeze=False)
+    for axis, (folder, (title, columns)) in zip(axes.flat, panels.items()):
         log = read_log(runs / folder / "log.csv")
         for column in columns:
-            axis.plot(log["step"], log[column], label=column)
+            if column in log:
+                axis.plot(log["step"], log[column], label=column)
         axis.set(title=title, xlabel="step", yscale="log")
         axis.grid(alpha=0.3)
         axis.legend()

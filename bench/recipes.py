@@ -40,12 +40,17 @@ SAMPLE_BATCH = 250
 CLASSES = 10
 
 
-def training_flops_per_image(run: Path) -> float:
-    """FLOPs of one loss + backward per image of the run's task, on cached latents (the tokenizer is not counted)."""
+def training_flops_per_image(run: Path, repa_encoder: str | None = None) -> float:
+    """FLOPs of one loss + backward per image of the run's (or export's) task, on cached latents (the tokenizer is not
+    counted); a REPA run's encoder is read from `repa_encoder`, else from where the run was trained with it."""
     stored = stored_config(run)
     config = DiTConfig(**stored["model"])
     objective = ObjectiveConfig(**stored.get("objective", {}))
-    encoder = load_patch_encoder(stored["repa_encoder"]) if stored.get("repa_encoder") else None
+    encoder_path = repa_encoder or stored.get("repa_encoder")
+    if encoder_path and not Path(encoder_path).is_file():
+        raise SystemExit(f"{run} was trained with the REPA encoder {encoder_path}, which is not here: pass its path "
+                         "(scalegen train classifier --export, RECIPE.md) to count its FLOPs")
+    encoder = load_patch_encoder(encoder_path) if encoder_path else None
     task = DiTTask(config, objective=objective, repa_encoder=encoder)
     batch = {"latent": torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size),
              "label": torch.arange(FLOP_BATCH), "image": torch.rand(FLOP_BATCH, 1, 32, 32) * 2 - 1}

@@ -2,37 +2,28 @@
 
     python bench/shipped_compute.py [--steps-dit 6000 --batch-dit 128 --steps-var 3200 --batch-var 256]
                                     [--dit FOLDER --var FOLDER]   (default: the shipped models)
+                                    [--repa-encoder FILE]         (the DiT's, when not where it was trained)
 
 Training FLOPs per image are counted by torch's FLOP counter over one loss + backward of each model on the data it
-trains on (the DiT on cached tokenizer latents, the VAR on cached tokens: the frozen tokenizer is not counted);
+trains on (the DiT with its objective and REPA on cached tokenizer latents, the VAR on cached tokens: the frozen
+tokenizer is not counted);
 sampling FLOPs per image over one call of the demo's sampler (network, guidance and tokenizer decoder). With the
 recipe's steps and batch sizes it also prints each model's total training FLOPs.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from recipes import training_flops_per_image
 from scalegen.cli.demo import dit_drawer, flops_per_image, var_drawer
 from scalegen.eval.flops import GIGA, counted_flops
-from scalegen.diffusion.respace import create_diffusion
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR, load_dit, load_var
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR, load_var
 
 BATCH = 4
-
-
-def dit_training_flops(folder: str) -> float:
-    """FLOPs of one diffusion-loss forward + backward per image, on latents of the DiT's shape."""
-    model = load_dit(folder)
-    config = model.config
-    diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
-    latents = torch.randn(BATCH, config.in_channels, config.input_size, config.input_size)  # (B, C, h, w)
-    labels, timesteps = torch.arange(BATCH), torch.randint(0, diffusion.num_timesteps, (BATCH,))  # (B,), (B,)
-    model.train()
-    return counted_flops(lambda: diffusion.training_losses(model, latents, timesteps, {"y": labels})["loss"]
-                         .mean().backward()) / BATCH
 
 
 def var_training_flops(folder: str) -> float:
@@ -56,9 +47,10 @@ def main() -> None:
     parser.add_argument("--batch-var", type=int, default=256)
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
+    parser.add_argument("--repa-encoder", default=None, help="the DiT's REPA encoder, if not where it was trained")
     args = parser.parse_args()
     rows = (
-        ("DiT", dit_training_flops(args.dit), flops_per_image(dit_drawer(args.dit)), args.steps_dit * args.batch_dit),
+        ("DiT", training_flops_per_image(Path(args.dit), args.repa_encoder), flops_per_image(dit_drawer(args.dit)), args.steps_dit * args.batch_dit),
         ("VAR", var_training_flops(args.var), flops_per_image(var_drawer(args.var)), args.steps_var * args.batch_var),
     )
     for name, training, sampling, images in rows:

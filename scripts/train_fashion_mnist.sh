@@ -2,7 +2,8 @@
 # The recipe of the shipped Fashion-MNIST models (src/scalegen/assets/fashion_mnist/RECIPE.md says why each choice):
 # the DiT (flow matching + REPA) models the latents of a small multi-scale VQ tokenizer (both trained on a 2-core
 # CPU); the VAR predicts the tokens of a second, finer tokenizer trained with a patch GAN (both trained on one H100:
-# minutes there, hours on a CPU). Then both are exported (last-step weights, fp16) into the package and their curves plotted.
+# minutes there, hours on a CPU). Then both are exported into the package (fp16: the DiT's EMA, the VAR's last-step
+# weights) and their curves plotted.
 #
 # Usage: scripts/train_fashion_mnist.sh [RUNS_FOLDER]   (default runs/fashion_mnist; re-running resumes)
 set -euo pipefail
@@ -38,6 +39,6 @@ $SCALEGEN train var --tokenizer "$RUNS/tokenizer_var" --data fashion-mnist \
   --batch-size 256 --lr 1e-3 --warmup-steps 300 --grad-clip 2 --ema 0.999 --lr-decay-to 0.1 --steps 3200 \
   --num-workers 4 --sample-every 0 --checkpoint-every 400 --log-every 50 --out "$RUNS/var"
 
-$SCALEGEN export --run "$RUNS/dit" --out "$SHIPPED/dit" --weights raw  # raw beat the EMA weights (RECIPE.md)
+$SCALEGEN export --run "$RUNS/dit" --out "$SHIPPED/dit"  # the EMA beat the raw weights (RECIPE.md)
 $SCALEGEN export --run "$RUNS/var" --out "$SHIPPED/var" --weights raw
 .venv/bin/python scripts/plot_curves.py "$RUNS" "$SHIPPED/curves.png"

@@ -28,7 +28,7 @@ LABELS = [0, 7, 9]
 
 
 @pytest.mark.parametrize("load, folder, sampling", [
-    (scalegen.load_dit, scalegen.SHIPPED_DIT, dict(cfg=3.0, steps=4, sampler="ddim")),
+    (scalegen.load_dit, scalegen.SHIPPED_DIT, dict(cfg=2.0, steps=4, sampler="euler")),
     (scalegen.load_var, scalegen.SHIPPED_VAR, dict(cfg=1.5)),
 ], ids=["dit", "var"])
 def test_a_loaded_model_generates_pictures_in_zero_one(load, folder, sampling):
@@ -47,7 +47,7 @@ def test_a_loaded_model_generates_pictures_in_zero_one(load, folder, sampling):
 def test_dit_generate_with_a_seed_leaves_the_global_rng_alone():
     model = scalegen.load_dit(scalegen.SHIPPED_DIT)
     state = torch.get_rng_state()
-    model.generate([1], cfg=1.0, steps=2, sampler="ddim", seed=3)
+    model.generate([1], cfg=1.0, steps=2, sampler="heun", seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ValueError, match="class ids"):
         model.generate([10], steps=2)

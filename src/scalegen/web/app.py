@@ -29,7 +29,7 @@ from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.pretrained import load_dit, load_var
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
-DEFAULT_DIT_STEPS, DEFAULT_CFG, MAX_PER_CLASS, STRIP_FRAMES = 50, 3.0, 10, 8
+DEFAULT_DIT_STEPS, DEFAULT_CFG, MAX_PER_CLASS, STRIP_FRAMES = 50, 2.0, 10, 8
 DEFAULT_BOX = "8,8,24,24"
 UNCONDITIONAL = "(unconditional)"
 WARNING = "⚠️ "

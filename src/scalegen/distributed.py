@@ -78,15 +78,6 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def mean_over_ranks(value: float, context: DistributedContext) -> float:
-    """The average of a scalar over all ranks."""
-    if not context.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor)
-    return tensor.item() / context.world_size
-
-
 def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     """Concatenate equally-shaped tensors from all ranks along dim 0 (rank order)."""
     if not context.enabled:

@@ -30,6 +30,9 @@ from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQV
 
 SHIPPED = ASSETS / "fashion_mnist"
 SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"  # the demo's Fashion-MNIST models (see their RECIPE.md)
+# The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
+# web page's defaults.
+SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.0, 50
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
 MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer"}
 # A diffusers DiTPipeline folder.

@@ -26,10 +26,10 @@ from scalegen.diffusion.sampling import FAST_SAMPLERS, OBJECTIVE_SAMPLERS
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
-from scalegen.pretrained import load_dit, load_var
+from scalegen.pretrained import SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, load_dit, load_var
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
-DEFAULT_DIT_STEPS, DEFAULT_CFG, MAX_PER_CLASS, STRIP_FRAMES = 50, 2.0, 10, 8
+MAX_PER_CLASS, STRIP_FRAMES = 10, 8
 DEFAULT_BOX = "8,8,24,24"
 UNCONDITIONAL = "(unconditional)"
 WARNING = "⚠️ "
@@ -200,11 +200,11 @@ def build_app(models: Models) -> gr.Blocks:
             with gr.Row():
                 per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label="samples per class", elem_id="per-class")
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
-                cfg = gr.Slider(1.0, 8.0, value=DEFAULT_CFG, step=0.5, label="guidance (cfg)", elem_id="cfg")
+                cfg = gr.Slider(1.0, 8.0, value=SHIPPED_DIT_CFG, step=0.5, label="guidance (cfg)", elem_id="cfg")
             with gr.Row():
                 samplers, default_sampler = models.dit_samplers()
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
-                steps = gr.Slider(2, 250, value=DEFAULT_DIT_STEPS, step=1, label="DiT steps", elem_id="steps")
+                steps = gr.Slider(2, 250, value=SHIPPED_DIT_STEPS, step=1, label="DiT steps", elem_id="steps")
                 top_k = gr.Number(0, precision=0, minimum=0, label="VAR top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -75,7 +75,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path):
 
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom scalegen.checkpoint import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom scalegen.run_lock import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)", str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True)
     try:

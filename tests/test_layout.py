@@ -1,12 +1,12 @@
-"""The house's structure, measured from the code's own imports: subpackages by role, no import circles, at most
-nine import floors, argparse and the `cli` package only under cli/."""
+"""The house's hard rules, measured from the code's own imports: subpackages by role, no import circles, argparse and
+the `cli` package only under cli/. (Module length and import depth are guides, not tests: the before-stop hook prints
+them.)"""
 import ast
 from pathlib import Path
 
 import scalegen
 
 PACKAGE = Path(scalegen.__file__).parent
-MAX_FLOORS = 9
 SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli"}
 
 
@@ -49,14 +49,11 @@ def test_modules_sit_in_subpackages_by_role():
     top_level = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
     assert SUBPACKAGES <= top_level
     assert {"__main__", "errors", "checkpoint", "pretrained", "data", "distributed", "images"} <= top_level
-    assert len(list(PACKAGE.glob("*.py"))) <= 9  # the package's face and its base modules; the rest is by role
 
 
-def test_no_import_circles_and_at_most_nine_floors():
-    faces = {name for name, path in MODULES.items() if path.name == "__init__.py"}
-    measured = {name: level for name, level in floors().items() if name not in faces}
-    assert max(measured.values()) <= MAX_FLOORS, sorted(measured.items(), key=lambda item: -item[1])[:5]
-    assert measured["scalegen.errors"] == 1
+def test_no_import_circles():
+    measured = floors()  # visiting every module's imports asserts there is no circle
+    assert measured["scalegen.errors"] == 1 and len(measured) == len(MODULES)
 
 
 def test_argparse_and_the_cli_live_only_in_cli():
@@ -71,6 +68,16 @@ def test_argparse_and_the_cli_live_only_in_cli():
         assert "add_argument" not in path.read_text(), f"{name} defines command-line options"
 
 
-def test_modules_stay_small():
+def test_models_do_no_io_and_no_distributed_work():
+    forbidden = {"os", "pathlib", "shutil", "safetensors", "safetensors.torch", "torch.distributed", "scalegen.files",
+                 "scalegen.checkpoint", "scalegen.pretrained", "scalegen.cache_store", "scalegen.shards"}
     for name, path in MODULES.items():
-        assert len(path.read_text().splitlines()) <= 400, f"{name} is over 400 lines"
+        if not name.startswith("scalegen.models"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & forbidden, f"{name} imports {imported & forbidden}"
+        calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                 for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        assert not calls & {"open", "load", "save", "save_file", "load_file"}, f"{name} reads or writes files"

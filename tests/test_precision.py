@@ -68,8 +68,10 @@ def test_sampling_takes_a_precision_and_fp32_is_the_default_computation():
     assert var.generate([1, 2], seed=0, precision="bf16").shape == default.shape
 
 
-def test_on_device_batches_equal_the_loader_s_items():
+def test_on_device_batches_equal_the_loader_s_items(tmp_path):
     from scalegen.data import FashionMNIST, collate
+    from safetensors.torch import save_file
+
     from scalegen.train.caches import TokenCache
     from scalegen.train.loading import OnDevice
     items = [(3, False), (7, True), (11, True)]
@@ -78,9 +80,9 @@ def test_on_device_batches_equal_the_loader_s_items():
     expected = collate([FashionMNIST(None, 32)[item] for item in items])
     assert gathered.keys() == expected.keys() and gathered["skipped"] == expected["skipped"] == 0
     assert torch.equal(gathered["image"], expected["image"]) and torch.equal(gathered["label"], expected["label"])
-    tokens = TokenCache.__new__(TokenCache)
-    tokens.tokens, tokens.labels = torch.randint(0, 9, (20, 2, 5)), torch.arange(20)
-    batch = OnDevice(tokens, CPU).__getitems__(items)
+    save_file({"tokens": torch.randint(0, 9, (20, 2, 5)), "labels": torch.arange(20)}, tmp_path / "tokens.safetensors")
+    tokens = TokenCache(tmp_path / "tokens.safetensors")  # a cache of the earlier one-file format
+    batch = OnDevice(TokenCache(tmp_path / "tokens.safetensors"), CPU).__getitems__(items)
     assert torch.equal(batch["tokens"], torch.stack([tokens[item]["tokens"] for item in items]))
     with pytest.raises(UserError, match="data-on-device"):
         OnDevice(torch.utils.data.TensorDataset(torch.zeros(2)), CPU)

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
 
 from scalegen.cli.main import main  # noqa: E402
 from scalegen.train.run_log import read_log  # noqa: E402
 from scalegen.tokenizers.sd_vae import LATENT_SCALE, load_sd_vae  # noqa: E402
 from scalegen.train.caches import LatentCache, extract_latents  # noqa: E402
+from tests_support import save_tiny_vae  # noqa: E402
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -26,14 +26,7 @@ class RandomImages(torch.utils.data.Dataset):
 
 @pytest.fixture(scope="module")
 def tiny_vae_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-    )
-    folder = tmp_path_factory.mktemp("vae")
-    autoencoder.save_pretrained(folder)
-    return folder
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 def test_encode_decode_shapes_and_scale(tiny_vae_folder):
@@ -49,11 +42,11 @@ def test_encode_decode_shapes_and_scale(tiny_vae_folder):
 def test_latent_cache_keeps_the_flip(tiny_vae_folder, tmp_path):
     codec = load_sd_vae(tiny_vae_folder)
     dataset = RandomImages()
-    cache = LatentCache(extract_latents(codec, dataset, tmp_path / "latents.safetensors", batch_size=4))
-    assert len(cache) == 6 and cache.mean.shape == (6, 2, 4, 2, 2)
+    cache = LatentCache(extract_latents(codec, dataset, tmp_path / "latents", batch_size=4, shard_size=4))
+    assert len(cache) == 6 and cache.arrays.row("mean", 2).shape == (2, 4, 2, 2)
     flipped = dataset[(2, True)]["image"].unsqueeze(0)
     expected_mean, _ = codec.encode_distribution(flipped)
-    torch.testing.assert_close(cache.mean[2, 1].float(), expected_mean[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cache.arrays.row("mean", 2, True).float(), expected_mean[0], atol=2e-3, rtol=2e-3)
 
 
 def test_train_dit_in_latent_space_with_a_cache(tiny_vae_folder, tmp_path, monkeypatch):
@@ -61,6 +54,6 @@ def test_train_dit_in_latent_space_with_a_cache(tiny_vae_folder, tmp_path, monke
     main(["train", "dit", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
           "--image-size", "16", "--vae", str(tiny_vae_folder), "--latent-cache", "--steps", "2", "--batch-size", "2",
           "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
-    assert (tmp_path / "run" / "latents.safetensors").exists()
+    assert (tmp_path / "run" / "latents" / "manifest.json").exists()
     assert len(read_log(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "samples" / "step-0000002.png").exists()

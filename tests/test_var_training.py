@@ -94,7 +94,7 @@ def test_the_var_recipe_exempts_norms_biases_and_embeddings_from_weight_decay(tm
 
 def test_sample_var_writes_a_grid_and_an_adm_npz(var_cli_run, tmp_path):
     run = var_cli_run / "var"
-    assert (run / TOKENIZER_FILE).exists() and (run / "tokens.safetensors").exists()
+    assert (run / TOKENIZER_FILE).exists() and (run / "tokens" / "manifest.json").exists()
     assert "loss_4x4" in read_log(run)[-1]
     main(["sample", "var", "--ckpt", str(run), "--classes", "0,3,9", "--per-class", "2", "--out", str(tmp_path / "g.png"),
           "--device", "cpu"])

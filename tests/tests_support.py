@@ -48,3 +48,31 @@ def training_error(argv: list[str], capsys) -> str:
 def without_progress_bars(text: str) -> str:
     """A subprocess's stderr less tqdm's lines, so the first error shows up in an assertion message."""
     return "\n".join(line for line in text.splitlines() if "it/s]" not in line and "s/it]" not in line)[:4000]
+
+
+def save_tiny_vae(folder: Path) -> Path:
+    """A tiny random AutoencoderKL of the SD-VAE architecture (diffusers), saved as a local `--vae` folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    )
+    autoencoder.save_pretrained(folder)
+    return folder
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 5, size: int = 20) -> Path:
+    """A class folder of random RGB PNGs (seeded): `root/class-K/N.png`."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for label in range(classes):
+        (root / f"class-{label}").mkdir(parents=True, exist_ok=True)
+        for number in range(per_class):
+            pixels = generator.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class-{label}" / f"{number}.png")
+    return root

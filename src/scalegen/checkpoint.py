@@ -4,23 +4,29 @@ written so that no crash, full disk or second trainer can lose a complete checkp
 A run folder (`scalegen train … --out RUN`) looks like:
     RUN/last.json                      {"step": 300, "path": "checkpoints/step-0000300"}
     RUN/checkpoints/step-0000300/      model.safetensors  [ema.safetensors]  config.json  training_state.pt
+                                       (an FSDP run's: sharded/ instead of the weights: DCP's .metadata and each
+                                       rank's __RANK_0.distcp with its shards of the model, EMA and optimizer)
     RUN/log.csv                        one row of figures per logged step (RUN/tensorboard/ with --logger tensorboard)
     RUN/progress.log                   the progress, a line per logged step, when training runs without a terminal
     RUN/samples/step-0000300.png       sample grids
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
-    RUN/latents.safetensors, RUN/tokens.safetensors   the optional latent / token caches
-    RUN/.lock                          held (flock) by the process training in RUN, with its pid
+    RUN/latents/, RUN/tokens/          the optional latent / token caches (scalegen.cache_store: shards and a
+                                       manifest; RUN/latents.safetensors, RUN/tokens.safetensors in the earlier format)
+    RUN/.lock                          the record of the process training in RUN (scalegen.run_lock)
 A checkpoint is written complete and fsync'ed in a staging folder, renamed into place under a name no live folder
 has (a re-saved step gets `step-0000300.1`), and only then does `last.json` move; older folders are removed last.
-An exported folder (`scalegen export`) holds model.safetensors, config.json and the tokenizer copy side by side.
+An exported folder (`scalegen export`) holds model.safetensors, config.json and the tokenizer copy side by side;
+`load_weights` and `export_weights` read a sharded checkpoint into the same full tensors in one process.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
+import inspect
 import json
 import os
+import pickle
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -32,9 +38,10 @@ from safetensors.torch import save_file
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
 from scalegen.files import (
-    contiguous_copy, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json, read_weights_file,
-    safe_torch_load, save_weights_atomic, write_failure, write_json_atomic,
+    contiguous_copy, first_line, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json,
+    read_weights_file, safe_torch_load, save_weights_atomic, write_failure, write_json_atomic,
 )
+from scalegen.run_lock import LOCK_FILE, run_lock
 
 LAST_POINTER = "last.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -42,19 +49,21 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's torch.distributed.checkpoint folder
+SHARDED_INDEX = ".metadata"  # the index DCP writes last, once every rank's shards are written
+SHARDED_MODEL, SHARDED_EMA = "model", "ema"  # the top-level keys (key prefixes) of the weights in a DCP folder
+SINGLE_PROCESS_WARNING = ".*in a single process"  # what DCP warns when it reads without a process group, as meant
 TOKENIZER_FILE = "tokenizer.safetensors"
 LOG_FILE = "log.csv"
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
-LATENT_CACHE_FILE = "latents.safetensors"
-TOKEN_CACHE_FILE = "tokens.safetensors"
-LOCK_FILE = ".lock"
+LATENT_CACHE_DIR, TOKEN_CACHE_DIR = "latents", "tokens"
+EARLIER_CACHE_SUFFIX = ".safetensors"  # the one-file caches of earlier versions: RUN/latents.safetensors
 PROGRESS_FILE = "progress.log"  # a line per logged step when training runs without a terminal
 STAGING_PREFIX = ".staging-"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 7
 ASSETS = Path(__file__).parent / "assets"  # weights shipped inside the package
-HELD_LOCKS: dict[Path, int] = {}  # run folders this process holds the lock of, and how deeply
 UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -62,6 +71,16 @@ def checkpoint_step(folder: Path) -> int | None:
     """The step of a checkpoint folder named step-0000300 or step-0000300.1; None for any other name."""
     digits = folder.name.removeprefix(STEP_PREFIX).split(".")[0]
     return int(digits) if folder.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether a checkpoint folder holds an FSDP run's sharded weights (a complete DCP folder)."""
+    return (folder / SHARDED_DIR / SHARDED_INDEX).exists()
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a checkpoint or exported folder holds weights: one-file (model.safetensors) or sharded."""
+    return (folder / MODEL_FILE).exists() or is_sharded(folder)
 
 
 class RunFolder:
@@ -74,8 +93,10 @@ class RunFolder:
         self.log = self.root / LOG_FILE
         self.tensorboard = self.root / TENSORBOARD_DIR
         self.tokenizer_copy = self.root / TOKENIZER_FILE
-        self.latent_cache = self.root / LATENT_CACHE_FILE
-        self.token_cache = self.root / TOKEN_CACHE_FILE
+        self.latent_cache = self.root / LATENT_CACHE_DIR
+        self.token_cache = self.root / TOKEN_CACHE_DIR
+        self.earlier_latent_cache = self.root / (LATENT_CACHE_DIR + EARLIER_CACHE_SUFFIX)
+        self.earlier_token_cache = self.root / (TOKEN_CACHE_DIR + EARLIER_CACHE_SUFFIX)
         self.lock_file = self.root / LOCK_FILE
         self.progress = self.root / PROGRESS_FILE
 
@@ -106,7 +127,7 @@ class RunFolder:
     def last_checkpoint(self) -> Path | None:
         """The checkpoint folder `last.json` points at, or None for a run without checkpoints."""
         folder = self.pointed_checkpoint()
-        if folder is not None and not (folder / MODEL_FILE).exists():
+        if folder is not None and not is_complete(folder):
             raise UserError(f"{self.last_pointer} points at {folder}, which is incomplete; re-run the training command "
                             "to resume from the newest complete checkpoint")
         return folder
@@ -134,42 +155,6 @@ class RunFolder:
 
 
 @contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold RUN/.lock (an OS file lock that dies with the process) while inside; re-entrant within one process.
-
-    A second process on the same run folder gets a one-line error naming the process that holds it.
-    """
-    run = RunFolder(run_dir)
-    key = run.root.resolve()
-    if key in HELD_LOCKS:
-        HELD_LOCKS[key] += 1
-        try:
-            yield
-        finally:
-            HELD_LOCKS[key] -= 1
-        return
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-        handle = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as error:
-        raise UserError(f"cannot use {run.root} as a run folder ({write_failure(error)}); choose a writable --out") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "another process"
-        os.close(handle)
-        raise UserError(f"{run.root} is in use by {holder}; wait for it to finish or choose another --out") from None
-    os.ftruncate(handle, 0)
-    os.pwrite(handle, f"process {os.getpid()}".encode(), 0)
-    HELD_LOCKS[key] = 1
-    try:
-        yield
-    finally:
-        del HELD_LOCKS[key]
-        os.close(handle)  # closing the descriptor releases the lock
-
-
-@contextmanager
 def guarded_run(run_dir: str | Path) -> Iterator[RunFolder]:
     """Work in a run folder: hold its lock (rank 0 of a launch) and turn a full disk or an unwritable folder into a
     one-line error that says which checkpoint is intact."""
@@ -192,12 +177,44 @@ def write_checkpoint_files(folder: Path, config: dict, model_state: dict[str, to
     save_file(contiguous_copy(model_state), folder / MODEL_FILE)
     if ema_state is not None:
         save_file(contiguous_copy(ema_state), folder / EMA_FILE)
+    write_state_files(folder, config, training_state)
+
+
+def write_state_files(folder: Path, config: dict, training_state: dict) -> None:
+    """config.json and training_state.pt into an existing (staging) folder, then each of its files fsync'ed (a
+    sharded checkpoint's rank 0 writes these, the ranks their shards into SHARDED_DIR beside them)."""
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     torch.save(training_state, folder / STATE_FILE)
     for path in folder.iterdir():
-        follow_umask(path)
-        fsync_path(path)
+        if path.is_file():
+            follow_umask(path)
+            fsync_path(path)
     fsync_path(folder)
+
+
+def staging_folder(run: RunFolder) -> Path:
+    """A new empty staging folder in RUN/checkpoints, which it creates when missing."""
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    return make_temporary_folder(run.checkpoints, STAGING_PREFIX)
+
+
+def move_into_place(run: RunFolder, staging: Path, step: int) -> Path:
+    """Rename a complete, fsync'ed staging folder to the free name of `step`, then point `last.json` at it."""
+    final = free_name(run, step)
+    os.replace(staging, final)
+    fsync_path(run.checkpoints)
+    write_json_atomic(run.last_pointer, {"step": step, "path": str(final.relative_to(run.root))})
+    return final
+
+
+def failed_checkpoint(run: RunFolder, step: int, staging: Path | None, error: BaseException) -> UserError:
+    """Remove a failed checkpoint's staging folder; returns the one-line error that names the intact checkpoint."""
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    previous = run.pointed_checkpoint() if run.last_pointer.exists() else None
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    return UserError(f"{write_failure(error)} while writing checkpoint step {step} in {run.root}; {kept}; "
+                     "free space (or fix the folder's permissions) and re-run to resume")
 
 
 def free_name(run: RunFolder, step: int) -> Path:
@@ -237,20 +254,11 @@ def save_checkpoint(
     run = RunFolder(run_dir)
     staging = None
     try:
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        staging = make_temporary_folder(run.checkpoints, STAGING_PREFIX)
+        staging = staging_folder(run)
         write_checkpoint_files(staging, config, model_state, ema_state, training_state)
-        final = free_name(run, step)
-        os.replace(staging, final)
-        fsync_path(run.checkpoints)
-        write_json_atomic(run.last_pointer, {"step": step, "path": str(final.relative_to(run.root))})
+        final = move_into_place(run, staging, step)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        previous = run.pointed_checkpoint() if run.last_pointer.exists() else None
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"{write_failure(error)} while writing checkpoint step {step} in {run.root}; {kept}; "
-                        "free space (or fix the folder's permissions) and re-run to resume") from None
+        raise failed_checkpoint(run, step, staging, error) from None
     prune(run, final, keep)
     return final
 
@@ -336,8 +344,8 @@ def load_training_state(folder: Path) -> dict:
 def weights_folder(path: Path) -> Path:
     """The folder holding the weights of a run folder (its last checkpoint), a checkpoint folder or an export."""
     folder = last_checkpoint(path) or path
-    if not (folder / MODEL_FILE).exists():
-        raise UserError(f"{path} holds no checkpoint yet ({MODEL_FILE} or {LAST_POINTER} missing)")
+    if not is_complete(folder):
+        raise UserError(f"{path} holds no checkpoint yet ({MODEL_FILE}, {SHARDED_DIR}/ or {LAST_POINTER} missing)")
     return folder
 
 
@@ -348,6 +356,52 @@ def stored_config(path: str | Path) -> dict:
     if not config_path.exists():
         raise UserError(f"{folder} has weights but no {CONFIG_FILE}; it is not a scalegen run or export")
     return read_json(config_path)
+
+
+def read_checkpoint_weights(folder: Path, with_ema: bool) -> tuple[dict | None, dict | None]:
+    """A one-file checkpoint's (weights, EMA weights) to resume from: the EMA's are the weights themselves for a run
+    checkpointed without EMA, None when `with_ema` is false; (None, None) for a sharded checkpoint, whose weights
+    the trainer reads straight into its (sharded) modules."""
+    if is_sharded(folder):
+        return None, None
+    ema_file = folder / EMA_FILE if (folder / EMA_FILE).exists() else folder / MODEL_FILE
+    return read_weights_file(folder / MODEL_FILE), read_weights_file(ema_file) if with_ema else None
+
+
+def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The full model (or EMA) tensors of a sharded checkpoint folder, read in this process alone.
+
+    Args:
+        folder: a checkpoint folder holding SHARDED_DIR (written by any number of ranks).
+        prefer_ema: take the EMA weights when the checkpoint has them.
+    Returns:
+        A plain state dict (the model's own key names), as a one-file checkpoint's model.safetensors holds.
+    """
+    # Imported here: torch.distributed.checkpoint takes 0.7 s to import, and only sharded checkpoints need it.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(folder / SHARDED_DIR)
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise UserError(f"cannot read the shard index of {folder} ({first_line(error)}); resume or export an "
+                        "earlier checkpoint") from None
+    has_ema = any(key.startswith(f"{SHARDED_EMA}.") for key in entries)
+    prefix = f"{SHARDED_EMA if prefer_ema and has_ema else SHARDED_MODEL}."
+    # Full tensors allocated from the index; DCP fills them from whichever ranks' files hold their pieces.
+    weights = {key.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in entries.items()
+               if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    single_process = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}  # torch ≥ 2.7
+    try:
+        with warnings.catch_warnings():  # a single process is the intent, and torch says it assumes so
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+            dcp.load({prefix.rstrip("."): weights}, storage_reader=reader, **single_process)
+    except (dcp.api.CheckpointException, OSError, RuntimeError) as error:
+        raise UserError(f"cannot read the shards of {folder} ({first_line(error)}); resume or export an earlier "
+                        "checkpoint") from None
+    return weights
 
 
 def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None, dict[str, torch.Tensor]]:
@@ -362,6 +416,8 @@ def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None
         raise UserError(f"checkpoint {path} does not exist; pass a run folder, a checkpoint folder or a .pt file")
     if path.is_dir():
         folder = weights_folder(path)
+        if is_sharded(folder):
+            return stored_config(folder), read_sharded_weights(folder, prefer_ema)
         weights = folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
         return stored_config(folder), read_weights_file(weights)
     if path.suffix == ".safetensors":

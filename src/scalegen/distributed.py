@@ -8,16 +8,23 @@ instructions (detected, never assumed) — and fp32 everywhere else.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from scalegen.errors import UserError
+
+AGENT_STORE_VARIABLE = "TORCHELASTIC_USE_AGENT_STORE"  # torchrun's workers share its agent's store
+GROUP_STORE_KEY = "scalegen/group_store"  # where rank 0 publishes its attempt's store, in the agent's store
+STORE_ANSWER_TIMEOUT = timedelta(seconds=2)  # a published store that does not answer is a previous attempt's
 
 
 @dataclass
@@ -59,12 +66,42 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         try:
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            store = attempt_store(rank, world_size) if os.environ.get(AGENT_STORE_VARIABLE) == str(True) else None
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank,
+                                    world_size=world_size)
         except (RuntimeError, ValueError) as error:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
             address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise UserError(f"cannot join the torchrun group at {address} ({str(error).splitlines()[0][:160]}); the port "
                             "may be in use: pick another --master-port, or use --standalone") from None
     return DistributedContext(rank, world_size, local_rank, torch_device)
+
+
+def attempt_store(rank: int, world_size: int) -> dist.Store:
+    """A store of this attempt's own for the process group of a torchrun worker.
+
+    torchrun's agent keeps one store for all attempts of a run, and the workers of a restarted attempt would read the
+    keys of the previous one (dead peers' addresses: "Connection refused"), since the attempt number that should keep
+    them apart is counted by each node on its own (pytorch issue 135712). So rank 0 starts a new store and publishes
+    its address in the agent's store; the others re-read that address while it points at a store that is gone.
+    """
+    address = os.environ["MASTER_ADDR"]
+    agent_store = dist.TCPStore(address, int(os.environ["MASTER_PORT"]), world_size, timeout=default_pg_timeout)
+    if rank == 0:
+        store = dist.TCPStore(address, 0, world_size, is_master=True, timeout=default_pg_timeout,
+                              wait_for_workers=False)
+        agent_store.set(GROUP_STORE_KEY, f"{address}:{store.port}")
+        return store
+    deadline = time.monotonic() + default_pg_timeout.total_seconds()
+    while True:
+        published_address, published_port = agent_store.get(GROUP_STORE_KEY).decode().rsplit(":", 1)
+        try:
+            store = dist.TCPStore(published_address, int(published_port), world_size, timeout=STORE_ANSWER_TIMEOUT)
+        except RuntimeError:  # torch's DistNetworkError: the previous attempt's rank 0 is gone
+            if time.monotonic() > deadline:
+                raise
+            continue
+        store.set_timeout(default_pg_timeout)
+        return store
 
 
 def launched_as_main() -> bool:
@@ -87,10 +124,16 @@ def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     return torch.cat(parts, dim=0)
 
 
-def cleanup(context: DistributedContext) -> None:
-    """Leave the process group, once every rank is done with it (a rank tearing down early can abort a slower one)."""
+def cleanup(context: DistributedContext, wait: bool = True) -> None:
+    """Leave the process group, once every rank is done with it (a rank tearing down early can abort a slower one).
+
+    Args:
+        wait: False for a rank stopping on an error: its peers may be dead (a killed worker) or elsewhere in the
+            program, and a barrier would then hang, or fail with a second traceback over the first.
+    """
     if context.enabled and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

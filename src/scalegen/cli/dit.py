@@ -34,7 +34,8 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
                         help="`train vqvae` run: diffuse its quantized features instead of pixels")
-    parser.add_argument("--latent-cache", action="store_true", help="encode the data set once into RUN/latents.safetensors")
+    parser.add_argument("--latent-cache", action="store_true",
+                        help="encode the data set once into RUN/latents/ (shards every rank builds, read memory-mapped)")
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
     parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout,
                         help="label dropout, which classifier-free guidance needs")

@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import version
 
 from scalegen.cli import classifier, demo, dit, export, serve, var
+from scalegen.cli import data as data_commands
 from scalegen.cli.options import OneLineParser
 from scalegen.cli import eval as evaluation
 from scalegen.errors import UserError
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     evaluation.register(commands)
     export.register(commands)
+    data_commands.register(commands)
     serve.register(commands)
     return parser
 

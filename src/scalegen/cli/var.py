@@ -77,7 +77,8 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads, help="override the heads (default: depth)")
     parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
-    parser.add_argument("--token-cache", action="store_true", help="tokenize the data set once into RUN/tokens.safetensors")
+    parser.add_argument("--token-cache", action="store_true",
+                        help="tokenize the data set once into RUN/tokens/ (shards every rank builds, read memory-mapped)")
     parser.add_argument("--label-smoothing", type=fraction, default=defaults.label_smoothing, help="cross-entropy label smoothing")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=defaults.attention,
                         help="teacher forcing: sdpa (dense block-causal mask, the official path) or flex "

@@ -2,17 +2,18 @@
 
 The latent cache (DiT) stores the posterior mean and standard deviation of every image and of its mirror image, so
 training still draws a fresh latent sample each time (as on-the-fly encoding does) and keeps the random flip. The
-token cache (VAR) stores every image's and mirror's tokens over all scales.
+token cache (VAR) stores every image's and mirror's tokens over all scales. Both are built by every rank and read
+memory-mapped (`scalegen.cache_store`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from scalegen.data import cache_with_mirrors
+from scalegen.cache_store import CACHE_SHARD_SIZE, INDICES, LABELS, CachedArrays, build_cache
+from scalegen.distributed import DistributedContext
 from scalegen.tokenizers.codec import TokenizerCodec
 from scalegen.tokenizers.sd_vae import LatentCodec
 from scalegen.tokenizers.vqvae import VQVAE
@@ -22,88 +23,101 @@ LATENT_BATCH_SIZE = 32
 TOKEN_BATCH_SIZE = 64
 
 
+def cache_path(folder: Path, earlier_file: Path) -> Path:
+    """Where a run's cache lies: its sharded folder, or a cache of the earlier one-file format when only that exists."""
+    return earlier_file if earlier_file.exists() and not folder.exists() else folder
+
+
 class LatentCache(Dataset):
     """Cached latents addressed by (index, flip), as the image datasets; yields a fresh sample each time, and the
     image itself too when the data set it was made from is given (REPA's encoder needs it)."""
 
     def __init__(self, path: str | Path, images: Dataset | None = None):
-        tensors = load_file(Path(path))
-        self.mean, self.std, self.labels = tensors["mean"], tensors["std"], tensors["labels"]  # (N, 2, C_latent, h, w) ×2
+        self.arrays = CachedArrays(path)  # "mean", "std": (N, 2, C_latent, h, w) fp16, memory-mapped
         self.images = images
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.arrays)
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
-        mean, std = self.mean[index, int(flip)].float(), self.std[index, int(flip)].float()  # (C_latent, h, w)
-        item_data = {"latent": mean + std * torch.randn_like(mean), "label": self.labels[index]}
+        mean = self.arrays.row("mean", index, flip).float()  # (C_latent, h, w)
+        std = self.arrays.row("std", index, flip).float()  # (C_latent, h, w)
+        item_data = {"latent": mean + std * torch.randn_like(mean), "label": self.arrays.row(LABELS, index)}
         if self.images is not None:
-            item_data["image"] = self.images[item]["image"]  # (C, H, W)
+            item_data["image"] = self.images[(int(self.arrays.row(INDICES, index)), flip)]["image"]  # (C, H, W)
         return item_data
 
     def to(self, device: torch.device) -> LatentCache:
         """Hold the cache (and the images beside it) on `device` (for `OnDevice`)."""
-        self.mean, self.std, self.labels = self.mean.to(device), self.std.to(device), self.labels.to(device)
+        self.arrays = self.arrays.to(device)
         if self.images is not None:
             self.images = OnDevice(self.images, device)
         return self
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
         """The items (indices[i], flips[i]) as one batch, a fresh latent sample each (`OnDevice`)."""
-        flips = flips.long()
-        mean, std = self.mean[indices, flips].float(), self.std[indices, flips].float()  # (B, C_latent, h, w)
-        batch = {"latent": mean + std * torch.randn_like(mean), "label": self.labels[indices]}
+        mean = self.arrays.rows("mean", indices, flips).float()  # (B, C_latent, h, w)
+        std = self.arrays.rows("std", indices, flips).float()  # (B, C_latent, h, w)
+        batch = {"latent": mean + std * torch.randn_like(mean), "label": self.arrays.rows(LABELS, indices)}
         if self.images is not None:
-            batch["image"] = self.images.dataset.batch(indices, flips.bool())["image"]  # (B, C, H, W)
+            sources = self.arrays.rows(INDICES, indices)  # (B,)
+            batch["image"] = self.images.dataset.batch(sources, flips.bool())["image"]  # (B, C, H, W)
         return batch
 
 
 def extract_latents(
     codec: LatentCodec | TokenizerCodec, dataset: Dataset, path: str | Path, batch_size: int = LATENT_BATCH_SIZE,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
+    num_workers: int = 0,
 ) -> Path:
-    """Encode every image and its mirror once into a safetensors cache at `path` (fp16 mean and std)."""
+    """Encode every image and its mirror once into the sharded cache `path` (fp16 mean and std), split over the ranks
+    of `context` (see `build_cache`)."""
     codec = codec.to(device)
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         mean, std = codec.encode_distribution(images)  # (2B, C_latent, h, w) ×2
         return {"mean": mean.half(), "std": std.half()}
 
-    return cache_with_mirrors(dataset, encode, path, batch_size, device, "extracting latents")
+    return build_cache(dataset, encode, path, batch_size, device, "extracting latents", context, shard_size,
+                       num_workers)
 
 
 class TokenCache(Dataset):
     """Pre-extracted tokens of every image and its mirror, addressed by (index, flip) like the image datasets."""
 
     def __init__(self, path: str | Path):
-        tensors = load_file(Path(path))
-        self.tokens, self.labels = tensors["tokens"], tensors["labels"]  # (N, 2, L), (N,)
+        self.arrays = CachedArrays(path)  # "tokens": (N, 2, L) int16/int32, memory-mapped
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.arrays)
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
-        return {"tokens": self.tokens[index, int(flip)].long(), "label": self.labels[index]}
+        return {"tokens": self.arrays.row("tokens", index, flip).long(), "label": self.arrays.row(LABELS, index)}
 
     def to(self, device: torch.device) -> TokenCache:
         """Hold the tokens on `device` (for `OnDevice`)."""
-        self.tokens, self.labels = self.tokens.to(device), self.labels.to(device)
+        self.arrays = self.arrays.to(device)
         return self
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
         """The items (indices[i], flips[i]) as one batch (`OnDevice`)."""
-        return {"tokens": self.tokens[indices, flips.long()].long(), "label": self.labels[indices]}
+        return {"tokens": self.arrays.rows("tokens", indices, flips).long(), "label": self.arrays.rows(LABELS, indices)}
 
 
-def extract_tokens(tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,
-                   device: torch.device | str = "cpu") -> Path:
-    """Tokenize every image and its mirror once into a safetensors cache at `path` (int16 when the vocabulary fits)."""
+def extract_tokens(
+    tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,
+    device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
+    num_workers: int = 0,
+) -> Path:
+    """Tokenize every image and its mirror once into the sharded cache `path` (int16 when the vocabulary fits), split
+    over the ranks of `context` (see `build_cache`)."""
     storage = torch.int16 if tokenizer.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
     tokenizer = tokenizer.to(device).eval()
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"tokens": torch.cat(tokenizer.img_to_tokens(images), dim=1).to(storage)}  # (2B, L)
 
-    return cache_with_mirrors(dataset, encode, path, batch_size, device, "extracting tokens")
+    return build_cache(dataset, encode, path, batch_size, device, "extracting tokens", context, shard_size,
+                       num_workers)

@@ -16,7 +16,7 @@ from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
-from scalegen.distributed import barrier, setup_distributed
+from scalegen.distributed import setup_distributed
 from scalegen.diffusion.flow import TIME_SAMPLINGS, LinearFlow, TimeSampling
 from scalegen.diffusion.math import schedule_on_device
 from scalegen.diffusion.respace import create_diffusion
@@ -29,7 +29,7 @@ from scalegen.pretrained import PIXEL_SPACE, load_tokenizer
 from scalegen.tokenizers.codec import TokenizerCodec, measure_latent_scale
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
-from scalegen.train.caches import LatentCache, extract_latents
+from scalegen.train.caches import LatentCache, cache_path, extract_latents
 from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, projector, token_grid_features
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
@@ -186,7 +186,7 @@ class DiTOptions:
         image_size: image side in pixels.
         vae: a local SD-VAE folder or file: diffuse its latents; None (or "none") for pixel space.
         tokenizer: a `train vqvae` run: diffuse its quantized features instead (not with vae).
-        latent_cache: encode the data set once into RUN/latents.safetensors.
+        latent_cache: encode the data set once into RUN/latents/ (every rank encodes its shards).
         block: the conditioning block ("adaln_zero", the paper's, or an ablation).
         class_dropout: label dropout for classifier-free guidance.
         learn_sigma: predict the variance interpolation too (None: yes for ddpm, no for flow, which cannot).
@@ -297,11 +297,12 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         model_config = dit_model_config(options, input_size, in_channels, dataset.num_classes)
         if codec is not None and options.latent_cache:
             context = setup_distributed(config.device)
-            if context.is_main and not run.latent_cache.exists():
-                extract_latents(codec, dataset, run.latent_cache, device=context.device)
-            barrier(context)  # under torchrun, the other ranks wait for rank 0's cache instead of writing it too
+            cache = cache_path(run.latent_cache, run.earlier_latent_cache)
+            if cache == run.latent_cache:  # every rank encodes its shards of it (a complete cache is kept as it is)
+                extract_latents(codec, dataset, cache, device=context.device, context=context,
+                                num_workers=config.num_workers)
             # Batches now carry "latent" (and "image" for REPA's encoder); the codec only decodes sample grids.
-            dataset = LatentCache(run.latent_cache, images=dataset if encoder is not None else None)
+            dataset = LatentCache(cache, images=dataset if encoder is not None else None)
         vae = None if options.pixel_space else options.vae
         torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
         task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config, objective,

@@ -1,12 +1,17 @@
-"""How the trainer reads a data set: its resumable, rank-sharded order of (index, flip) items, and whole batches
-gathered on the training device (`--data-on-device`)."""
+"""How the trainer reads a data set: its resumable, rank-sharded order of (index, flip) items — over tar shards,
+whole shards per rank — and whole batches gathered on the training device (`--data-on-device`)."""
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from scalegen.data import Subset
 from scalegen.errors import UserError
+from scalegen.shards import SHARDS_IN_FLIGHT
+
+EPOCH_SEED_STRIDE = 1_000_003  # (seed, epoch) seeds the generator seed · stride + epoch: seeds lie far apart
 
 
 class ResumableSampler(Sampler):
@@ -27,9 +32,13 @@ class ResumableSampler(Sampler):
             )
         self.start_batch = 0  # global batch counter to resume from
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator every rank draws epoch `epoch`'s order and flips from."""
+        return torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
+
     def epoch_items(self, epoch: int) -> list[tuple[int, bool]]:
         """This rank's items of one epoch, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = self.epoch_generator(epoch)
         order = torch.randperm(self.size, generator=generator)  # (N,)
         flips = torch.randint(0, 2, (self.size,), generator=generator).bool() & self.flip  # (N,)
         used = self.batches_per_epoch * self.batch_size * self.world_size
@@ -42,6 +51,60 @@ class ResumableSampler(Sampler):
             items = self.epoch_items(epoch)
             yield from items[batch_in_epoch * self.batch_size :]
             epoch, batch_in_epoch = epoch + 1, 0
+
+
+class ShardSampler(ResumableSampler):
+    """`ResumableSampler` over tar shards: each rank reads only its own shards, a different deal every epoch.
+
+    Each epoch draws a permutation of the shards from (seed, epoch) and deals it round-robin to ranks (rank r gets
+    shards r, r + W, …); a rank shuffles its items within groups of SHARDS_IN_FLIGHT consecutive shards of its list,
+    so a loader keeps only a few shards open. Every rank yields the same number of whole batches each epoch: as many
+    as the smallest shards a rank can be dealt hold, the same in every epoch, so `start_batch` resumes exactly.
+    """
+
+    def __init__(self, shard_sizes: list[int], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 flip: bool = True):
+        if len(shard_sizes) < world_size:
+            raise UserError(f"the data have {len(shard_sizes)} shards, fewer than the {world_size} ranks that each read "
+                            f"their own; pack into at least {world_size} shards (scalegen data pack --images-per-shard)")
+        super().__init__(sum(shard_sizes), batch_size, rank, world_size, seed, flip)
+        self.shard_sizes = list(shard_sizes)
+        self.shard_starts = [0, *accumulate(self.shard_sizes)][:-1]  # each shard's first item
+        fewest = sum(sorted(self.shard_sizes)[: len(self.shard_sizes) // world_size])  # items a rank surely gets
+        self.batches_per_epoch = fewest // batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(f"a rank's {len(self.shard_sizes) // world_size} smallest shards hold {fewest} images, fewer "
+                            f"than one batch of {batch_size} per rank; lower --batch-size or pack larger shards")
+
+    def epoch_items(self, epoch: int) -> list[tuple[int, bool]]:
+        """This rank's items of one epoch, in order."""
+        generator = self.epoch_generator(epoch)
+        shard_order = torch.randperm(len(self.shard_sizes), generator=generator).tolist()
+        flips = (torch.randint(0, 2, (self.size,), generator=generator).bool() & self.flip).tolist()  # (N,)
+        mine = shard_order[self.rank :: self.world_size]
+        order: list[int] = []
+        for first in range(0, len(mine), SHARDS_IN_FLIGHT):
+            group = torch.cat([torch.arange(self.shard_starts[shard], self.shard_starts[shard] + self.shard_sizes[shard])
+                               for shard in mine[first : first + SHARDS_IN_FLIGHT]])  # (G,)
+            order += group[torch.randperm(len(group), generator=generator)].tolist()
+        return [(index, flips[index]) for index in order[: self.batches_per_epoch * self.batch_size]]
+
+
+def epoch_sampler(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                  flip: bool = True) -> ResumableSampler:
+    """The trainer's sampler of (index, flip) items: whole shards per rank for tar shards (a data set with
+    `shard_sizes`), else a permutation of all items dealt round-robin.
+
+    Args:
+        dataset: the training data.
+        batch_size: one rank's micro-batch.
+        rank, world_size: this process's place among the ranks.
+        seed, flip: the order's seed; whether half the items are mirrored.
+    """
+    shard_sizes = getattr(dataset, "shard_sizes", None)
+    if shard_sizes is None:
+        return ResumableSampler(len(dataset), batch_size, rank, world_size, seed, flip)
+    return ShardSampler(shard_sizes, batch_size, rank, world_size, seed, flip)
 
 
 class OnDevice(Dataset):

@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,17 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scalegen.checkpoint import (
-    EMA_FILE, MODEL_FILE, RunFolder, guarded_run, load_training_state, save_checkpoint, stored_config,
+    RunFolder, guarded_run, load_training_state, read_checkpoint_weights, save_checkpoint, stored_config,
 )
 from scalegen.data import collate
 from scalegen.distributed import (
     DistributedContext, Precision, autocast, barrier, cleanup, resolve_precision, setup_distributed,
 )
 from scalegen.errors import UserError
-from scalegen.files import read_weights_file
 from scalegen.train import sharding
 from scalegen.train.guards import NonFiniteSteps, changed_options
-from scalegen.train.loading import OnDevice, ResumableSampler
+from scalegen.train.loading import OnDevice, epoch_sampler
 from scalegen.train.optimization import build_optimizer, learning_rate_factor, load_optimizer_state
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
@@ -130,13 +130,15 @@ class Trainer:
             sharding.broadcast_from_main(self.model)
         # Without EMA (decay 0, as the VAR and tokenizer recipes) there is no copy to keep, update or save.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if config.ema_decay > 0 else None
-        self.sampling_copy: nn.Module | None = None  # FSDP: rank 0's plain model that sample grids are drawn from
+        self.skeleton: nn.Module | None = None  # FSDP: rank 0's parameter-free model that sample grids are drawn with
+        self.sharded_writer: sharding.ShardedWriter | None = None  # FSDP: writes the sharded checkpoints
         if self.sharded:
             if context.is_main:
-                self.sampling_copy = copy.deepcopy(self.model).requires_grad_(False).eval()
+                self.skeleton = sharding.parameter_free_copy(self.model)
             policy = sharding.mixed_precision(self.precision, context.device)
             for module in [self.model] + ([self.ema] if self.ema is not None else []):
                 sharding.shard(module, policy)
+            self.sharded_writer = sharding.ShardedWriter(self.folder, config.keep_checkpoints, context)
         self.optimizer = build_optimizer(task.parameter_groups(config.weight_decay), config.lr, config.betas,
                                          context.device)
         if self.sharded:
@@ -150,9 +152,8 @@ class Trainer:
         self.step = 0
         self.figures: dict[str, float] = {}  # the last logged figures
         self.log: RunLog | None = None
-        self.sampler = ResumableSampler(
-            len(dataset), self.micro_batch, context.rank, context.world_size, config.seed, config.flip
-        )
+        self.sampler = epoch_sampler(dataset, self.micro_batch, context.rank, context.world_size, config.seed,
+                                     config.flip)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint (the one `last.json` names unless it is broken): weights, EMA,
@@ -163,19 +164,19 @@ class Trainer:
                 if problem is not None:
                     raise UserError(problem)
                 stored = stored_config(folder)
-                weights = read_weights_file(folder / MODEL_FILE)
-                # A run checkpointed without EMA starts its EMA from the current weights.
-                ema_file = folder / EMA_FILE if (folder / EMA_FILE).exists() else folder / MODEL_FILE
-                ema_weights = read_weights_file(ema_file) if self.ema is not None else None
+                weights, ema_weights = read_checkpoint_weights(folder, self.ema is not None)  # None: sharded
                 state = load_training_state(folder)
             except UserError as error:
-                if self.context.is_main:
-                    tqdm.write(f"skipping checkpoint {folder.name if folder else 'pointer'}: {error}")
+                self.skipping(folder, error)
                 continue
             if stored.get("model") != self.task.config().get("model"):
                 raise UserError(f"{self.folder.root} holds a different model ({stored.get('model')}); "
                                 "use another --out or the same options")
-            self.load_state(weights, ema_weights, state)
+            try:
+                self.load_state(folder, weights, ema_weights, state)
+            except UserError as error:  # unreadable shards (every rank fails alike)
+                self.skipping(folder, error)
+                continue
             if self.context.is_main:
                 print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
                 changed = changed_options(state.get("train_config", {}), asdict(self.config))
@@ -187,10 +188,18 @@ class Trainer:
                             "start afresh")
         return False
 
-    def load_state(self, weights: dict, ema_weights: dict | None, state: dict) -> None:
-        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place (sharding them under FSDP:
-        every rank holds the full checkpoint)."""
-        if self.sharded:
+    def skipping(self, folder: Path | None, error: UserError) -> None:
+        """Say (rank 0) that a checkpoint is skipped on resume, and why."""
+        if self.context.is_main:
+            tqdm.write(f"skipping checkpoint {folder.name if folder else 'pointer'}: {error}")
+
+    def load_state(self, folder: Path, weights: dict | None, ema_weights: dict | None, state: dict) -> None:
+        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place: a sharded checkpoint's from
+        its folder (resharded to this run, or gathered for a run that shards nothing), a one-file checkpoint's from
+        `weights` and `state` (sharded under FSDP: every rank holds the full checkpoint)."""
+        if weights is None:
+            sharding.load_sharded_checkpoint(folder, self.model, self.ema, self.optimizer)
+        elif self.sharded:
             sharding.load_weights(self.model, weights)
             if self.ema is not None:
                 sharding.load_weights(self.ema, ema_weights)
@@ -216,53 +225,45 @@ class Trainer:
                 f"{config.grad_accumulation} accumulation × {context.world_size} rank(s); steps {self.step} → "
                 f"{config.steps}; out {self.folder.root}")
 
-    def weights_are_finite(self, weights: list[dict[str, torch.Tensor] | None]) -> bool:
-        """Whether every parameter in these state dicts (the model's, the EMA's) is finite: a checkpoint is written
-        only then. (Buffers may hold infinities on purpose, as VAR's attention mask.)"""
-        names = [name for name, _ in self.model.named_parameters()]
-        return all(bool(torch.isfinite(state[name]).all()) for state in weights if state is not None
-                   for name in names if name in state)
-
     def save(self) -> None:
-        """Checkpoint (rank 0 writes; every rank contributes its RNG state so each resumes its own stream, and under
-        FSDP its shards, gathered into the full tensors every checkpoint holds)."""
-        states = [rng_state()]
+        """Checkpoint if the weights are finite; every rank contributes its RNG state so each resumes its own stream.
+        DDP and single-process runs: rank 0 writes the one-file format. FSDP runs: each rank writes its shards, in
+        the background (`sharding.ShardedWriter`), and rank 0 the rest."""
+        finite = sharding.parameters_are_finite([self.model, self.ema])  # this rank's shards under FSDP
+        states = [(rng_state(), finite)]
         if self.context.enabled:
             states = [None] * self.context.world_size
-            torch.distributed.all_gather_object(states, rng_state())
-        if self.sharded:
-            model_state = sharding.gathered_weights(self.model)
-            ema_state = sharding.gathered_weights(self.ema) if self.ema is not None else None
-            optimizer_state = sharding.gathered_optimizer_state(self.model, self.optimizer)
-        elif self.context.is_main:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-            ema_state = self.ema.state_dict() if self.ema is not None else None
-        if self.context.is_main:
-            training_state = {
-                "optimizer": optimizer_state,
-                "scaler": self.scaler.state_dict(),
-                "step": self.step,
-                "rng": states,
-                "train_config": asdict(self.config),
-                "task": self.task.extra_state(),
-            }
-            if self.weights_are_finite([model_state, ema_state]):
-                save_checkpoint(
-                    self.folder.root, self.step, self.task.config(), model_state, ema_state,
-                    training_state, self.config.keep_checkpoints,
-                )
-            else:
+            torch.distributed.all_gather_object(states, (rng_state(), finite))
+        if not all(finite for _, finite in states):
+            if self.context.is_main:
                 tqdm.write(f"not writing checkpoint step {self.step}: the weights are not finite")
+            return
+        training_state = {
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": [state for state, _ in states],
+            "train_config": asdict(self.config),
+            "task": self.task.extra_state() if self.context.is_main else {},
+        }
+        if self.sharded:  # the optimizer state is sharded with the weights
+            shards = sharding.sharded_state(self.model, self.ema, self.optimizer)
+            self.sharded_writer.save(self.step, self.task.config(), training_state, shards)
+            return
+        if self.context.is_main:
+            save_checkpoint(
+                self.folder.root, self.step, self.task.config(), self.model.state_dict(),
+                self.ema.state_dict() if self.ema is not None else None,
+                {**training_state, "optimizer": self.optimizer.state_dict()}, self.config.keep_checkpoints,
+            )
         barrier(self.context)
 
     def samples(self) -> None:
         """Sample grid from the EMA weights (the weights themselves without EMA) into RUN/samples/ (rank 0 only)."""
         model = self.ema if self.ema is not None else self.model
-        if self.sharded:  # every rank takes part in gathering the weights into rank 0's plain copy
+        if self.sharded:  # every rank takes part in gathering the weights; rank 0 draws with them, then frees them
             weights = sharding.gathered_weights(model)
-            if self.context.is_main:
-                self.sampling_copy.load_state_dict(weights)
-            model = self.sampling_copy
+            model = sharding.filled_copy(self.skeleton, weights, self.context.device) if self.context.is_main else None
+            del weights
         if self.context.is_main:
             path = self.folder.sample_grid(self.step)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,11 +315,13 @@ class Trainer:
         self.model.train()
         try:
             self.train_steps(batches, network, log, progress, interactive)
+            if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
+                self.save()
+            self.samples()  # while an FSDP run's last checkpoint is written
         finally:
             progress.close()  # an error's message starts on a line of its own
-        if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
-            self.save()
-        self.samples()
+            if self.sharded_writer is not None:  # a checkpoint being written is finished, even if training stopped
+                self.sharded_writer.close()
         log.close()
         if context.is_main:
             loss = self.figures.get("loss")
@@ -374,6 +377,8 @@ class Trainer:
                 self.samples()
             if checkpointing and not nonfinite.in_a_row:
                 self.save()  # not in the middle of skipped steps: the last checkpoint stays the last good one
+            if self.sharded_writer is not None:
+                self.sharded_writer.poll()  # a checkpoint written in the background moves into place once done
 
     def gradient_sync(self, network: nn.Module, last_micro: bool) -> AbstractContextManager:
         """Gradients are reduced over the ranks on a step's last micro-batch only (DDP's no_sync, FSDP's switch)."""
@@ -392,7 +397,10 @@ def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str
     context = setup_distributed(config.device)
     try:
         with guarded_run(config.out):
-            return Trainer(task, dataset, config, context).run()
-    finally:
-        cleanup(context)
+            figures = Trainer(task, dataset, config, context).run()
+    except BaseException:
+        cleanup(context, wait=False)
+        raise
+    cleanup(context)
+    return figures
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
-from scalegen.distributed import barrier, setup_distributed
+from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
@@ -25,7 +25,7 @@ from scalegen.models.var_blocks import AttentionBackend
 from scalegen.pretrained import load_tokenizer
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
-from scalegen.train.caches import TokenCache, extract_tokens
+from scalegen.train.caches import TokenCache, cache_path, extract_tokens
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, Recipe, TrainingTask, scale_names
 from scalegen.train.trainer import TrainConfig, train
 
@@ -113,7 +113,7 @@ class VAROptions:
         tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run).
         depth: blocks; width 64·depth and depth heads unless `width` / `num_heads` say otherwise.
         data, image_size: the data set; image_size None takes the tokenizer's.
-        token_cache: tokenize the data set once into RUN/tokens.safetensors.
+        token_cache: tokenize the data set once into RUN/tokens/ (every rank tokenizes its shards).
         label_smoothing, label_dropout: the cross-entropy's smoothing and the class dropout for guidance.
         base_lr: the recipe's lr is base_lr · batch / 256.
         sample_cfg, sample_top_p: the periodic sample grid's guidance and nucleus.
@@ -171,11 +171,12 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         context = setup_distributed(config.device)
         if context.is_main:
             keep_tokenizer_copy(tokenizer.state_dict(), run.root)
-            if options.token_cache and not run.token_cache.exists():
-                extract_tokens(tokenizer, dataset, run.token_cache, device=context.device)
-        barrier(context)  # the other ranks wait for the token cache
         if options.token_cache:
-            dataset = TokenCache(run.token_cache)
+            cache = cache_path(run.token_cache, run.earlier_token_cache)
+            if cache == run.token_cache:  # every rank tokenizes its shards of it (a complete cache is kept as it is)
+                extract_tokens(tokenizer, dataset, cache, device=context.device, context=context,
+                               num_workers=config.num_workers)
+            dataset = TokenCache(cache)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("diffusers")
 from scalegen import cache_store  # noqa: E402
-from scalegen.cache_store import MANIFEST_FILE, CachedArrays, build_cache, shard_name  # noqa: E402
+from scalegen.cache_store import MANIFEST_FILE, CachedArrays, mapped_tensors, shard_name  # noqa: E402
 from scalegen.data import ImageFolder, TarShards, pack_folder  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
-from scalegen.train.caches import LatentCache, extract_latents  # noqa: E402
+from scalegen.train.caches import LatentCache, cache_path, extract_latents  # noqa: E402
 from tests_support import save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
 
 TESTS = Path(__file__).parent
@@ -76,7 +76,8 @@ def test_a_killed_extraction_resumes_encoding_only_the_missing_shards(sources, t
     with pytest.raises(UserError, match="not a complete scalegen cache"):
         CachedArrays(tmp_path / "cache")
     encoded.clear()
-    monkeypatch.setattr(cache_store, "encode_shard", lambda *args: encoded.append(args[3].name) or real_encode_shard(*args))
+    monkeypatch.setattr(cache_store, "encode_shard",
+                        lambda *args: encoded.append(args[3].name) or real_encode_shard(*args))
     extract(sources, tmp_path / "cache")
     assert encoded == [shard_name(2), shard_name(3)]  # the finished shards were kept
     assert files_of(tmp_path / "cache") == files_of(reference)  # and the partial file is gone
@@ -150,3 +151,28 @@ def test_caches_are_read_memory_mapped(tmp_path):
     on_device = LatentCache(tmp_path).to(torch.device("cpu"))  # --data-on-device: the cache in memory, one gather
     indices, flips = torch.tensor([1, 4097, 8191]), torch.tensor([True, False, True])
     torch.testing.assert_close(on_device.arrays.rows("mean", indices, flips), cache.arrays.rows("mean", indices, flips))
+
+
+def test_the_mapped_reader_reads_what_safetensors_wrote(tmp_path):
+    tensors = {"half": torch.randn(5, 2, 3).half(), "bf16": torch.randn(4).bfloat16(), "tokens": torch.arange(-6, 6,
+               dtype=torch.int16).view(2, 2, 3), "labels": torch.arange(5), "flags": torch.tensor([True, False]),
+               "bytes": torch.arange(7, dtype=torch.uint8), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "file.safetensors", metadata={"note": "kept aside"})
+    mapped, loaded = mapped_tensors(tmp_path / "file.safetensors"), load_file(tmp_path / "file.safetensors")
+    assert mapped.keys() == loaded.keys()
+    for name, tensor in loaded.items():
+        assert mapped[name].dtype == tensor.dtype and torch.equal(mapped[name], tensor), name
+    (tmp_path / "broken.safetensors").write_bytes(b"\x05")
+    with pytest.raises(UserError, match="cannot read the cache file"):
+        mapped_tensors(tmp_path / "broken.safetensors")
+
+
+def test_a_run_s_cache_of_the_earlier_one_file_format_is_read_as_it_is(tmp_path):
+    earlier, folder = tmp_path / "latents.safetensors", tmp_path / "latents"
+    assert cache_path(folder, earlier) == folder  # nothing yet: a sharded cache is made
+    mean = torch.randn(6, 2, 4, 2, 2).half()
+    save_file({"mean": mean, "std": torch.ones(6, 2, 4, 2, 2).half(), "labels": torch.arange(6) % 3}, earlier)
+    assert cache_path(folder, earlier) == earlier
+    cache = LatentCache(earlier)
+    assert len(cache) == 6 and torch.equal(cache.arrays.row("mean", 4, True), mean[4, 1])
+    assert torch.equal(cache.arrays.rows("indices", torch.arange(6)), torch.arange(6))  # its items, in order

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -122,6 +123,20 @@ def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     parts = [torch.empty_like(tensor) for _ in range(context.world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+@contextmanager
+def process_group(device: str | None = None) -> Iterator[DistributedContext]:
+    """This process's place among the torchrun ranks (`setup_distributed`) for the body, leaving the group after it:
+    with the other ranks when the body ends, at once when it fails (its peers may be dead or elsewhere: waiting for
+    them would hang, or add a second traceback over the first)."""
+    context = setup_distributed(device)
+    try:
+        yield context
+    except BaseException:
+        cleanup(context, wait=False)
+        raise
+    cleanup(context)
 
 
 def cleanup(context: DistributedContext, wait: bool = True) -> None:

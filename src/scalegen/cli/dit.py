@@ -6,13 +6,12 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    NON_NEGATIVE, POSITIVE, add_init_from, add_precision_option, add_training_options, at_least, dataclass_from_args,
-    fraction,
-    train_config_from_args,
+    DATA_HELP, NON_NEGATIVE, POSITIVE, add_init_from, add_precision_option, add_training_options, at_least,
+    dataclass_from_args, fraction, train_config_from_args,
 )
 from scalegen.diffusion.flow import TIME_SAMPLINGS
 from scalegen.diffusion.sampling import OBJECTIVES, SAMPLERS
-from scalegen.distributed import cleanup, setup_distributed
+from scalegen.distributed import process_group
 from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS
@@ -29,7 +28,7 @@ def register(train_parsers, sample_parsers) -> None:
     """Add `train dit` and `sample dit` to the command line."""
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
     parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
-    parser.add_argument("--data", default=DEFAULTS.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
+    parser.add_argument("--data", default=DEFAULTS.data, help=DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
@@ -95,14 +94,14 @@ def run_train(args: argparse.Namespace) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
     check_output(args.out, args.num_samples)
-    context = setup_distributed(args.device)
-    model = load_dit(args.ckpt, args.vae).to(context.device)
+    with process_group(args.device) as context:
+        model = load_dit(args.ckpt, args.vae).to(context.device)
 
-    def draw(labels: torch.Tensor) -> torch.Tensor:
-        return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler, precision=args.precision,
-                              guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
+        def draw(labels: torch.Tensor) -> torch.Tensor:
+            return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler,
+                                  precision=args.precision,
+                                  guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
 
-    try:
         if args.num_samples:
             path = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
                                  args.out, context)
@@ -115,5 +114,3 @@ def run_sample(args: argparse.Namespace) -> None:
             images = torch.cat([draw(chunk) for chunk in labels.split(args.batch_size)])
             names = [model.class_names[label] for label in classes] if args.label_grid else None
             print(f"wrote {save_grid(images, len(classes), args.out, names)}")
-    finally:
-        cleanup(context)

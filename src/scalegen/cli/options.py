@@ -49,6 +49,8 @@ TRAINING_HELP = {
     "data_on_device": "hold the data set (Fashion-MNIST, a latent or token cache) on the device and gather whole "
                       "batches there: no loader workers, no copies",
 }
+DATA_HELP = ("fashion-mnist, a folder of its IDX files, an image folder (one sub-folder per class), or tar shards: a "
+             "brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of `scalegen data pack`")
 CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS)}
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from, add_training_options, at_least, dataclass_from_args,
-    add_precision_option, fraction, integers,
-    train_config_from_args,
+    DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from, add_precision_option, add_training_options,
+    at_least, dataclass_from_args, fraction, integers, train_config_from_args,
 )
-from scalegen.distributed import cleanup, setup_distributed
+from scalegen.distributed import process_group
 from scalegen.images import check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid
 from scalegen.models.var_blocks import ATTENTION_BACKENDS
 from scalegen.models.var_edit import edit_box, parse_box
@@ -32,7 +31,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
     """Add `train vqvae`, `train var`, `sample var` and `edit var` to the command line."""
     parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
     defaults = TOKENIZER_DEFAULTS
-    parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
+    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
     parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
@@ -75,7 +74,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="blocks; width 64·depth and depth heads unless overridden")
     parser.add_argument("--width", type=POSITIVE, default=defaults.width, help="override the width (default: 64·depth)")
     parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads, help="override the heads (default: depth)")
-    parser.add_argument("--data", default=defaults.data, help="fashion-mnist, a folder of its IDX files, or an image folder")
+    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
     parser.add_argument("--token-cache", action="store_true",
                         help="tokenize the data set once into RUN/tokens/ (shards every rank builds, read memory-mapped)")
@@ -150,9 +149,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
     check_output(args.out, args.num_samples)
-    context = setup_distributed(args.device)
-    model = load_var(args.ckpt, args.tokenizer).to(context.device)
-    try:
+    with process_group(args.device) as context:
+        model = load_var(args.ckpt, args.tokenizer).to(context.device)
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
             path = sample_to_npz(lambda labels: model.generate(labels, **sampling_options(args)),
@@ -167,8 +165,6 @@ def run_sample(args: argparse.Namespace) -> None:
                                 for chunk in labels.split(args.batch_size)])  # (N, C, H, W) in [0, 1]
             names = [model.class_names[label] for label in classes] if args.label_grid else None
             print(f"wrote {save_grid(images, len(classes), args.out, names)}")
-    finally:
-        cleanup(context)
 
 
 def run_edit(args: argparse.Namespace) -> None:

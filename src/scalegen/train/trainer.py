@@ -27,7 +27,7 @@ from scalegen.checkpoint import (
 )
 from scalegen.data import collate
 from scalegen.distributed import (
-    DistributedContext, Precision, autocast, barrier, cleanup, resolve_precision, setup_distributed,
+    DistributedContext, Precision, autocast, barrier, process_group, resolve_precision,
 )
 from scalegen.errors import UserError
 from scalegen.train import sharding
@@ -394,13 +394,6 @@ def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str
     The run folder is locked while training (rank 0 of a launch holds it); a full disk or an unwritable folder is a
     one-line error that names the intact checkpoint.
     """
-    context = setup_distributed(config.device)
-    try:
-        with guarded_run(config.out):
-            figures = Trainer(task, dataset, config, context).run()
-    except BaseException:
-        cleanup(context, wait=False)
-        raise
-    cleanup(context)
-    return figures
+    with process_group(config.device) as context, guarded_run(config.out):
+        return Trainer(task, dataset, config, context).run()
 

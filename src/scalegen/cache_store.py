@@ -174,7 +174,7 @@ def build_cache(
     wait_for([folder / name for name in shards], "waiting for the other ranks' shards", show=rank == 0)
     if rank == 0:
         write_json_atomic(folder / MANIFEST_FILE, {**plan, "shards": shards, "complete": True})
-    while not read_manifest(folder).get("complete"):
+    while not (read_manifest(folder) or {}).get("complete"):
         time.sleep(WAIT_SECONDS)
     return folder
 

@@ -41,4 +41,5 @@ $SCALEGEN train var --tokenizer "$RUNS/tokenizer_var" --data fashion-mnist \
 
 $SCALEGEN export --run "$RUNS/dit" --out "$SHIPPED/dit"  # the EMA beat the raw weights (RECIPE.md)
 $SCALEGEN export --run "$RUNS/var" --out "$SHIPPED/var" --weights raw
-.venv/bin/python scripts/plot_curves.py "$RUNS" "$SHIPPED/curves.png"
+$SCALEGEN plot "$RUNS/tokenizer" "$RUNS/dit" "$RUNS/tokenizer_var" "$RUNS/var" --by run \
+  --metric loss,l1,l2,quantizer,mse,repa,accuracy --log-y --out "$SHIPPED/curves.png"

@@ -89,8 +89,10 @@ def test_sample_grid_and_adm_npz(tmp_path, capsys):
     main(["sample", "dit", "--ckpt", str(tmp_path / "run"), "--num-samples", "5", "--batch-size", "2", "--steps", "2",
           "--cfg-scale", "1.5", "--out", str(tmp_path / "s.npz")])
     samples = np.load(tmp_path / "s.npz")
-    assert list(samples.keys()) == ["arr_0", "labels"]
-    assert samples["labels"].shape == (5,) and samples["labels"].max() < 10
+    # which classes the labels are (eval --features fmnist reads it)
+    assert list(samples.keys()) == ["arr_0", "labels", "num_classes", "class_names"]
+    assert samples["labels"].shape == (5,) and samples["labels"].max() < 10 and int(samples["num_classes"]) == 10
+    assert list(samples["class_names"]) == load_dit(tmp_path / "run").class_names
     assert samples["arr_0"].shape == (5, 8, 8, 3) and samples["arr_0"].dtype == np.uint8
 
 
@@ -189,3 +191,49 @@ def test_npz_sampling_is_sharded_over_two_torchrun_ranks(tmp_path):
     assert samples["arr_0"].shape == (5, 8, 8, 3) and samples["labels"].shape == (5,)
     # Gathered batch by batch: [rank 0's first two, rank 1's first two, rank 0's third]; per-rank seeds differ.
     assert not np.array_equal(samples["arr_0"][0], samples["arr_0"][2])
+
+
+def test_edit_var_to_an_npz_is_a_one_line_error_naming_image_formats(tmp_path, capsys):
+    message = user_error(["edit", "var", "--ckpt", str(tmp_path / "run"), "--image", str(tmp_path / "in.png"),
+                          "--box", "0,0,4,4", "--out", str(tmp_path / "edited.npz")], capsys)
+    assert ".npz is no image format" in message and ".png" in message and ".jpg" in message
+    assert not list(tmp_path.iterdir())  # checked before any work: nothing written
+
+
+def test_a_model_of_another_kind_gets_advice_that_names_real_commands_and_functions(tmp_path, capsys):
+    """A tokenizer run given to `sample var` (and every other kind's advice) names commands the command line has
+    and functions the package has."""
+    import importlib
+    import re
+
+    from scalegen.pretrained import KIND_ADVICE
+
+    weights = DiT(TINY_PIXEL_DIT).state_dict()
+    save_checkpoint(tmp_path / "tokenizer", 1, {"kind": "vqvae", "model": {}}, weights, None, {"step": 1})
+    message = user_error(["sample", "var", "--ckpt", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "g.png")],
+                         capsys)
+    assert f"scalegen train var --tokenizer {tmp_path / 'tokenizer'}" in message and "load_tokenizer" in message
+    for advice in KIND_ADVICE.values():
+        for command in re.findall(r"`scalegen ([a-z ]+?) --", advice):
+            with pytest.raises(SystemExit) as stopped:
+                main([*command.split(), "--help"])
+            assert stopped.value.code == 0, command
+        capsys.readouterr()
+        for function in re.findall(r"(scalegen(?:\.\w+)+)", advice):
+            module, name = function.rsplit(".", 1)
+            assert hasattr(importlib.import_module(module), name), function
+
+
+def test_npz_samples_say_which_classes_their_labels_are(tmp_path):
+    from scalegen.images import save_npz
+
+    save_npz(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "s.npz", np.array([0, 2]), class_names=["a", "b", "c"])
+    samples = np.load(tmp_path / "s.npz")
+    assert int(samples["num_classes"]) == 3 and samples["class_names"].tolist() == ["a", "b", "c"]
+
+
+def test_flops_names_its_units(capsys):
+    main(["flops"])
+    printed = capsys.readouterr().out
+    assert "Gflops (10^9 multiply-accumulates, as the DiT paper" in printed
+    assert "TMACs (10^12 multiply-accumulates" in printed

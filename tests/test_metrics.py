@@ -209,3 +209,35 @@ def test_eval_command_needs_samples_or_save_ref():
     args = parser.parse_args(["eval", "--ref", "r.npz"])
     with pytest.raises(UserError, match="--samples"):
         args.handler(args)
+
+
+def test_fmnist_accuracy_only_for_labels_of_fashion_mnist_classes(tmp_path, capsys):
+    """Samples of a 3-class model (its names, or only its class count, in the .npz) get FID and a note, no accuracy;
+    Fashion-MNIST's classes (by name, by placeholder names, or a file that says nothing) get their accuracy."""
+    from scalegen.data import FASHION_MNIST_CLASSES
+    from scalegen.eval.fmnist import foreign_classes
+    from scalegen.images import save_npz
+
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    parser = argparse.ArgumentParser()
+    eval_command.register(parser.add_subparsers())
+
+    def evaluated(class_names=None, **arrays) -> dict:
+        path = tmp_path / "samples.npz"
+        if arrays:
+            npz.write_npz(path, {npz.IMAGES_KEY: images, npz.LABELS_KEY: labels, **arrays})
+        else:
+            save_npz(images, path, labels, class_names)
+        args = parser.parse_args(["eval", "--features", "fmnist", "--samples", str(path)])
+        args.handler(args)
+        return json.loads(capsys.readouterr().out)
+
+    named = evaluated(["boots", "sneakers", "sandals"])
+    assert "accuracy" not in named and "boots" in named["accuracy_note"] and named["fid"] > 0
+    counted = evaluated(num_classes=np.array(3))
+    assert "accuracy" not in counted and "3-class" in counted["accuracy_note"]
+    for fashion in (evaluated(list(FASHION_MNIST_CLASSES)), evaluated([f"class {index}" for index in range(10)]),
+                    evaluated(labels=labels)):
+        assert 0 <= fashion["accuracy"] <= 1 and "accuracy_note" not in fashion
+    assert foreign_classes(None, None) is None and foreign_classes(10, None) is None

@@ -65,6 +65,23 @@ def test_run_folders_as_scalegen_train_writes_them(tmp_path, capsys):
     capsys.readouterr()
     main(["scaling", "--runs", *map(str, folders), "--x", "params", "--y", "loss", "--out", str(tmp_path / "fit.png")])
     report = json.loads(capsys.readouterr().out)
-    assert report["num_points"] == 3 and report["b"] == pytest.approx(fit_power_law(x, y).b)
+    assert report["num_points"] == 3 and report["b"] == pytest.approx(fit_power_law(x, y).b, rel=1e-3)  # 4 digits
     with pytest.raises(UserError, match="fid"):
         read_runs(folders, "params", "fid")
+
+
+def test_two_points_warn_and_the_report_shows_no_spurious_digits(tmp_path, capsys):
+    """Two points always fit a line exactly (Pearson ±1): the report says so (JSON and stderr) and gives no r; the
+    figures it gives carry 4 significant digits, r 4 decimals."""
+    table = tmp_path / "runs.csv"
+    table.write_text("params,loss\n1.0,2.0\n3.0,1.7\n")
+    main(["scaling", "--table", str(table)])
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    assert report["pearson"] is None and "only 2 points" in report["warning"]
+    assert printed.err.startswith("warning: only 2 points") and len(printed.err.strip().splitlines()) == 1
+    assert report["b"] == float(f"{report['b']:.4g}") and report["a"] == float(f"{report['a']:.4g}")
+    x = np.array([1.0, 2.0, 4.0, 8.0])
+    y = (2.5 * x) ** -0.2 * np.array([1.0, 1.01, 0.99, 1.0])
+    noisy = scaling_report(["a", "b", "c", "d"], x, y, "params", "loss")
+    assert "warning" not in noisy and noisy["pearson"] == round(noisy["pearson"], 4) and -1 < noisy["pearson"] < -0.9

@@ -5,6 +5,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from scalegen.cli.main import main  # noqa: E402
+from scalegen.errors import UserError  # noqa: E402
 from scalegen.train.run_log import read_log  # noqa: E402
 from scalegen.tokenizers.sd_vae import LATENT_SCALE, load_sd_vae  # noqa: E402
 from scalegen.train.caches import LatentCache, extract_latents  # noqa: E402
@@ -57,3 +58,9 @@ def test_train_dit_in_latent_space_with_a_cache(tiny_vae_folder, tmp_path, monke
     assert (tmp_path / "run" / "latents" / "manifest.json").exists()
     assert len(read_log(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "samples" / "step-0000002.png").exists()
+
+
+def test_a_folder_without_an_autoencoder_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a VAE")
+    with pytest.raises(UserError, match="holds no diffusers AutoencoderKL"):
+        load_sd_vae(tmp_path)

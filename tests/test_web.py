@@ -1,5 +1,7 @@
-"""The web page in a real headless Chromium (Debian's, driven by Playwright): pick two classes and generate with
-both models, in-paint a data-set image, and see that bad input is a message while the server keeps serving."""
+"""The web page in a real headless Chromium (Debian's, driven by Playwright): each model's own defaults, pick two
+classes and generate with both models (grids with their rows named), in-paint a data-set image, and see that bad
+input — a file that is not an image, a negative top-k, a seed past 64 bits — is a one-line message in the page, with
+no server traceback, while the server keeps serving."""
 import io
 import os
 import shutil
@@ -13,7 +15,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR  # noqa: E402
+from scalegen.pretrained import (  # noqa: E402
+    SAMPLE_TOP_P, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_VAR, SHIPPED_VAR_CFG,
+)
 from scalegen.web.app import serve  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -50,10 +54,24 @@ def shown_image(page, selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(page.request.get(source).body())).convert("L"))
 
 
-def set_number(page, selector: str, value: int) -> None:
+def set_number(page, selector: str, value: int | str) -> None:
     field = page.locator(f"{selector} input[type=number]").first
     field.fill(str(value))
     field.press("Enter")
+
+
+def shown_number(page, selector: str) -> float:
+    return float(page.locator(f"{selector} input[type=number]").first.input_value())
+
+
+def wait_for_message(page, selector: str, text: str) -> None:
+    page.wait_for_function(f"document.querySelector({selector!r}).innerText.includes({text!r})")
+
+
+def test_each_model_starts_at_its_own_guidance_and_top_p_as_the_command_line(page):
+    assert shown_number(page, "#dit-cfg") == SHIPPED_DIT_CFG and shown_number(page, "#var-cfg") == SHIPPED_VAR_CFG
+    assert SHIPPED_DIT_CFG != SHIPPED_VAR_CFG and shown_number(page, "#top-p") == SAMPLE_TOP_P
+    assert not page.locator("#download").is_visible()  # no empty download box before there is a file
 
 
 def test_two_classes_from_both_models_give_grids_strips_and_figures(page):
@@ -69,13 +87,35 @@ def test_two_classes_from_both_models_give_grids_strips_and_figures(page):
     page.wait_for_selector("#var-grid img")
     for selector in ("#dit-grid", "#var-grid"):
         grid = shown_image(page, selector)
-        assert grid.shape == (2 * SIDE, 3 * SIDE) and grid.std() > 20  # two rows of three, not blank
+        assert grid.shape[0] == 2 * SIDE and grid.shape[1] > 3 * SIDE  # two rows of three, their names on the left
+        assert grid[:, -3 * SIDE:].std() > 20 and grid[:, :-3 * SIDE].max() > 128  # not blank; the names written
+    assert page.locator("#download").is_visible()
     assert shown_image(page, "#var-strip").shape == (SIDE, 10 * SIDE)  # one frame per scale
     assert shown_image(page, "#dit-strip").shape == (SIDE, 8 * SIDE)  # x̂₀ at eight steps
     figures = page.locator("#sample-info").inner_text()
     assert "DiT" in figures and "VAR" in figures and "GFLOPs/image" in figures
     if SCREENSHOTS:
         page.screenshot(path=str(Path(SCREENSHOTS) / "web_sample.png"))
+
+
+def test_unlabelled_rows_and_bad_settings_are_one_line_messages_without_a_traceback(page, capfd):
+    page.locator("#label-rows input").first.uncheck()
+    page.locator("#model-choice").get_by_label("VAR", exact=True).check()
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#sample-info').innerText.includes('VAR') && "
+                           "!document.querySelector('#sample-info').innerText.includes('DiT')")
+    page.wait_for_selector("#var-grid img")
+    assert shown_image(page, "#var-grid").shape == (2 * SIDE, 3 * SIDE)  # two rows of three, no names
+    for field, value, message in (("#top-k", -3, "top-k must be"), ("#seed", "1e30", "seed must be")):
+        set_number(page, field, value)
+        page.locator("#generate").click()
+        wait_for_message(page, "#sample-info", message)
+        set_number(page, field, 0)
+        assert "Error" not in page.locator("#var-grid").inner_text()
+        assert not page.locator("#download").is_visible()
+    page.locator("#model-choice").get_by_label("both", exact=True).check()
+    page.locator("#label-rows input").first.check()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_in_painting_a_data_set_image_and_bad_input_keep_the_server_up(page):
@@ -100,6 +140,19 @@ def test_in_painting_a_data_set_image_and_bad_input_keep_the_server_up(page):
     page.wait_for_function("document.querySelector('#edit-info').innerText.includes('inpainted')")
     if SCREENSHOTS:
         page.screenshot(path=str(Path(SCREENSHOTS) / "web_edit.png"))
+
+
+def test_a_file_that_is_not_an_image_and_a_huge_seed_are_messages_in_edit(page, capfd):
+    set_number(page, "#edit-seed", "1e30")
+    page.locator("#edit").click()
+    wait_for_message(page, "#edit-info", "seed must be")
+    set_number(page, "#edit-seed", 0)
+    page.locator("#edit-input input[type=file]").set_input_files(
+        files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"a text file, not a PNG"}])
+    page.locator("#edit").click()
+    wait_for_message(page, "#edit-info", "notes.png is not an image")
+    assert "Error" not in page.locator("#edit-result").inner_text()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_model_path_that_does_not_load_is_a_message(page):

@@ -7,16 +7,29 @@
 
 Every sampling call (`DiT.generate`, `VAR.generate`, `VAR.edit`) returns images (B, C, H, W) in [0, 1].
 """
-from scalegen.diffusion.respace import create_diffusion
-from scalegen.errors import UserError
-from scalegen.images import image_grid, to_pil
-from scalegen.models.dit import DiT, DiTConfig, build_dit
-from scalegen.models.var import VAR, VARConfig, build_var
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR, load_dit, load_tokenizer, load_var
-from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig, build_vqvae
+from importlib import import_module
 
-__all__ = [
-    "DiT", "DiTConfig", "build_dit", "create_diffusion", "VQVAE", "VQVAEConfig", "build_vqvae", "VAR", "VARConfig",
-    "build_var", "load_dit", "load_var", "load_tokenizer", "to_pil", "image_grid", "UserError", "SHIPPED_DIT",
-    "SHIPPED_VAR",
-]
+# Where each public name lives. They are imported on first use (PEP 562), so `import scalegen` — and `scalegen --help`,
+# whose package this is — costs no torch import until a name is asked for.
+HOMES = {
+    "DiT": "scalegen.models.dit", "DiTConfig": "scalegen.models.dit", "build_dit": "scalegen.models.dit",
+    "create_diffusion": "scalegen.diffusion.respace",
+    "VQVAE": "scalegen.tokenizers.vqvae", "VQVAEConfig": "scalegen.tokenizers.vqvae",
+    "build_vqvae": "scalegen.tokenizers.vqvae",
+    "VAR": "scalegen.models.var", "VARConfig": "scalegen.models.var", "build_var": "scalegen.models.var",
+    "load_dit": "scalegen.pretrained", "load_var": "scalegen.pretrained", "load_tokenizer": "scalegen.pretrained",
+    "SHIPPED_DIT": "scalegen.pretrained", "SHIPPED_VAR": "scalegen.pretrained",
+    "to_pil": "scalegen.images", "image_grid": "scalegen.images", "UserError": "scalegen.errors",
+}
+__all__ = list(HOMES)
+
+
+def __getattr__(name: str):
+    """A public name, imported from its home on first use."""
+    if name not in HOMES:
+        raise AttributeError(f"module 'scalegen' has no attribute {name!r}")
+    return getattr(import_module(HOMES[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *HOMES])

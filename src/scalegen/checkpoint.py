@@ -7,6 +7,7 @@ A run folder (`scalegen train … --out RUN`) looks like:
                                        (an FSDP run's: sharded/ instead of the weights: DCP's .metadata and each
                                        rank's __RANK_0.distcp with its shards of the model, EMA and optimizer)
     RUN/log.csv                        one row of figures per logged step (RUN/tensorboard/ with --logger tensorboard)
+    RUN/eval.csv                       FID (and accuracy) of generated samples, a row per `--eval-every` evaluation
     RUN/progress.log                   the progress, a line per logged step, when training runs without a terminal
     RUN/samples/step-0000300.png       sample grids
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
@@ -55,11 +56,13 @@ SHARDED_MODEL, SHARDED_EMA = "model", "ema"  # the top-level keys (key prefixes)
 SINGLE_PROCESS_WARNING = ".*in a single process"  # what DCP warns when it reads without a process group, as meant
 TOKENIZER_FILE = "tokenizer.safetensors"
 LOG_FILE = "log.csv"
+EVALUATION_LOG_FILE = "eval.csv"  # `--eval-every`: FID (and accuracy) of the samples, a row per evaluation
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
 LATENT_CACHE_DIR, TOKEN_CACHE_DIR = "latents", "tokens"
 EARLIER_CACHE_SUFFIX = ".safetensors"  # the one-file caches of earlier versions: RUN/latents.safetensors
 PROGRESS_FILE = "progress.log"  # a line per logged step when training runs without a terminal
+OPTIONS_FILE = "options.yaml"  # the options of the last `scalegen train` command run in RUN (its --config file)
 STAGING_PREFIX = ".staging-"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 7
@@ -91,6 +94,7 @@ class RunFolder:
         self.last_pointer = self.root / LAST_POINTER
         self.checkpoints = self.root / CHECKPOINT_DIR
         self.log = self.root / LOG_FILE
+        self.evaluation_log = self.root / EVALUATION_LOG_FILE
         self.tensorboard = self.root / TENSORBOARD_DIR
         self.tokenizer_copy = self.root / TOKENIZER_FILE
         self.latent_cache = self.root / LATENT_CACHE_DIR

@@ -17,16 +17,25 @@ from tqdm import tqdm
 from scalegen.data import center_crop_arr, class_ids
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
-from scalegen.eval.npz import IMAGES_KEY, LABELS_KEY, NpzWriter, write_npz
+from scalegen.eval.npz import CLASS_NAMES_KEY, IMAGES_KEY, LABELS_KEY, NUM_CLASSES_KEY, NpzWriter, write_npz
 from scalegen.files import replace_atomically
 
 UINT8_MAX = 255
 LABEL_PADDING = 4  # pixels around a grid row's name
+IMAGE_OUTPUT_ADVICE = "name a .png or .jpg (or another format PIL writes: .webp, .bmp, .tif, …)"
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> uint8 in [0, 255], rounded to the nearest level (values outside [0, 1] are clamped)."""
     return (images.float() * UINT8_MAX + 0.5).clamp(0, UINT8_MAX).to(torch.uint8)
+
+
+def check_image_output(path: str | Path, advice: str = IMAGE_OUTPUT_ADVICE) -> None:
+    """Before drawing: `path` must name an image format PIL writes (.png, .jpg, …); else a one-line error ending in
+    `advice`."""
+    suffix = Path(path).suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise UserError(f"--out {path}: {suffix or 'no extension'} is no image format; {advice}")
 
 
 def check_output(path: str | Path, num_samples: int) -> None:
@@ -37,9 +46,8 @@ def check_output(path: str | Path, num_samples: int) -> None:
     if suffix != ".npz" and num_samples > 0:
         raise UserError(f"--num-samples writes an ADM .npz, not {suffix or 'a file without extension'}: "
                         f"name --out with .npz, or drop --num-samples for a class grid")
-    if suffix != ".npz" and suffix not in Image.registered_extensions():
-        raise UserError(f"--out {path}: {suffix or 'no extension'} is no image format; name a .png (class grid) or "
-                        ".npz (with --num-samples)")
+    if suffix != ".npz":
+        check_image_output(path, "name a .png (class grid) or .npz (with --num-samples)")
 
 
 def parse_classes(classes: str | Sequence[int | str], num_classes: int, names: Sequence[str] | None = None) -> list[int]:
@@ -118,15 +126,26 @@ def to_adm_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = None) -> Path:
+def class_arrays(num_classes: int, class_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays that say which classes a sample file's labels are: `num_classes` and, when given, `class_names`."""
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    return {NUM_CLASSES_KEY: np.array(num_classes),
+            **({} if class_names is None else {CLASS_NAMES_KEY: np.array([str(name) for name in class_names])})}
+
+
+def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = None,
+             class_names: Sequence[str] | None = None) -> Path:
     """Write uint8 images (N, H, W, 3) as an ADM-format .npz (`arr_0`); written to a temporary name first.
 
-    The class labels, when given, go in an extra `labels` array (the ADM evaluator reads only `arr_0`).
+    The class labels, when given, go in an extra `labels` array (the ADM evaluator reads only `arr_0`); the names of
+    the classes they index, when given, in `class_names` (with their count, `num_classes`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda temporary: write_npz(
-        temporary, {IMAGES_KEY: images, **({} if labels is None else {LABELS_KEY: labels})}))
+    arrays = {IMAGES_KEY: images, **({} if labels is None else {LABELS_KEY: labels}),
+              **({} if class_names is None else class_arrays(len(class_names), class_names))}
+    replace_atomically(path, lambda temporary: write_npz(temporary, arrays))
     return path
 
 
@@ -138,8 +157,10 @@ def sample_to_npz(
     seed: int,
     path: str | Path,
     context: DistributedContext,
+    class_names: Sequence[str] | None = None,
 ) -> Path | None:
-    """Draw `num_samples` uniformly-labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`).
+    """Draw `num_samples` uniformly-labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`, and
+    which classes the labels are: `num_classes`, `class_names` when given — `eval --features fmnist` reads them).
 
     Each rank seeds the global RNG with seed·world + rank (as DiT's sample_ddp.py) and draws its share in batches;
     rank 0 gathers every batch and streams it into the file, so the samples never sit in memory all at once.
@@ -149,6 +170,7 @@ def sample_to_npz(
         num_classes, num_samples, batch_size, seed: what to draw.
         path: the .npz to write (through a temporary name).
         context: this process's place in the torchrun group.
+        class_names: the names of the model's classes (`model.class_names`), stored beside the labels.
     Returns:
         The path written (rank 0), or None on other ranks.
     """
@@ -178,6 +200,8 @@ def sample_to_npz(
         if not context.is_main:
             return None
         writer.add_array(LABELS_KEY, np.concatenate(all_labels))
+        for name, array in class_arrays(num_classes, class_names).items():
+            writer.add_array(name, array)
         writer.close()
         temporary.replace(path)
     finally:

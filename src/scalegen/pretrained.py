@@ -10,19 +10,17 @@ A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from scalegen.checkpoint import ASSETS, CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_weights, stored_config
-from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS
-from scalegen.files import read_json, read_weights_file, save_weights_atomic, write_json_atomic
+from scalegen.checkpoint import ASSETS, CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_weights
+from scalegen.files import read_json, read_weights_file
 from scalegen.data import class_names
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
-from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, diffusers_config, from_diffusers, to_diffusers
+from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.var import VAR, VARConfig
 from scalegen.tokenizers.codec import TokenizerCodec
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
@@ -33,8 +31,19 @@ SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"  # the demo's Fashio
 # The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
 # web page's defaults.
 SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.0, 50
+SHIPPED_VAR_CFG = 1.5  # the shipped VAR's guidance (RECIPE.md): the demo's and the web page's default
+SAMPLE_TOP_P = 0.95  # the nucleus `sample var` and the web page start from (the Python call's is off, as VAR's code)
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
-MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer"}
+MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "classifier": "classifier"}
+# What to do with a file of each kind when it is given to a loader of another kind (real commands and functions only).
+KIND_ADVICE = {
+    "dit": "sample it with `scalegen sample dit --ckpt {path}` (scalegen.load_dit in Python)",
+    "var": "sample it with `scalegen sample var --ckpt {path}` (scalegen.load_var in Python)",
+    "vqvae": "train a VAR on it with `scalegen train var --tokenizer {path}` (or a DiT in its latent space with "
+             "`scalegen train dit --tokenizer {path}`; scalegen.load_tokenizer loads it in Python)",
+    "classifier": "it scores samples, it draws none: export it with `scalegen train classifier --export "
+                  "FILE.safetensors` (scalegen.eval.fmnist.load_classifier loads that file in Python)",
+}
 # A diffusers DiTPipeline folder.
 DIFFUSERS_TRANSFORMER, DIFFUSERS_SCHEDULER, DIFFUSERS_VAE = "transformer", "scheduler", "vae"
 DIFFUSERS_WEIGHTS, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_INDEX = (
@@ -45,8 +54,9 @@ def check_kind(stored: dict | None, kind: str, path: str | Path) -> None:
     """A one-line error when a stored config describes another kind of model than the loader's."""
     if stored is not None and stored.get("kind") != kind:
         found = stored.get("kind")
-        raise UserError(f"{path} holds a {found} model, not a {MODEL_NAMES[kind]}; use `scalegen sample {found}` "
-                        f"(load_{found} in Python)")
+        advice = KIND_ADVICE.get(found, f"give a run, checkpoint or export of a {MODEL_NAMES[kind]}")
+        raise UserError(f"{path} holds a {MODEL_NAMES.get(found, found)} model, not a {MODEL_NAMES[kind]}; "
+                        + advice.format(path=path))
 
 
 def stored_model_config(config_class: type, stored: dict, path: str | Path):
@@ -152,7 +162,7 @@ def load_dit(path: str | Path, vae: str | None = None) -> DiT:
                                          read_json(transformer / CONFIG_FILE))
         config = DiTConfig(**fields)
         weights["pos_embed"] = DiT(config).state_dict()["pos_embed"]  # diffusers computes the fixed table itself
-        stored = {"vae": str(transformer.parent / DIFFUSERS_VAE)} if (transformer.parent / DIFFUSERS_VAE).is_dir() else None
+        stored = diffusers_stored_config(transformer)
     else:
         stored, weights = load_weights(path)
         check_kind(stored, "dit", path)
@@ -173,33 +183,19 @@ def diffusers_transformer_folder(path: str | Path) -> Path | None:
     return None
 
 
-def export_diffusers(path: str | Path, destination: str | Path) -> Path:
-    """Write a DiT as a diffusers pipeline folder: transformer/ (`DiTTransformer2DModel.from_pretrained` loads it),
-    scheduler/ (the 1000-step linear DDPM schedule DiT trains with), vae/ when the run names a local SD-VAE folder.
-
-    diffusers' DiT embeds timesteps with frequencies exp(-ln 10⁴·i/(half−1)) where the official code uses /half, so
-    its outputs differ slightly from the official (and scalegen's) DiT; the weights convert exactly both ways.
-    """
-    model = load_dit(path, vae=PIXEL_SPACE)
-    destination = Path(destination)
-    transformer = destination / DIFFUSERS_TRANSFORMER
-    transformer.mkdir(parents=True, exist_ok=True)
-    save_weights_atomic(to_diffusers(model.state_dict(), model.config), transformer / DIFFUSERS_WEIGHTS)
-    write_json_atomic(transformer / CONFIG_FILE, diffusers_config(model.config))
-    (destination / DIFFUSERS_SCHEDULER).mkdir(exist_ok=True)
-    write_json_atomic(destination / DIFFUSERS_SCHEDULER / DIFFUSERS_SCHEDULER_FILE, {
-        "_class_name": "DDPMScheduler", "num_train_timesteps": REFERENCE_NUM_STEPS, "beta_schedule": "linear",
-        "beta_start": LINEAR_BETA_START, "beta_end": LINEAR_BETA_END, "clip_sample": False,
-        "variance_type": "learned_range" if model.config.learn_sigma else "fixed_small",
-    })
-    components = {"transformer": ["diffusers", DIFFUSERS_CLASS], "scheduler": ["diffusers", "DDPMScheduler"]}
-    stored_vae = (stored_config(path) if Path(path).is_dir() and diffusers_transformer_folder(path) is None
-                  else {}).get("vae")
-    if stored_vae and Path(stored_vae).is_dir():
-        shutil.copytree(stored_vae, destination / DIFFUSERS_VAE, dirs_exist_ok=True)
-        components["vae"] = ["diffusers", "AutoencoderKL"]
-    write_json_atomic(destination / DIFFUSERS_INDEX, {"_class_name": "DiTPipeline", **components})
-    return destination
+def diffusers_stored_config(transformer: Path) -> dict:
+    """What the pipeline folder around a `DiTTransformer2DModel` folder says, as a run's stored config would say it:
+    "vae", its vae/ folder, and "classes", the first name of each label in model_index.json's `id2label` (a name two
+    labels share carries its id, as ImageNet's do in `class_names`)."""
+    pipeline, stored = transformer.parent, {}
+    if (pipeline / DIFFUSERS_VAE).is_dir():
+        stored["vae"] = str(pipeline / DIFFUSERS_VAE)
+    index = pipeline / DIFFUSERS_INDEX
+    labels = (read_json(index).get("id2label") or {}) if index.exists() else {}
+    if labels and set(labels) == {str(label) for label in range(len(labels))}:
+        names = [str(labels[str(label)]).split(",")[0].strip() for label in range(len(labels))]
+        stored["classes"] = [f"{name} ({label})" if names.count(name) > 1 else name for label, name in enumerate(names)]
+    return stored
 
 
 # ----- VAR -----

@@ -6,7 +6,9 @@ import json
 import shlex
 import sys
 
-from scalegen.cli.options import POSITIVE, add_training_options, dataclass_from_args, train_config_from_args
+from scalegen.cli.options import (
+    COMPILE_WHOLE_MODEL_HELP, POSITIVE, add_training_options, dataclass_from_args, train_config_from_args,
+)
 from scalegen.train.classifier_task import ClassifierOptions, ClassifierTask, train_classifier
 
 
@@ -19,7 +21,7 @@ def register(train_parsers) -> None:
     parser.add_argument("--export", metavar="FILE.safetensors",
                         help="after training, write the better of EMA/raw weights (fp16), test-set statistics and a "
                              "JSON card beside it")
-    add_training_options(parser, ClassifierTask)
+    add_training_options(parser, ClassifierTask, {"compile": COMPILE_WHOLE_MODEL_HELP})
     parser.set_defaults(handler=run_train)
 
 

@@ -19,13 +19,13 @@ from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import grid_labels, save_grid, to_uint8
 from scalegen.pretrained import (
-    SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_VAR, load_dit, load_var,
+    SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_VAR, SHIPPED_VAR_CFG, load_dit, load_var,
 )
 
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
 GRID_PER_CLASS = 10
-# Sampling settings of the shipped VAR, chosen in its RECIPE.md (the DiT's are in pretrained.py).
-VAR_CFG, VAR_TOP_K, VAR_TOP_P = 1.5, 0, 0.0
+# Sampling settings of the shipped VAR, chosen in its RECIPE.md (its guidance and the DiT's are in pretrained.py).
+VAR_TOP_K, VAR_TOP_P = 0, 0.0
 FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
 
 Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [0, 1]
@@ -61,7 +61,7 @@ def var_drawer(path: str | Path) -> Draw:
     model = load_var(path)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed)
+        return model.generate(labels, cfg=SHIPPED_VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed)
 
     return draw
 
@@ -88,9 +88,9 @@ def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baselin
         "fid": scores["fid"], "fid_real_train_same_count": real_baseline,
     }
     print(f"{name}: {len(labels)} samples in {seconds:.1f} s ({report['images_per_second']} img/s, "
-          f"{report['threads']} CPU thread(s)), {report['gflops_per_image']} GFLOPs/image; classifier accuracy "
-          f"{scores['accuracy']:.3f}; FID {scores['fid']:.2f} (real training images, same count: {real_baseline:.2f}); "
-          f"grid: {grid}")
+          f"{report['threads']} CPU thread(s)), {report['gflops_per_image']} GFLOPs/image (real FLOPs: 2 per "
+          f"multiply-add, decoder included); classifier accuracy {scores['accuracy']:.3f}; FID {scores['fid']:.2f} "
+          f"(real training images, same count: {real_baseline:.2f}); grid: {grid}")
     return report
 
 

@@ -104,7 +104,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
         if args.num_samples:
             path = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
-                                 args.out, context)
+                                 args.out, context, model.class_names)
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from scalegen.cli.options import POSITIVE
@@ -15,7 +16,8 @@ EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, 
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
 reference statistics take precedence over ones computed from arr_0, as in ADM. With --features fmnist: FID in the
 shipped Fashion-MNIST classifier's features (against the real test set unless --ref is given) and, when the samples
-carry labels, how often the classifier sees the asked class."""
+carry labels of Fashion-MNIST's classes, how often the classifier sees the asked class (samples of a model with
+other classes get an "accuracy_note" instead)."""
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -38,7 +40,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_flops(args: argparse.Namespace) -> None:
-    """Handler of `scalegen flops`: prints the DiT Gflops table and per-image sampling costs."""
+    """Handler of `scalegen flops`: prints the DiT Gflops table (multiply-accumulates) and per-image sampling costs."""
     print(flops_table(args.image_size))
 
 
@@ -50,7 +52,10 @@ def run_scaling(args: argparse.Namespace) -> None:
         names, x, y = scaling.read_table(args.table, args.x, args.y)
     else:
         names, x, y = scaling.read_runs(args.runs, args.x, args.y)
-    print(json.dumps(scaling.scaling_report(names, x, y, args.x, args.y, args.out), indent=2))
+    report = scaling.scaling_report(names, x, y, args.x, args.y, args.out)
+    if "warning" in report:
+        print(f"warning: {report['warning']}", file=sys.stderr)
+    print(json.dumps(report, indent=2))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --save-ref: also store the reference images as arr_0 (for precision/recall)")
     parser.set_defaults(handler=run_eval)
 
-    parser = subparsers.add_parser("flops", help="DiT Gflops table against the paper; DiT vs VAR cost per image")
+    parser = subparsers.add_parser("flops", help="DiT Gflops (multiply-accumulates, as the DiT paper) against the "
+                                                 "paper; DiT vs VAR cost per image")
     parser.add_argument("--image-size", type=POSITIVE, default=256, help="image side in pixels, a multiple of 64 (256 or 512)")
     parser.set_defaults(handler=run_flops)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from scalegen.checkpoint import export_weights
+from scalegen.diffusers_export import export_diffusers
 from scalegen.errors import UserError
-from scalegen.pretrained import export_diffusers
 
 WEIGHT_CHOICES = ("ema", "raw")
 FORMATS = ("scalegen", "diffusers")
@@ -16,8 +16,11 @@ def run_export(args: argparse.Namespace) -> None:
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:
             raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")
-        print(f"exported {export_diffusers(args.run, args.out)} (a diffusers DiTPipeline folder)")
+        print(f"exported {export_diffusers(args.run, args.out, args.vae)} (a diffusers DiTPipeline folder; "
+              "its README.md says how to run it)")
         return
+    if args.vae:
+        raise UserError("--vae names the SD-VAE a --format diffusers export ships; scalegen's format keeps the run's")
     print(f"exported {export_weights(args.run, args.out, args.half, prefer_ema=args.weights == WEIGHT_CHOICES[0])}")
 
 
@@ -30,5 +33,7 @@ def register(commands) -> None:
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=WEIGHT_CHOICES[0],
                         help="EMA (default; the weights themselves for a run without EMA) or raw weights")
     parser.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                        help="scalegen (any --ckpt) or diffusers (a DiT as a DiTPipeline folder: transformer/, scheduler/)")
+                        help="scalegen (any --ckpt) or diffusers (a DDPM DiT on an SD-VAE as a DiTPipeline folder: "
+                             "transformer/, scheduler/, vae/)")
+    parser.add_argument("--vae", help="diffusers: the local SD-VAE folder/file to ship as vae/ (default: the run's)")
     parser.set_defaults(handler=run_export)

@@ -6,15 +6,20 @@ fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), .
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import TypeVar
 
-from scalegen.distributed import PRECISIONS
+from scalegen.checkpoint import OPTIONS_FILE
+from scalegen.cli.parsing import EFFECTIVE_OPTIONS, OneLineParser, options_text
+from scalegen.distributed import PRECISIONS, launched_as_main
+from scalegen.errors import UserError
+from scalegen.files import replace_atomically
 from scalegen.train.run_log import LOGGERS
 from scalegen.train.task import TrainingTask
-from scalegen.train.trainer import MINIMUMS, TrainConfig
+from scalegen.train.trainer import EVALUATED_WEIGHTS, MINIMUMS, TrainConfig
 
 Options = TypeVar("Options")
 # Loop settings with their own flag name (the rest are the field name with dashes).
@@ -48,30 +53,18 @@ TRAINING_HELP = {
     "max_images": "train (and cache) on the first N images only: a quick smoke test (default: all)",
     "data_on_device": "hold the data set (Fashion-MNIST, a latent or token cache) on the device and gather whole "
                       "batches there: no loader workers, no copies",
+    "eval_every": "score generated samples every N steps into RUN/eval.csv: FID (and the asked class's accuracy) in "
+                  "the shipped classifier's features on Fashion-MNIST, else FID, sFID, IS with --eval-inception and "
+                  "--eval-reference (0: never)",
+    "eval_samples": "samples of each evaluation, over all ranks",
+    "eval_weights": "the weights evaluated (raw for a run without EMA)",
+    "eval_inception": "Inception weights (pt_inception-2015-12-05-6726825d.pth) for evaluating other data",
+    "eval_reference": "reference of the evaluation for other data: an ADM .npz (images or statistics) or an image folder",
 }
+COMPILE_WHOLE_MODEL_HELP = "torch.compile the whole model in place (it has no transformer blocks; same checkpoint keys)"
 DATA_HELP = ("fashion-mnist, a folder of its IDX files, an image folder (one sub-folder per class), or tar shards: a "
              "brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of `scalegen data pack`")
-CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS)}
-
-
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that ends each option with its default, except where there is none (or the help says it in words)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other scalegen error (exit code 2), and whose help
-    shows every option's default."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", DefaultsFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> None:
-        print(f"scalegen: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(2)
+CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS), "eval_weights": list(EVALUATED_WEIGHTS)}
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -119,19 +112,22 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def add_init_from(parser: argparse.ArgumentParser) -> None:
-    """`--init-from`, the fine-tuning option of `train dit`, `train var` and `train vqvae`."""
-    parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from these weights (official .pt/.pth, a run or an export); another "
-                             "number of classes re-initialises only the class embedding")
+def add_init_from(parser: argparse.ArgumentParser, class_conditional: bool = True) -> None:
+    """`--init-from`, the fine-tuning option of `train dit`, `train var` (`class_conditional`) and `train vqvae`."""
+    help_text = "fine-tune: start from these weights (official .pt/.pth, a run or an export)"
+    if class_conditional:
+        help_text += "; another number of classes re-initialises only the class embedding"
+    parser.add_argument("--init-from", metavar="CKPT", help=help_text)
 
 
-def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTask]) -> None:
-    """The loop options of every `scalegen train` command; their defaults are `task`'s recipe and `TrainConfig`'s."""
+def add_training_options(parser: OneLineParser, task: type[TrainingTask],
+                         help_texts: Mapping[str, str] | None = None) -> None:
+    """The loop options of every `scalegen train` command, and its run configuration (`--config`, `--print-config`);
+    their defaults are `task`'s recipe and `TrainConfig`'s, their help TRAINING_HELP's unless `help_texts` has it."""
     recipe = task.recipe
     for field in fields(TrainConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
-        help_text = TRAINING_HELP[field.name]
+        help_text = (help_texts or {}).get(field.name, TRAINING_HELP[field.name])
         smallest = MINIMUMS.get(field.name)  # its type is the setting's (1: int, 0.0: float)
         kind = at_least(smallest, type(smallest)) if smallest is not None else type(getattr(recipe, field.name,
                                                                                             field.default))
@@ -148,6 +144,7 @@ def add_training_options(parser: argparse.ArgumentParser, task: type[TrainingTas
         else:
             parser.add_argument(flag, dest=field.name, type=str if smallest is None and field.default is None else kind,
                                 default=field.default, choices=CHOICES.get(field.name), help=help_text)
+    parser.add_config_options()
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
@@ -166,3 +163,35 @@ def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The loop settings of a parsed `scalegen train` command."""
     return dataclass_from_args(TrainConfig, args)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` through a temporary file renamed over `path`."""
+    replace_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+@contextmanager
+def options_in_run_folder(args: argparse.Namespace) -> Iterator[None]:
+    """While a parsed `scalegen train` command runs, keep its options in its run folder (RUN/options.yaml, written by
+    rank 0), where `--config` reads them back; a command refused as bad input (a UserError: another model in RUN, a
+    broken data set) puts back what was there before."""
+    if not launched_as_main():
+        yield
+        return
+    run = Path(args.out)
+    path = run / OPTIONS_FILE
+    created = not run.exists()
+    earlier = path.read_text() if path.exists() else None
+    run.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, options_text(getattr(args, EFFECTIVE_OPTIONS)))
+    try:
+        yield
+    except UserError:
+        if earlier is not None:
+            write_text_atomic(path, earlier)
+        else:
+            path.unlink(missing_ok=True)
+            if created:
+                with suppress(OSError):  # only when empty
+                    run.rmdir()
+        raise

@@ -25,6 +25,6 @@ def register(commands) -> None:
     parser = commands.add_parser("serve", help="a web page to sample and edit with a DiT and a VAR (Gradio)")
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT run, export or official .pt (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR run, export or official .pth (default: the shipped one)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    parser.add_argument("--port", type=PORT, default=DEFAULT_PORT, help="port")
     parser.set_defaults(handler=run_serve)

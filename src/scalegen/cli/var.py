@@ -11,20 +11,23 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from, add_precision_option, add_training_options,
-    at_least, dataclass_from_args, fraction, integers, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from,
+    add_precision_option, add_training_options, at_least, dataclass_from_args, fraction, integers,
+    train_config_from_args,
 )
 from scalegen.distributed import process_group
-from scalegen.images import check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid
+from scalegen.images import (
+    check_image_output, check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid,
+)
 from scalegen.models.var_blocks import ATTENTION_BACKENDS
 from scalegen.models.var_edit import edit_box, parse_box
-from scalegen.pretrained import load_var
+from scalegen.pretrained import SAMPLE_TOP_P, load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
 from scalegen.train.var_task import VAROptions, VARTask, train_var
 
 TOKENIZER_DEFAULTS, LOSS_DEFAULTS = VQVAEOptions(), TokenizerLosses()
 # Sampling defaults of `sample var` / `edit var` (the Python call `VAR.generate` has the official ones).
-SAMPLE_CFG, SAMPLE_TOP_P, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 0.95, 8, 64
+SAMPLE_CFG, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 8, 64  # and SAMPLE_TOP_P, shared with the web page
 
 
 def register(train_parsers, sample_parsers, commands) -> None:
@@ -63,8 +66,8 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="discriminator lr (default: --lr)")
     parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
-    add_init_from(parser)
-    add_training_options(parser, VQVAETask)
+    add_init_from(parser, class_conditional=False)
+    add_training_options(parser, VQVAETask, {"compile": COMPILE_WHOLE_MODEL_HELP})
     parser.set_defaults(handler=run_train_vqvae)
 
     parser = train_parsers.add_parser("var", help="train a VAR transformer on a trained tokenizer")
@@ -92,7 +95,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.set_defaults(handler=run_train_var)
 
     parser = sample_parsers.add_parser("var", help="sample a VAR: a class grid (.png) or ADM samples (.npz)")
-    add_loading_options(parser)
+    add_loading_options(parser, "seed of the sampling (and of the labels with --num-samples)")
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
@@ -103,7 +106,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
 
     edit_parsers = commands.add_parser("edit", help="zero-shot editing").add_subparsers(dest="model", required=True)
     parser = edit_parsers.add_parser("var", help="in-paint or out-paint a box of an image with a VAR")
-    add_loading_options(parser)
+    add_loading_options(parser, "seed of the sampling")
     parser.add_argument("--image", required=True, help="input image (center-cropped and resized to the model's size)")
     parser.add_argument("--box", required=True, help="x0,y0,x1,y1 in pixels of the resized image")
     parser.add_argument("--mode", choices=["inpaint", "outpaint"], default="inpaint",
@@ -114,15 +117,15 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.set_defaults(handler=run_edit)
 
 
-def add_loading_options(parser) -> None:
-    """Options shared by `sample var` and `edit var`."""
+def add_loading_options(parser, seed_help: str) -> None:
+    """Options shared by `sample var` and `edit var` (each says what its --seed seeds)."""
     parser.add_argument("--ckpt", required=True, help="VAR run folder, checkpoint folder/file, or official var_d*.pth")
     parser.add_argument("--tokenizer", default=None, help="override the tokenizer stored with the run")
     parser.add_argument("--cfg", type=NON_NEGATIVE_FLOAT, default=SAMPLE_CFG, help="classifier-free guidance (ramped over scales)")
     parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=fraction, default=SAMPLE_TOP_P, help="nucleus sampling (0: off)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of the labels with --num-samples)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_precision_option(parser)
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -154,7 +157,8 @@ def run_sample(args: argparse.Namespace) -> None:
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
             path = sample_to_npz(lambda labels: model.generate(labels, **sampling_options(args)),
-                                 model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context)
+                                 model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context,
+                                 model.class_names)
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:
@@ -169,6 +173,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def run_edit(args: argparse.Namespace) -> None:
     """In-paint (regenerate the box) or out-paint (keep only the box); writes OUT, OUT_input.png, OUT_mask.png."""
+    check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_var(args.ckpt, args.tokenizer).to(device)
     tokenizer = model.tokenizer

@@ -105,19 +105,29 @@ def read_all_images(path: str) -> np.ndarray:
 
 
 def evaluate_fmnist(samples: str, reference: str | None = None) -> dict:
-    """FID in the Fashion-MNIST classifier's features, and class accuracy when the samples carry `labels`.
+    """FID in the Fashion-MNIST classifier's features, and class accuracy when the samples carry `labels` that are
+    Fashion-MNIST's classes.
 
     Args:
-        samples: sample .npz (`arr_0`, optional `labels`) or image folder.
+        samples: sample .npz (`arr_0`, optional `labels`, `num_classes`, `class_names`) or image folder.
         reference: real images (.npz with `arr_0` or folder); None for the real test set's stored statistics.
     Returns:
-        {fid, accuracy (None without labels), num_samples, num_reference, features: "fmnist"}.
+        {fid, accuracy (None without labels), num_samples, num_reference, features: "fmnist"}; when the labels are
+        another model's classes (the file's `class_names` or `num_classes` say so), no accuracy but an
+        "accuracy_note" saying why.
     """
     images = read_all_images(samples)
-    labels = None
-    if Path(samples).is_file() and npz.LABELS_KEY in npz.npz_keys(Path(samples)):
+    labels, note = None, None
+    keys = npz.npz_keys(Path(samples)) if Path(samples).is_file() else []
+    if npz.LABELS_KEY in keys:
         with np.load(samples) as archive:
             labels = archive[npz.LABELS_KEY]
+            num_classes = int(archive[npz.NUM_CLASSES_KEY]) if npz.NUM_CLASSES_KEY in keys else None
+            names = archive[npz.CLASS_NAMES_KEY].tolist() if npz.CLASS_NAMES_KEY in keys else None
+        reason = fmnist.foreign_classes(num_classes, names)
+        if reason is not None:
+            labels = None
+            note = f"{reason}; the classifier knows only Fashion-MNIST's classes, so no accuracy (the FID stands)"
     statistics, num_reference = None, None
     if reference is not None:
         if not npz.has_images(reference):
@@ -128,5 +138,7 @@ def evaluate_fmnist(samples: str, reference: str | None = None) -> dict:
         statistics = metrics.feature_statistics(fmnist.predict(model, reference_images)[0])
         num_reference = len(reference_images)
     result = fmnist.fmnist_report(images, labels, statistics)
-    return {**result, "num_reference": num_reference, "features": "fmnist"}
+    if note is not None:
+        del result["accuracy"]
+    return {**result, **({"accuracy_note": note} if note else {}), "num_reference": num_reference, "features": "fmnist"}
 

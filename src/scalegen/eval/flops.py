@@ -139,7 +139,8 @@ def flops_table(image_size: int = 256) -> str:
     if image_size <= 0 or image_size % smallest:
         raise UserError(f"--image-size {image_size}: the table needs a positive multiple of {smallest} "
                         f"(the SD VAE's {LATENT_DOWNSAMPLE}× times the largest patch, {max(PATCH_SIZES)}), e.g. 256")
-    lines = [f"DiT forward pass at {image_size}px (Gflops = 10^9 multiply-accumulates)",
+    lines = [f"DiT forward pass at {image_size}px, in Gflops (10^9 multiply-accumulates, as the DiT paper; "
+             "real FLOPs are twice that)",
              f"{'preset':<10} {'ours':>9} {'paper':>9} {'diff %':>8}"]
     for size in MODEL_SIZES:
         for patch in PATCH_SIZES:
@@ -148,7 +149,8 @@ def flops_table(image_size: int = 256) -> str:
             paper = DIT_PAPER_GFLOPS.get((preset, image_size))
             paper_text = f"{paper:9.2f} {100 * (ours / paper - 1):+8.2f}" if paper else f"{'-':>9} {'-':>8}"
             lines.append(f"{preset:<10} {ours:9.2f} {paper_text}")
-    lines += ["", f"Cost of one {image_size}px image (TMACs, transformer only, with classifier-free guidance)",
+    lines += ["", f"Cost of one {image_size}px image, in TMACs (10^12 multiply-accumulates; real FLOPs are twice "
+              "that), transformer only, with classifier-free guidance",
               f"{'model':<28} {'TMACs':>9}"]
     lines.append(f"{'DiT-XL/2, 250 steps':<28} {dit_image_macs('DiT-XL/2', image_size) / TERA:9.2f}")
     if image_size in VAR_PATCH_NUMS:

@@ -7,6 +7,7 @@ does the model draw the class it was asked for.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,9 @@ from torch import nn
 
 from scalegen.checkpoint import ASSETS
 from scalegen.files import read_json, read_weights_file
-from scalegen.data import FASHION_MNIST_CLASSES, FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist, to_model_range
+from scalegen.data import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_PADDED_SIZE, class_names, pad_fashion_mnist, to_model_range,
+)
 from scalegen.errors import UserError
 from scalegen.eval import metrics
 
@@ -140,6 +143,23 @@ def load_classifier(path: str | Path = SHIPPED_WEIGHTS) -> tuple[FashionClassifi
     model = FashionClassifier(ClassifierConfig(**read_json(card)["config"]))
     model.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
     return model.eval(), mean, covariance
+
+
+def foreign_classes(num_classes: int | None, names: Sequence[str] | None) -> str | None:
+    """Why the labels of samples from a model with these classes are not Fashion-MNIST's classes (so the classifier's
+    accuracy on them would compare unrelated ids), or None when they are Fashion-MNIST's or may be (nothing known).
+
+    Args:
+        num_classes: the sampled model's number of classes; None when the samples do not say.
+        names: its class names; None, or the placeholder names "class 0", … when nothing names them.
+    """
+    fashion = list(FASHION_MNIST_CLASSES)
+    if names is not None and list(names) not in (fashion, class_names(len(names))):
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        return f"the samples' labels are their model's classes ({shown}), not Fashion-MNIST's"
+    if num_classes is not None and num_classes != len(fashion):
+        return f"the samples' labels are the classes of a {num_classes}-class model, not Fashion-MNIST's {len(fashion)}"
+    return None
 
 
 def fmnist_report(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None,

@@ -14,6 +14,8 @@ from PIL import Image
 from scalegen.errors import UserError
 
 LABELS_KEY = "labels"  # our samplers store the requested classes beside arr_0 (ADM reads only arr_0)
+# ... and which classes those labels are: the sampled model's class count and, when known, its class names.
+NUM_CLASSES_KEY, CLASS_NAMES_KEY = "num_classes", "class_names"
 IMAGES_KEY = "arr_0"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

@@ -20,6 +20,9 @@ from scalegen.checkpoint import CONFIG_FILE, LOG_FILE, RunFolder, stored_config
 from scalegen.errors import UserError
 
 NAME_COLUMN = "name"
+MIN_POINTS_FOR_CORRELATION = 3  # any two points lie on a line: their Pearson r is ±1 and says nothing
+SIGNIFICANT_DIGITS = 4  # of a and b in the report: a handful of runs supports no more
+PEARSON_DECIMALS = 4  # enough to tell the VAR paper's -0.998 from a perfect line
 
 
 @dataclass
@@ -129,7 +132,8 @@ def plot_fit(names: list[str], x: np.ndarray, y: np.ndarray, fit: PowerLawFit, x
         axes.annotate(name, (x_value, y_value), textcoords="offset points", xytext=(4, 4), fontsize=8)
     line_x = np.geomspace(x.min(), x.max(), 100)
     axes.plot(line_x, fit.predict(line_x), "--",
-              label=f"{y_label} = ({fit.a:.3g}·{x_label})^{fit.b:.3f}, r = {fit.pearson:.4f}")
+              label=f"{y_label} = ({fit.a:.3g}·{x_label})^{fit.b:.3f}"
+                    + ("" if few_points_warning(fit.num_points) else f", r = {fit.pearson:.{PEARSON_DECIMALS}f}"))
     axes.set(xscale="log", yscale="log", xlabel=x_label, ylabel=y_label)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -137,10 +141,28 @@ def plot_fit(names: list[str], x: np.ndarray, y: np.ndarray, fit: PowerLawFit, x
     pyplot.close(figure)
 
 
+def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits (for the report: no digits the fit cannot support)."""
+    return float(f"{value:.{digits}g}")
+
+
+def few_points_warning(num_points: int) -> str | None:
+    """Why a fit of `num_points` points says little, or None when it has enough points for its Pearson r to mean
+    something."""
+    if num_points >= MIN_POINTS_FOR_CORRELATION:
+        return None
+    return (f"only {num_points} points: any two lie on a line, so the fit passes through them exactly and Pearson's r "
+            f"is 1 or -1 whatever the law; give at least {MIN_POINTS_FOR_CORRELATION} runs")
+
+
 def scaling_report(names: list[str], x: np.ndarray, y: np.ndarray, x_label: str, y_label: str,
                    out: str | Path | None = None) -> dict:
-    """Fit, optionally plot, and return the JSON-ready result."""
+    """Fit, optionally plot, and return the JSON-ready result: a and b to 4 significant digits, Pearson's r to 4
+    decimals (None, with a "warning", under 3 points, where it is ±1 by construction)."""
     fit = fit_power_law(x, y)
     if out is not None:
         plot_fit(names, x, y, fit, x_label, y_label, out)
-    return {"formula": f"{y_label} = (a*{x_label})^b", **asdict(fit), "plot": str(out) if out else None}
+    warning = few_points_warning(fit.num_points)
+    return {"formula": f"{y_label} = (a*{x_label})^b", **asdict(fit), "a": significant(fit.a), "b": significant(fit.b),
+            "pearson": None if warning else round(fit.pearson, PEARSON_DECIMALS),
+            **({"warning": warning} if warning else {}), "plot": str(out) if out else None}

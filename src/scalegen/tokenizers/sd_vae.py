@@ -55,8 +55,13 @@ def load_sd_vae(path: str | Path) -> LatentCodec:
             f"VAE {path} not found; pass --vae FOLDER holding a diffusers AutoencoderKL "
             "(e.g. a local copy of stabilityai/sd-vae-ft-ema) or --vae none for pixel space"
         )
-    if path.is_dir():
-        autoencoder = AutoencoderKL.from_pretrained(path, local_files_only=True)
-    else:
-        autoencoder = AutoencoderKL.from_single_file(path, local_files_only=True)
+    try:
+        if path.is_dir():
+            autoencoder = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        else:
+            autoencoder = AutoencoderKL.from_single_file(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # no config, other weights, a broken file
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} holds no diffusers AutoencoderKL ({first}); pass --vae FOLDER of one (e.g. a local "
+                        "copy of stabilityai/sd-vae-ft-ema) or --vae none for pixel space") from None
     return LatentCodec(autoencoder)

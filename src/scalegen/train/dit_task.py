@@ -170,10 +170,12 @@ class DiTTask(TrainingTask):
 
     def write_samples(self, model: nn.Module, path: Path) -> None:
         classes = list(range(min(model.config.num_classes, GRID_MAX_CLASSES)))
-        labels = grid_labels(classes, GRID_PER_CLASS)
-        images = model.generate(labels, cfg=self.sample_cfg_scale, steps=self.sample_steps,
-                                seed=0)  # (N, C, H, W) in [0, 1], with the objective's default sampler
+        images = self.generate(model, grid_labels(classes, GRID_PER_CLASS), seed=0)  # (N, C, H, W) in [0, 1]
         save_grid(images, len(classes), path)
+
+    def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """With the run's sample steps and guidance, and the objective's default sampler."""
+        return model.generate(labels, cfg=self.sample_cfg_scale, steps=self.sample_steps, seed=seed)  # (B, C, H, W)
 
 
 @dataclass

@@ -17,6 +17,14 @@ def changed_options(stored: dict, current: dict) -> str:
                      if name in stored and stored[name] != value)
 
 
+def changed_settings(stored: dict, current: dict) -> str:
+    """The settings (e.g. of a model config) that differ between `stored` and `current`, as
+    "input_size 16 (was 8), depth 2 (was 1)"; a setting one of them lacks reads as null."""
+    stored, current = json.loads(json.dumps(stored)), json.loads(json.dumps(current))  # tuples and lists alike
+    return ", ".join(f"{name} {json.dumps(current.get(name))} (was {json.dumps(stored.get(name))})"
+                     for name in dict.fromkeys([*current, *stored]) if current.get(name) != stored.get(name))
+
+
 class NonFiniteSteps:
     """Counts steps skipped for a non-finite loss or gradient; too many in a row stop training in one line.
 

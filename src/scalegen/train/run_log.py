@@ -3,6 +3,7 @@ resumes; TensorBoard and W&B get the sample grids too."""
 from __future__ import annotations
 
 import csv
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from scalegen.files import replace_atomically
 Logger = Literal["csv", "tensorboard", "wandb"]
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 SAMPLES_TAG = "samples"
+EVALUATION_TAG = "evaluation"
 
 
 class RunLog:
@@ -24,6 +26,7 @@ class RunLog:
 
     def __init__(self, run: RunFolder, kind: Logger = "csv", enabled: bool = True):
         self.kind, self.enabled, self.path = kind, enabled, run.log
+        self.evaluation_path = run.evaluation_log
         self.writer = None
         if enabled and kind == "tensorboard":
             try:
@@ -41,17 +44,16 @@ class RunLog:
     def forget_after(self, step: int) -> None:
         """Drop the CSV rows past `step` (logged by a run that crashed before its next checkpoint), so the steps
         trained again are not logged twice."""
-        if not self.enabled or self.writer is not None or not self.path.exists():
+        if not self.enabled:
             return
-        with open(self.path, newline="") as stream:
-            rows = list(csv.reader(stream))
-        kept = rows[:1] + [row for row in rows[1:] if row and float(row[0]) <= step]
-        if len(kept) < len(rows):
-            def write(temporary: Path) -> None:
-                with open(temporary, "w", newline="") as stream:
-                    csv.writer(stream).writerows(kept)
-
-            replace_atomically(self.path, write)
+        for path in ([] if self.writer is not None else [self.path]) + [self.evaluation_path]:
+            if not path.exists():
+                continue
+            with open(path, newline="") as stream:
+                rows = list(csv.reader(stream))
+            kept = rows[:1] + [row for row in rows[1:] if row and float(row[0]) <= step]
+            if len(kept) < len(rows):
+                replace_atomically(path, partial(write_rows, rows=kept))
 
     def write(self, step: int, figures: dict[str, float]) -> None:
         """Record the figures of one step."""
@@ -64,17 +66,18 @@ class RunLog:
         if self.kind == "wandb" and self.writer is not None:
             self.writer.log(figures, step=step)
             return
-        row = {"step": step, **figures}
-        header = list(row)
-        if self.path.exists():
-            with open(self.path, newline="") as stream:
-                header = next(csv.reader(stream), header)
-        new_file = not self.path.exists()
-        with open(self.path, "a", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=header, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(self.path, step, figures)
+
+    def write_evaluation(self, step: int, figures: dict[str, float]) -> None:
+        """Record one evaluation's figures (FID, …) in RUN/eval.csv, and as `evaluation/…` in TensorBoard or W&B."""
+        if not self.enabled:
+            return
+        append_row(self.evaluation_path, step, figures)
+        if self.kind == "tensorboard" and self.writer is not None:
+            for name, value in figures.items():
+                self.writer.add_scalar(f"{EVALUATION_TAG}/{name}", value, step)
+        elif self.kind == "wandb" and self.writer is not None:
+            self.writer.log({f"{EVALUATION_TAG}/{name}": value for name, value in figures.items()}, step=step)
 
     def add_image(self, step: int, path: Path) -> None:
         """Show a sample grid (a PNG) in TensorBoard or W&B; the CSV log keeps its path only in RUN/samples/."""
@@ -96,7 +99,29 @@ class RunLog:
             self.writer.finish()
 
 
-def read_log(run_dir: str | Path) -> list[dict[str, float]]:
-    """All rows of RUN/log.csv as floats (missing figures are absent)."""
-    with open(RunFolder(run_dir).log, newline="") as stream:
+def write_rows(path: Path, rows: list[list[str]]) -> None:
+    """Write CSV rows (the header first) to `path`."""
+    with open(path, "w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+
+
+def append_row(path: Path, step: int, figures: dict[str, float]) -> None:
+    """Append a row to a CSV log, whose header its first row set (figures it does not name are left out)."""
+    row = {"step": step, **figures}
+    header = list(row)
+    if path.exists():
+        with open(path, newline="") as stream:
+            header = next(csv.reader(stream), header)
+    new_file = not path.exists()
+    with open(path, "a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=header, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_log(run_dir: str | Path, evaluations: bool = False) -> list[dict[str, float]]:
+    """All rows of RUN/log.csv (RUN/eval.csv with `evaluations`) as floats (missing figures are absent)."""
+    run = RunFolder(run_dir)
+    with open(run.evaluation_log if evaluations else run.log, newline="") as stream:
         return [{key: float(value) for key, value in row.items() if value not in ("", None)} for row in csv.DictReader(stream)]

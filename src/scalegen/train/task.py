@@ -103,6 +103,16 @@ class TrainingTask:
         """Write a sample grid drawn from `model` (the EMA weights when the run keeps them) to `path`."""
         raise NotImplementedError
 
+    def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Samples of the classes `labels` (B,) with the run's sampling settings, (B, C, H, W) in [0, 1], drawn from the
+        global RNG or from `seed` (tasks of generators: DiT, VAR; `--eval-every` scores them)."""
+        raise NotImplementedError
+
+    @property
+    def generates(self) -> bool:
+        """Whether this task's model draws class-conditional samples (`generate`)."""
+        return type(self).generate is not TrainingTask.generate
+
     def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
         """Runs on every rank after each optimizer step (a second optimizer, codebook statistics); returns figures."""
         return {}

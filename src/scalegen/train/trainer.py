@@ -15,6 +15,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,19 +32,24 @@ from scalegen.distributed import (
 )
 from scalegen.errors import UserError
 from scalegen.train import sharding
-from scalegen.train.guards import NonFiniteSteps, changed_options
+from scalegen.train.evaluation import Evaluator
+from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings
 from scalegen.train.loading import OnDevice, epoch_sampler
 from scalegen.train.optimization import build_optimizer, learning_rate_factor, load_optimizer_state
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.stepping import GradientStep, compile_regions, device_figure, mean_figures
+from scalegen.train.stopping import Interrupted, StopSignals, StoppedBySignal, ignore_stop_signals
 from scalegen.train.task import Recipe, TrainingTask, parameter_count
 
 
 # The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
 MINIMUMS = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "grad_accumulation": 1, "log_every": 1,
             "keep_checkpoints": 1, "max_nonfinite_steps": 1, "max_images": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
-            "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0}
+            "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0, "eval_every": 0,
+            "eval_samples": 2}
+EvaluatedWeights = Literal["ema", "raw"]
+EVALUATED_WEIGHTS: tuple[str, ...] = ("ema", "raw")
 
 
 @dataclass
@@ -81,6 +87,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
     max_images: int | None = None  # train (and cache) on the first N images only: a smoke test
     data_on_device: bool = False  # hold an in-memory data set on the device and gather whole batches there
+    eval_every: int = 0  # score generated samples every N steps (0: never): FID, and accuracy on Fashion-MNIST
+    eval_samples: int = 1000  # samples of each evaluation, over all ranks
+    eval_weights: EvaluatedWeights = "ema"  # the weights evaluated (the raw ones for a run without EMA)
+    eval_inception: str | None = None  # Inception weights for data other than Fashion-MNIST
+    eval_reference: str | None = None  # reference statistics (ADM .npz or image folder) for data other than Fashion-MNIST
 
     def __post_init__(self) -> None:
         for name, smallest in MINIMUMS.items():
@@ -154,6 +165,13 @@ class Trainer:
         self.log: RunLog | None = None
         self.sampler = epoch_sampler(dataset, self.micro_batch, context.rank, context.world_size, config.seed,
                                      config.flip)
+        self.evaluator: Evaluator | None = None
+        if config.eval_every:
+            if self.sharded:
+                raise UserError("--eval-every samples with every rank's whole model, and --fsdp shards it; evaluate "
+                                "the checkpoints afterwards (scalegen sample … --num-samples, scalegen eval)")
+            self.evaluator = Evaluator(task, config.eval_samples, self.folder.root, context, config.eval_inception,
+                                       config.eval_reference)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint (the one `last.json` names unless it is broken): weights, EMA,
@@ -170,8 +188,9 @@ class Trainer:
                 self.skipping(folder, error)
                 continue
             if stored.get("model") != self.task.config().get("model"):
-                raise UserError(f"{self.folder.root} holds a different model ({stored.get('model')}); "
-                                "use another --out or the same options")
+                changed = changed_settings(stored.get("model") or {}, self.task.config().get("model") or {})
+                raise UserError(f"{self.folder.root} holds a different model: {changed}; use another --out or the "
+                                "same options")
             try:
                 self.load_state(folder, weights, ema_weights, state)
             except UserError as error:  # unreadable shards (every rank fails alike)
@@ -276,7 +295,12 @@ class Trainer:
         barrier(self.context)
 
     def run(self) -> dict[str, float]:
-        """Train to `config.steps`; returns the last logged figures."""
+        """Train to `config.steps`; returns the last logged figures.
+
+        Raises:
+            StoppedBySignal: SIGTERM, SIGINT or SIGUSR1 stopped training at a step boundary, with a checkpoint written
+                (see stopping.py); a second Ctrl-C raises `Interrupted`, a KeyboardInterrupt that says what is on disk.
+        """
         config, context = self.config, self.context
         if context.is_main:
             self.folder.root.mkdir(parents=True, exist_ok=True)
@@ -295,6 +319,7 @@ class Trainer:
             pin_memory=context.device.type == "cuda" and not config.data_on_device,
             # Its own generator: creating the iterator must not consume the global RNG restored on resume.
             generator=torch.Generator().manual_seed(config.seed),
+            worker_init_fn=ignore_stop_signals,  # a signal to every process is this one's to act on
         )
         if config.compile:
             compile_regions(self.model)
@@ -313,24 +338,35 @@ class Trainer:
             print(self.summary())
         started = time.perf_counter()
         self.model.train()
+        stop = StopSignals(context)
         try:
-            self.train_steps(batches, network, log, progress, interactive)
-            if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
-                self.save()
-            self.samples()  # while an FSDP run's last checkpoint is written
-        finally:
-            progress.close()  # an error's message starts on a line of its own
-            if self.sharded_writer is not None:  # a checkpoint being written is finished, even if training stopped
-                self.sharded_writer.close()
+            try:
+                with stop:  # SIGTERM, SIGINT and SIGUSR1 stop the loop at a step boundary that every rank agrees on
+                    self.train_steps(batches, network, log, progress, interactive, stop)
+                if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
+                    self.save()
+                if stop.signal_number is None:  # a stopped run has no time to spare for a sample grid
+                    self.samples()  # while an FSDP run's last checkpoint is written
+            finally:
+                progress.close()  # an error's message starts on a line of its own
+                if self.sharded_writer is not None:  # a checkpoint being written is finished, even if training stopped
+                    self.sharded_writer.close()
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: say what is on disk
+            raise Interrupted(self.step, self.folder) from None
         log.close()
+        if stop.signal_number is not None:
+            barrier(context)  # an FSDP run's rank 0 has moved its last checkpoint into place
+            raise StoppedBySignal(stop.signal_number, self.step, self.folder)
         if context.is_main:
             loss = self.figures.get("loss")
             print(f"done: steps {start_step} → {self.step} in {time.perf_counter() - started:.1f} s; last loss "
                   f"{loss if loss is None else f'{loss:.4f}'}; checkpoint {self.folder.pointed_checkpoint()}")
         return self.figures
 
-    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm, interactive: bool) -> None:
-        """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way."""
+    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm, interactive: bool,
+                    stop: StopSignals) -> None:
+        """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way; it
+        returns early, before the step's checkpoint (the caller writes it), where `stop` says to."""
         config, context = self.config, self.context
         window_start, window_images, skipped = time.perf_counter(), 0, 0
         nonfinite = NonFiniteSteps(config, context.device)
@@ -369,16 +405,36 @@ class Trainer:
                 progress.set_postfix(loss=f"{figures['loss']:.4f}", img_s=f"{figures['images_per_second']:.0f}",
                                      **({"nonfinite": nonfinite.total} if nonfinite.total else {}))
                 if context.is_main and not interactive:
+                    # The time left at this window's speed, as H:MM:SS.
+                    eta = round((config.steps - self.step) * config.batch_size / figures["images_per_second"])
                     with open(self.folder.progress, "a") as stream:
                         stream.write(f"step {self.step}/{config.steps} loss {figures['loss']:.4f} "
-                                     f"{figures['images_per_second']:.0f} img/s nonfinite {nonfinite.total}\n")
+                                     f"{figures['images_per_second']:.0f} img/s nonfinite {nonfinite.total} "
+                                     f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}\n")
                 window_start, window_images = time.perf_counter(), 0
+            if stop.stopping(self.step, last=self.step == config.steps):
+                return
             if config.sample_every and self.step % config.sample_every == 0 and self.step != config.steps:
                 self.samples()
+            if config.eval_every and self.step % config.eval_every == 0:
+                window_start += self.evaluate(log)  # the evaluation's time is no training time
             if checkpointing and not nonfinite.in_a_row:
                 self.save()  # not in the middle of skipped steps: the last checkpoint stays the last good one
             if self.sharded_writer is not None:
                 self.sharded_writer.poll()  # a checkpoint written in the background moves into place once done
+
+    def evaluate(self, log: RunLog) -> float:
+        """Score samples of the evaluated weights (`--eval-every`; every rank draws its share), logged by rank 0 to
+        RUN/eval.csv (and TensorBoard or W&B); returns the seconds it took."""
+        started = time.perf_counter()
+        model = self.ema if self.config.eval_weights == "ema" and self.ema is not None else self.model
+        figures = self.evaluator(model, self.step)
+        seconds = time.perf_counter() - started
+        if self.context.is_main:
+            log.write_evaluation(self.step, {**figures, "seconds": seconds})
+            tqdm.write(f"evaluation at step {self.step}: "
+                       + ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
+        return seconds
 
     def gradient_sync(self, network: nn.Module, last_micro: bool) -> AbstractContextManager:
         """Gradients are reduced over the ranks on a step's last micro-batch only (DDP's no_sync, FSDP's switch)."""

@@ -100,9 +100,13 @@ class VARTask(TrainingTask):
     @torch.no_grad()
     def write_samples(self, model: nn.Module, path: Path) -> None:
         classes = list(range(min(model.config.num_classes, GRID_MAX_CLASSES)))
-        labels = grid_labels(classes, GRID_PER_CLASS).to(self.device)
-        images = model.generate(labels, cfg=self.sample_cfg, top_k=SAMPLE_TOP_K, top_p=self.sample_top_p, seed=0)
+        images = self.generate(model, grid_labels(classes, GRID_PER_CLASS).to(self.device), seed=0)  # (N, C, H, W)
         save_grid(images, len(classes), path)
+
+    def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """With the run's guidance and nucleus, from the full distribution (no top-k)."""
+        return model.generate(labels, cfg=self.sample_cfg, top_k=SAMPLE_TOP_K, top_p=self.sample_top_p,
+                              seed=seed)  # (B, C, H, W) in [0, 1]
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The web page (`scalegen serve`): sample and edit with a DiT and a VAR in the browser, built with Gradio.
 
-Two tabs. **Sample**: DiT, VAR or both side by side; classes by name, samples per class, seed, guidance; the DiT's
-sampler and steps, the VAR's top-k and top-p; the grid, the time taken and the FLOPs per image, a PNG to download,
-and a strip that shows a sample forming (VAR: after each scale; DiT: the predicted clean image along the steps).
+Two tabs. **Sample**: DiT, VAR or both side by side; classes by name, samples per class, seed, each model's guidance
+(starting at its shipped setting); the DiT's sampler and steps, the VAR's top-k and top-p (starting where `sample var`
+does); the grids with the class names beside the rows, the time taken and the FLOPs per image, a PNG to download once
+there is one, and a strip that shows a sample forming (VAR: after each scale; DiT: the predicted clean image along
+the steps).
 **Edit** (VAR): an uploaded image or one of the data set's, a typed box, in- or out-painting, optionally as another
 class; input, mask and result. Bad input is a message in the page; one request runs at a time.
 """
@@ -21,12 +23,12 @@ from PIL import Image
 from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
-from scalegen.images import grid_labels, image_grid, picture_tensor
+from scalegen.images import grid_labels, image_grid, labelled, picture_tensor
 from scalegen.diffusion.sampling import FAST_SAMPLERS, OBJECTIVE_SAMPLERS
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
-from scalegen.pretrained import SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, load_dit, load_var
+from scalegen.pretrained import SAMPLE_TOP_P, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_VAR_CFG, load_dit, load_var
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
 MAX_PER_CLASS, STRIP_FRAMES = 10, 8
@@ -36,6 +38,7 @@ WARNING = "⚠️ "
 # Small images (32 px) are shown enlarged, pixel for pixel.
 PIXEL_CSS = ".scalegen-pixels img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
 SHOWN_HEIGHT, STRIP_HEIGHT = 200, 90
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 
 
 @dataclass
@@ -78,18 +81,55 @@ def selected_labels(model: DiT | VAR, classes: list[str] | None) -> list[int]:
     return [model.class_names.index(name) for name in classes]
 
 
+def checked_seed(seed: float | None) -> int:
+    """The seed field's value as an int; a one-line error for an empty field, a fraction or one out of range."""
+    if seed is None or not float(seed).is_integer() or not 0 <= seed <= MAX_SEED:
+        given = "an empty field" if seed is None else f"{seed:g}"
+        raise UserError(f"the seed must be a whole number from 0 to {MAX_SEED}, not {given}")
+    return int(seed)
+
+
+def checked_top_k(top_k: float | None, vocab_size: int) -> int:
+    """The VAR's top-k field as an int; a one-line error outside 0 (all tokens) .. the VAR's vocabulary size."""
+    if top_k is None or not float(top_k).is_integer() or not 0 <= top_k <= vocab_size:
+        given = "an empty field" if top_k is None else f"{top_k:g}"
+        raise UserError(f"VAR top-k must be a whole number from 0 (all tokens) to {vocab_size} (this VAR's "
+                        f"vocabulary), not {given}")
+    return int(top_k)
+
+
+def uploaded_picture(upload: dict | None) -> Image.Image:
+    """The Edit tab's picture from its raw upload (Gradio's own decoding would fail on a file that is not an image
+    with a bare "Error" and a server traceback); a one-line error for none or one PIL cannot read."""
+    if not upload or not upload.get("path"):
+        raise UserError("no image: upload one or take one of the data set")
+    name = upload.get("orig_name") or Path(upload["path"]).name
+    try:
+        with Image.open(upload["path"]) as handle:
+            handle.load()
+            return handle.copy()
+    except (OSError, ValueError):
+        raise UserError(f"{name} is not an image: upload a PNG or JPEG file") from None
+
+
 def strip(frames: list[torch.Tensor]) -> Image.Image:
     """The first sample of each frame, side by side."""
     return image_grid(torch.stack([frame[0] for frame in frames]), rows=1)
 
 
-def run_model(models: Models, name: str, classes: list[str] | None, per_class: int, seed: int, cfg: float,
-              sampler: str, steps: int, top_k: int, top_p: float) -> tuple[Image.Image, Image.Image, str]:
-    """Sample one model: (grid, strip of a sample forming, a line of figures)."""
+def run_model(models: Models, name: str, classes: list[str] | None, per_class: int, seed: float | None, cfg: float,
+              sampler: str, steps: int, top_k: float | None, top_p: float,
+              label_rows: bool) -> tuple[Image.Image, Image.Image, str]:
+    """Sample one model: (grid, with each row's class name on its left when `label_rows`; strip of a sample forming;
+    a line of figures)."""
     model = models.dit if name == "DiT" else models.var
     if model is None:
         raise UserError(f"no {name} is loaded: give its path under Models")
-    labels = grid_labels(selected_labels(model, classes), int(per_class))
+    class_ids = selected_labels(model, classes)
+    seed = checked_seed(seed)
+    if name == "VAR":
+        top_k = checked_top_k(top_k, model.config.vocab_size)
+    labels = grid_labels(class_ids, int(per_class))
     if name == "DiT":
         def draw(batch: torch.Tensor) -> torch.Tensor:
             return model.generate(batch, cfg=cfg, steps=int(steps), sampler=sampler, seed=int(seed))
@@ -109,20 +149,25 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
         if settings not in models.flops:
             models.flops[settings] = counted_flops(lambda: draw(labels[:1])) / GIGA
         forming = strip(frames())
-    figures = (f"**{name}**: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image")
-    return image_grid(images, rows=len(set(labels.tolist()))), forming, figures
+    figures = (f"**{name}**: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image "
+               "(2 per multiply-add)")
+    grid = image_grid(images, rows=len(class_ids))
+    return labelled(grid, [model.class_names[index] for index in class_ids]) if label_rows else grid, forming, figures
 
 
-def sample(models: Models, choice: str, classes: list[str] | None, per_class: int, seed: int, cfg: float,
-           sampler: str, steps: int, top_k: int, top_p: float):
-    """Handler of Generate: each chosen model's grid and strip, the figures, and the PNG to download."""
+def sample(models: Models, choice: str, classes: list[str] | None, per_class: int, seed: float | None,
+           dit_cfg: float, var_cfg: float, sampler: str, steps: int, top_k: float | None, top_p: float,
+           label_rows: bool):
+    """Handler of Generate: each chosen model's grid and strip, the figures, and the PNG to download (shown only once
+    there is one)."""
     outputs: dict[str, tuple] = {}
     try:
-        for name in ("DiT", "VAR"):
+        for name, cfg in (("DiT", dit_cfg), ("VAR", var_cfg)):
             if choice in (name, "both"):
-                outputs[name] = run_model(models, name, classes, per_class, seed, cfg, sampler, steps, top_k, top_p)
+                outputs[name] = run_model(models, name, classes, per_class, seed, cfg, sampler, steps, top_k, top_p,
+                                          label_rows)
     except (UserError, ValueError) as error:
-        return None, None, None, None, WARNING + str(error), None
+        return None, None, None, None, WARNING + str(error), gr.update(value=None, visible=False)
     grids = [grid for grid, _, _ in outputs.values()]
     download = Path(tempfile.mkdtemp(prefix="scalegen-")) / "samples.png"
     side_by_side = Image.new(grids[0].mode, (sum(grid.width for grid in grids), max(grid.height for grid in grids)))
@@ -131,7 +176,7 @@ def sample(models: Models, choice: str, classes: list[str] | None, per_class: in
     side_by_side.save(download)
     dit, var = outputs.get("DiT", (None, None, "")), outputs.get("VAR", (None, None, ""))
     figures = "  \n".join(text for _, _, text in outputs.values())
-    return dit[0], var[0], dit[1], var[1], figures, str(download)
+    return dit[0], var[0], dit[1], var[1], figures, gr.update(value=str(download), visible=True)
 
 
 def data_set_image(models: Models, class_name: str | None, seed: int) -> tuple[Image.Image | None, str]:
@@ -141,19 +186,21 @@ def data_set_image(models: Models, class_name: str | None, seed: int) -> tuple[I
         names = models.class_names()
         index = names.index(class_name) if class_name in names else None
         candidates = torch.arange(len(test_set)) if index is None else (test_set.labels == index).nonzero()[:, 0]
-        chosen = int(candidates[torch.randint(len(candidates), (1,), generator=torch.Generator().manual_seed(int(seed)))])
+        generator = torch.Generator().manual_seed(checked_seed(seed))
+        chosen = int(candidates[torch.randint(len(candidates), (1,), generator=generator)])
         return Image.fromarray(test_set.images[chosen, 0].numpy()), f"data set image {chosen}"
     except (UserError, ValueError) as error:
         return None, WARNING + str(error)
 
 
-def edit(models: Models, picture: Image.Image | None, box: str, mode: str, class_name: str, seed: int, cfg: float):
-    """Handler of Edit: (input as the model sees it, mask, result, message)."""
+def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: str, seed: float | None, cfg: float):
+    """Handler of Edit, given the raw inputs (Gradio's preprocessing skipped, see `uploaded_picture`): (input as the
+    model sees it, mask, result, message)."""
     try:
         if models.var is None:
             raise UserError("no VAR is loaded: give its path under Models")
-        if picture is None:
-            raise UserError("no image: upload one or take one of the data set")
+        picture = uploaded_picture(upload)
+        seed = checked_seed(seed)
         tokenizer = models.var.tokenizer
         image = picture_tensor(picture, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
         class_id = None if class_name in (None, "", UNCONDITIONAL) else selected_labels(models.var, [class_name])[0]
@@ -200,13 +247,18 @@ def build_app(models: Models) -> gr.Blocks:
             with gr.Row():
                 per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label="samples per class", elem_id="per-class")
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
-                cfg = gr.Slider(1.0, 8.0, value=SHIPPED_DIT_CFG, step=0.5, label="guidance (cfg)", elem_id="cfg")
+                label_rows = gr.Checkbox(True, label="label rows with class names", elem_id="label-rows")
+            with gr.Row():
+                dit_cfg = gr.Slider(1.0, 8.0, value=SHIPPED_DIT_CFG, step=0.5, label="DiT guidance (cfg)",
+                                    elem_id="dit-cfg")
+                var_cfg = gr.Slider(1.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="VAR guidance (cfg)",
+                                    elem_id="var-cfg")
             with gr.Row():
                 samplers, default_sampler = models.dit_samplers()
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
                 steps = gr.Slider(2, 250, value=SHIPPED_DIT_STEPS, step=1, label="DiT steps", elem_id="steps")
-                top_k = gr.Number(0, precision=0, minimum=0, label="VAR top-k (0: all)", elem_id="top-k")
-                top_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
+                top_k = gr.Number(0, precision=0, label="VAR top-k (0: all)", elem_id="top-k")
+                top_p = gr.Slider(0.0, 1.0, value=SAMPLE_TOP_P, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             figures = gr.Markdown(elem_id="sample-info")
             with gr.Row():
@@ -215,7 +267,7 @@ def build_app(models: Models) -> gr.Blocks:
             with gr.Row():
                 dit_strip = shown_image("DiT: predicted x̂₀ along the steps", "dit-strip", STRIP_HEIGHT)
                 var_strip = shown_image("VAR: after each scale", "var-strip", STRIP_HEIGHT)
-            download = gr.File(label="download (PNG)", elem_id="download")
+            download = gr.File(label="download (PNG)", elem_id="download", visible=False)  # shown with a file
         with gr.Tab("Edit", elem_id="edit-tab"):
             with gr.Row():
                 picture = gr.Image(label="image", type="pil", sources=["upload", "clipboard"], elem_id="edit-input",
@@ -230,7 +282,8 @@ def build_app(models: Models) -> gr.Blocks:
                     edit_class = gr.Dropdown([UNCONDITIONAL, *names], value=UNCONDITIONAL, label="as class",
                                              elem_id="edit-class")
                     edit_seed = gr.Number(0, precision=0, label="seed", elem_id="edit-seed")
-                    edit_cfg = gr.Slider(0.0, 8.0, value=1.5, step=0.5, label="guidance (cfg)", elem_id="edit-cfg")
+                    edit_cfg = gr.Slider(0.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="guidance (cfg)",
+                                         elem_id="edit-cfg")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
             edit_message = gr.Markdown(elem_id="edit-info")
             with gr.Row():
@@ -240,12 +293,12 @@ def build_app(models: Models) -> gr.Blocks:
         load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path],
                           [load_message, classes, edit_class, sampler])
         generate.click(lambda *values: sample(models, *values),
-                       [choice, classes, per_class, seed, cfg, sampler, steps, top_k, top_p],
+                       [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])
         take.click(lambda name, number: data_set_image(models, name, number), [take_class, edit_seed],
                    [picture, edit_message])
         edit_button.click(lambda *values: edit(models, *values), [picture, box, mode, edit_class, edit_seed, edit_cfg],
-                          [shown_input, shown_mask, shown_result, edit_message])
+                          [shown_input, shown_mask, shown_result, edit_message], preprocess=False)
     app.queue(default_concurrency_limit=1)  # one model call at a time
     return app
 

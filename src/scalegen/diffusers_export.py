@@ -1,0 +1,184 @@
+"""A DiT as a folder diffusers' `DiTPipeline` runs: transformer/, scheduler/, vae/, model_index.json, README.md.
+
+    export_diffusers("runs/dit", "exports/dit-diffusers")
+    pipe = diffusers.DiTPipeline.from_pretrained("exports/dit-diffusers")
+    images = pipe(pipe.get_label_ids(["Sneaker"]), guidance_scale=2.0, num_inference_steps=50).images
+
+Only what the pipeline can run exports: a DDPM-trained (ε-prediction) adaLN-Zero DiT in the latent space of an SD-VAE
+(diffusers' AutoencoderKL). Pixel-space DiTs, DiTs on scalegen's VQ tokenizers, flow-trained DiTs and VARs are refused
+with a one-line `UserError` that points to scalegen's own export format.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from scalegen.checkpoint import CONFIG_FILE, load_weights, stored_config
+from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS
+from scalegen.errors import UserError
+from scalegen.files import first_line, replace_atomically, save_weights_atomic, write_json_atomic
+from scalegen.models.dit import DiT
+from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, PIPELINE_NULL_CLASS, diffusers_config, to_diffusers
+from scalegen.pretrained import (
+    DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
+    DIFFUSERS_WEIGHTS, MODEL_NAMES, PIXEL_SPACE, diffusers_stored_config, diffusers_transformer_folder, load_dit,
+)
+from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
+
+PIPELINE_CLASS, SCHEDULER_CLASS, VAE_CLASS = "DiTPipeline", "DDPMScheduler", "AutoencoderKL"
+README_FILE = "README.md"
+DDPM_OBJECTIVE = "ddpm"
+
+
+def native_export(path: str | Path) -> str:
+    """The advice for what diffusers cannot run: scalegen's own export format, which every scalegen command loads."""
+    return f"export it in scalegen's format instead: scalegen export --run {path} --out FOLDER"
+
+
+def scheduler_config(learn_sigma: bool) -> dict:
+    """The `DDPMScheduler` config of DiT's 1000-step linear schedule.
+
+    DiTPipeline drops a learned-variance DiT's variance channels before the scheduler sees them, so such a DiT samples
+    with the posterior variance β̃_t (fixed_small, the lower end of its learned range); a DiT without them keeps β_t
+    (fixed_large), as scalegen samples it. "linspace" spacing picks the steps of DiT's respacing (0 and 999 included).
+    """
+    return {
+        "_class_name": SCHEDULER_CLASS, "num_train_timesteps": REFERENCE_NUM_STEPS, "beta_schedule": "linear",
+        "beta_start": LINEAR_BETA_START, "beta_end": LINEAR_BETA_END, "clip_sample": False,
+        "prediction_type": "epsilon", "timestep_spacing": "linspace",
+        "variance_type": "fixed_small" if learn_sigma else "fixed_large",
+    }
+
+
+def source_config(path: str | Path) -> dict:
+    """The stored config of what is exported (a run, checkpoint, export, diffusers folder); {} for an official file."""
+    transformer = diffusers_transformer_folder(path)
+    if transformer is not None:
+        return diffusers_stored_config(transformer)
+    return (stored_config(path) if Path(path).is_dir() else load_weights(path)[0]) or {}
+
+
+def check_exportable(path: str | Path, stored: dict) -> None:
+    """A one-line error, from its stored config, for a model that DiTPipeline cannot run: a VAR or tokenizer, a
+    flow-trained DiT or a DiT on a VQ tokenizer."""
+    if stored.get("kind", "dit") != "dit":
+        raise UserError(f"{path} holds a {MODEL_NAMES.get(stored['kind'], stored['kind'])} model; diffusers' "
+                        f"DiTPipeline runs DiTs only; {native_export(path)}")
+    objective = stored.get("objective", {}).get("name", DDPM_OBJECTIVE)
+    if objective != DDPM_OBJECTIVE:
+        raise UserError(f"{path} is trained with the {objective} objective, which diffusers' DiTPipeline (a DDPM "
+                        f"ε-prediction sampler) cannot run; {native_export(path)}")
+    if "tokenizer" in stored:
+        raise UserError(f"{path} diffuses the latents of a scalegen VQ tokenizer, which is no diffusers AutoencoderKL; "
+                        f"only SD-VAE (--vae) DiTs export to diffusers; {native_export(path)}")
+
+
+def pipeline_vae(path: str | Path, vae: str | None, model: DiT) -> nn.Module:
+    """The DiT's SD-VAE (diffusers' AutoencoderKL), its scaling factor set to the latent scale the DiT was trained
+    with; a one-line error for a pixel-space DiT or a VAE that is missing or does not fit."""
+    pixel_space = f"{path} is a pixel-space DiT; diffusers' DiTPipeline decodes latents through an SD-VAE, so only " \
+                  f"DiTs trained with --vae export to diffusers; {native_export(path)}"
+    if not vae or vae.lower() == PIXEL_SPACE:
+        if model.config.in_channels != LATENT_CHANNELS:
+            raise UserError(pixel_space)
+        raise UserError(f"{path} names no SD-VAE; pass --vae PATH to the local sd-vae-ft-ema/mse it was trained on "
+                        "(vae= in Python), which the export ships as vae/")
+    try:
+        autoencoder = load_sd_vae(vae).autoencoder
+    except (OSError, ValueError) as error:  # a path that holds no AutoencoderKL
+        raise UserError(f"{vae} holds no diffusers AutoencoderKL ({first_line(error)}); pass --vae PATH to the local "
+                        "sd-vae-ft-ema/mse folder or file the DiT was trained on") from None
+    if autoencoder.config.latent_channels != model.config.in_channels:
+        raise UserError(pixel_space if model.config.in_channels != LATENT_CHANNELS else
+                        f"the VAE {vae} has {autoencoder.config.latent_channels} latent channels, the DiT "
+                        f"{model.config.in_channels}; pass the --vae it was trained on")
+    autoencoder.register_to_config(scaling_factor=LATENT_SCALE)  # DiTPipeline divides the latents by this
+    return autoencoder
+
+
+def guides(model: DiT) -> bool:
+    """Whether DiTPipeline's guidance, whose null label is always 1000, meets this DiT's null class there."""
+    return model.config.class_dropout_prob > 0 and model.config.num_classes <= PIPELINE_NULL_CLASS
+
+
+def guidance_note(model: DiT) -> str:
+    """What the README says about classifier-free guidance in DiTPipeline."""
+    num_classes = model.config.num_classes
+    if guides(model):
+        return (f"Guidance works (`guidance_scale` > 1): label {PIPELINE_NULL_CLASS}, DiTPipeline's unconditional "
+                "class, holds this DiT's null class. DiTPipeline guides every latent channel, the official DiT the "
+                "first three only, so guided samples differ slightly from `scalegen sample dit`'s.")
+    if model.config.class_dropout_prob <= 0:
+        return ("This DiT was trained without label dropout, so it has no unconditional class: pass "
+                "`guidance_scale=1` (DiTPipeline's default, 4.0, would guide towards a blank class).")
+    return (f"DiTPipeline takes label {PIPELINE_NULL_CLASS} as the unconditional class, but it is a real class of "
+            f"this {num_classes}-class DiT: pass `guidance_scale=1` (no guidance).")
+
+
+def readme(model: DiT, name: str) -> str:
+    """The model card of an export: how to run it, its classes and what differs from scalegen's sampling."""
+    names = model.class_names
+    shown = ", ".join(f"{label}: {label_name}" for label, label_name in enumerate(names[:20]))
+    more = f", … ({len(names)} in all)" if len(names) > 20 else ""
+    notes = [guidance_note(model),
+             f"The scheduler is DiT's 1000-step linear DDPM schedule ({SCHEDULER_CLASS}); a diffusers scheduler built "
+             "with `from_config(pipe.scheduler.config)` works too."]
+    if model.config.learn_sigma:
+        notes.append("DiTPipeline drops the learned-variance channels: it samples with the fixed posterior variance.")
+    notes.append("diffusers embeds timesteps with slightly other frequencies than the official DiT, so its samples "
+                 f"differ slightly from `scalegen sample dit --ckpt {name}`'s (scalegen loads this folder exactly).")
+    scale = "" if guides(model) else ", guidance_scale=1.0"
+    bullets = "\n".join(f"- {note}" for note in notes)
+    return f"""# {name}: a scalegen DiT for diffusers' DiTPipeline
+
+```python
+from diffusers import DiTPipeline
+pipe = DiTPipeline.from_pretrained("{name}")
+images = pipe(pipe.get_label_ids({[names[0]]!r}){scale}, num_inference_steps=50).images
+```
+
+Classes (`pipe.labels`, also model_index.json's `id2label`): {shown}{more}.
+
+{bullets}
+"""
+
+
+def export_diffusers(path: str | Path, destination: str | Path, vae: str | None = None) -> Path:
+    """Write a latent DiT as a folder diffusers' `DiTPipeline.from_pretrained` runs.
+
+    transformer/ holds the `DiTTransformer2DModel` (class table padded so guidance's null label 1000 works for any
+    class count up to 1000), scheduler/ the DDPM schedule (`scheduler_config`), vae/ the SD-VAE, model_index.json the
+    class names as `id2label` (for `pipe.get_label_ids`), README.md what works. The weights convert exactly both ways:
+    `load_dit(destination)` gives back the same DiT.
+
+    Args:
+        path: a DiT run, checkpoint, export, official .pt or diffusers folder.
+        destination: the folder to write.
+        vae: the local SD-VAE (folder or file) to ship, instead of the one the run names.
+    Raises:
+        UserError: for what DiTPipeline cannot run (see the module's docstring), or a missing VAE.
+    """
+    stored = source_config(path)
+    check_exportable(path, stored)
+    model = load_dit(path, vae=PIXEL_SPACE)
+    transformer_config = diffusers_config(model.config)  # refuses blocks diffusers lacks
+    autoencoder = pipeline_vae(path, vae or stored.get("vae"), model)
+    destination = Path(destination)  # nothing is written before every check has passed
+    destination.mkdir(parents=True, exist_ok=True)
+    autoencoder.save_pretrained(destination / DIFFUSERS_VAE)
+    (destination / DIFFUSERS_TRANSFORMER).mkdir(exist_ok=True)
+    save_weights_atomic(to_diffusers(model.state_dict(), model.config),
+                        destination / DIFFUSERS_TRANSFORMER / DIFFUSERS_WEIGHTS)
+    write_json_atomic(destination / DIFFUSERS_TRANSFORMER / CONFIG_FILE, transformer_config)
+    (destination / DIFFUSERS_SCHEDULER).mkdir(exist_ok=True)
+    write_json_atomic(destination / DIFFUSERS_SCHEDULER / DIFFUSERS_SCHEDULER_FILE,
+                      scheduler_config(model.config.learn_sigma))
+    write_json_atomic(destination / DIFFUSERS_INDEX, {
+        "_class_name": PIPELINE_CLASS, "transformer": ["diffusers", DIFFUSERS_CLASS],
+        "scheduler": ["diffusers", SCHEDULER_CLASS], "vae": ["diffusers", VAE_CLASS],
+        "id2label": {str(label): name for label, name in enumerate(model.class_names)},
+    })
+    replace_atomically(destination / README_FILE,
+                       lambda temporary: temporary.write_text(readme(model, destination.name), encoding="utf-8"))
+    return destination

@@ -25,13 +25,20 @@ STEPS_BEFORE_SIGNAL = 3  # progress lines (one per step) to wait for before sign
 STARTUP_SECONDS = 120  # the longest wait for a launch's first steps on a busy machine
 
 
+def default_stop_signals() -> None:
+    """In the child before it runs: the stop signals' default handling, as a job started from a terminal has (a suite
+    run in the background of a non-interactive shell hands its children SIGINT ignored, which training respects)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
+
+
 def launch(command: list[str], folder: Path) -> tuple[subprocess.Popen, Path]:
     """Start `command` in a session of its own (so it can be signalled as a terminal or SLURM signals: its whole
     process group) with its output in files; returns the process and its stderr file."""
     stderr = folder / "stderr.txt"
     with open(folder / "stdout.txt", "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=default_stop_signals)
     return process, stderr
 
 

@@ -120,17 +120,22 @@ def worker_pid(agent: int, rank: int) -> int:
 
 
 def test_the_handlers_note_a_signal_let_a_second_ctrl_c_through_and_are_restored():
-    before = [signal.getsignal(number) for number in STOP_SIGNALS]
-    with StopSignals(DistributedContext()) as stop:
-        assert not stop.stopping(1, last=False)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.stopping(2, last=False) and stop.signal_number == signal.SIGUSR1
-        os.kill(os.getpid(), signal.SIGINT)  # noted (the first signal stays the one it stops on)
-        assert stop.stopping(3, last=False) and stop.signal_number == signal.SIGUSR1
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C interrupts at once
-            time.sleep(1)
-    assert [signal.getsignal(number) for number in STOP_SIGNALS] == before
+    # Ctrl-C as a Python started from a terminal handles it (a suite run in the background inherits it ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = [signal.getsignal(number) for number in STOP_SIGNALS]
+        with StopSignals(DistributedContext()) as stop:
+            assert not stop.stopping(1, last=False)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.stopping(2, last=False) and stop.signal_number == signal.SIGUSR1
+            os.kill(os.getpid(), signal.SIGINT)  # noted (the first signal stays the one it stops on)
+            assert stop.stopping(3, last=False) and stop.signal_number == signal.SIGUSR1
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C interrupts at once
+                time.sleep(1)
+        assert [signal.getsignal(number) for number in STOP_SIGNALS] == before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_hard_interrupt_claims_no_checkpoint_that_does_not_exist(tmp_path):

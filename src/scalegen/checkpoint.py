@@ -28,7 +28,7 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -362,14 +362,23 @@ def stored_config(path: str | Path) -> dict:
     return read_json(config_path)
 
 
+def weights_file(folder: Path, prefer_ema: bool = True) -> Path:
+    """A one-file checkpoint's weights: its EMA's when it has them and they are preferred, else the model's."""
+    return folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
+
+
+def holds_ema(keys: Iterable[str]) -> bool:
+    """Whether a sharded checkpoint's keys (its DCP index's) hold EMA weights beside the model's."""
+    return any(key.startswith(f"{SHARDED_EMA}.") for key in keys)
+
+
 def read_checkpoint_weights(folder: Path, with_ema: bool) -> tuple[dict | None, dict | None]:
     """A one-file checkpoint's (weights, EMA weights) to resume from: the EMA's are the weights themselves for a run
     checkpointed without EMA, None when `with_ema` is false; (None, None) for a sharded checkpoint, whose weights
     the trainer reads straight into its (sharded) modules."""
     if is_sharded(folder):
         return None, None
-    ema_file = folder / EMA_FILE if (folder / EMA_FILE).exists() else folder / MODEL_FILE
-    return read_weights_file(folder / MODEL_FILE), read_weights_file(ema_file) if with_ema else None
+    return read_weights_file(folder / MODEL_FILE), read_weights_file(weights_file(folder)) if with_ema else None
 
 
 def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -391,8 +400,7 @@ def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, tor
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot read the shard index of {folder} ({first_line(error)}); resume or export an "
                         "earlier checkpoint") from None
-    has_ema = any(key.startswith(f"{SHARDED_EMA}.") for key in entries)
-    prefix = f"{SHARDED_EMA if prefer_ema and has_ema else SHARDED_MODEL}."
+    prefix = f"{SHARDED_EMA if prefer_ema and holds_ema(entries) else SHARDED_MODEL}."
     # Full tensors allocated from the index; DCP fills them from whichever ranks' files hold their pieces.
     weights = {key.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
                for key, entry in entries.items()
@@ -422,8 +430,7 @@ def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None
         folder = weights_folder(path)
         if is_sharded(folder):
             return stored_config(folder), read_sharded_weights(folder, prefer_ema)
-        weights = folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
-        return stored_config(folder), read_weights_file(weights)
+        return stored_config(folder), read_weights_file(weights_file(folder, prefer_ema))
     if path.suffix == ".safetensors":
         config_path = path.parent / CONFIG_FILE
         config = read_json(config_path) if config_path.exists() else None

@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from scalegen.checkpoint import (
-    SHARDED_DIR, SHARDED_EMA, SHARDED_MODEL, SINGLE_PROCESS_WARNING, RunFolder, failed_checkpoint, move_into_place,
-    prune, staging_folder, write_state_files,
+    SHARDED_DIR, SHARDED_EMA, SHARDED_MODEL, SINGLE_PROCESS_WARNING, RunFolder, failed_checkpoint, holds_ema,
+    move_into_place, prune, staging_folder, write_state_files,
 )
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
@@ -155,7 +155,7 @@ def load_sharded_checkpoint(folder: Path, model: nn.Module, ema: nn.Module | Non
     """
     reader = dcp.FileSystemReader(folder / SHARDED_DIR)
     try:
-        has_ema = any(key.startswith(f"{SHARDED_EMA}.") for key in reader.read_metadata().state_dict_metadata)
+        has_ema = holds_ema(reader.read_metadata().state_dict_metadata)
         state = sharded_state(model, ema if has_ema else None, optimizer)
         with warnings.catch_warnings():  # a single process is the intent, and torch says it assumes so
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)

@@ -1,4 +1,5 @@
-"""Benchmark: time to quality of the DiT recipes (ddpm, flow, flow + logit-normal, flow + logit-normal + REPA).
+"""Benchmark: time to quality of the DiT recipes (ddpm, flow, flow + logit-normal, flow + logit-normal + REPA, flow +
+logit-normal with LightningDiT's block options).
 
     python bench/recipes.py --runs RUNS [--recipes ddpm,flow,...] [--num-samples 2000] [--steps 25] [--cfg 3]
                             [--json bench/recipes.json] [--plot bench/recipes.png]
@@ -29,11 +30,11 @@ from scalegen.checkpoint import load_training_state, stored_config  # noqa: E402
 from scalegen.eval.flops import counted_flops  # noqa: E402
 from scalegen.eval.fmnist import fmnist_report  # noqa: E402
 from scalegen.images import to_uint8  # noqa: E402
-from scalegen.models.dit import DiTConfig  # noqa: E402
+from scalegen.pretrained import stored_dit_config  # noqa: E402
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402
 from scalegen.train.repa import load_patch_encoder  # noqa: E402
 
-RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa")
+RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa", "flow-lognorm-lightning")
 SAMPLERS = {"ddpm": "dpm-solver++", "flow": "euler"}  # one network evaluation (×2 with guidance) per step each
 FLOP_BATCH = 4
 SAMPLE_BATCH = 250
@@ -44,7 +45,7 @@ def training_flops_per_image(run: Path, repa_encoder: str | None = None) -> floa
     """FLOPs of one loss + backward per image of the run's (or export's) task, on cached latents (the tokenizer is not
     counted); a REPA run's encoder is read from `repa_encoder`, else from where the run was trained with it."""
     stored = stored_config(run)
-    config = DiTConfig(**stored["model"])
+    config = stored_dit_config(stored, run)
     objective = ObjectiveConfig(**stored.get("objective", {}))
     encoder_path = repa_encoder or stored.get("repa_encoder")
     if encoder_path and not Path(encoder_path).is_file():
@@ -63,7 +64,7 @@ def score(checkpoint: Path, num_samples: int, steps: int, cfg: float) -> dict:
     model = load_dit(checkpoint)
     labels = torch.arange(num_samples) % CLASSES  # (N,)
     started = time.perf_counter()
-    images = torch.cat([model.generate(chunk, cfg=cfg, steps=steps, sampler=SAMPLERS[model.objective], seed=index)
+    images = torch.cat([model.generate(chunk, cfg=cfg, steps=steps, sampler=SAMPLERS[model.objective.name], seed=index)
                         for index, chunk in enumerate(labels.split(SAMPLE_BATCH))])  # (N, 1, 32, 32) in [0, 1]
     seconds = time.perf_counter() - started
     report = fmnist_report(to_uint8(images)[:, 0].numpy(), labels.numpy())

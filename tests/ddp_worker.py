@@ -1,5 +1,6 @@
 """Launched by tests/test_train.py and tests/test_gpu.py under torchrun: trains a tiny DiT with DDP on the device
-named by the optional third argument (default cpu), then checks every rank holds the same parameters. Writes
+named by the optional third argument (default cpu) with the objective named by the optional fourth (default ddpm;
+"meanflow": guidance trained in), then checks every rank holds the same parameters. Writes
 'in sync <backend> <checksum>' (rank 0) to the file named by the first argument."""
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 from scalegen.distributed import cleanup, gather_tensors, setup_distributed
 from scalegen.models.dit import DiTConfig
-from scalegen.train.dit_task import DiTTask
+from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.trainer import TrainConfig, Trainer
 from tests_support import tiny_fashion
 
@@ -16,7 +17,9 @@ result_path, run_dir = sys.argv[1], sys.argv[2]
 device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
 context = setup_distributed(device)
 torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's at wrap time)
-task = DiTTask(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10))
+objective = ObjectiveConfig(name="meanflow", guidance=2.0) if sys.argv[4:] == ["meanflow"] else ObjectiveConfig()
+task = DiTTask(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                         learn_sigma=objective.name == "ddpm"), objective=objective, sample_steps=2)
 config = TrainConfig(out=run_dir, steps=3, batch_size=8, lr=1e-2, log_every=1, checkpoint_every=100, sample_every=0, device=device)
 Trainer(task, tiny_fashion(), config, context).run()
 flat = torch.cat([parameter.detach().flatten() for parameter in task.model.parameters()])  # (P,)

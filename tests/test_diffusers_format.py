@@ -158,7 +158,9 @@ def test_class_tables_are_padded_to_the_pipelines_null_label():
 ])
 def test_what_the_pipeline_cannot_run_is_refused_before_anything_is_written(tmp_path, vae, capsys, in_channels, stored,
                                                                              expected):
-    write_latent_run(tmp_path / "run", str(vae), replace(TINY_LATENT_DIT, in_channels=in_channels), **stored)
+    objective = stored.get("objective", {}).get("name", "ddpm")
+    config = replace(TINY_LATENT_DIT, in_channels=in_channels, objective=objective, learn_sigma=objective == "ddpm")
+    write_latent_run(tmp_path / "run", str(vae), config, **stored)
     message = user_error(export(tmp_path / "run", tmp_path / "pipeline"), capsys)
     assert expected in message
     if expected not in ("not found", "names no SD-VAE; pass --vae"):

@@ -209,7 +209,7 @@ BAD_INPUTS = {
     "sample batch 0": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--batch-size", "0"],
     "num samples -5": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--num-samples", "-5"],
     "dit cfg -1": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--cfg-scale", "-1"],
-    "dit one step": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--steps", "1"],
+    "dit no steps": ["sample", "dit", "--ckpt", str(SHIPPED_DIT), "--steps", "0"],
     "npz without num samples": ["sample", "var", "--ckpt", str(SHIPPED_VAR)],
     "num samples into png": ["sample", "var", "--ckpt", str(SHIPPED_VAR), "--num-samples", "3"],
     "var cfg -1": ["sample", "var", "--ckpt", str(SHIPPED_VAR), "--cfg", "-1"],

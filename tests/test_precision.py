@@ -28,10 +28,61 @@ def test_auto_means_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch, has_un
         resolve_precision("fp8", CPU)
 
 
-def test_detection_reads_the_cpu_flags():
-    flags = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    expected = bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
-    assert distributed.cpu_has_bf16_matrix_units() == expected
+@pytest.fixture
+def fresh_detection():
+    """`cpu_has_bf16_matrix_units`, asking the hardware anew at each call (it keeps its first answer for the
+    process), with the kept answer forgotten after the test too."""
+    detect = distributed.cpu_has_bf16_matrix_units
+    forget = getattr(detect, "cache_clear", lambda: None)
+
+    def detect_anew() -> bool:
+        forget()
+        return detect()  # kept until the next call: resolve_precision("auto", CPU) sees the same answer
+
+    yield detect_anew
+    forget()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"amx_bf16": True, "amx_tile": True, "avx2": True}, True),  # Sapphire Rapids and later: AMX
+    ({"amx_bf16": False, "avx512_bf16": True, "avx2": True}, True),  # Cooper Lake, Zen 4: AVX512-BF16
+    ({"amx_bf16": False, "avx512_bf16": False, "avx512f": True, "avx2": True}, False),  # Skylake-X: no bf16 units
+    ({"avx2": True, "amx_fp16": True, "amx_int8": True}, False),  # AMX without its bf16 part does not count
+    ({}, False),  # a CPU torch knows nothing about
+], ids=["amx", "avx512-bf16", "avx512-without-bf16", "amx-without-bf16", "unknown"])
+def test_detection_answers_from_torch_s_cpu_capabilities(monkeypatch, fresh_detection, flags, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(flags), raising=False)
+    assert fresh_detection() is expected
+    assert resolve_precision("auto", CPU) == ("bf16" if expected else "fp32")
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),
+                                             ("fpu sse2 avx2 avx512f avx512_bf16", True),
+                                             ("fpu sse2 avx2 avx512f avx512_fp16 avx512_vnni", False)],
+                         ids=["amx", "avx512-bf16", "avx512-without-bf16"])
+def test_without_torch_s_report_detection_reads_proc_cpuinfo(monkeypatch, tmp_path, fresh_detection, flags, expected):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    cpu_info = tmp_path / "cpuinfo"
+    cpu_info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(distributed, "CPU_INFO", cpu_info)
+    assert fresh_detection() is expected
+    monkeypatch.setattr(distributed, "CPU_INFO", tmp_path / "absent")
+    assert fresh_detection() is False  # no report and no /proc: fp32, the safe answer
+
+
+def test_torch_s_report_and_the_kernel_s_flags_agree_on_this_machine(monkeypatch, fresh_detection):
+    if not distributed.CPU_INFO.exists() or not hasattr(torch.cpu, "get_capabilities"):
+        pytest.skip("needs both torch's capability report and /proc/cpuinfo")
+    from_torch = fresh_detection()
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert fresh_detection() == from_torch  # two independent sources, one answer
+
+
+@pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch, supported, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *arguments, **options: supported)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("fp16", torch.device("cuda")) == "fp16"
 
 
 def test_a_bf16_cpu_run_tracks_the_fp32_loss_of_the_same_seed(tmp_path):
@@ -80,6 +131,10 @@ def test_on_device_batches_equal_the_loader_s_items(tmp_path):
     expected = collate([FashionMNIST(None, 32)[item] for item in items])
     assert gathered.keys() == expected.keys() and gathered["skipped"] == expected["skipped"] == 0
     assert torch.equal(gathered["image"], expected["image"]) and torch.equal(gathered["label"], expected["label"])
+    unflipped = collate(OnDevice(dataset, CPU).__getitems__([(index, False) for index, _ in items]))
+    assert torch.equal(gathered["image"][0], unflipped["image"][0])  # item (3, False) as it is
+    assert torch.equal(gathered["image"][1:], unflipped["image"][1:].flip(-1))  # the flipped items are mirrored
+    assert not torch.equal(gathered["image"][1:], unflipped["image"][1:])  # (and mirroring changes them)
     save_file({"tokens": torch.randint(0, 9, (20, 2, 5)), "labels": torch.arange(20)}, tmp_path / "tokens.safetensors")
     tokens = TokenCache(tmp_path / "tokens.safetensors")  # a cache of the earlier one-file format
     batch = OnDevice(TokenCache(tmp_path / "tokens.safetensors"), CPU).__getitems__(items)

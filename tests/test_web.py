@@ -93,7 +93,7 @@ def test_two_classes_from_both_models_give_grids_strips_and_figures(page):
     assert shown_image(page, "#var-strip").shape == (SIDE, 10 * SIDE)  # one frame per scale
     assert shown_image(page, "#dit-strip").shape == (SIDE, 8 * SIDE)  # x̂₀ at eight steps
     figures = page.locator("#sample-info").inner_text()
-    assert "DiT" in figures and "VAR" in figures and "GFLOPs/image" in figures
+    assert "DiT" in figures and "VAR" in figures and "GFLOPs/image" in figures and "network calls/image" in figures
     if SCREENSHOTS:
         page.screenshot(path=str(Path(SCREENSHOTS) / "web_sample.png"))
 

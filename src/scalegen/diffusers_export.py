@@ -10,45 +10,32 @@ with a one-line `UserError` that points to scalegen's own export format.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
 
 from scalegen.checkpoint import CONFIG_FILE, load_weights, stored_config
-from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS
+from scalegen.diffusion.objectives import sampling_objective
 from scalegen.errors import UserError
 from scalegen.files import first_line, replace_atomically, save_weights_atomic, write_json_atomic
 from scalegen.models.dit import DiT
+from scalegen.models.dit_blocks import OFFICIAL_BLOCK
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, PIPELINE_NULL_CLASS, diffusers_config, to_diffusers
 from scalegen.pretrained import (
     DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
     DIFFUSERS_WEIGHTS, MODEL_NAMES, PIXEL_SPACE, diffusers_stored_config, diffusers_transformer_folder, load_dit,
+    stored_objective,
 )
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
 
-PIPELINE_CLASS, SCHEDULER_CLASS, VAE_CLASS = "DiTPipeline", "DDPMScheduler", "AutoencoderKL"
+PIPELINE_CLASS, VAE_CLASS = "DiTPipeline", "AutoencoderKL"
 README_FILE = "README.md"
-DDPM_OBJECTIVE = "ddpm"
 
 
 def native_export(path: str | Path) -> str:
     """The advice for what diffusers cannot run: scalegen's own export format, which every scalegen command loads."""
     return f"export it in scalegen's format instead: scalegen export --run {path} --out FOLDER"
-
-
-def scheduler_config(learn_sigma: bool) -> dict:
-    """The `DDPMScheduler` config of DiT's 1000-step linear schedule.
-
-    DiTPipeline drops a learned-variance DiT's variance channels before the scheduler sees them, so such a DiT samples
-    with the posterior variance β̃_t (fixed_small, the lower end of its learned range); a DiT without them keeps β_t
-    (fixed_large), as scalegen samples it. "linspace" spacing picks the steps of DiT's respacing (0 and 999 included).
-    """
-    return {
-        "_class_name": SCHEDULER_CLASS, "num_train_timesteps": REFERENCE_NUM_STEPS, "beta_schedule": "linear",
-        "beta_start": LINEAR_BETA_START, "beta_end": LINEAR_BETA_END, "clip_sample": False,
-        "prediction_type": "epsilon", "timestep_spacing": "linspace",
-        "variance_type": "fixed_small" if learn_sigma else "fixed_large",
-    }
 
 
 def source_config(path: str | Path) -> dict:
@@ -61,17 +48,24 @@ def source_config(path: str | Path) -> dict:
 
 def check_exportable(path: str | Path, stored: dict) -> None:
     """A one-line error, from its stored config, for a model that DiTPipeline cannot run: a VAR or tokenizer, a
-    flow-trained DiT or a DiT on a VQ tokenizer."""
+    flow-trained DiT, a DiT on a VQ tokenizer or one with LightningDiT's block options."""
     if stored.get("kind", "dit") != "dit":
         raise UserError(f"{path} holds a {MODEL_NAMES.get(stored['kind'], stored['kind'])} model; diffusers' "
                         f"DiTPipeline runs DiTs only; {native_export(path)}")
-    objective = stored.get("objective", {}).get("name", DDPM_OBJECTIVE)
-    if objective != DDPM_OBJECTIVE:
-        raise UserError(f"{path} is trained with the {objective} objective, which diffusers' DiTPipeline (a DDPM "
-                        f"ε-prediction sampler) cannot run; {native_export(path)}")
+    objective = stored_objective(stored)
+    try:
+        sampling_objective(objective).diffusers_scheduler(learn_sigma=True)
+    except UserError as error:
+        raise UserError(f"{path} is trained with the {objective} objective: {error}; {native_export(path)}") from None
     if "tokenizer" in stored:
         raise UserError(f"{path} diffuses the latents of a scalegen VQ tokenizer, which is no diffusers AutoencoderKL; "
                         f"only SD-VAE (--vae) DiTs export to diffusers; {native_export(path)}")
+    model = stored.get("model", {})
+    options = [f"{name}={model[name]}" for name, official in asdict(OFFICIAL_BLOCK).items()
+               if model.get(name, official) != official]
+    if options:
+        raise UserError(f"{path} uses LightningDiT block options ({', '.join(options)}) that diffusers' "
+                        f"DiTTransformer2DModel lacks; {native_export(path)}")
 
 
 def pipeline_vae(path: str | Path, vae: str | None, model: DiT) -> nn.Module:
@@ -116,13 +110,19 @@ def guidance_note(model: DiT) -> str:
             f"this {num_classes}-class DiT: pass `guidance_scale=1` (no guidance).")
 
 
+def scheduler(model: DiT) -> dict:
+    """The diffusers scheduler config of the model's objective (`Objective.diffusers_scheduler`)."""
+    return model.objective.diffusers_scheduler(model.config.learn_sigma)
+
+
 def readme(model: DiT, name: str) -> str:
     """The model card of an export: how to run it, its classes and what differs from scalegen's sampling."""
     names = model.class_names
     shown = ", ".join(f"{label}: {label_name}" for label, label_name in enumerate(names[:20]))
     more = f", … ({len(names)} in all)" if len(names) > 20 else ""
     notes = [guidance_note(model),
-             f"The scheduler is DiT's 1000-step linear DDPM schedule ({SCHEDULER_CLASS}); a diffusers scheduler built "
+             f"The scheduler is DiT's 1000-step linear DDPM schedule ({scheduler(model)['_class_name']}); a diffusers "
+             "scheduler built "
              "with `from_config(pipe.scheduler.config)` works too."]
     if model.config.learn_sigma:
         notes.append("DiTPipeline drops the learned-variance channels: it samples with the fixed posterior variance.")
@@ -148,7 +148,7 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
     """Write a latent DiT as a folder diffusers' `DiTPipeline.from_pretrained` runs.
 
     transformer/ holds the `DiTTransformer2DModel` (class table padded so guidance's null label 1000 works for any
-    class count up to 1000), scheduler/ the DDPM schedule (`scheduler_config`), vae/ the SD-VAE, model_index.json the
+    class count up to 1000), scheduler/ the objective's scheduler (`Objective.diffusers_scheduler`: DDPM's), vae/ the SD-VAE, model_index.json the
     class names as `id2label` (for `pipe.get_label_ids`), README.md what works. The weights convert exactly both ways:
     `load_dit(destination)` gives back the same DiT.
 
@@ -172,11 +172,10 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
                         destination / DIFFUSERS_TRANSFORMER / DIFFUSERS_WEIGHTS)
     write_json_atomic(destination / DIFFUSERS_TRANSFORMER / CONFIG_FILE, transformer_config)
     (destination / DIFFUSERS_SCHEDULER).mkdir(exist_ok=True)
-    write_json_atomic(destination / DIFFUSERS_SCHEDULER / DIFFUSERS_SCHEDULER_FILE,
-                      scheduler_config(model.config.learn_sigma))
+    write_json_atomic(destination / DIFFUSERS_SCHEDULER / DIFFUSERS_SCHEDULER_FILE, scheduler(model))
     write_json_atomic(destination / DIFFUSERS_INDEX, {
         "_class_name": PIPELINE_CLASS, "transformer": ["diffusers", DIFFUSERS_CLASS],
-        "scheduler": ["diffusers", SCHEDULER_CLASS], "vae": ["diffusers", VAE_CLASS],
+        "scheduler": ["diffusers", scheduler(model)["_class_name"]], "vae": ["diffusers", VAE_CLASS],
         "id2label": {str(label): name for label, name in enumerate(model.class_names)},
     })
     replace_atomically(destination / README_FILE,

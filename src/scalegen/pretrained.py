@@ -166,12 +166,28 @@ def load_dit(path: str | Path, vae: str | None = None) -> DiT:
     else:
         stored, weights = load_weights(path)
         check_kind(stored, "dit", path)
-        config = stored_model_config(DiTConfig, stored, path) if stored else dit_config_from_state_dict(weights)
+        config = stored_dit_config(stored, path) if stored else dit_config_from_state_dict(weights)
     model = load_strictly(DiT(config), weights, path)
     model.attach_decoder(dit_decoder(path, stored, config, vae))
     model.class_names = class_names(config.num_classes, stored)
-    model.objective = (stored or {}).get("objective", {}).get("name", "ddpm")
     return model
+
+
+def stored_objective(stored: dict) -> str:
+    """The objective of a stored DiT config: its model's; one written before the objective was part of the model's
+    config names it in its training "objective" entry; an official file is the paper's ddpm."""
+    model = stored.get("model")
+    if isinstance(model, dict) and "objective" in model:
+        return model["objective"]
+    return stored.get("objective", {}).get("name", DiTConfig.objective)
+
+
+def stored_dit_config(stored: dict, path: str | Path) -> DiTConfig:
+    """The DiTConfig of a stored config (of any age: see `stored_objective`)."""
+    model = stored.get("model")
+    if isinstance(model, dict):
+        stored = {**stored, "model": {**model, "objective": stored_objective(stored)}}
+    return stored_model_config(DiTConfig, stored, path)
 
 
 def diffusers_transformer_folder(path: str | Path) -> Path | None:

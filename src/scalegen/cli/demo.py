@@ -14,7 +14,6 @@ import torch
 
 from scalegen.cli.options import POSITIVE
 from scalegen.data import FashionMNIST
-from scalegen.diffusion.sampling import FAST_SAMPLERS
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import grid_labels, save_grid, to_uint8
@@ -50,7 +49,7 @@ def dit_drawer(path: str | Path) -> Draw:
     model = load_dit(path)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=SHIPPED_DIT_CFG, steps=SHIPPED_DIT_STEPS, sampler=FAST_SAMPLERS[model.objective],
+        return model.generate(labels, cfg=SHIPPED_DIT_CFG, steps=SHIPPED_DIT_STEPS, sampler=model.objective.fast_sampler,
                               seed=seed)
 
     return draw

@@ -9,19 +9,34 @@ from scalegen.cli.options import (
     DATA_HELP, NON_NEGATIVE, POSITIVE, add_init_from, add_precision_option, add_training_options, at_least,
     dataclass_from_args, fraction, train_config_from_args,
 )
+from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
 from scalegen.diffusion.flow import TIME_SAMPLINGS
-from scalegen.diffusion.sampling import OBJECTIVES, SAMPLERS
+from scalegen.diffusion.objective import check_guidance_interval
+from scalegen.diffusion.objectives import OBJECTIVE_NAMES, SAMPLERS, objectives_help, samplers_help
+from scalegen.errors import UserError
 from scalegen.distributed import process_group
 from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.models.dit import PRESETS
-from scalegen.models.dit_blocks import BLOCK_KINDS
+from scalegen.models.dit_blocks import BLOCK_KINDS, MLP_KINDS, NORM_KINDS
 from scalegen.pretrained import load_dit
-from scalegen.train.dit_task import LOSS_WEIGHTINGS, DiTOptions, DiTTask, train_dit
+from scalegen.train.dit_task import REPA_DEFAULT_DEPTH, DiTOptions, DiTTask, ObjectiveConfig, train_dit
 
-DEFAULTS = DiTOptions()
-SAMPLE_CFG_SCALE, SAMPLE_STEPS, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 250, 8, 32  # the official sample.py's
-MIN_STEPS = at_least(2)  # a respaced diffusion needs two steps
+DEFAULTS, OBJECTIVE_DEFAULTS = DiTOptions(), ObjectiveConfig()
+SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 32  # the official sample.py's
 DIT_GUIDANCE = at_least(1.0, float)  # 1 = no guidance; the official sampler treats anything below as 1
+CFG_INTERVAL_HELP = ("guide only at noise levels LOW <= t <= HIGH (t = 1 is pure noise, a DDPM step is t·1000), e.g. "
+                     "0,0.7 as REPA or 0,0.89 as LightningDiT")
+
+
+def guidance_interval(text: str) -> tuple[float, float]:
+    """"LOW,HIGH" as a checked guidance interval."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        return check_guidance_interval([float(part) for part in parts])
+    except (ValueError, UserError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is no interval LOW,HIGH with 0 <= LOW < HIGH <= 1 ({error})")
 
 
 def register(train_parsers, sample_parsers) -> None:
@@ -36,6 +51,15 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--latent-cache", action="store_true",
                         help="encode the data set once into RUN/latents/ (shards every rank builds, read memory-mapped)")
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
+    parser.add_argument("--norm", choices=NORM_KINDS, default=DEFAULTS.norm,
+                        help="the adaLN blocks' two affine-free norms: DiT's layernorm or LightningDiT's rmsnorm")
+    parser.add_argument("--mlp", choices=MLP_KINDS, default=DEFAULTS.mlp,
+                        help="the blocks' MLP: DiT's tanh-GELU, or LightningDiT's SwiGLU at 2/3 of its hidden width")
+    parser.add_argument("--rope", action="store_true",
+                        help="2-D rotary position embedding of queries and keys (LightningDiT's; the sin-cos "
+                             "position embedding stays)")
+    parser.add_argument("--qk-norm", action="store_true",
+                        help="RMS-normalise each head's queries and keys (learnable weights) before RoPE and attention")
     parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout,
                         help="label dropout, which classifier-free guidance needs")
     parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", default=None,
@@ -44,22 +68,36 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
     parser.add_argument("--num-heads", type=POSITIVE, help="override the preset's heads")
     parser.add_argument("--patch-size", type=POSITIVE, help="override the preset's patch size")
-    parser.add_argument("--sample-steps", type=MIN_STEPS, default=DEFAULTS.sample_steps, help="steps of the periodic sample grid")
+    parser.add_argument("--sample-steps", type=POSITIVE, default=DEFAULTS.sample_steps,
+                        help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
                         help="guidance scale of the periodic sample grid")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
-                        help="ddpm: the paper's ε-prediction; flow: SiT's linear flow matching (velocity prediction)")
-    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=DEFAULTS.t_sampling,
-                        help="flow: how training draws t in [0, 1]")
-    parser.add_argument("--logit-mean", type=float, default=DEFAULTS.logit_mean, help="flow: the logit-normal's location")
-    parser.add_argument("--logit-std", type=float, default=DEFAULTS.logit_std, help="flow: the logit-normal's scale")
-    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=DEFAULTS.loss_weighting,
+    parser.add_argument("--objective", choices=OBJECTIVE_NAMES, default=OBJECTIVE_DEFAULTS.name, help=objectives_help())
+    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=OBJECTIVE_DEFAULTS.time_sampling,
+                        help="flow, meanflow: how training draws t in [0, 1]")
+    parser.add_argument("--logit-mean", type=float, default=OBJECTIVE_DEFAULTS.logit_mean,
+                        help="flow, meanflow: the logit-normal's location (MeanFlow's paper: -0.4)")
+    parser.add_argument("--logit-std", type=float, default=OBJECTIVE_DEFAULTS.logit_std,
+                        help="flow, meanflow: the logit-normal's scale")
+    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=OBJECTIVE_DEFAULTS.loss_weighting,
                         help="ddpm: min-snr weights the ε loss by min(SNR, γ)/SNR")
-    parser.add_argument("--snr-gamma", type=float, default=DEFAULTS.snr_gamma, help="γ of min-SNR weighting")
+    parser.add_argument("--snr-gamma", type=float, default=OBJECTIVE_DEFAULTS.snr_gamma, help="ddpm: γ of min-SNR weighting")
+    parser.add_argument("--mean-fraction", type=fraction, default=OBJECTIVE_DEFAULTS.mean_fraction,
+                        help="meanflow: the share of examples trained with r < t (the rest: r = t)")
+    parser.add_argument("--weighting-power", type=float, default=OBJECTIVE_DEFAULTS.weighting_power,
+                        help="meanflow: p of the adaptive loss weight 1 / (‖Δ‖² + c)^p")
+    parser.add_argument("--weighting-constant", type=float, default=OBJECTIVE_DEFAULTS.weighting_constant,
+                        help="meanflow: c of the adaptive loss weight")
+    parser.add_argument("--train-cfg", type=DIT_GUIDANCE, default=OBJECTIVE_DEFAULTS.guidance,
+                        help="meanflow: the guidance scale trained into the model (it then samples with cfg 1)")
+    parser.add_argument("--cfg-interval", type=guidance_interval, default=DEFAULTS.cfg_interval, metavar="LOW,HIGH",
+                        help=CFG_INTERVAL_HELP + "; stored as the model's sampling default (meanflow: where "
+                             "--train-cfg is trained in)")
     parser.add_argument("--repa-encoder", default=DEFAULTS.repa_encoder, metavar="FILE.safetensors",
                         help="REPA: align a block with this frozen encoder's features (`train classifier --export`)")
-    parser.add_argument("--repa-depth", type=POSITIVE, default=DEFAULTS.repa_depth, help="REPA: the aligned block (1-based)")
-    parser.add_argument("--repa-weight", type=float, default=DEFAULTS.repa_weight, help="REPA: λ of the alignment loss")
+    parser.add_argument("--repa-depth", type=POSITIVE, default=REPA_DEFAULT_DEPTH, help="REPA: the aligned block (1-based)")
+    parser.add_argument("--repa-weight", type=float, default=OBJECTIVE_DEFAULTS.repa_weight,
+                        help="REPA: λ of the alignment loss")
     add_init_from(parser)
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
@@ -71,12 +109,15 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
     parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS, help="grid: samples per class (one row each)")
     parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
-    parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=SAMPLE_CFG_SCALE,
-                        help="classifier-free guidance scale (1: none); --cfg-scale is the official name")
-    parser.add_argument("--steps", type=MIN_STEPS, default=SAMPLE_STEPS, help="respaced diffusion steps (flow: ODE/SDE steps)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
-                        help="ddpm models: ddpm (ancestral, the default), ddim (eta 0), dpm-solver++ (2M); flow models: "
-                             "euler (the default), heun, euler-maruyama")
+    parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=None,
+                        help="classifier-free guidance scale (1: none; --cfg-scale is the official name); default: the "
+                             "objective's (ddpm and flow 4, as the official sample.py; meanflow 1, trained in)")
+    parser.add_argument("--steps", type=POSITIVE, default=None,
+                        help="sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); default: the "
+                             "objective's (ddpm 250, as the official sample.py; flow 50; meanflow 1)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=samplers_help())
+    parser.add_argument("--cfg-interval", type=guidance_interval, default=None, metavar="LOW,HIGH",
+                        help=CFG_INTERVAL_HELP + "; default: the model's stored interval (none: every step)")
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the labels with --num-samples)")
     parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per forward batch")
@@ -88,7 +129,9 @@ def register(train_parsers, sample_parsers) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     """Handler of `scalegen train dit`."""
-    train_dit(dataclass_from_args(DiTOptions, args), train_config_from_args(args))
+    objective = dataclass_from_args(ObjectiveConfig, args, name=args.objective, time_sampling=args.t_sampling,
+                                    guidance=args.train_cfg)
+    train_dit(dataclass_from_args(DiTOptions, args, objective=objective), train_config_from_args(args))
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -99,7 +142,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
         def draw(labels: torch.Tensor) -> torch.Tensor:
             return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler,
-                                  precision=args.precision,
+                                  cfg_interval=args.cfg_interval, precision=args.precision,
                                   guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
 
         if args.num_samples:

@@ -10,27 +10,40 @@ DDPM DiT learns it in (SiT passes t ∈ [0, 1] as is, which uses only the slowes
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from scalegen.diffusion.math import mean_flat
+from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
 from scalegen.errors import UserError
 
 TimeSampling = Literal["uniform", "logit-normal"]
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "logit-normal")
-FlowSampler = Literal["euler", "heun", "euler-maruyama"]
-FLOW_SAMPLERS: tuple[str, ...] = ("euler", "heun", "euler-maruyama")
-TIME_SCALE = 1000.0  # the network sees t·1000, DDPM's step range
-# model(x_t, t·TIME_SCALE, **model_kwargs) -> velocity (B, C, H, W)
-VelocityModel = Callable[..., torch.Tensor]
+
+
+def logit_normal_or_uniform(time_sampling: TimeSampling, logit_mean: float, logit_std: float, batch: int,
+                            device: torch.device) -> torch.Tensor:
+    """Times (batch,) in [0, 1]: uniform, or σ(m + s·n) with n ~ N(0, 1) ("logit-normal")."""
+    if time_sampling == "uniform":
+        return torch.rand(batch, device=device)  # (B,)
+    return torch.sigmoid(logit_mean + logit_std * torch.randn(batch, device=device))  # (B,)
+
+
+def check_time_sampling(time_sampling: str, logit_std: float) -> None:
+    """A one-line error for an unknown t sampling or a non-positive logit-normal scale."""
+    if time_sampling not in TIME_SAMPLINGS:
+        raise UserError(f"unknown t sampling {time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
+    if logit_std <= 0:
+        raise UserError(f"the logit-normal's std is {logit_std}; it must be positive")
 
 
 @dataclass(frozen=True)
-class LinearFlow:
-    """The linear flow-matching objective and its samplers.
+class LinearFlow(Objective):
+    """The linear flow-matching objective ("flow") and its samplers.
 
     Args:
         time_sampling: how training draws t: "uniform" on [0, 1] or "logit-normal".
@@ -41,17 +54,22 @@ class LinearFlow:
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
+    name = "flow"
+    summary = "SiT's linear flow matching: velocity prediction"
+    samplers = {
+        "euler": "Euler ODE steps (one network call a step)",
+        "heun": "Heun ODE steps (two network calls a step)",
+        "euler-maruyama": "Euler-Maruyama on the reverse SDE with the ODE's marginals",
+    }
+    fast_sampler = "euler"
+    default_steps, default_cfg = 50, 4.0
+
     def __post_init__(self) -> None:
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise UserError(f"unknown t sampling {self.time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
-        if self.logit_std <= 0:
-            raise UserError(f"the logit-normal's std is {self.logit_std}; it must be positive")
+        check_time_sampling(self.time_sampling, self.logit_std)
 
     def sample_time(self, batch: int, device: torch.device) -> torch.Tensor:
         """Training times t (batch,) in [0, 1]."""
-        if self.time_sampling == "uniform":
-            return torch.rand(batch, device=device)  # (B,)
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device))  # (B,)
+        return logit_normal_or_uniform(self.time_sampling, self.logit_mean, self.logit_std, batch, device)  # (B,)
 
     @staticmethod
     def interpolate(x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,8 +78,8 @@ class LinearFlow:
         return (1 - t) * x_start + t * noise  # (B, C, H, W)
 
     def training_losses(
-        self, model: VelocityModel, x_start: torch.Tensor, t: torch.Tensor | None = None,
-        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+        self, model: ModelFunction, x_start: torch.Tensor, model_kwargs: dict | None = None,
+        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-example velocity MSE at times t (drawn when None): {"loss": (B,), "mse": (B,)}."""
         noise = torch.randn_like(x_start) if noise is None else noise  # (B, C, H, W)
@@ -79,26 +97,42 @@ class LinearFlow:
         """The clean sample the velocity points to: x̂ = x_t − t·v."""
         return x_t - t * velocity  # (B, C, H, W)
 
+    def sample_loop(self, model: ModelFunction, noise: torch.Tensor, steps: int, sampler: str, model_kwargs: dict,
+                    clip_denoised: bool, learn_sigma: bool, progress: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """The ODE or SDE steps of `sample_loop_progressive` (a flow never clips and has no variance channels)."""
+        return self.sample_loop_progressive(model, noise, steps, sampler, model_kwargs, progress)
+
+    @staticmethod
+    def step_times(steps: int) -> list[float]:
+        """t of each step's start and the final 0: `steps` equal steps from 1."""
+        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+    def call_levels(self, sampler: str, steps: int) -> list[float]:
+        """Each step's t; Heun also calls at the next step's t."""
+        times = self.step_times(steps)
+        if sampler != "heun":
+            return times[:-1]
+        return [level for index in range(steps) for level in times[index:index + 2]]
+
     def sample_loop_progressive(
-        self, model: VelocityModel, noise: torch.Tensor, steps: int, sampler: FlowSampler = "euler",
+        self, model: ModelFunction, noise: torch.Tensor, steps: int, sampler: str = "euler",
         model_kwargs: dict | None = None, progress: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Integrate from t = 1 (`noise`, (B, C, H, W)) to t = 0 in `steps` equal steps, yielding each step's
         "sample" and "pred_xstart" (B, C, H, W).
 
-        Heun takes two network calls per step (one on the last). Euler–Maruyama follows the reverse SDE
+        Heun takes two network calls per step (the velocity at t = 0 is defined: its last step needs no exception). Euler–Maruyama follows the reverse SDE
         dx = (−v + g·∇log p) dt + √(2g) dW̄ with g(t) = t, which shares the ODE's marginals (the score follows from
         the velocity: t·∇log p = −(x_t + (1 − t)·v)); its last step adds no noise and lands on x̂.
         """
-        if sampler not in FLOW_SAMPLERS:
-            raise UserError(f"unknown flow sampler {sampler!r}; use one of {', '.join(FLOW_SAMPLERS)}")
+        sampler = self.check_sampler(sampler)
         kwargs = model_kwargs or {}
 
         def velocity_at(x: torch.Tensor, time: float) -> torch.Tensor:
             t = torch.full((len(x),), time * TIME_SCALE, device=x.device)  # (B,)
             return model(x, t, **kwargs)  # (B, C, H, W)
 
-        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+        times = self.step_times(steps)
         x = noise  # (B, C, H, W)
         for index in tqdm(range(steps)) if progress else range(steps):
             time, next_time = times[index], times[index + 1]

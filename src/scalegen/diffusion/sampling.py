@@ -1,43 +1,31 @@
-"""Class-conditional sampling of a diffusion model with classifier-free guidance, decoded to images in [0, 1].
+"""Class-conditional sampling of a DiT with classifier-free guidance, decoded to images in [0, 1].
 
-The official sample.py, as one call: the batch is doubled with the null class when guiding, the chosen loop runs
-and the latents are decoded. A DDPM-trained model (objective "ddpm") samples with ancestral DDPM, DDIM (eta 0) or
-DPM-Solver++ (2M) on the respaced diffusion; a flow-matching model ("flow") with an Euler or Heun ODE step or
-Euler–Maruyama.
+The official sample.py, as one call: the batch is doubled with the null class when guiding, the objective's sampler
+runs (diffusion/objectives.py: each objective owns its samplers) and the latents are decoded. With a guidance
+interval, steps whose noise level t lies outside it run the conditional half alone.
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
 from scalegen.data import to_unit_range
-from scalegen.diffusion.dpm_solver import dpm_solver_sample_loop_progressive
-from scalegen.diffusion.flow import FLOW_SAMPLERS, LinearFlow
-from scalegen.diffusion.gaussian import GaussianDiffusion
-
-Objective = Literal["ddpm", "flow"]
-OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
-Sampler = Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "euler-maruyama"]
-DDPM_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm-solver++")
-OBJECTIVE_SAMPLERS = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
-SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
-DEFAULT_SAMPLERS = {"ddpm": "ddpm", "flow": "euler"}  # the official sampler; the simplest ODE step
-FAST_SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # what the demo and the page draw with: one network call a step
+from scalegen.diffusion.objective import TIME_SCALE, GuidanceInterval, ModelFunction, Objective, within
 
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """Which loop draws the samples: the process it runs on (a respaced diffusion or the flow), the sampler, and
-    the number of steps."""
+    """How samples are drawn: the model's objective, the sampler, its steps, and the noise levels at which guidance
+    applies (None: every step)."""
 
-    process: GaussianDiffusion | LinearFlow
-    sampler: Sampler
+    objective: Objective
+    sampler: str
     steps: int
+    cfg_interval: GuidanceInterval | None = None
 
 
 class Decoder(Protocol):
@@ -64,46 +52,48 @@ def guided_steps(
 
     Args:
         model: a DiT (its `config`, `forward` and `forward_with_cfg`), in eval mode.
-        plan: the process, sampler and steps (`sampling_plan`).
+        plan: the objective, sampler, steps and guidance interval (`DiT.sampling_setup`).
         labels: class ids (B,), on the model's device.
         cfg_scale: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
         decoder: the latent space's decoder; None for a pixel-space model (x0 predictions are then clipped).
         noise: starting noise (B, C, h, w); drawn from the global torch RNG when None.
-        guide_all_channels: guide every ε channel instead of the official first three (always, for a decoder
-            whose `guide_all_channels` says so).
+        guide_all_channels: guide every ε channel instead of the official first three (always for an objective
+            other than ddpm, and for a decoder whose `guide_all_channels` says so).
         progress: show a progress bar.
     """
     config = model.config
-    guide_all_channels = guide_all_channels or (decoder is not None and decoder.guide_all_channels)
+    objective = plan.objective
+    guide_all_channels = (guide_all_channels or not objective.guides_official_channels
+                          or (decoder is not None and decoder.guide_all_channels))
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     latents = noise if noise is not None else torch.randn(shape, device=labels.device)  # (B, C, h, w)
     guided = cfg_scale > 1.0
     if guided:
         latents = torch.cat([latents, latents], dim=0)  # (2B, C, h, w)
         labels = torch.cat([labels, torch.full_like(labels, config.num_classes)], dim=0)  # (2B,)
-        forward = partial(model.forward_with_cfg, cfg_scale=cfg_scale, guide_all_channels=guide_all_channels)
+        forward = guided_forward(model, cfg_scale, plan.cfg_interval, guide_all_channels)
     else:
         forward = model.forward
-    for output in sample_loop(plan, forward, latents, {"y": labels}, clip_denoised=decoder is None, progress=progress):
+    steps = objective.sample_loop(forward, latents, plan.steps, plan.sampler, {"y": labels},
+                                  clip_denoised=decoder is None, learn_sigma=config.learn_sigma, progress=progress)
+    for output in steps:
         yield {key: output[key].chunk(2, dim=0)[0] if guided else output[key] for key in ("sample", "pred_xstart")}
 
 
-def sample_loop(
-    plan: SamplingPlan, forward, noise: torch.Tensor, model_kwargs: dict, clip_denoised: bool, progress: bool,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The plan's loop from `noise` (B, C, h, w), yielding each step's "sample" and "pred_xstart".
+def guided_forward(model: torch.nn.Module, cfg_scale: float, interval: GuidanceInterval | None,
+                   guide_all_channels: bool) -> ModelFunction:
+    """The network on a batch laid out [conditional half; null-class half]: `forward_with_cfg` at noise levels inside
+    the interval, the conditional half alone (its output copied to both halves) outside it."""
 
-    Pixels live in [-1, 1], so a diffusion's x0 predictions are clipped there when `clip_denoised` (ADM's default);
-    SD latents are unbounded (DiT). The flow's ODE and SDE steps never clip.
-    """
-    process = plan.process
-    if isinstance(process, LinearFlow):
-        return process.sample_loop_progressive(forward, noise, plan.steps, plan.sampler, model_kwargs, progress)
-    if plan.sampler == "dpm-solver++":
-        return dpm_solver_sample_loop_progressive(process, forward, noise, clip_denoised, model_kwargs, progress)
-    loop = process.ddim_sample_loop_progressive if plan.sampler == "ddim" else process.p_sample_loop_progressive
-    return loop(forward, noise.shape, noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                progress=progress)
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        if interval is None or within(interval, float(t[0]) / TIME_SCALE):
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels, **conditions)  # (2B, C_out, H, W)
+        half = len(x) // 2
+        output = model.forward(x[:half], t[:half], y[:half],
+                               **{name: value[:half] for name, value in conditions.items()})  # (B, C_out, H, W)
+        return torch.cat([output, output], dim=0)  # (2B, C_out, H, W)
+
+    return forward
 
 
 def decode(latents: torch.Tensor, decoder: Decoder | None) -> torch.Tensor:

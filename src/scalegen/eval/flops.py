@@ -3,17 +3,22 @@
 Counting convention (fvcore's, which reproduces every DiT figure within 0.4%): one unit per multiply-accumulate
 of linear layers, convolutions and attention matmuls (QKᵀ and AV, full T×T even under a mask), plus 4 per
 element of an affine-free LayerNorm; embedding lookups, activations, softmax and elementwise ops count zero.
-The VAE / VQVAE decoders are not included.
+LightningDiT's block options follow the same rules: an RMSNorm counts 2 per element (LayerNorm's without the mean
+and the subtraction), a learnable norm weight 1 more (as fvcore's affine norms), and RoPE's rotation, a linear map,
+2 MACs per rotated element (a 2×2 matrix per channel pair). The VAE / VQVAE decoders are not included.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from scalegen.diffusion.objectives import objective_class
 from scalegen.errors import UserError
-from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, preset_config
-from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE
+from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, DiTConfig, preset_config
+from scalegen.models.dit_blocks import ADALN_KINDS, OFFICIAL_BLOCK, BlockOptions
+from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE, swiglu_hidden_size
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 from scalegen.models.var import WIDTH_PER_DEPTH
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256, PATCH_NUMS_512
@@ -21,12 +26,21 @@ from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, 
 GIGA = 1e9
 TERA = 1e12
 LAYER_NORM_OPS_PER_ELEMENT = 4  # fvcore: mean, variance, subtract, divide for a LayerNorm without affine
+RMS_NORM_OPS_PER_ELEMENT = 2  # mean square, divide
+NORM_WEIGHT_OPS_PER_ELEMENT = 1  # fvcore: one more per element for a norm's learnable scale
+ROPE_MACS_PER_ELEMENT = 2  # a rotation is a 2×2 matrix product per channel pair
+SWIGLU_MATRICES = 3  # gate, value and output
 MLP_RATIO = 4
 ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and MLP
 ADALN_CHUNKS_FINAL = 2  # shift/scale
 # Transformer MACs per token per block: qkv 3·D², projection D², MLP 2·4·D².
-LINEAR_MACS_PER_TOKEN = 3 + 1 + 2 * MLP_RATIO
+ATTENTION_LINEAR_MACS_PER_TOKEN = 3 + 1
+LINEAR_MACS_PER_TOKEN = ATTENTION_LINEAR_MACS_PER_TOKEN + 2 * MLP_RATIO
 
+# (label, objective, sampler, steps, cfg) of the table's other DiT-XL/2 sampling rows: SiT's ODE, MeanFlow's one step.
+SAMPLING_ROWS = (("DiT-XL/2 flow, 50 Euler", "flow", "euler", 50, 4.0),
+                 ("DiT-XL/2 meanflow, 1 step", "meanflow", "meanflow", 1, 1.0),
+                 ("DiT-XL/2 meanflow, 2 steps", "meanflow", "meanflow", 2, 1.0))
 DIT_PAPER_GFLOPS = {  # DiT paper, Table 1 (256px) and Table 4 (XL/2 at 512px)
     ("DiT-S/2", 256): 6.06, ("DiT-S/4", 256): 1.41, ("DiT-S/8", 256): 0.36,
     ("DiT-B/2", 256): 23.01, ("DiT-B/4", 256): 5.56, ("DiT-B/8", 256): 1.42,
@@ -47,9 +61,17 @@ def counted_flops(step: Callable[[], object]) -> float:
     return counter.get_total_flops()
 
 
+def mlp_macs_per_token(hidden_size: int, mlp_ratio: float, mlp: str) -> int:
+    """MACs of one token through a block's MLP: GELU's two matrices, or SwiGLU's three at 2/3 of the width."""
+    if mlp == "swiglu":
+        return SWIGLU_MATRICES * hidden_size * swiglu_hidden_size(hidden_size, mlp_ratio)
+    return 2 * hidden_size * int(hidden_size * mlp_ratio)
+
+
 def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size: int,
-                     in_channels: int = LATENT_CHANNELS, learn_sigma: bool = True) -> int:
-    """Multiply-accumulates of one DiT forward pass for one image.
+                     in_channels: int = LATENT_CHANNELS, learn_sigma: bool = True, mlp_ratio: float = MLP_RATIO,
+                     options: BlockOptions = OFFICIAL_BLOCK) -> int:
+    """Multiply-accumulates of one DiT forward pass (adaLN blocks) for one image.
 
     Args:
         depth: number of blocks.
@@ -58,20 +80,51 @@ def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size:
         latent_size: latent side (image / 8).
         in_channels: latent channels.
         learn_sigma: output 2·in_channels (ε and the variance interpolation) instead of in_channels.
+        mlp_ratio: the GELU MLP's width over D (SwiGLU's is 2/3 of it).
+        options: LightningDiT's block options (norm, MLP, RoPE, QK-norm); the default is the official block.
     Returns:
         MACs (the paper's "flops").
     """
     tokens = (latent_size // patch_size) ** 2
     out_channels = 2 * in_channels if learn_sigma else in_channels
-    block = (LINEAR_MACS_PER_TOKEN * tokens * hidden_size ** 2  # qkv, projection, MLP
+    norm_ops = LAYER_NORM_OPS_PER_ELEMENT if options.norm == "layernorm" else RMS_NORM_OPS_PER_ELEMENT
+    query_key_elements = 2 * tokens * hidden_size
+    block = (ATTENTION_LINEAR_MACS_PER_TOKEN * tokens * hidden_size ** 2  # qkv, projection
+             + tokens * mlp_macs_per_token(hidden_size, mlp_ratio, options.mlp)
              + 2 * tokens ** 2 * hidden_size  # QKᵀ and AV
              + ADALN_CHUNKS_BLOCK * hidden_size ** 2  # adaLN modulation of the conditioning vector
-             + 2 * LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size)  # two LayerNorms
+             + 2 * norm_ops * tokens * hidden_size  # two norms
+             + options.qk_norm * (RMS_NORM_OPS_PER_ELEMENT + NORM_WEIGHT_OPS_PER_ELEMENT) * query_key_elements
+             + options.rope * ROPE_MACS_PER_ELEMENT * query_key_elements)
     patch_embed = tokens * patch_size ** 2 * in_channels * hidden_size
     timestep_embed = TIMESTEP_FREQUENCY_SIZE * hidden_size + hidden_size ** 2
     final = (ADALN_CHUNKS_FINAL * hidden_size ** 2 + LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size
              + tokens * hidden_size * patch_size ** 2 * out_channels)
     return depth * block + patch_embed + timestep_embed + final
+
+
+def dit_config_macs(config: DiTConfig) -> int:
+    """Multiply-accumulates of one forward pass of a DiT built from `config`, for one input (of side
+    config.input_size, a latent or pixel image), block options included."""
+    if config.block not in ADALN_KINDS:
+        raise UserError(f"the analytic count covers the {' and '.join(ADALN_KINDS)} blocks, not {config.block}; "
+                        "measure that DiT with counted_flops")
+    interval_embed = (objective_class(config.objective).time_inputs - 1) * (
+        TIMESTEP_FREQUENCY_SIZE * config.hidden_size + config.hidden_size ** 2)  # MeanFlow's embedding of t − r
+    return interval_embed + dit_forward_macs(config.depth, config.hidden_size, config.patch_size, config.input_size,
+                                             config.in_channels, config.learn_sigma, config.mlp_ratio,
+                                             BlockOptions(config.norm, config.mlp, config.rope, config.qk_norm))
+
+
+def dit_sampling_macs(config: DiTConfig, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
+                      interval: tuple[float, float] | None = None) -> float:
+    """Multiply-accumulates of the network to sample one image: its forward pass times the objective's network calls
+    (guided calls count twice); None takes the objective's default (and the config's guidance interval)."""
+    objective = objective_class(config.objective)()
+    sampler, steps = objective.check_sampler(sampler), objective.check_steps(steps)
+    calls = objective.network_calls(sampler, steps, objective.default_cfg if cfg is None else cfg,
+                                    interval or config.cfg_interval)
+    return float(dit_config_macs(config) * calls)
 
 
 def parse_dit_preset(preset: str) -> tuple[int, int, int]:
@@ -153,6 +206,10 @@ def flops_table(image_size: int = 256) -> str:
               "that), transformer only, with classifier-free guidance",
               f"{'model':<28} {'TMACs':>9}"]
     lines.append(f"{'DiT-XL/2, 250 steps':<28} {dit_image_macs('DiT-XL/2', image_size) / TERA:9.2f}")
+    latent = preset_config("DiT-XL/2", input_size=image_size // LATENT_DOWNSAMPLE, learn_sigma=False)
+    for label, objective, sampler, steps, cfg in SAMPLING_ROWS:
+        macs = dit_sampling_macs(replace(latent, objective=objective), sampler, steps, cfg)
+        lines.append(f"{label:<28} {macs / TERA:9.2f}")
     if image_size in VAR_PATCH_NUMS:
         for depth in VAR_DEPTHS:
             for kv_cache in (True, False):

@@ -11,14 +11,11 @@ from torch.utils.checkpoint import checkpoint
 
 from scalegen.data import label_ids
 from scalegen.distributed import Precision, autocast
-from scalegen.diffusion.flow import LinearFlow
-from scalegen.diffusion.respace import create_diffusion
-from scalegen.diffusion.sampling import (
-    DEFAULT_SAMPLERS, OBJECTIVE_SAMPLERS, OBJECTIVES, Decoder, Objective, Sampler, SamplingPlan, decode, guided_steps,
-    sample_with_guidance,
-)
+from scalegen.diffusion.objective import GuidanceInterval, Objective, check_guidance_interval
+from scalegen.diffusion.objectives import objective_class, sampling_objective
+from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
 from scalegen.errors import UserError
-from scalegen.models.dit_blocks import BLOCK_KINDS, FinalLayer, make_block
+from scalegen.models.dit_blocks import BLOCK_KINDS, BlockOptions, FinalLayer, make_block
 from scalegen.models.layers import (
     LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,
 )
@@ -50,8 +47,17 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
+    objective: str = "ddpm"
+    cfg_interval: GuidanceInterval | None = None
     learn_sigma: bool = True
     block: str = "adaln_zero"
+    norm: str = BlockOptions.norm  # LightningDiT's block options (BlockOptions); the defaults are DiT's block
+    mlp: str = BlockOptions.mlp
+    rope: bool = BlockOptions.rope
+    qk_norm: bool = BlockOptions.qk_norm
+
+    def __post_init__(self) -> None:
+        self.cfg_interval = check_guidance_interval(self.cfg_interval)  # a stored config holds a list
 
     @property
     def out_channels(self) -> int:
@@ -74,21 +80,33 @@ def preset_config(preset: str, **overrides) -> DiTConfig:
 class DiT(ReferencingModule):
     """Diffusion transformer: patchify, condition on timestep + class, transformer blocks, unpatchify.
 
-    `forward(x, t, y)` returns (B, out_channels, H, W): ε and, with learn_sigma, the variance interpolation v.
-    `generate(labels, …)` samples images; a latent-space model decodes them with its decoder (`attach_decoder`),
-    which it references but does not own (it is not in the state dict, as in the official checkpoints).
+    `forward(x, t, y)` returns (B, out_channels, H, W): what the config's objective predicts (ε and, with learn_sigma,
+    the variance interpolation v, for the paper's ddpm). A MeanFlow DiT also embeds the interval t − r
+    (`interval_embedder`, added to the conditioning). `generate(labels, …)` samples images; a latent-space model
+    decodes them with its decoder (`attach_decoder`), which it references but does not own (it is not in the state
+    dict, as in the official checkpoints).
     """
+
+    # Tensors an objective adds to the network: a model fine-tuned from another objective's weights starts them at
+    # their initialisation (the interval embedding's output layer is zero, so the model starts as its source).
+    OBJECTIVE_ADDITIONS = ("interval_embedder.",)
 
     def __init__(self, config: DiTConfig, decoder: nn.Module | None = None):
         super().__init__()
         if config.block not in BLOCK_KINDS:
             raise UserError(f"unknown block kind {config.block!r}; choose one of {', '.join(BLOCK_KINDS)}")
+        objective = objective_class(config.objective)
+        if config.learn_sigma and not objective.learns_sigma:
+            raise UserError(f"a {config.objective} model predicts no variance: build it with learn_sigma=False "
+                            "(--no-learn-sigma)")
         if config.hidden_size % config.num_heads:
             raise UserError(f"hidden size {config.hidden_size} is not divisible by {config.num_heads} heads; "
                             "change --hidden-size or --num-heads")
         if config.input_size % config.patch_size:
             raise UserError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}; "
                             "change --model, --patch-size or --image-size")
+        block_options = BlockOptions(config.norm, config.mlp, config.rope, config.qk_norm)
+        block_options.check(config.block, config.hidden_size // config.num_heads)
         self.config = config
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels
@@ -98,16 +116,23 @@ class DiT(ReferencingModule):
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = LabelEmbedder(config.num_classes, dim, config.class_dropout_prob)
+        self.interval_embedder = TimestepEmbedder(dim) if objective.time_inputs == 2 else None
         # A fixed sin-cos table, kept as a frozen Parameter (not a buffer) so the official key layout holds.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            make_block(config.block, dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+            make_block(config.block, dim, config.num_heads, config.mlp_ratio, block_options,
+                       config.input_size // config.patch_size)
+            for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(dim, config.patch_size, self.out_channels)
         self.initialize_weights()
         self._decoder = ReferencedModule(decoder)
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
-        self.objective: Objective = "ddpm"  # what the output means (set by the loaders and the training task)
+
+    @property
+    def objective(self) -> Objective:
+        """What the network's output means, and how it samples (the config's objective, with default settings)."""
+        return sampling_objective(self.config.objective)
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
@@ -124,6 +149,10 @@ class DiT(ReferencingModule):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBEDDING_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBEDDING_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBEDDING_INIT_STD)
+        if self.interval_embedder is not None:
+            nn.init.normal_(self.interval_embedder.mlp[0].weight, std=EMBEDDING_INIT_STD)
+            nn.init.zeros_(self.interval_embedder.mlp[2].weight)  # starts as an instantaneous-velocity model
+            nn.init.zeros_(self.interval_embedder.mlp[2].bias)
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         if self.config.block == "adaln_zero":
             zeroed += [block.adaLN_modulation[-1] for block in self.blocks]
@@ -139,12 +168,21 @@ class DiT(ReferencingModule):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
         return x.reshape(x.shape[0], channels, side * patch, side * patch)  # (B, C, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Predict ε (and v) for latents x (B, C, H, W) at integer timesteps t (B,) for classes y (B,)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, interval: torch.Tensor | None = None,
+                drop_labels: bool = True) -> torch.Tensor:
+        """Predict ε (and v) for latents x (B, C, H, W) at timesteps t (B,) for classes y (B,).
+
+        interval: a MeanFlow model's (t − r)·1000 (B,); drop_labels=False keeps the labels as given in training (an
+        objective that drops them itself passes the null class).
+        """
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t_embedding = self.t_embedder(t)  # (B, D)
-        y_embedding = self.y_embedder(y)  # (B, D)
+        y_embedding = self.y_embedder(y, drop_labels)  # (B, D)
         condition = t_embedding + y_embedding  # (B, D)
+        if self.interval_embedder is not None:
+            if interval is None:
+                raise ValueError("a MeanFlow DiT needs the interval t − r (interval=)")
+            condition = condition + self.interval_embedder(interval)  # (B, D)
         context = torch.stack([t_embedding, y_embedding], dim=1)  # (B, 2, D)
         in_context = self.config.block == "in_context"
         if in_context:
@@ -160,17 +198,19 @@ class DiT(ReferencingModule):
         return self.unpatchify(tokens)  # (B, C_out, H, W)
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_all_channels: bool = False
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_all_channels: bool = False,
+        interval: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Classifier-free guidance on a batch laid out as [conditional half; null-class half].
 
         The first half's latents serve both halves. By default only ε channels 0..2 are guided (the official
         behaviour); `guide_all_channels=True` guides every ε channel, the standard formulation. With fewer than
         three input channels (pixel-space grayscale) every ε channel is guided and the variance channels never are:
-        the official slice would reach into the variance channels there and wreck the sampler.
+        the official slice would reach into the variance channels there and wreck the sampler. `interval`: a
+        MeanFlow model's t − r (as `forward`).
         """
         half = x[: len(x) // 2]  # (B/2, C, H, W)
-        output = self.forward(torch.cat([half, half], dim=0), t, y)  # (B, C_out, H, W)
+        output = self.forward(torch.cat([half, half], dim=0), t, y, interval)  # (B, C_out, H, W)
         guided_channels = self.in_channels if guide_all_channels else min(OFFICIAL_GUIDED_CHANNELS, self.in_channels)
         eps, rest = output[:, :guided_channels], output[:, guided_channels:]  # (B, g, H, W), (B, C_out-g, H, W)
         conditional, unconditional = eps.chunk(2, dim=0)  # 2 × (B/2, g, H, W)
@@ -190,11 +230,12 @@ class DiT(ReferencingModule):
     def generate(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float = 4.0,
-        steps: int = 250,
-        sampler: Sampler | None = None,
+        cfg: float | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         noise: torch.Tensor | None = None,
+        cfg_interval: GuidanceInterval | None = None,
         guide_all_channels: bool = False,
         progress: bool = False,
         precision: Precision = "fp32",
@@ -203,13 +244,18 @@ class DiT(ReferencingModule):
 
         Args:
             labels: (B,) class ids, or class names ("Trouser", ["golden retriever", 7]) of a loaded model.
-            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
-            steps: number of respaced diffusion steps (of ODE/SDE steps for a flow model).
-            sampler: for a DDPM model "ddpm" (ancestral, the default), "ddim" (eta 0) or "dpm-solver++" (2M); for a
-                flow model "euler" (the default), "heun" (two network calls a step) or "euler-maruyama".
+            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch). None: the objective's
+                default (the official 4.0 for ddpm; 1.0 for meanflow, whose guidance is trained in).
+            steps: number of sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); None: the
+                objective's default (ddpm 250 as the official sample.py, flow 50, meanflow 1).
+            sampler: one of the objective's samplers (`scalegen.diffusion.objectives.samplers_help()`): ddpm models
+                "ddpm" (ancestral, the default), "ddim" (η 0), "dpm-solver++" (2M); flow models "euler" (the
+                default), "heun", "euler-maruyama"; meanflow models "meanflow" (the default), "euler".
             seed: seed the global torch RNG with this first, restoring it afterwards; None draws from it as it is
                 (the official sampler's habit: noise at every step comes from the global RNG).
             noise: starting noise (B, C, h, w); drawn when None.
+            cfg_interval: (low, high): guide only at noise levels low ≤ t ≤ high (t = 1 is noise; a DDPM step is
+                t·1000); None: the model's stored default (`config.cfg_interval`, every step when that is None).
             guide_all_channels: guide every ε channel instead of the official first three.
             progress: show a progress bar.
             precision: the network's autocast: "fp32" (the default) is the official computation; "bf16" or "auto"
@@ -217,7 +263,7 @@ class DiT(ReferencingModule):
         Returns:
             (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
         """
-        labels, plan = self.sampling_setup(labels, steps, sampler)
+        labels, plan, cfg = self.sampling_setup(labels, steps, sampler, cfg, cfg_interval)
         with seeded(seed, labels.device), autocast(precision, labels.device):
             return sample_with_guidance(self, plan, labels, cfg, self.decoder, noise, guide_all_channels, progress)
 
@@ -225,11 +271,12 @@ class DiT(ReferencingModule):
     def generate_frames(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float = 4.0,
-        steps: int = 250,
-        sampler: Sampler | None = None,
+        cfg: float | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         frames: int = 8,
+        cfg_interval: GuidanceInterval | None = None,
         guide_all_channels: bool = False,
         precision: Precision = "fp32",
     ) -> list[torch.Tensor]:
@@ -239,7 +286,8 @@ class DiT(ReferencingModule):
         Returns:
             `frames` tensors (B, C, H, W) in [0, 1], from the first step's prediction to the final sample.
         """
-        labels, plan = self.sampling_setup(labels, steps, sampler)
+        labels, plan, cfg = self.sampling_setup(labels, steps, sampler, cfg, cfg_interval)
+        steps = plan.steps
         shown = {round(index * (steps - 1) / max(frames - 1, 1)) for index in range(frames)}
         images = []
         with seeded(seed, labels.device), autocast(precision, labels.device):
@@ -251,29 +299,20 @@ class DiT(ReferencingModule):
         return images
 
     def sampling_setup(
-        self, labels: torch.Tensor | Sequence[int], steps: int, sampler: Sampler | None
-    ) -> tuple[torch.Tensor, SamplingPlan]:
-        """Checked class ids (B,) on the model's device and the sampling plan of `steps` steps."""
+        self, labels: torch.Tensor | Sequence[int], steps: int | None, sampler: str | None, cfg: float | None,
+        cfg_interval: GuidanceInterval | None,
+    ) -> tuple[torch.Tensor, SamplingPlan, float]:
+        """Checked class ids (B,) on the model's device, the sampling plan and the guidance scale, each default taken
+        from the objective (steps, sampler, cfg) or the config (the guidance interval)."""
         labels = label_ids(labels, self.class_names)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
-        return labels, sampling_plan(self.objective, sampler, steps, self.config.learn_sigma)
-
-
-def sampling_plan(objective: Objective, sampler: Sampler | None, steps: int, learn_sigma: bool) -> SamplingPlan:
-    """The plan for a model trained with `objective`; `sampler` None takes the objective's default. A sampler of
-    the other objective is a one-line error."""
-    if objective not in OBJECTIVES:
-        raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    sampler = sampler or DEFAULT_SAMPLERS[objective]
-    if sampler not in OBJECTIVE_SAMPLERS[objective]:
-        raise UserError(f"a model trained with the {objective} objective samples with "
-                        f"{', '.join(OBJECTIVE_SAMPLERS[objective])}, not {sampler}")
-    if objective == "flow":
-        return SamplingPlan(LinearFlow(), sampler, steps)
-    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-    return SamplingPlan(create_diffusion(respacing, learn_sigma=learn_sigma), sampler, steps)
+        objective = self.objective
+        steps = objective.check_steps(steps)
+        interval = check_guidance_interval(cfg_interval if cfg_interval is not None else self.config.cfg_interval)
+        plan = SamplingPlan(objective, objective.check_sampler(sampler), steps, interval)
+        return labels, plan, objective.default_cfg if cfg is None else cfg
 
 
 @contextmanager

@@ -1,34 +1,89 @@
-"""DiT transformer blocks: adaLN-Zero (the paper's choice) and the three designs it was ablated against."""
+"""DiT transformer blocks: adaLN-Zero (the paper's choice) and the three designs it was ablated against, with
+LightningDiT's block options (RMSNorm, SwiGLU, 2-D RoPE, QK-norm) for the adaLN blocks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from scalegen.models.layers import LAYER_NORM_EPS, Attention, CrossAttention, Mlp, modulate
+from scalegen.errors import UserError
+from scalegen.models.layers import (
+    LAYER_NORM_EPS, ROPE_HEAD_DIVISOR, Attention, CrossAttention, Mlp, SwiGLU, modulate, swiglu_hidden_size,
+)
 
 BlockKind = Literal["adaln_zero", "adaln", "in_context", "cross_attention"]
 BLOCK_KINDS: tuple[str, ...] = ("adaln_zero", "adaln", "in_context", "cross_attention")
+ADALN_KINDS: tuple[str, ...] = ("adaln_zero", "adaln")
+NormKind = Literal["layernorm", "rmsnorm"]
+NORM_KINDS: tuple[str, ...] = ("layernorm", "rmsnorm")
+MlpKind = Literal["gelu", "swiglu"]
+MLP_KINDS: tuple[str, ...] = ("gelu", "swiglu")
 
 
-def plain_norm(dim: int) -> nn.LayerNorm:
-    """LayerNorm without affine parameters, as every adaLN-conditioned norm in DiT."""
+@dataclass(frozen=True)
+class BlockOptions:
+    """LightningDiT's options for the adaLN blocks; the defaults are the official DiT block, bit for bit.
+
+    Fields:
+        norm: "layernorm" (DiT's) or "rmsnorm" for the blocks' two affine-free norms.
+        mlp: "gelu" (DiT's tanh-GELU MLP) or "swiglu" (LightningDiT's, hidden width 2/3 of the GELU MLP's).
+        rope: rotate queries and keys by their 2-D grid position (the absolute sin-cos embedding stays).
+        qk_norm: RMS-normalise each head's queries and keys (learnable weights) before RoPE and attention.
+    """
+
+    norm: NormKind = "layernorm"
+    mlp: MlpKind = "gelu"
+    rope: bool = False
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORM_KINDS:
+            raise UserError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
+        if self.mlp not in MLP_KINDS:
+            raise UserError(f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLP_KINDS)}")
+
+    def check(self, kind: str, head_dim: int) -> None:
+        """A one-line error when options other than the official ones meet a block kind without them, or RoPE a
+        head dimension it cannot split into row and column channel pairs."""
+        if kind not in ADALN_KINDS and self != OFFICIAL_BLOCK:
+            raise UserError(f"--norm, --mlp, --rope and --qk-norm apply to the {' and '.join(ADALN_KINDS)} blocks, "
+                            f"not {kind}; drop them or use --block adaln_zero")
+        if self.rope and head_dim % ROPE_HEAD_DIVISOR:
+            raise UserError(f"--rope needs a head dimension (hidden size / heads) divisible by {ROPE_HEAD_DIVISOR}; "
+                            f"got {head_dim}: change --hidden-size or --num-heads")
+
+
+OFFICIAL_BLOCK = BlockOptions()
+
+
+def plain_norm(dim: int, kind: NormKind = OFFICIAL_BLOCK.norm) -> nn.Module:
+    """A norm without affine parameters, as every adaLN-conditioned norm in DiT: LayerNorm, or RMSNorm."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=LAYER_NORM_EPS, elementwise_affine=False)
     return nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
 
 
 class AdaLNBlock(nn.Module):
     """Block whose norms are modulated by the conditioning c: shift, scale and a residual gate per branch.
 
-    With adaLN-Zero the modulation is zero-initialised so each block starts as the identity.
+    With adaLN-Zero the modulation is zero-initialised so each block starts as the identity. `options` choose
+    LightningDiT's norm, MLP, RoPE (on the grid_size × grid_size token grid) and QK-norm.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, options: BlockOptions = OFFICIAL_BLOCK,
+                 grid_size: int | None = None):
         super().__init__()
-        self.norm1 = plain_norm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = plain_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if options.rope and grid_size is None:
+            raise ValueError("RoPE needs the token grid's side (grid_size)")
+        self.norm1 = plain_norm(dim, options.norm)
+        self.attn = Attention(dim, num_heads, options.qk_norm, grid_size if options.rope else None)
+        self.norm2 = plain_norm(dim, options.norm)
+        if options.mlp == "swiglu":
+            self.mlp = SwiGLU(dim, swiglu_hidden_size(dim, mlp_ratio))
+        else:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,10 +142,19 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
 
 
-def make_block(kind: str, dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
-    """Build one transformer block of the given kind (see BLOCK_KINDS)."""
-    if kind in ("adaln_zero", "adaln"):
-        return AdaLNBlock(dim, num_heads, mlp_ratio)
+def make_block(kind: str, dim: int, num_heads: int, mlp_ratio: float, options: BlockOptions = OFFICIAL_BLOCK,
+               grid_size: int | None = None) -> nn.Module:
+    """Build one transformer block of the given kind (see BLOCK_KINDS).
+
+    Args:
+        kind: the conditioning block.
+        dim, num_heads, mlp_ratio: width, heads, MLP width over `dim` (of the GELU MLP).
+        options: LightningDiT's options, for the adaLN kinds only (a one-line error otherwise).
+        grid_size: the token grid's side (input_size // patch_size), which RoPE needs.
+    """
+    options.check(kind, dim // num_heads)
+    if kind in ADALN_KINDS:
+        return AdaLNBlock(dim, num_heads, mlp_ratio, options, grid_size)
     if kind == "in_context":
         return PlainBlock(dim, num_heads, mlp_ratio)
     if kind == "cross_attention":

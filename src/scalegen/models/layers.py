@@ -11,6 +11,10 @@ from torch import nn
 LAYER_NORM_EPS = 1e-6
 TIMESTEP_FREQUENCY_SIZE = 256
 MAX_PERIOD = 10000
+ROPE_BASE = 10000  # θ of the rotary frequencies (EVA / LightningDiT)
+ROPE_AXES = 2  # 2-D RoPE: one half of each head rotates with the token's row, the other with its column
+ROPE_HEAD_DIVISOR = 2 * ROPE_AXES  # each half turns channel pairs
+SWIGLU_HIDDEN_FRACTION = 2 / 3  # SwiGLU's hidden width against the GELU MLP's (about the same parameters and MACs)
 
 
 class ReferencedModule:
@@ -44,24 +48,70 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, T, D)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Each channel pair (x₂ᵢ, x₂ᵢ₊₁) of x (..., d) turned by 90°: (−x₂ᵢ₊₁, x₂ᵢ) (EVA's `rotate_half`)."""
+    first, second = x.unflatten(-1, (-1, 2)).unbind(-1)  # 2 × (..., d/2)
+    return torch.stack((-second, first), dim=-1).flatten(-2)  # (..., d)
+
+
+def rope_angles(head_dim: int, grid_size: int) -> torch.Tensor:
+    """Rotation angles (grid_size², head_dim), in float64, of 2-D RoPE for a row-major token grid, as EVA's /
+    LightningDiT's `VisionRotaryEmbeddingFast`: the first half of the head rotates with the token's row, the second
+    half with its column; each half turns its channel pairs at frequencies ROPE_BASE^(−2i/half), i < half/2."""
+    if head_dim % ROPE_HEAD_DIVISOR:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by {ROPE_HEAD_DIVISOR}; got {head_dim}")
+    axis_dim = head_dim // ROPE_AXES
+    frequencies = 1.0 / ROPE_BASE ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)  # (a/2,)
+    positions = torch.arange(grid_size, dtype=torch.float64)  # (G,)
+    axis_angles = torch.outer(positions, frequencies).repeat_interleave(2, dim=-1)  # (G, a): both channels of a pair
+    rows = axis_angles[:, None, :].expand(grid_size, grid_size, axis_dim)  # (G, G, a)
+    columns = axis_angles[None, :, :].expand(grid_size, grid_size, axis_dim)  # (G, G, a)
+    return torch.cat([rows, columns], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, d)
+
+
+class RotaryEmbedding2d(nn.Module):
+    """2-D rotary position embedding of queries or keys (B, H, T, d) on a grid_size × grid_size token grid.
+
+    The cos / sin tables are non-persistent buffers, rebuilt from the grid size: they add no state-dict keys.
+    """
+
+    def __init__(self, head_dim: int, grid_size: int):
+        super().__init__()
+        angles = rope_angles(head_dim, grid_size)  # (T, d)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)  # 2 × (T, d), in the activations' precision
+        return x * cos + rotate_pairs(x) * sin  # (B, H, T, d)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient when available).
 
-    Key names follow timm's `Attention` (`qkv`, `proj`), which the official DiT checkpoints use.
+    Key names follow timm's `Attention` (`qkv`, `proj`), which the official DiT checkpoints use. Two LightningDiT
+    options, both off by default: `qk_norm` RMS-normalises each head's queries and keys (learnable weights
+    `q_norm.weight`, `k_norm.weight`) and `rope_grid_size` rotates them by their 2-D position on that token grid
+    (after the norm, as LightningDiT). Off, they are identities, so the default computation is unchanged.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope_grid_size: int | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=LAYER_NORM_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=LAYER_NORM_EPS) if qk_norm else nn.Identity()
+        self.rope = RotaryEmbedding2d(head_dim, rope_grid_size) if rope_grid_size else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)  # (B, T, 3, H, d)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        query, key = self.rope(self.q_norm(query)), self.rope(self.k_norm(key))  # 2 × (B, H, T, d)
         x = F.scaled_dot_product_attention(query, key, value)  # (B, H, T, d)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))  # (B, T, D)
 
@@ -97,6 +147,25 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))  # (B, T, D)
+
+
+def swiglu_hidden_size(dim: int, mlp_ratio: float) -> int:
+    """LightningDiT's SwiGLU hidden width: 2/3 of the GELU MLP's int(dim · mlp_ratio), truncated as there."""
+    return int(SWIGLU_HIDDEN_FRACTION * int(dim * mlp_ratio))
+
+
+class SwiGLU(nn.Module):
+    """LightningDiT's SwiGLU MLP: fc2(SiLU(gate) · value), with gate and value packed in fc1 (LightningDiT's `w12`,
+    gate first; fc2 is its `w3`), so its three matrices run as two matmuls."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # 2 × (B, T, h)
+        return self.fc2(F.silu(gate) * value)  # (B, T, D)
 
 
 class PatchEmbed(nn.Module):
@@ -147,8 +216,10 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, drop: bool = True) -> torch.Tensor:
+        """Embed labels (B,) -> (B, D), dropping each to the null class with the dropout probability in training
+        (unless `drop` is False: the caller dropped them itself)."""
+        if drop and self.training and self.dropout_prob > 0:
             dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (B,)
             labels = torch.where(dropped, self.num_classes, labels)  # (B,)
         return self.embedding_table(labels)  # (B, D)

@@ -1,15 +1,13 @@
 """Training a DiT: the task (its objective's loss, sample grid) and `train_dit`, which builds a run from `DiTOptions`
 in pixel space, in SD-VAE latents, or in the quantized features of one of our tokenizers.
 
-Objectives: "ddpm" (the paper's: ε-prediction with learned σ, t uniform over 1000 steps; optionally min-SNR-γ
-weighting of the ε loss) or "flow" (SiT's linear interpolant with velocity prediction, t uniform or logit-normal).
-Either can add REPA's alignment loss (train/repa.py).
+The objective (diffusion/objectives.py: "ddpm", the paper's; "flow", SiT's; "meanflow", one-step) owns the loss and
+draws its own times; any of them can add REPA's alignment loss (train/repa.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -17,10 +15,8 @@ from torch import nn
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import setup_distributed
-from scalegen.diffusion.flow import TIME_SAMPLINGS, LinearFlow, TimeSampling
-from scalegen.diffusion.math import schedule_on_device
-from scalegen.diffusion.respace import create_diffusion
-from scalegen.diffusion.sampling import OBJECTIVES, Objective
+from scalegen.diffusion.objective import Objective
+from scalegen.diffusion.objectives import objective_class, setting_owners, training_objective
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
@@ -35,49 +31,59 @@ from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
 
 REPA_DEFAULT_DEPTH = 2  # the aligned block when an encoder is given (REPA: about a third of the depth)
-LossWeighting = Literal["none", "min-snr"]
-LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min-snr")
+# An objective setting's command-line flag where it is not the field's name with dashes.
+SETTING_FLAGS = {"time_sampling": "--t-sampling", "guidance": "--train-cfg"}
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """What the DiT learns to predict and how its loss is drawn and weighted (stored in every checkpoint's config).
+    """How the DiT is trained: its objective and that objective's settings, and REPA (stored in every checkpoint's
+    config as "objective"). Each setting belongs to the objectives that have a field of its name
+    (diffusion/ddpm.py, flow.py, meanflow.py); changing one that the chosen objective lacks is a one-line error.
 
     Fields:
-        name: "ddpm" (ε and learned σ, the paper's) or "flow" (velocity on the linear interpolant, SiT's).
-        time_sampling: flow only: t "uniform" or "logit-normal" (location logit_mean, scale logit_std).
-        loss_weighting: ddpm only: "min-snr" weights the ε loss by min(SNR, γ)/SNR (Hang et al. 2023).
-        snr_gamma: γ of min-SNR (the paper's 5).
+        name: "ddpm", "flow" or "meanflow" (`scalegen.diffusion.objectives.OBJECTIVES`).
+        time_sampling, logit_mean, logit_std: flow and meanflow: t "uniform" or "logit-normal" (location, scale).
+        loss_weighting, snr_gamma: ddpm: "min-snr" weights the ε loss by min(SNR, γ)/SNR.
+        mean_fraction, weighting_power, weighting_constant: meanflow: the share of examples with r < t and the
+            adaptive weight 1 / (‖Δ‖² + c)^p.
+        guidance: meanflow: the guidance scale ω trained into the model (1: none).
         repa_depth: REPA's block (1-based; 0: no REPA), repa_weight: λ of its loss.
     """
 
-    name: Objective = "ddpm"
-    time_sampling: TimeSampling = "uniform"
+    name: str = "ddpm"
+    time_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    loss_weighting: LossWeighting = "none"
+    loss_weighting: str = "none"
     snr_gamma: float = 5.0
+    mean_fraction: float = 0.25
+    weighting_power: float = 1.0
+    weighting_constant: float = 1e-3
+    guidance: float = 1.0
     repa_depth: int = 0
     repa_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise UserError(f"unknown objective {self.name!r}; use one of {', '.join(OBJECTIVES)}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise UserError(f"unknown --t-sampling {self.time_sampling!r}; use one of {', '.join(TIME_SAMPLINGS)}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise UserError(f"unknown --loss-weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
-        if self.name == "ddpm" and self.time_sampling != "uniform":
-            raise UserError("--t-sampling is for --objective flow; ddpm draws its 1000 steps uniformly")
-        if self.name == "flow" and self.loss_weighting != "none":
-            raise UserError("--loss-weighting min-snr weights the ddpm objective; flow trains unweighted")
-        if self.snr_gamma <= 0:
-            raise UserError(f"--snr-gamma is {self.snr_gamma}; it must be positive")
+        objective_class(self.name)
+        for setting in fields(self):
+            value, owners = getattr(self, setting.name), setting_owners(setting.name)
+            if owners and self.name not in owners and value != setting.default:
+                flag = SETTING_FLAGS.get(setting.name, "--" + setting.name.replace("_", "-"))
+                raise UserError(f"{flag} {value} is a setting of --objective {' or '.join(owners)}, not {self.name}; "
+                                "leave it at its default")
+        self.objective(learn_sigma=False, num_classes=1, class_dropout=0.0)  # checks the settings' values
+
+    def objective(self, learn_sigma: bool, num_classes: int, class_dropout: float,
+                  guidance_interval: tuple[float, float] | None = None) -> Objective:
+        """The training objective for a model of these properties."""
+        return training_objective(self.name, {**asdict(self), "learn_sigma": learn_sigma, "num_classes": num_classes,
+                                              "class_dropout": class_dropout, "guidance_interval": guidance_interval})
 
 
 class DiTTask(TrainingTask):
-    """DiT trained with its objective's loss: ddpm (MSE on ε + VLB on the variance, t uniform over all 1000 steps)
-    or flow (velocity MSE), plus REPA's alignment loss when an encoder is given.
+    """DiT trained with its objective's loss (ddpm: MSE on ε + VLB on the variance; flow: velocity MSE; meanflow:
+    the adaptively weighted average-velocity loss), plus REPA's alignment loss when an encoder is given.
 
     The batch holds either pixels ("image", encoded on the fly through the codec when one is given) or cached
     latents ("latent", with "image" too for REPA's encoder). Recipe: the DiT paper's (AdamW lr 1e-4, no weight
@@ -97,13 +103,11 @@ class DiTTask(TrainingTask):
         objective: ObjectiveConfig = ObjectiveConfig(),
         repa_encoder: nn.Module | None = None,
     ):
+        model_config = replace(model_config, objective=objective.name)  # the model's config records its objective
         super().__init__(DiT(model_config, decoder=codec), extra_config)
-        if objective.name == "flow" and model_config.learn_sigma:
-            raise UserError("a flow model predicts a velocity only: train it with --no-learn-sigma")
         self.codec, self.vae, self.objective = codec, vae, objective
-        self.model.objective = objective.name
-        self.diffusion = create_diffusion("", learn_sigma=model_config.learn_sigma)
-        self.flow = LinearFlow(objective.time_sampling, objective.logit_mean, objective.logit_std)
+        self.training_objective = objective.objective(model_config.learn_sigma, model_config.num_classes,
+                                                      model_config.class_dropout_prob, model_config.cfg_interval)
         self.sample_steps, self.sample_cfg_scale = sample_steps, sample_cfg_scale
         self.repa_encoder, self.projector, self.tap = repa_encoder, None, None
         if repa_encoder is not None:
@@ -131,14 +135,7 @@ class DiTTask(TrainingTask):
             x_start = self.codec.encode(batch["image"])  # (B, C_latent, h, w)
         else:
             x_start = batch["image"]  # (B, C, H, W)
-        kwargs = {"y": batch["label"]}
-        if self.objective.name == "flow":
-            terms = self.flow.training_losses(model, x_start, model_kwargs=kwargs)
-        else:
-            t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)  # (B,)
-            terms = self.diffusion.training_losses(model, x_start, t, model_kwargs=kwargs)
-            if self.objective.loss_weighting == "min-snr":
-                terms["loss"] = self.min_snr_weights(t) * terms["mse"] + terms.get("vb", 0.0)  # (B,)
+        terms = self.training_objective.training_losses(model, x_start, model_kwargs={"y": batch["label"]})
         loss = terms["loss"].mean()
         extra = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}  # () each
         if self.tap is not None:
@@ -147,15 +144,11 @@ class DiTTask(TrainingTask):
             extra["repa"] = alignment.detach()  # ()
         return loss, extra
 
-    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """min(SNR_t, γ) / SNR_t for step indices t (B,), with SNR = ᾱ / (1 − ᾱ)."""
-        alphas_cumprod = schedule_on_device(self.diffusion.alphas_cumprod, t.device)[t]  # (B,)
-        snr = alphas_cumprod / (1 - alphas_cumprod)  # (B,)
-        return snr.clamp(max=self.objective.snr_gamma) / snr  # (B,)
-
     def repa_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images."""
-        tokens = self.tap.take()  # (B, T', D)
+        """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images (of the
+        examples whose forward ran last: all of them, but for MeanFlow's `aligned_examples`)."""
+        tokens = self.tap.take()  # (B', T', D)
+        images = images[len(images) - len(tokens):]  # (B', C, H, W)
         grid = self.model.config.input_size // self.model.config.patch_size
         tokens = tokens[:, -grid * grid :]  # (B, T, D): image tokens only (in-context blocks put theirs first)
         target = token_grid_features(self.repa_encoder(images).float(), grid)  # (B, T, C)
@@ -174,8 +167,10 @@ class DiTTask(TrainingTask):
         save_grid(images, len(classes), path)
 
     def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """With the run's sample steps and guidance, and the objective's default sampler."""
-        return model.generate(labels, cfg=self.sample_cfg_scale, steps=self.sample_steps, seed=seed)  # (B, C, H, W)
+        """With the run's sample steps and guidance (a MeanFlow model's guidance is trained in: it samples with
+        cfg 1), and the objective's default sampler."""
+        cfg = 1.0 if self.objective.guidance > 1.0 else self.sample_cfg_scale
+        return model.generate(labels, cfg=cfg, steps=self.sample_steps, seed=seed)  # (B, C, H, W)
 
 
 @dataclass
@@ -190,13 +185,17 @@ class DiTOptions:
         tokenizer: a `train vqvae` run: diffuse its quantized features instead (not with vae).
         latent_cache: encode the data set once into RUN/latents/ (every rank encodes its shards).
         block: the conditioning block ("adaln_zero", the paper's, or an ablation).
+        norm, mlp, rope, qk_norm: LightningDiT's block options for the adaLN blocks ("rmsnorm" norms, a "swiglu"
+            MLP, 2-D RoPE, QK-norm); the defaults are DiT's block (see `BlockOptions`).
         class_dropout: label dropout for classifier-free guidance.
-        learn_sigma: predict the variance interpolation too (None: yes for ddpm, no for flow, which cannot).
+        learn_sigma: predict the variance interpolation too (None: where the objective can, i.e. for ddpm).
         sample_steps, sample_cfg: the periodic sample grid's steps and guidance scale.
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
-        objective, t_sampling, logit_mean, logit_std, loss_weighting, snr_gamma: the `ObjectiveConfig`.
-        repa_encoder: REPA's frozen encoder (`train classifier --export` file; None: no REPA), repa_depth: the
-            aligned block (1-based), repa_weight: λ.
+        cfg_interval: (low, high) noise levels at which guidance applies, stored as the model's sampling default;
+            a MeanFlow model also trains its guidance in only there. None: every step.
+        objective: the objective and its settings, REPA's block and weight (`ObjectiveConfig`).
+        repa_encoder: REPA's frozen encoder (`train classifier --export` file; None: no REPA); REPA aligns block
+            `objective.repa_depth` (REPA_DEFAULT_DEPTH when that is 0).
     """
 
     model: str = "DiT-S/2"
@@ -206,6 +205,10 @@ class DiTOptions:
     tokenizer: str | None = None
     latent_cache: bool = False
     block: str = "adaln_zero"
+    norm: str = DiTConfig.norm
+    mlp: str = DiTConfig.mlp
+    rope: bool = DiTConfig.rope
+    qk_norm: bool = DiTConfig.qk_norm
     class_dropout: float = 0.1
     learn_sigma: bool | None = None
     depth: int | None = None
@@ -215,15 +218,9 @@ class DiTOptions:
     sample_steps: int = 50
     sample_cfg: float = 4.0
     init_from: str | None = None
-    objective: Objective = ObjectiveConfig.name
-    t_sampling: TimeSampling = ObjectiveConfig.time_sampling
-    logit_mean: float = ObjectiveConfig.logit_mean
-    logit_std: float = ObjectiveConfig.logit_std
-    loss_weighting: LossWeighting = ObjectiveConfig.loss_weighting
-    snr_gamma: float = ObjectiveConfig.snr_gamma
+    cfg_interval: tuple[float, float] | None = None
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     repa_encoder: str | None = None
-    repa_depth: int = REPA_DEFAULT_DEPTH
-    repa_weight: float = ObjectiveConfig.repa_weight
 
     @property
     def pixel_space(self) -> bool:
@@ -231,12 +228,13 @@ class DiTOptions:
 
     @property
     def learns_sigma(self) -> bool:
-        return self.learn_sigma if self.learn_sigma is not None else self.objective == "ddpm"
+        return self.learn_sigma if self.learn_sigma is not None else objective_class(self.objective.name).learns_sigma
 
     def objective_config(self) -> ObjectiveConfig:
-        """The run's `ObjectiveConfig` (checked)."""
-        return ObjectiveConfig(self.objective, self.t_sampling, self.logit_mean, self.logit_std, self.loss_weighting,
-                               self.snr_gamma, self.repa_depth if self.repa_encoder else 0, self.repa_weight)
+        """The run's `ObjectiveConfig`: REPA's block is 0 without an encoder, REPA_DEFAULT_DEPTH when unset."""
+        if not self.repa_encoder:
+            return replace(self.objective, repa_depth=0)
+        return replace(self.objective, repa_depth=self.objective.repa_depth or REPA_DEFAULT_DEPTH)
 
 
 def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:
@@ -245,6 +243,8 @@ def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num
     config = preset_config(
         options.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         class_dropout_prob=options.class_dropout, learn_sigma=options.learns_sigma, block=options.block,
+        objective=options.objective.name, cfg_interval=options.cfg_interval,
+        norm=options.norm, mlp=options.mlp, rope=options.rope, qk_norm=options.qk_norm,
     )
     for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(options, name) is not None:
@@ -279,6 +279,9 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         if options.tokenizer and not options.pixel_space:
             raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
         objective = options.objective_config()
+        if config.fsdp and objective_class(objective.name).forward_mode:
+            raise UserError(f"--objective {objective.name} differentiates the network in forward mode, which FSDP2's "
+                            "sharded parameters do not support: train it with DDP (leave out --fsdp)")
         encoder = load_patch_encoder(options.repa_encoder) if options.repa_encoder else None
         run = RunFolder(config.out)
         dataset = limited(open_dataset(options.data, options.image_size), config.max_images)

@@ -2,6 +2,8 @@
 
 Every tensor must fit the new model, except the class embedding when the number of classes differs (ImageNet-1k →
 a 5-class folder): its rows are drawn fresh, the null-class row (the unconditional embedding guidance uses) is kept.
+Tensors the new model's objective adds (a MeanFlow DiT's interval embedding, fine-tuned from a flow DiT) start at
+their initialisation.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def initialize_from(model: nn.Module, path: str | Path) -> dict:
     """
     _, weights = load_weights(path)
     own = model.state_dict()
+    additions = getattr(model, "OBJECTIVE_ADDITIONS", ())
+    fresh = [name for name in own if name not in weights and name.startswith(additions)]
+    weights.update({name: own[name] for name in fresh})  # an objective's own tensors start at their initialisation
     missing = [name for name in own if name not in weights]
     if missing:
         raise UserError(f"{path} has no tensor {missing[0]!r} (and {len(missing) - 1} more) that this model needs; "
@@ -56,6 +61,9 @@ def initialize_from(model: nn.Module, path: str | Path) -> dict:
         raise UserError(f"tensor {name!r} is {tuple(source.shape)} in {path} but {tuple(tensor.shape)} in this model; "
                         "give the options (size, patch, channels) of the checkpoint you fine-tune from")
     model.load_state_dict({name: weights[name] for name in own}, strict=True)
+    if fresh:
+        print(f"init-from {path}: {len(fresh)} tensors of this objective start at their initialisation "
+              f"({', '.join(sorted({name.split('.')[0] for name in fresh}))})")
     if reinitialized:
         print(f"init-from {path}: another number of classes, so {', '.join(reinitialized)} starts afresh "
               "(the null-class row is kept)")

@@ -24,7 +24,7 @@ from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.images import grid_labels, image_grid, labelled, picture_tensor
-from scalegen.diffusion.sampling import FAST_SAMPLERS, OBJECTIVE_SAMPLERS
+from scalegen.diffusion.objectives import sampling_objective
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
@@ -60,10 +60,14 @@ class Models:
                   if model is not None]
         return "loaded " + "; ".join(loaded) if loaded else "no model loaded"
 
-    def dit_samplers(self) -> tuple[list[str], str]:
-        """The samplers the loaded DiT's objective offers, and the page's default among them."""
-        objective = self.dit.objective if self.dit is not None else "ddpm"
-        return list(OBJECTIVE_SAMPLERS[objective]), FAST_SAMPLERS[objective]
+    def dit_settings(self) -> tuple[list[str], str, int, float]:
+        """The samplers the loaded DiT's objective offers, and the page's starting sampler, steps and guidance: the
+        shipped DiT's (50 steps, cfg 2), or the objective's own when it takes fewer steps (a MeanFlow DiT: 1 step,
+        its guidance trained in)."""
+        objective = self.dit.objective if self.dit is not None else sampling_objective("ddpm")
+        if objective.default_steps < SHIPPED_DIT_STEPS:
+            return list(objective.samplers), objective.fast_sampler, objective.default_steps, objective.default_cfg
+        return list(objective.samplers), objective.fast_sampler, SHIPPED_DIT_STEPS, SHIPPED_DIT_CFG
 
     def class_names(self) -> list[str]:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
@@ -151,6 +155,9 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
         forming = strip(frames())
     figures = (f"**{name}**: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image "
                "(2 per multiply-add)")
+    if name == "DiT":
+        calls = model.objective.network_calls(sampler, int(steps), cfg, model.config.cfg_interval)
+        figures += f", {calls} network calls/image"
     grid = image_grid(images, rows=len(class_ids))
     return labelled(grid, [model.class_names[index] for index in class_ids]) if label_rows else grid, forming, figures
 
@@ -218,9 +225,9 @@ def load(models: Models, dit_path: str, var_path: str):
     except (UserError, ValueError) as error:
         message = WARNING + str(error)
     names = models.class_names()
-    samplers, default = models.dit_samplers()
+    samplers, default, steps, cfg = models.dit_settings()
     return (message, gr.update(choices=names, value=[]), gr.update(choices=[UNCONDITIONAL, *names]),
-            gr.update(choices=samplers, value=default))
+            gr.update(choices=samplers, value=default), gr.update(value=steps), gr.update(value=cfg))
 
 
 def shown_image(label: str, elem_id: str, height: int = SHOWN_HEIGHT) -> gr.Image:
@@ -249,14 +256,14 @@ def build_app(models: Models) -> gr.Blocks:
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 label_rows = gr.Checkbox(True, label="label rows with class names", elem_id="label-rows")
             with gr.Row():
-                dit_cfg = gr.Slider(1.0, 8.0, value=SHIPPED_DIT_CFG, step=0.5, label="DiT guidance (cfg)",
+                samplers, default_sampler, default_steps, default_cfg = models.dit_settings()
+                dit_cfg = gr.Slider(1.0, 8.0, value=default_cfg, step=0.5, label="DiT guidance (cfg)",
                                     elem_id="dit-cfg")
                 var_cfg = gr.Slider(1.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="VAR guidance (cfg)",
                                     elem_id="var-cfg")
             with gr.Row():
-                samplers, default_sampler = models.dit_samplers()
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
-                steps = gr.Slider(2, 250, value=SHIPPED_DIT_STEPS, step=1, label="DiT steps", elem_id="steps")
+                steps = gr.Slider(1, 250, value=default_steps, step=1, label="DiT steps", elem_id="steps")
                 top_k = gr.Number(0, precision=0, label="VAR top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 1.0, value=SAMPLE_TOP_P, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -291,7 +298,7 @@ def build_app(models: Models) -> gr.Blocks:
                 shown_mask = shown_image("mask (white: regenerated)", "edit-mask")
                 shown_result = shown_image("result", "edit-result")
         load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path],
-                          [load_message, classes, edit_class, sampler])
+                          [load_message, classes, edit_class, sampler, steps, dit_cfg])
         generate.click(lambda *values: sample(models, *values),
                        [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])

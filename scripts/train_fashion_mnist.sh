@@ -40,6 +40,21 @@ $SCALEGEN train var --tokenizer "$RUNS/tokenizer_var" --data fashion-mnist \
   --num-workers 4 --sample-every 0 --checkpoint-every 400 --log-every 50 --out "$RUNS/var"
 
 $SCALEGEN export --run "$RUNS/dit" --out "$SHIPPED/dit"  # the EMA beat the raw weights (RECIPE.md)
+
+# The one-step DiT: MeanFlow fine-tuned from the shipped DiT (its interval embedding starts at zero, so it starts as
+# that flow model), guidance 2 trained in, in three stages (RECIPE.md says why): 1,500 steps with logit-normal t and
+# half the examples at r < t, resumed to 4,500 (the learning rate's decay restarted there), then 1,000 steps with
+# uniform t and three quarters at r < t, from the step-4,500 weights (later options win over $MEANFLOW's).
+MEANFLOW="--tokenizer $RUNS/tokenizer --data fashion-mnist --image-size 32 --model DiT-S/2 --depth 6 --hidden-size 192 \
+  --num-heads 3 --latent-cache --init-from $SHIPPED/dit --objective meanflow --t-sampling logit-normal \
+  --logit-mean -0.4 --mean-fraction 0.5 --train-cfg 2 --batch-size 128 --lr 1e-4 --warmup-steps 100 --grad-clip 1.0 \
+  --ema 0.999 --lr-decay-to 0.1 --precision fp32 --checkpoint-every 250 --keep-checkpoints 10 --log-every 25 \
+  --sample-steps 1 --out $RUNS/dit_meanflow"
+$SCALEGEN train dit $MEANFLOW --steps 1500
+$SCALEGEN train dit $MEANFLOW --steps 4500
+$SCALEGEN train dit $MEANFLOW --init-from "$RUNS/dit_meanflow/checkpoints/step-0004500" --t-sampling uniform \
+  --logit-mean 0 --mean-fraction 0.75 --warmup-steps 50 --ema 0.998 --steps 1000 --out "$RUNS/dit_meanflow_uniform"
+$SCALEGEN export --run "$RUNS/dit_meanflow_uniform" --out "$SHIPPED/dit_meanflow"
 $SCALEGEN export --run "$RUNS/var" --out "$SHIPPED/var" --weights raw
 $SCALEGEN plot "$RUNS/tokenizer" "$RUNS/dit" "$RUNS/tokenizer_var" "$RUNS/var" --by run \
   --metric loss,l1,l2,quantizer,mse,repa,accuracy --log-y --out "$SHIPPED/curves.png"

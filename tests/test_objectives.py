@@ -15,7 +15,7 @@ from scalegen.diffusion.objective import TIME_SCALE
 from scalegen.diffusion.objectives import OBJECTIVE_NAMES, OBJECTIVES, SAMPLERS, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
-from scalegen.pretrained import SHIPPED_DIT, load_dit
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.init_from import initialize_from
 from scalegen.train.trainer import TrainConfig, train
@@ -249,7 +249,7 @@ def test_sampling_cost_is_the_forward_pass_times_the_network_calls():
     assert dit_config_macs(meanflow) - dit_config_macs(flow) == embedding
 
 
-@pytest.mark.parametrize("folder", [SHIPPED_DIT])
+@pytest.mark.parametrize("folder", [SHIPPED_DIT, SHIPPED_MEANFLOW_DIT], ids=["dit", "meanflow dit"])
 def test_a_shipped_dit_rebuilt_from_its_config_alone_samples_as_the_loader_s(folder):
     loaded = load_dit(folder)
     rebuilt = DiT(DiTConfig(**json.loads((folder / "config.json").read_text())["model"])).eval()

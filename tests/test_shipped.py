@@ -7,24 +7,27 @@ import torch
 from PIL import Image
 
 from scalegen.cli.main import main
-from scalegen.cli.demo import dit_drawer, var_drawer
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR
+from scalegen.cli.demo import dit_drawer, grid_file, var_drawer
+from scalegen.pretrained import (
+    SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS, SHIPPED_VAR,
+)
 
 SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024  # each shipped model, tokenizer included
 LABELS = torch.tensor([0, 7, 9])
 
 
-@pytest.mark.parametrize("folder", [SHIPPED_DIT, SHIPPED_VAR], ids=["dit", "var"])
+@pytest.mark.parametrize("folder", [SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR], ids=["dit", "meanflow dit", "var"])
 def test_each_shipped_model_is_at_most_10_mb_with_its_config_and_tokenizer(folder):
     names = sorted(path.name for path in folder.iterdir())
     assert names == ["config.json", "model.safetensors", "tokenizer.safetensors"]
     assert sum(path.stat().st_size for path in folder.iterdir()) <= SHIPPED_LIMIT_BYTES
 
 
-@pytest.mark.parametrize(("make_drawer", "folder"), [(dit_drawer, SHIPPED_DIT), (var_drawer, SHIPPED_VAR)],
-                         ids=["dit", "var"])
-def test_a_fixed_seed_sample_of_a_shipped_model_is_deterministic_and_in_range(make_drawer, folder):
-    draw = make_drawer(folder)
+@pytest.mark.parametrize("make_drawer", [lambda: dit_drawer(SHIPPED_DIT), lambda: var_drawer(SHIPPED_VAR),
+                                         lambda: dit_drawer(SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS)],
+                         ids=["dit", "var", "meanflow dit"])
+def test_a_fixed_seed_sample_of_a_shipped_model_is_deterministic_and_in_range(make_drawer):
+    draw = make_drawer()
     with torch.no_grad():
         first, second, other_seed = draw(LABELS, 0), draw(LABELS, 0), draw(LABELS, 1)  # (3, 1, 32, 32) each
     assert first.shape == (3, 1, 32, 32)
@@ -36,11 +39,12 @@ def test_a_fixed_seed_sample_of_a_shipped_model_is_deterministic_and_in_range(ma
 def test_demo_writes_both_grids_and_a_report(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path), "--per-class", "3", "--batch-size", "30"])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert sorted(report) == ["DiT", "VAR"]
+    assert sorted(report) == ["DiT", "DiT MeanFlow", "VAR"]
     for name, figures in report.items():
-        assert Image.open(tmp_path / f"{name.lower()}_grid.png").size == (3 * 32, 10 * 32)
+        assert Image.open(tmp_path / grid_file(name)).size == (3 * 32, 10 * 32)
         assert figures["num_samples"] == 30 and 0 <= figures["accuracy"] <= 1
         assert figures["gflops_per_image"] > 0 and figures["fid"] > 0 and figures["images_per_second"] > 0
     # sampling a DiT costs many network passes; VAR one pass over its scales
     assert report["DiT"]["gflops_per_image"] > report["VAR"]["gflops_per_image"]
+    assert report["DiT MeanFlow"]["gflops_per_image"] < report["DiT"]["gflops_per_image"] / 10  # 1 call against 100
     assert "GFLOPs/image" in capsys.readouterr().out

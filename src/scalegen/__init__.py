@@ -18,7 +18,8 @@ HOMES = {
     "build_vqvae": "scalegen.tokenizers.vqvae",
     "VAR": "scalegen.models.var", "VARConfig": "scalegen.models.var", "build_var": "scalegen.models.var",
     "load_dit": "scalegen.pretrained", "load_var": "scalegen.pretrained", "load_tokenizer": "scalegen.pretrained",
-    "SHIPPED_DIT": "scalegen.pretrained", "SHIPPED_VAR": "scalegen.pretrained",
+    "SHIPPED_DIT": "scalegen.pretrained", "SHIPPED_MEANFLOW_DIT": "scalegen.pretrained",
+    "SHIPPED_VAR": "scalegen.pretrained",
     "to_pil": "scalegen.images", "image_grid": "scalegen.images", "UserError": "scalegen.errors",
 }
 __all__ = list(HOMES)

@@ -27,10 +27,13 @@ from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
 SHIPPED = ASSETS / "fashion_mnist"
-SHIPPED_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "var"  # the demo's Fashion-MNIST models (see their RECIPE.md)
+# The demo's Fashion-MNIST models (see their RECIPE.md): the DiT (flow matching), the one-step DiT (MeanFlow), the VAR.
+SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "dit_meanflow", SHIPPED / "var"
 # The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
 # web page's defaults.
 SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.0, 50
+# The MeanFlow DiT's sampling (RECIPE.md): one jump, its guidance trained in (one network call per image).
+SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS = 1.0, 1
 SHIPPED_VAR_CFG = 1.5  # the shipped VAR's guidance (RECIPE.md): the demo's and the web page's default
 SAMPLE_TOP_P = 0.95  # the nucleus `sample var` and the web page start from (the Python call's is off, as VAR's code)
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing

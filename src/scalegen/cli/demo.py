@@ -1,6 +1,7 @@
-"""`scalegen demo`: the main job on the embedded default. It samples the shipped Fashion-MNIST DiT and VAR
-(package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md), writes a 10×10 class grid of each,
-and prints for each its sampling time, FLOPs per image, classifier accuracy and FID in the classifier's features."""
+"""`scalegen demo`: the main job on the embedded default. It samples the shipped Fashion-MNIST DiT (50 steps), one-step
+DiT (MeanFlow) and VAR (package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md), writes a
+10×10 class grid of each, and prints for each its sampling time, FLOPs per image, classifier accuracy and FID in the
+classifier's features."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,9 @@ from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import grid_labels, save_grid, to_uint8
 from scalegen.pretrained import (
-    SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_VAR, SHIPPED_VAR_CFG, load_dit, load_var,
+    SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG,
+    SHIPPED_MEANFLOW_DIT_STEPS,
+    SHIPPED_VAR, SHIPPED_VAR_CFG, load_dit, load_var,
 )
 
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
@@ -32,25 +35,28 @@ Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> ima
 
 def register(commands) -> None:
     """Add `scalegen demo` to the command line."""
-    parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT and VAR: grids, speed, FLOPs, FID")
+    parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT, MeanFlow DiT and VAR: grids, speed, "
+                                 "FLOPs, FID")
     parser.add_argument("--out", default="runs/demo", help="folder for the grids and report.json")
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files (FID baseline)")
     parser.add_argument("--per-class", type=POSITIVE, default=GRID_PER_CLASS,
                         help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
+    parser.add_argument("--dit-meanflow", default=str(SHIPPED_MEANFLOW_DIT),
+                        help="one-step (MeanFlow) DiT folder (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
     parser.add_argument("--batch-size", type=POSITIVE, default=250, help="images per generation batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the real-image baseline")
     parser.set_defaults(handler=run_demo)
 
 
-def dit_drawer(path: str | Path) -> Draw:
-    """Sampling function of a DiT folder (with its tokenizer or VAE), with the demo's settings."""
+def dit_drawer(path: str | Path, cfg: float | None = SHIPPED_DIT_CFG, steps: int = SHIPPED_DIT_STEPS) -> Draw:
+    """Sampling function of a DiT folder (with its tokenizer or VAE) with its objective's fast sampler, at the demo's
+    settings (cfg None: the objective's own guidance, e.g. a MeanFlow DiT's trained in)."""
     model = load_dit(path)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=SHIPPED_DIT_CFG, steps=SHIPPED_DIT_STEPS, sampler=model.objective.fast_sampler,
-                              seed=seed)
+        return model.generate(labels, cfg=cfg, steps=steps, sampler=model.objective.fast_sampler, seed=seed)
 
     return draw
 
@@ -78,7 +84,7 @@ def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baselin
     seconds = time.perf_counter() - started
     pixels = to_uint8(images)[:, 0].numpy()  # (N, H, W) uint8
     grid_rows = images.reshape(DEMO_CLASSES, args.per_class, *images.shape[1:])[:, :GRID_PER_CLASS]  # (10, 10, 1, H, W)
-    grid = save_grid(grid_rows.flatten(0, 1), DEMO_CLASSES, Path(args.out) / f"{name.lower()}_grid.png")
+    grid = save_grid(grid_rows.flatten(0, 1), DEMO_CLASSES, Path(args.out) / grid_file(name))
     scores = fmnist_report(pixels, labels.numpy())
     report = {
         "grid": str(grid), "num_samples": len(labels), "sampling_seconds": round(seconds, 2),
@@ -93,6 +99,11 @@ def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baselin
     return report
 
 
+def grid_file(name: str) -> str:
+    """The grid's file name of a model of the report: "DiT MeanFlow" -> dit_meanflow_grid.png."""
+    return f"{name.lower().replace(' ', '_')}_grid.png"
+
+
 def real_train_fid(data: str, count: int, seed: int) -> float:
     """FID of `count` random real training images in the classifier's features: the floor for that many samples."""
     train_set = FashionMNIST(None if data == "fashion-mnist" else data, split="train")
@@ -101,11 +112,14 @@ def real_train_fid(data: str, count: int, seed: int) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """Sample both shipped models, write their grids and report.json, and print each one's figures."""
+    """Sample the shipped models, write their grids and report.json, and print each one's figures."""
     baseline = real_train_fid(args.data, DEMO_CLASSES * args.per_class, args.seed)
     with torch.no_grad():
         reports = {
             "DiT": evaluate_model("DiT", dit_drawer(args.dit), args, baseline),
+            "DiT MeanFlow": evaluate_model("DiT MeanFlow", dit_drawer(args.dit_meanflow, SHIPPED_MEANFLOW_DIT_CFG,
+                                                                      SHIPPED_MEANFLOW_DIT_STEPS),
+                                           args, baseline),
             "VAR": evaluate_model("VAR", var_drawer(args.var), args, baseline),
         }
     path = Path(args.out) / "report.json"

@@ -21,7 +21,7 @@ COMMANDS = {
     "train": ("train a model", ("dit", "var", "classifier")),
     "sample": ("sample a trained model", ("dit", "var")),
     "edit": ("zero-shot editing", ("var",)),
-    "demo": ("sample the shipped Fashion-MNIST DiT and VAR: grids, speed, FLOPs, FID", ("demo",)),
+    "demo": ("sample the shipped Fashion-MNIST DiT, MeanFlow DiT and VAR: grids, speed, FLOPs, FID", ("demo",)),
     "eval": ("FID, sFID, IS, precision/recall as the ADM evaluator", ("eval",)),
     "flops": ("DiT Gflops (multiply-accumulates, as the DiT paper) against the paper; DiT vs VAR cost per image",
               ("eval",)),

@@ -5,7 +5,7 @@ import argparse
 
 from scalegen.cli.options import at_least
 from scalegen.errors import UserError
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 PORT = at_least(1)
@@ -23,7 +23,9 @@ def run_serve(args: argparse.Namespace) -> None:
 def register(commands) -> None:
     """Add `scalegen serve` to the command line."""
     parser = commands.add_parser("serve", help="a web page to sample and edit with a DiT and a VAR (Gradio)")
-    parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT run, export or official .pt (default: the shipped one)")
+    parser.add_argument("--dit", default=str(SHIPPED_DIT),
+                        help=f"DiT run, export or official .pt (default: the shipped one; the shipped MeanFlow DiT: "
+                             f"{SHIPPED_MEANFLOW_DIT})")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR run, export or official .pth (default: the shipped one)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=PORT, default=DEFAULT_PORT, help="port")

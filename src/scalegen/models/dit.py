@@ -172,7 +172,7 @@ class DiT(ReferencingModule):
                 drop_labels: bool = True) -> torch.Tensor:
         """Predict ε (and v) for latents x (B, C, H, W) at timesteps t (B,) for classes y (B,).
 
-        interval: a MeanFlow model's (t − r)·1000 (B,); drop_labels=False keeps the labels as given in training (an
+        interval: a MeanFlow model's t − r (B,), unscaled; drop_labels=False keeps the labels as given in training (an
         objective that drops them itself passes the null class).
         """
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)

@@ -28,7 +28,9 @@ from scalegen.diffusion.objectives import sampling_objective
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
-from scalegen.pretrained import SAMPLE_TOP_P, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_VAR_CFG, load_dit, load_var
+from scalegen.pretrained import (
+    SAMPLE_TOP_P, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR_CFG, load_dit, load_var,
+)
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
 MAX_PER_CLASS, STRIP_FRAMES = 10, 8
@@ -243,7 +245,8 @@ def build_app(models: Models) -> gr.Blocks:
         gr.Markdown("# scalegen — DiT and VAR in the browser")
         with gr.Accordion("Models", open=False):
             with gr.Row():
-                dit_path = gr.Textbox(label="DiT path (run, export or official .pt)", elem_id="dit-path")
+                dit_path = gr.Textbox(label="DiT path (run, export or official .pt)", elem_id="dit-path",
+                                      placeholder=f"the shipped MeanFlow DiT: {SHIPPED_MEANFLOW_DIT}")
                 var_path = gr.Textbox(label="VAR path (run, export or official .pth)", elem_id="var-path")
             load_button = gr.Button("Load", elem_id="load")
             load_message = gr.Markdown(models.load(None, None), elem_id="load-message")

@@ -1,5 +1,5 @@
 """Benchmark: time to quality of the DiT recipes (ddpm, flow, flow + logit-normal, flow + logit-normal + REPA, flow +
-logit-normal with LightningDiT's block options).
+logit-normal with LightningDiT's block options, with and without REPA).
 
     python bench/recipes.py --runs RUNS [--recipes ddpm,flow,...] [--num-samples 2000] [--steps 25] [--cfg 3]
                             [--json bench/recipes.json] [--plot bench/recipes.png]
@@ -34,7 +34,7 @@ from scalegen.pretrained import stored_dit_config  # noqa: E402
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402
 from scalegen.train.repa import load_patch_encoder  # noqa: E402
 
-RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa", "flow-lognorm-lightning")
+RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa", "flow-lognorm-lightning", "flow-lognorm-repa-lightning")
 SAMPLERS = {"ddpm": "dpm-solver++", "flow": "euler"}  # one network evaluation (×2 with guidance) per step each
 FLOP_BATCH = 4
 SAMPLE_BATCH = 250

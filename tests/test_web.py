@@ -163,3 +163,23 @@ def test_a_model_path_that_does_not_load_is_a_message(page):
     page.get_by_role("tab", name="Sample").click()
     page.locator("#generate").click()  # the loaded models still answer (no class picked: a message)
     page.wait_for_function("document.querySelector('#sample-info').innerText.length > 0")
+
+
+def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
+    """Last in this module: it changes the page's DiT (and puts the shipped one back)."""
+    if not page.locator("#load-meanflow").is_visible():  # the Models section may be open from an earlier test
+        page.get_by_text("Models").first.click()
+    page.locator("#load-meanflow").click()
+    page.wait_for_function("document.querySelector('#load-message').innerText.includes('loaded DiT')")
+    page.wait_for_function("document.querySelector('#steps input[type=number]').value === '1'")
+    assert shown_number(page, "#steps") == 1 and shown_number(page, "#dit-cfg") == 1.0
+    page.get_by_role("tab", name="Sample").click()
+    page.locator("#classes input").first.click()
+    page.keyboard.type("Sneaker")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.locator("#generate").click()
+    wait_for_message(page, "#sample-info", "1 network calls/image")
+    page.locator("#dit-path textarea, #dit-path input").first.fill(str(SHIPPED_DIT))
+    page.locator("#load").click()
+    page.wait_for_function("document.querySelector('#steps input[type=number]').value === '50'")

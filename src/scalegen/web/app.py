@@ -248,7 +248,9 @@ def build_app(models: Models) -> gr.Blocks:
                 dit_path = gr.Textbox(label="DiT path (run, export or official .pt)", elem_id="dit-path",
                                       placeholder=f"the shipped MeanFlow DiT: {SHIPPED_MEANFLOW_DIT}")
                 var_path = gr.Textbox(label="VAR path (run, export or official .pth)", elem_id="var-path")
-            load_button = gr.Button("Load", elem_id="load")
+            with gr.Row():
+                load_button = gr.Button("Load", elem_id="load")
+                load_meanflow = gr.Button("Load the shipped one-step DiT (MeanFlow)", elem_id="load-meanflow")
             load_message = gr.Markdown(models.load(None, None), elem_id="load-message")
         with gr.Tab("Sample", elem_id="sample-tab"):
             with gr.Row():
@@ -300,8 +302,9 @@ def build_app(models: Models) -> gr.Blocks:
                 shown_input = shown_image("input", "edit-shown")
                 shown_mask = shown_image("mask (white: regenerated)", "edit-mask")
                 shown_result = shown_image("result", "edit-result")
-        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path],
-                          [load_message, classes, edit_class, sampler, steps, dit_cfg])
+        loaded = [load_message, classes, edit_class, sampler, steps, dit_cfg]
+        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path], loaded)
+        load_meanflow.click(lambda: load(models, str(SHIPPED_MEANFLOW_DIT), ""), [], loaded)
         generate.click(lambda *values: sample(models, *values),
                        [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])

@@ -14,7 +14,7 @@ training as the paper does (κ = 0): the target velocity of a conditional exampl
 so a MeanFlow model samples with cfg 1 (the guidance is already in it).
 
 Examples with r < t are the first ⌈fraction·B⌉ of the (shuffled) batch: only they pay for the JVP; the others are a
-plain flow-matching forward, run last, so REPA's block tap holds their tokens (`aligned_examples`).
+plain flow-matching forward, run last, so REPA's block tap holds their tokens (the batch's last examples).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from scalegen.diffusion.flow import LinearFlow, TimeSampling, check_time_sampling, logit_normal_or_uniform
-from scalegen.diffusion.objective import TIME_SCALE, GuidanceInterval, ModelFunction, Objective, within
+from scalegen.diffusion.objective import TIME_SCALE, GuidanceInterval, ModelFunction, Objective
 from scalegen.errors import UserError
 
 INTERVAL_SCALE = 1.0  # the network sees t − r unscaled (see above)
@@ -75,7 +75,7 @@ class MeanFlow(Objective):
         if not 0.0 <= self.mean_fraction <= 1.0:
             raise UserError(f"--mean-fraction is {self.mean_fraction}; it must be in [0, 1]")
         if self.guidance < 1.0:
-            raise UserError(f"--meanflow-guidance is {self.guidance}; it must be at least 1 (1: no guidance)")
+            raise UserError(f"--train-cfg is {self.guidance}; it must be at least 1 (1: no guidance)")
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, r), each (batch,): two draws with t the larger; the last examples after the first
@@ -90,17 +90,14 @@ class MeanFlow(Objective):
         """How many of a batch's first examples have r < t (at least one example keeps r = t for REPA's tap)."""
         return min(round(self.mean_fraction * batch), batch - 1)
 
-    def aligned_examples(self, batch: int) -> slice:
-        """The examples whose forward runs last (r = t), whose tokens a block tap holds after the loss."""
-        return slice(self.mean_examples(batch), batch)
-
     def guided_velocity(self, model: ModelFunction, z: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
                         labels: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """The training target's velocity (B, C, H, W): ω·v + (1 − ω)·u(z_t, t, t | ∅) for kept labels inside the
         guidance interval, v itself elsewhere."""
         if self.guidance == 1.0:
             return velocity
-        inside = torch.tensor([within(self.guidance_interval, level) for level in t.tolist()], device=t.device)  # (B,)
+        low, high = self.guidance_interval or (0.0, 1.0)
+        inside = (t >= low) & (t <= high)  # (B,)
         weight = torch.where(inside & ~dropped, self.guidance, 1.0).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         with torch.no_grad():
             null = torch.full_like(labels, self.num_classes)  # (B,)

@@ -146,7 +146,7 @@ class DiTTask(TrainingTask):
 
     def repa_loss(self, images: torch.Tensor) -> torch.Tensor:
         """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images (of the
-        examples whose forward ran last: all of them, but for MeanFlow's `aligned_examples`)."""
+        examples whose forward ran last: all of them, but for MeanFlow only those with r = t, the batch's last)."""
         tokens = self.tap.take()  # (B', T', D)
         images = images[len(images) - len(tokens):]  # (B', C, H, W)
         grid = self.model.config.input_size // self.model.config.patch_size

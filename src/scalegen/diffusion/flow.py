@@ -121,9 +121,10 @@ class LinearFlow(Objective):
         """Integrate from t = 1 (`noise`, (B, C, H, W)) to t = 0 in `steps` equal steps, yielding each step's
         "sample" and "pred_xstart" (B, C, H, W).
 
-        Heun takes two network calls per step (the velocity at t = 0 is defined: its last step needs no exception). Euler–Maruyama follows the reverse SDE
-        dx = (−v + g·∇log p) dt + √(2g) dW̄ with g(t) = t, which shares the ODE's marginals (the score follows from
-        the velocity: t·∇log p = −(x_t + (1 − t)·v)); its last step adds no noise and lands on x̂.
+        Heun takes two network calls per step (the velocity at t = 0 is defined: its last step needs no exception).
+        Euler–Maruyama follows the reverse SDE dx = (−v + g·∇log p) dt + √(2g) dW̄ with g(t) = t, which shares the
+        ODE's marginals (the score follows from the velocity: t·∇log p = −(x_t + (1 − t)·v)); its last step adds no
+        noise and lands on x̂.
         """
         sampler = self.check_sampler(sampler)
         kwargs = model_kwargs or {}

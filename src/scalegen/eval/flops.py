@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from scalegen.diffusion.objectives import objective_class
+from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, DiTConfig, preset_config
 from scalegen.models.dit_blocks import ADALN_KINDS, OFFICIAL_BLOCK, BlockOptions
@@ -70,7 +70,7 @@ def mlp_macs_per_token(hidden_size: int, mlp_ratio: float, mlp: str) -> int:
 
 def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size: int,
                      in_channels: int = LATENT_CHANNELS, learn_sigma: bool = True, mlp_ratio: float = MLP_RATIO,
-                     options: BlockOptions = OFFICIAL_BLOCK) -> int:
+                     options: BlockOptions = OFFICIAL_BLOCK, time_inputs: int = 1) -> int:
     """Multiply-accumulates of one DiT forward pass (adaLN blocks) for one image.
 
     Args:
@@ -82,6 +82,7 @@ def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size:
         learn_sigma: output 2·in_channels (ε and the variance interpolation) instead of in_channels.
         mlp_ratio: the GELU MLP's width over D (SwiGLU's is 2/3 of it).
         options: LightningDiT's block options (norm, MLP, RoPE, QK-norm); the default is the official block.
+        time_inputs: embedded times: 1 (t), or 2 (t and MeanFlow's t − r, each through its own timestep MLP).
     Returns:
         MACs (the paper's "flops").
     """
@@ -97,7 +98,7 @@ def dit_forward_macs(depth: int, hidden_size: int, patch_size: int, latent_size:
              + options.qk_norm * (RMS_NORM_OPS_PER_ELEMENT + NORM_WEIGHT_OPS_PER_ELEMENT) * query_key_elements
              + options.rope * ROPE_MACS_PER_ELEMENT * query_key_elements)
     patch_embed = tokens * patch_size ** 2 * in_channels * hidden_size
-    timestep_embed = TIMESTEP_FREQUENCY_SIZE * hidden_size + hidden_size ** 2
+    timestep_embed = time_inputs * (TIMESTEP_FREQUENCY_SIZE * hidden_size + hidden_size ** 2)
     final = (ADALN_CHUNKS_FINAL * hidden_size ** 2 + LAYER_NORM_OPS_PER_ELEMENT * tokens * hidden_size
              + tokens * hidden_size * patch_size ** 2 * out_channels)
     return depth * block + patch_embed + timestep_embed + final
@@ -109,18 +110,16 @@ def dit_config_macs(config: DiTConfig) -> int:
     if config.block not in ADALN_KINDS:
         raise UserError(f"the analytic count covers the {' and '.join(ADALN_KINDS)} blocks, not {config.block}; "
                         "measure that DiT with counted_flops")
-    interval_embed = (objective_class(config.objective).time_inputs - 1) * (
-        TIMESTEP_FREQUENCY_SIZE * config.hidden_size + config.hidden_size ** 2)  # MeanFlow's embedding of t − r
-    return interval_embed + dit_forward_macs(config.depth, config.hidden_size, config.patch_size, config.input_size,
-                                             config.in_channels, config.learn_sigma, config.mlp_ratio,
-                                             BlockOptions(config.norm, config.mlp, config.rope, config.qk_norm))
+    return dit_forward_macs(config.depth, config.hidden_size, config.patch_size, config.input_size, config.in_channels,
+                            config.learn_sigma, config.mlp_ratio, config.block_options,
+                            objective_class(config.objective).time_inputs)
 
 
 def dit_sampling_macs(config: DiTConfig, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
                       interval: tuple[float, float] | None = None) -> float:
     """Multiply-accumulates of the network to sample one image: its forward pass times the objective's network calls
     (guided calls count twice); None takes the objective's default (and the config's guidance interval)."""
-    objective = objective_class(config.objective)()
+    objective = sampling_objective(config.objective)
     sampler, steps = objective.check_sampler(sampler), objective.check_steps(steps)
     calls = objective.network_calls(sampler, steps, objective.default_cfg if cfg is None else cfg,
                                     interval or config.cfg_interval)

@@ -60,6 +60,11 @@ class DiTConfig:
         self.cfg_interval = check_guidance_interval(self.cfg_interval)  # a stored config holds a list
 
     @property
+    def block_options(self) -> BlockOptions:
+        """LightningDiT's block options of this config (the official block by default)."""
+        return BlockOptions(self.norm, self.mlp, self.rope, self.qk_norm)
+
+    @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
@@ -105,7 +110,7 @@ class DiT(ReferencingModule):
         if config.input_size % config.patch_size:
             raise UserError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}; "
                             "change --model, --patch-size or --image-size")
-        block_options = BlockOptions(config.norm, config.mlp, config.rope, config.qk_norm)
+        block_options = config.block_options
         block_options.check(config.block, config.hidden_size // config.num_heads)
         self.config = config
         self.in_channels = config.in_channels

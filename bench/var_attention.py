@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from scalegen.models import var_sampling
+from scalegen.models import var_generation
 from scalegen.models.var import VAR, build_var
 from scalegen.models.var_blocks import flex_unavailable_reason
 from scalegen.tokenizers.vqvae import build_vqvae
@@ -57,15 +57,15 @@ def time_generation(
 ) -> tuple[float, torch.Tensor]:
     """Seconds per `generate` call with the generation loop building its caches from `cache_class`, and the
     images of seed 0."""
-    static_cache = var_sampling.KVCache
-    var_sampling.KVCache = cache_class  # the generation loop looks the cache class up by this name
+    static_cache = var_generation.KVCache
+    var_generation.KVCache = cache_class  # the generation loop looks the cache class up by this name
     try:
         def run() -> torch.Tensor:
             return model.generate(labels, CFG, TOP_K, TOP_P, generator=torch.Generator(device).manual_seed(0))
 
         return seconds_per_call(run, repeats, 1, device), run()
     finally:
-        var_sampling.KVCache = static_cache
+        var_generation.KVCache = static_cache
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
 
     model.eval()
     model.attention = "sdpa"
-    static_seconds, static_images = time_generation(model, labels, var_sampling.KVCache, args.repeats, device)
+    static_seconds, static_images = time_generation(model, labels, var_generation.KVCache, args.repeats, device)
     growing_seconds, growing_images = time_generation(model, labels, GrowingKVCache, args.repeats, device)
     for name, seconds in (("static cache", static_seconds), ("growing cache", growing_seconds)):
         print(f"generation ({name:13s}): {seconds * 1000:8.1f} ms/batch, {batch / seconds:7.2f} images/s")

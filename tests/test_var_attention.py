@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scalegen.errors import UserError
-from scalegen.models import var_sampling
+from scalegen.models import var_generation
 from scalegen.models.var import VAR, build_var
 from scalegen.models.var_blocks import KVCache, block_causal_mask, flex_unavailable_reason
 from test_var import GOLDEN_MODELS, PATCH_NUMS, Z_CHANNELS, golden, golden_var, tiny_tokenizer  # noqa: F401
@@ -153,7 +153,7 @@ def test_static_cache_generation_equals_growing_cache(monkeypatch, flavour, run)
     static_tokens = var.generate_tokens(labels, seed=0, **GENERATION_RUNS[run])
     static_images = var.generate(labels, seed=0, **GENERATION_RUNS[run])
     with monkeypatch.context() as patch:
-        patch.setattr(var_sampling, "KVCache", GrowingKVCache)
+        patch.setattr(var_generation, "KVCache", GrowingKVCache)
         growing_tokens = var.generate_tokens(labels, seed=0, **GENERATION_RUNS[run])
         growing_images = var.generate(labels, seed=0, **GENERATION_RUNS[run])
     assert all(torch.equal(static, growing) for static, growing in zip(static_tokens.tokens, growing_tokens.tokens))
@@ -172,16 +172,16 @@ def test_cuda_graphs_on_cpu_is_a_one_line_error():
 def test_graph_key_follows_batch_autocast_mode_and_weight_addresses():
     var = small_var("shared").eval()
     cond = var.class_emb(torch.tensor([0, 1, 5, 5]))  # (2B, C)
-    key = var_sampling.graph_key(var, cond)
+    key = var_generation.graph_key(var, cond)
     with torch.no_grad():
         var.head.weight.mul_(2)  # in place: the graphs read the new values, so they stay valid
-    assert var_sampling.graph_key(var, cond) == key
-    assert var_sampling.graph_key(var, cond[:2]) != key
+    assert var_generation.graph_key(var, cond) == key
+    assert var_generation.graph_key(var, cond[:2]) != key
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert var_sampling.graph_key(var, cond) != key
-    assert var_sampling.graph_key(var.train(), cond) != key
+        assert var_generation.graph_key(var, cond) != key
+    assert var_generation.graph_key(var.train(), cond) != key
     var.eval().head.weight.data = var.head.weight.data.clone()  # a new address: the graphs would read stale memory
-    assert var_sampling.graph_key(var, cond) != key
+    assert var_generation.graph_key(var, cond) != key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

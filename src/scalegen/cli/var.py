@@ -12,15 +12,18 @@ import torch
 
 from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from,
-    add_precision_option, add_training_options, at_least, dataclass_from_args, fraction, integers,
+    add_precision_option, add_training_options, at_least, dataclass_from_args, floats, fraction, integers,
     train_config_from_args,
 )
 from scalegen.distributed import process_group
+from scalegen.errors import UserError
 from scalegen.images import (
     check_image_output, check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid,
 )
 from scalegen.models.var_blocks import ATTENTION_BACKENDS
 from scalegen.models.var_edit import edit_box, parse_box
+from scalegen.models.var_generation import DEFAULT_REFINED_SCALES
+from scalegen.models.var_pruning import DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, TokenPruning
 from scalegen.pretrained import SAMPLE_TOP_P, load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
 from scalegen.train.var_task import VAROptions, VARTask, train_var
@@ -130,6 +133,17 @@ def add_loading_options(parser, seed_help: str) -> None:
     add_precision_option(parser)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each scale's network step from a CUDA graph (GPU only; the same tokens, faster)")
+    parser.add_argument("--prune", type=floats, default=None, metavar="FRACTIONS",
+                        help="FastVAR's cached token pruning: the fraction of tokens not computed at each of the last "
+                             "scales, e.g. 0.4,0.5 for the last two (default: off, every token)")
+    parser.add_argument("--unpruned-blocks", type=integers,
+                        default=(DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS), metavar="FIRST,LAST",
+                        help="with --prune: how many first and last blocks still compute every token")
+    parser.add_argument("--refiner", default=None, metavar="CKPT",
+                        help="collaborative decoding (CoDe): a VAR on the same tokenizer (usually smaller) that "
+                             "generates the finest scales after --ckpt drafted the others")
+    parser.add_argument("--refined-scales", type=POSITIVE, default=DEFAULT_REFINED_SCALES,
+                        help="with --refiner: how many of the finest scales it generates")
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -143,10 +157,18 @@ def run_train_var(args: argparse.Namespace) -> None:
     train_var(dataclass_from_args(VAROptions, args), train_config_from_args(args))
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The VAR sampling settings of `sample var` / `edit var`."""
+def sampling_options(args: argparse.Namespace, model: torch.nn.Module) -> dict:
+    """The VAR sampling settings of `sample var` / `edit var` for `model` (a --refiner is loaded beside it, on its
+    tokenizer and device)."""
+    if len(args.unpruned_blocks) != 2:
+        raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
+    pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
+    refiner = None
+    if args.refiner is not None:
+        refiner = load_var(args.refiner, model.tokenizer).to(model.pos_1LC.device)
     return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
-            "precision": args.precision, "cuda_graphs": args.cuda_graphs}
+            "precision": args.precision, "cuda_graphs": args.cuda_graphs, "pruning": pruning, "refiner": refiner,
+            "refined_scales": args.refined_scales}
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -154,9 +176,10 @@ def run_sample(args: argparse.Namespace) -> None:
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_var(args.ckpt, args.tokenizer).to(context.device)
+        options = sampling_options(args, model)
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
-            path = sample_to_npz(lambda labels: model.generate(labels, **sampling_options(args)),
+            path = sample_to_npz(lambda labels: model.generate(labels, **options),
                                  model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context,
                                  model.class_names)
             if path is not None:
@@ -165,7 +188,7 @@ def run_sample(args: argparse.Namespace) -> None:
             classes = parse_classes(args.classes, model.config.num_classes, model.class_names)
             generator = torch.Generator(context.device).manual_seed(args.seed)
             labels = grid_labels(classes, args.per_class).to(context.device)
-            images = torch.cat([model.generate(chunk, generator=generator, **sampling_options(args))
+            images = torch.cat([model.generate(chunk, generator=generator, **options)
                                 for chunk in labels.split(args.batch_size)])  # (N, C, H, W) in [0, 1]
             names = [model.class_names[label] for label in classes] if args.label_grid else None
             print(f"wrote {save_grid(images, len(classes), args.out, names)}")
@@ -182,7 +205,7 @@ def run_edit(args: argparse.Namespace) -> None:
     class_id = None if args.class_id is None else parse_classes(args.class_id, model.config.num_classes,
                                                                   model.class_names)[0]
     edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, class_id, generator=generator,
-                                   **sampling_options(args))
+                                   **sampling_options(args, model))
     out = Path(args.out)
     save_grid(edited, 1, out)
     save_grid(image, 1, out.with_name(f"{out.stem}_input.png"))

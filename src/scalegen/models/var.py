@@ -24,7 +24,13 @@ from scalegen.models.var_blocks import (
     ADALN_CHUNKS, ATTENTION_BACKENDS, AdaLNBeforeHead, AdaLNSelfAttn, AttentionBackend, BlockMask, SharedAdaLin,
     block_causal_block_mask, block_causal_mask, flex_unavailable_reason,
 )
-from scalegen.models.var_sampling import ScaleGraphs, scale_by_scale_generation
+from scalegen.models.var_edit import check_edit_inputs
+from scalegen.models.var_generation import (
+    DEFAULT_REFINED_SCALES, Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, ScaleGuidance, ScaleNetwork,
+    check_refiner,
+)
+from scalegen.models.var_pruning import TokenPruning
+from scalegen.models.var_sampling import CategoricalHead
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -275,7 +281,63 @@ class VAR(ReferencingModule):
             self._block_masks[x.device] = block_causal_block_mask(self.lvl_1L[0])
         return self._block_masks[x.device]
 
-    generate_tokens = scale_by_scale_generation  # the KV-cached loop, in var_sampling.py beside its helpers
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        more_smooth: bool = False,
+        generator: torch.Generator | None = None,
+        source_tokens: Sequence[torch.Tensor] | None = None,
+        keep_mask: torch.Tensor | None = None,
+        cuda_graphs: bool = False,
+        pruning: TokenPruning | None = None,
+        refiner: VAR | None = None,
+        refined_scales: int = DEFAULT_REFINED_SCALES,
+    ) -> SampledTokens:
+        """Sample tokens scale by scale with a KV cache and classifier-free guidance (`var_generation`).
+
+        Args:
+            labels: (B,) class ids (num_classes = unconditional).
+            cfg: guidance strength; at scale index k of K it ramps linearly as t = cfg·k/(K-1) and the logits
+                are (1 + t)·conditional - t·unconditional.
+            top_k: keep the k most likely tokens (0, or the vocabulary size or more, keeps all).
+            top_p: nucleus sampling threshold (0 = off).
+            seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
+            more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens
+                (visualisation only, not for FID).
+            generator: random generator to draw from (overrides `seed`).
+            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
+            keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
+            cuda_graphs: replay each scale's network step from CUDA graphs (`ScaleGraphs`, captured on the first call
+                for this batch size and precision): the same tokens, fewer launches. CUDA only.
+            pruning: FastVAR's cached token pruning at the finest scales (`TokenPruning`), or None (every token).
+            refiner: collaborative decoding (CoDe): another VAR on the same tokenizer (usually a smaller one) that
+                generates the last `refined_scales` scales after this one drafted the others; None: this one alone.
+            refined_scales: how many of the finest scales the refiner generates.
+
+        Returns:
+            SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
+        """
+        labels = self.labels_tensor(labels)
+        editing = None
+        if check_edit_inputs(source_tokens, keep_mask, self.patch_nums, labels.shape[0]):
+            editing = Editing(source_tokens, keep_mask, labels.device)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=labels.device).manual_seed(seed)
+        head = CategoricalHead(self.tokenizer.quantize.embedding, top_k, top_p, more_smooth, generator)
+        networks = [(0, ScaleNetwork(self, labels, cuda_graphs, pruning))]
+        if refiner is not None:
+            check_refiner(self, refiner, refined_scales)
+            if cuda_graphs:
+                raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off with "
+                                "a refiner")
+            networks.append((self.num_scales - refined_scales, ScaleNetwork(refiner, labels, pruning=pruning)))
+        guidance = ScaleGuidance(cfg, self.num_scales)
+        return ScaleByScaleGeneration(self.tokenizer.quantize, networks, head, guidance, editing).run()
 
     @torch.no_grad()
     def generate(
@@ -289,6 +351,9 @@ class VAR(ReferencingModule):
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
         cuda_graphs: bool = False,
+        pruning: TokenPruning | None = None,
+        refiner: VAR | None = None,
+        refined_scales: int = DEFAULT_REFINED_SCALES,
     ) -> torch.Tensor:
         """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
         the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
@@ -297,7 +362,8 @@ class VAR(ReferencingModule):
             (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
         """
         with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator, cuda_graphs=cuda_graphs)
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator, cuda_graphs=cuda_graphs,
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
         return self._decode(sampled.features)
 
     @torch.no_grad()
@@ -311,6 +377,9 @@ class VAR(ReferencingModule):
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
         cuda_graphs: bool = False,
+        pruning: TokenPruning | None = None,
+        refiner: VAR | None = None,
+        refined_scales: int = DEFAULT_REFINED_SCALES,
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
         `generate`; the last frame is `generate`'s image for the same seed).
@@ -319,7 +388,8 @@ class VAR(ReferencingModule):
             One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
         """
         with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator, cuda_graphs=cuda_graphs)
+            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator, cuda_graphs=cuda_graphs,
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
         frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
         return [self._decode(features) for features in frames]
 
@@ -337,6 +407,9 @@ class VAR(ReferencingModule):
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
         cuda_graphs: bool = False,
+        pruning: TokenPruning | None = None,
+        refiner: VAR | None = None,
+        refined_scales: int = DEFAULT_REFINED_SCALES,
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 
@@ -345,14 +418,16 @@ class VAR(ReferencingModule):
                 for class-conditional editing.
             source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
-            cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs: as in `generate`.
+            cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs, pruning, refiner,
+                refined_scales: as in `generate`.
 
         Returns:
             (B, C, H, W) edited images in [0, 1].
         """
         with autocast(precision, self.pos_1LC.device):
             sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator,
-                                           source_tokens=source_tokens, keep_mask=keep_mask, cuda_graphs=cuda_graphs)
+                                           source_tokens=source_tokens, keep_mask=keep_mask, cuda_graphs=cuda_graphs,
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ try:
 except ImportError:  # torch < 2.5 has no FlexAttention
     BlockMask = create_block_mask = flex_attention = None
 
+from scalegen.models.var_pruning import BlockTokens
+
 # Per-head multiplier of the L2-normalised queries: it starts at 4 and is clamped at 100 (both as logarithms).
 INITIAL_QUERY_SCALE = 4.0
 MAX_QUERY_SCALE = 100.0
@@ -267,6 +269,7 @@ class AdaLNSelfAttn(nn.Module):
         cond: torch.Tensor,
         attn_mask: torch.Tensor | BlockMask | None = None,
         cache: KVCache | None = None,
+        tokens: BlockTokens | None = None,
     ) -> torch.Tensor:
         """Run the block.
 
@@ -275,6 +278,8 @@ class AdaLNSelfAttn(nn.Module):
             cond: (B, C) class embedding, or with `shared_aln` the shared projection (B, 1, 6, C).
             attn_mask: block-causal mask for teacher forcing (additive (1, 1, l, l) tensor, or a BlockMask), or None.
             cache: this block's KV cache during generation, or None.
+            tokens: during pruned generation, which positions the branches compute (`var_pruning.BlockTokens`);
+                None computes every position.
 
         Returns:
             (B, l, C) updated positions.
@@ -284,11 +289,18 @@ class AdaLNSelfAttn(nn.Module):
         else:
             modulation = self.ada_lin(cond).view(-1, 1, ADALN_CHUNKS, self.dim)  # (B, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # each (B, 1, C)
+
         # Fused multiply-adds and in-place gains on fresh outputs: fewer passes over (B, l, C) tensors.
-        attn_in = torch.addcmul(shift1, self.norm(x), 1 + scale1)  # (B, l, C)
-        x = x + self.drop_path(self.attn(attn_in, attn_mask, cache).mul_(gamma1))  # (B, l, C)
-        ffn_in = torch.addcmul(shift2, self.norm(x), 1 + scale2)  # (B, l, C)
-        return x + self.drop_path(self.ffn(ffn_in).mul_(gamma2))  # (B, l, C)
+        def attention(h: torch.Tensor) -> torch.Tensor:
+            return self.attn(torch.addcmul(shift1, self.norm(h), 1 + scale1), attn_mask, cache).mul_(gamma1)
+
+        def feed_forward(h: torch.Tensor) -> torch.Tensor:
+            return self.ffn(torch.addcmul(shift2, self.norm(h), 1 + scale2)).mul_(gamma2)
+
+        attended = attention(x) if tokens is None else tokens.compute("attention", x, attention)  # (B, l, C)
+        x = x + self.drop_path(attended)  # (B, l, C)
+        fed = feed_forward(x) if tokens is None else tokens.compute("ffn", x, feed_forward)  # (B, l, C)
+        return x + self.drop_path(fed)  # (B, l, C)
 
 
 class AdaLNBeforeHead(nn.Module):

@@ -44,6 +44,13 @@ class GrowingKVCache:
             self.values = torch.cat((self.values, values), dim=2)  # (B, H, L_seen + l, head_dim)
         return self.keys, self.values
 
+    def slots(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new = (keys.new_empty(keys.shape), values.new_empty(values.shape))  # written by the attention
+        return self.new
+
+    def fill(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.extend(*self.new)
+
 
 def training_step(model: VAR, labels: torch.Tensor, var_input: torch.Tensor, targets: torch.Tensor) -> None:
     """One teacher-forced forward + cross-entropy + backward (gradients discarded)."""

@@ -11,10 +11,11 @@ with ours). Settings (`--setting`, default all; the shipped VAR's sampling setti
 - `official`: the official generation (fp32);
 - `default`: `VAR.generate` (fp32): the official tokens (checked: the same images for the same seed);
 - `bf16`: bf16 autocast (where the CPU or GPU has bf16 units);
-- `pruned`: FastVAR's cached token pruning at its defaults (`TokenPruning()`); `pruned-hard`: 50 % and 75 % of the
-  last two scales' tokens not computed;
+- `inverse-cdf`: tokens drawn by inverting the cumulative distribution (`draws="inverse-cdf"`);
+- `pruned`: cached token pruning at scalegen's default (`TokenPruning()`: 30 % of the last scale's tokens);
+  `pruned-fastvar`: FastVAR's own ratios (40 % and 50 % of the last two scales');
 - `refiner`: CoDe, the `--refiner` VAR generating the last two scales;
-- combinations joined by `+` (`bf16+pruned`, `bf16+pruned+refiner`).
+- combinations joined by `+` (`bf16+inverse-cdf+pruned+refiner`).
 
 Time: seconds per image at each batch size, the median over interleaved rounds (every setting once per round, in
 turn). Quality: `--num-samples` images (an equal number per class, seeds 0, 1, … per batch of 250, the same for
@@ -38,15 +39,14 @@ import torch
 from scalegen import load_var
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import to_uint8
-from scalegen.models.var_pruning import TokenPruning
+from scalegen.models.var_pruning import FASTVAR_FRACTIONS, TokenPruning
 from scalegen.pretrained import SHIPPED_VAR, SHIPPED_VAR_CFG
 
 SAMPLE_BATCH = 250
 CLASSES = 10
-HARD_PRUNING = TokenPruning((0.5, 0.75))
-SPEEDUPS = ("bf16", "pruned", "pruned-hard", "refiner")
-SETTINGS = ("official", "default", "bf16", "pruned", "pruned-hard", "refiner", "bf16+pruned", "bf16+refiner",
-            "bf16+pruned+refiner")
+SPEEDUPS = ("bf16", "inverse-cdf", "pruned", "pruned-fastvar", "refiner")
+SETTINGS = ("official", "default", "bf16", "inverse-cdf", "pruned", "pruned-fastvar", "refiner", "bf16+inverse-cdf",
+            "bf16+inverse-cdf+pruned", "bf16+inverse-cdf+refiner", "bf16+inverse-cdf+pruned+refiner")
 
 
 def official_generator(clone: Path, ours: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -99,9 +99,11 @@ def our_generator(model: torch.nn.Module, setting: str, refiner: torch.nn.Module
         raise SystemExit(f"unknown speed-up {sorted(unknown)}: use default or {', '.join(SPEEDUPS)} joined by +")
     if "refiner" in parts and refiner is None:
         raise SystemExit(f"setting {setting} needs --refiner")
-    pruning = HARD_PRUNING if "pruned-hard" in parts else TokenPruning() if "pruned" in parts else None
+    pruning = (TokenPruning(FASTVAR_FRACTIONS) if "pruned-fastvar" in parts else TokenPruning() if "pruned" in parts
+               else None)
     options = dict(cfg=SHIPPED_VAR_CFG, precision="bf16" if "bf16" in parts else "fp32", pruning=pruning,
-                   refiner=refiner if "refiner" in parts else None)
+                   refiner=refiner if "refiner" in parts else None,
+                   draws="inverse-cdf" if "inverse-cdf" in parts else "multinomial")
     return lambda labels, seed: model.generate(labels, seed=seed, **options)
 
 
@@ -129,7 +131,7 @@ def main() -> None:
     parser.add_argument("--refiner", help="a VAR on the shipped VAR's tokenizer (run folder or export) for CoDe")
     parser.add_argument("--setting", action="append", help=f"settings to run (default: all of {', '.join(SETTINGS)})")
     parser.add_argument("--batch-sizes", default="1,64", help="batch sizes timed")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds, the median kept (0: no timing)")
     parser.add_argument("--num-samples", type=int, default=2000, help="samples scored per setting (0: no scores)")
     parser.add_argument("--json", type=Path, default=Path("bench/var_speed.json"), help="results, read and extended")
     args = parser.parse_args()
@@ -151,7 +153,7 @@ def main() -> None:
 
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
-    for batch in batch_sizes:
+    for batch in batch_sizes if args.rounds else []:
         for generate in generators.values():
             seconds_per_image(generate, batch)  # warm-up
         times: dict[str, list[float]] = {name: [] for name in generators}
@@ -164,7 +166,7 @@ def main() -> None:
         for name, generate in generators.items():
             if name == "official" or results.get(name, {}).get("num_samples") == args.num_samples:
                 continue
-            results[name].update(quality(generate, args.num_samples), num_samples=args.num_samples)
+            results.setdefault(name, {}).update(quality(generate, args.num_samples), num_samples=args.num_samples)
             print(f"{name}: FID {results[name]['fid']:.2f}, accuracy {results[name]['accuracy']:.3f}", flush=True)
     args.json.write_text(json.dumps(results, indent=1))
 
@@ -175,8 +177,8 @@ def main() -> None:
         cells = ""
         for batch in batch_sizes:
             key = f"seconds_per_image_batch_{batch}"
-            ratio = row[key] / official[key] if key in official else float("nan")
-            cells += f"  {row[key]:9.4f}  {ratio:9.2f}×"
+            seconds = row.get(key, float("nan"))
+            cells += f"  {seconds:9.4f}  {seconds / official.get(key, float('nan')):9.2f}×"
         scores = f"  {row['fid']:6.2f}  {row['accuracy']:.3f}" if "fid" in row else ""
         print(f"{name:24s}{cells}{scores}")
 

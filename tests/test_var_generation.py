@@ -4,16 +4,20 @@ the official `autoregressive_infer_cfg`) is tested in test_var.py and must not m
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from scalegen.cli.main import main
 from scalegen.errors import UserError
 from scalegen.models.var import VAR, build_var
 from scalegen.models.var_edit import box_mask
 from scalegen.models.var_generation import ScaleNetwork
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning, pivotal_tokens
-from scalegen.models.var_sampling import CategoricalHead
+from scalegen.models.var_sampling import CategoricalHead, inverse_cdf_tokens
+from scalegen.pretrained import SHIPPED_VAR
 
 from test_var import PATCH_NUMS, VOCAB, tiny_tokenizer
 
@@ -164,3 +168,40 @@ def test_a_refiner_of_another_tokenizer_is_refused(pair) -> None:
     other = build_var(tiny_tokenizer(), depth=2, num_classes=7).eval()
     with pytest.raises(UserError, match="trained on the drafter's tokenizer and classes"):
         drafter.generate_tokens(LABELS, refiner=other)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities_and_never_draw_a_filtered_token() -> None:
+    logits = torch.tensor([0.0, 1.0, 2.0, -torch.inf, 0.5]).expand(1, 40_000, 5)  # (B, l, V)
+    tokens = inverse_cdf_tokens(logits, torch.Generator().manual_seed(0))  # (B, l)
+    frequencies = torch.bincount(tokens.flatten(), minlength=5).float() / tokens.numel()
+    torch.testing.assert_close(frequencies, logits[0, 0].softmax(-1), atol=0.01, rtol=0)
+    assert int((tokens == 3).sum()) == 0
+    first = torch.full((1, 1000, 5), -torch.inf)
+    first[..., 0] = 0.0  # only the first token allowed: the lowest uniform draw must still land on it
+    assert bool((inverse_cdf_tokens(first, torch.Generator().manual_seed(1)) == 0).all())
+
+
+def test_inverse_cdf_draws_reach_generation_and_keep_the_seed_s_tokens(pair) -> None:
+    drafter, _ = pair
+    official = drafter.generate_tokens(LABELS, seed=4)
+    fast = [drafter.generate_tokens(LABELS, seed=4, draws="inverse-cdf") for _ in range(2)]
+    assert all(same_tokens(fast[0], fast[1]))
+    assert not all(same_tokens(official, fast[0]))
+    with pytest.raises(UserError, match="unknown token draws"):
+        drafter.generate_tokens(LABELS, draws="gumbel")
+
+
+def test_sample_and_edit_var_take_every_speedup(tmp_path) -> None:
+    speedups = ["--prune", "0.3", "--unpruned-blocks", "1,1", "--refiner", str(SHIPPED_VAR), "--refined-scales", "2",
+                "--draws", "inverse-cdf", "--device", "cpu"]
+    main(["sample", "var", "--ckpt", str(SHIPPED_VAR), "--classes", "0,7", "--per-class", "2", "--out",
+          str(tmp_path / "grid.png"), *speedups])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 32, 2 * 32)
+    main(["sample", "var", "--ckpt", str(SHIPPED_VAR), "--classes", "0,7", "--per-class", "2", "--out",
+          str(tmp_path / "official.png"), "--device", "cpu"])
+    assert Image.open(tmp_path / "grid.png").tobytes() != Image.open(tmp_path / "official.png").tobytes()
+    Image.new("L", (32, 32), 128).save(tmp_path / "input.png")
+    main(["edit", "var", "--ckpt", str(SHIPPED_VAR), "--image", str(tmp_path / "input.png"), "--box", "8,8,24,24",
+          "--out", str(tmp_path / "edited.png"), *speedups])
+    edited = np.asarray(Image.open(tmp_path / "edited.png").convert("L"))  # (32, 32)
+    assert edited.shape == (32, 32) and len(np.unique(edited[10:22, 10:22])) > 1  # regenerated inside the box

@@ -1,9 +1,11 @@
 """The web page in a real headless Chromium (Debian's, driven by Playwright): each model's own defaults, pick two
-classes and generate with both models (grids with their rows named), in-paint a data-set image, and see that bad
-input — a file that is not an image, a negative top-k, a seed past 64 bits — is a one-line message in the page, with
-no server traceback, while the server keeps serving."""
+classes and generate with both models (grids with their rows named), the VAR's speed-ups (FastVAR pruning, a CoDe
+refiner), in-paint a data-set image, and see that bad input — a file that is not an image, a negative top-k, a seed
+past 64 bits — is a one-line message in the page, with no server traceback, while the server keeps serving. The page's
+functions are also called directly (no browser): the speed-ups reach the VAR, and a refiner missing is a message."""
 import io
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -13,12 +15,11 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
 
 from scalegen.pretrained import (  # noqa: E402
     SAMPLE_TOP_P, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_VAR, SHIPPED_VAR_CFG,
 )
-from scalegen.web.app import serve  # noqa: E402
+from scalegen.web.app import WARNING, Models, edit, load, sample, serve  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # A closed network: no background connections, no component updates (as the machine's notes advise).
@@ -28,15 +29,18 @@ SIDE = 32  # the shipped models' image size
 TIMEOUT_MS = 60_000
 SCREENSHOTS = os.environ.get("SCALEGEN_SCREENSHOTS")  # a folder: save a screenshot of each tab there (the README's)
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 
 
 @pytest.fixture(scope="module")
 def page():
+    """The page in headless Chromium, serving the shipped DiT and VAR, the VAR also as its own CoDe refiner."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = serve(str(SHIPPED_DIT), str(SHIPPED_VAR), port=port, block=False)
+    app = serve(str(SHIPPED_DIT), str(SHIPPED_VAR), port=port, block=False, refiner=str(SHIPPED_VAR))
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         tab = browser.new_page(viewport={"width": 1280, "height": 1300})
@@ -118,6 +122,17 @@ def test_unlabelled_rows_and_bad_settings_are_one_line_messages_without_a_traceb
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_var_speed_ups_checked_are_named_in_the_figures(page):
+    page.locator("#model-choice").get_by_label("VAR", exact=True).check()
+    for checkbox in ("#var-prune", "#var-refine"):
+        page.locator(f"{checkbox} input").first.check()
+    page.locator("#generate").click()
+    wait_for_message(page, "#sample-info", "(pruned, refined by a depth-")
+    for checkbox in ("#var-prune", "#var-refine"):
+        page.locator(f"{checkbox} input").first.uncheck()
+    page.locator("#model-choice").get_by_label("both", exact=True).check()
+
+
 def test_in_painting_a_data_set_image_and_bad_input_keep_the_server_up(page):
     page.get_by_role("tab", name="Edit").click()
     page.locator("#edit").click()  # no image yet
@@ -183,3 +198,64 @@ def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
     page.locator("#dit-path textarea, #dit-path input").first.fill(str(SHIPPED_DIT))
     page.locator("#load").click()
     page.wait_for_function("document.querySelector('#steps input[type=number]').value === '50'")
+
+
+# The page's functions called directly: the VAR alone, two classes of two, fixed seed.
+VAR_SETTINGS = dict(choice="VAR", classes=["Trouser", "Bag"], per_class=2, seed=0, dit_cfg=SHIPPED_DIT_CFG,
+                    var_cfg=SHIPPED_VAR_CFG, sampler="euler", steps=10, top_k=0, top_p=SAMPLE_TOP_P, label_rows=False)
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    """The shipped VAR, with itself loaded as its CoDe refiner."""
+    models = Models()
+    message = models.load(None, str(SHIPPED_VAR), refiner_path=str(SHIPPED_VAR))
+    assert "VAR refiner: a depth-" in message
+    return models
+
+
+def sampled_var(models: Models, prune: bool = False, refine: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """The VAR's grid and strip as arrays, and the figures line."""
+    _, grid, _, forming, figures, _ = sample(models, **VAR_SETTINGS, prune=prune, refine=refine)
+    assert grid is not None, figures
+    return np.asarray(grid), np.asarray(forming), figures
+
+
+def gigaflops(figures: str) -> float:
+    return float(re.search(r"([0-9.]+) GFLOPs/image", figures).group(1))
+
+
+def test_pruning_reaches_the_var_and_the_figures_name_it(models):
+    grid, _, figures = sampled_var(models)
+    pruned_grid, _, pruned_figures = sampled_var(models, prune=True)
+    assert pruned_grid.shape == grid.shape == (2 * SIDE, 2 * SIDE) and pruned_grid.std() > 20
+    assert "(pruned)" in pruned_figures and "pruned" not in figures
+    assert not np.array_equal(pruned_grid, grid)  # the same seed: pruning changed the tokens
+    assert gigaflops(pruned_figures) < gigaflops(figures)  # counted apart, not the unpruned count cached
+
+
+def test_the_refiner_checked_with_none_loaded_is_a_one_line_message(models, tmp_path):
+    without_refiner = Models(var=models.var)
+    dit_grid, var_grid, _, _, figures, _ = sample(without_refiner, **VAR_SETTINGS, prune=False, refine=True)
+    assert dit_grid is var_grid is None
+    assert figures.startswith(WARNING + "no VAR refiner is loaded") and "\n" not in figures
+    picture = tmp_path / "picture.png"
+    Image.new("L", (SIDE, SIDE), 128).save(picture)
+    *shown, message = edit(without_refiner, {"path": str(picture)}, "8,8,24,24", "inpaint", "", 0, SHIPPED_VAR_CFG,
+                           False, True)
+    assert shown == [None, None, None] and message.startswith(WARNING + "no VAR refiner is loaded")
+    assert load(Models(), "", "", str(SHIPPED_VAR))[0] == WARNING + "a VAR refiner needs a VAR: give the VAR path too"
+
+
+def test_the_shipped_var_refining_its_own_drafts_gives_the_same_images(models, tmp_path):
+    grid, forming, _ = sampled_var(models)
+    refined_grid, refined_forming, figures = sampled_var(models, refine=True)
+    refined_by = f"refined by a depth-{models.refiner.config.depth} VAR"
+    assert f"({refined_by})" in figures
+    assert np.array_equal(refined_grid, grid) and np.array_equal(refined_forming, forming)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(grid[:SIDE, :SIDE]).save(picture)  # a sample of the grid
+    edited = [edit(models, {"path": str(picture)}, "8,8,24,24", "inpaint", "Bag", 0, SHIPPED_VAR_CFG, False, refine)
+              for refine in (False, True)]
+    assert edited[0][3] == "inpainted the box 8,8,24,24" and edited[1][3] == f"{edited[0][3]} ({refined_by})"
+    assert np.array_equal(np.asarray(edited[0][2]), np.asarray(edited[1][2]))

@@ -17,7 +17,7 @@ def run_serve(args: argparse.Namespace) -> None:
         from scalegen.web.app import serve  # Gradio is an optional extra: imported only to serve
     except ImportError as error:
         raise UserError(f"the web page needs Gradio ({error}): pip install 'scalegen[web]'") from None
-    serve(args.dit, args.var, args.host, args.port)
+    serve(args.dit, args.var, args.host, args.port, refiner=args.refiner)
 
 
 def register(commands) -> None:
@@ -27,6 +27,9 @@ def register(commands) -> None:
                         help=f"DiT run, export or official .pt (default: the shipped one; the shipped MeanFlow DiT: "
                              f"{SHIPPED_MEANFLOW_DIT})")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR run, export or official .pth (default: the shipped one)")
+    parser.add_argument("--refiner", default=None,
+                        help="a VAR on the --var's tokenizer for collaborative decoding (CoDe): it generates the finest "
+                             "scales when the page's refiner box is checked (default: none)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=PORT, default=DEFAULT_PORT, help="port")
     parser.set_defaults(handler=run_serve)

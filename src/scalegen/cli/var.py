@@ -24,6 +24,7 @@ from scalegen.models.var_blocks import ATTENTION_BACKENDS
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_generation import DEFAULT_REFINED_SCALES
 from scalegen.models.var_pruning import DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, TokenPruning
+from scalegen.models.var_sampling import DRAWS
 from scalegen.pretrained import SAMPLE_TOP_P, load_var
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
 from scalegen.train.var_task import VAROptions, VARTask, train_var
@@ -144,6 +145,9 @@ def add_loading_options(parser, seed_help: str) -> None:
                              "generates the finest scales after --ckpt drafted the others")
     parser.add_argument("--refined-scales", type=POSITIVE, default=DEFAULT_REFINED_SCALES,
                         help="with --refiner: how many of the finest scales it generates")
+    parser.add_argument("--draws", choices=DRAWS, default=DRAWS[0],
+                        help="how tokens are drawn: multinomial (the official draws and tokens) or inverse-cdf (one "
+                             "uniform per token: the same distribution, faster, other tokens for a seed)")
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -168,7 +172,7 @@ def sampling_options(args: argparse.Namespace, model: torch.nn.Module) -> dict:
         refiner = load_var(args.refiner, model.tokenizer).to(model.pos_1LC.device)
     return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
             "precision": args.precision, "cuda_graphs": args.cuda_graphs, "pruning": pruning, "refiner": refiner,
-            "refined_scales": args.refined_scales}
+            "refined_scales": args.refined_scales, "draws": args.draws}
 
 
 def run_sample(args: argparse.Namespace) -> None:

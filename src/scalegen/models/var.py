@@ -30,7 +30,7 @@ from scalegen.models.var_generation import (
     check_refiner,
 )
 from scalegen.models.var_pruning import TokenPruning
-from scalegen.models.var_sampling import CategoricalHead
+from scalegen.models.var_sampling import CategoricalHead, Draws
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -297,6 +297,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
+        draws: Draws = "multinomial",
     ) -> SampledTokens:
         """Sample tokens scale by scale with a KV cache and classifier-free guidance (`var_generation`).
 
@@ -314,10 +315,13 @@ class VAR(ReferencingModule):
             keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
             cuda_graphs: replay each scale's network step from CUDA graphs (`ScaleGraphs`, captured on the first call
                 for this batch size and precision): the same tokens, fewer launches. CUDA only.
-            pruning: FastVAR's cached token pruning at the finest scales (`TokenPruning`), or None (every token).
+            pruning: FastVAR's cached token pruning at the finest scales (`TokenPruning`), or None (every token); a
+                refiner with no block to prune computes every token.
             refiner: collaborative decoding (CoDe): another VAR on the same tokenizer (usually a smaller one) that
                 generates the last `refined_scales` scales after this one drafted the others; None: this one alone.
             refined_scales: how many of the finest scales the refiner generates.
+            draws: how tokens are drawn: "multinomial" (the official draws, so the official tokens for a seed) or
+                "inverse-cdf" (one uniform per position: the same distribution, faster, other tokens for a seed).
 
         Returns:
             SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
@@ -328,14 +332,16 @@ class VAR(ReferencingModule):
             editing = Editing(source_tokens, keep_mask, labels.device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=labels.device).manual_seed(seed)
-        head = CategoricalHead(self.tokenizer.quantize.embedding, top_k, top_p, more_smooth, generator)
+        head = CategoricalHead(self.tokenizer.quantize.embedding, top_k, top_p, more_smooth, generator, draws)
         networks = [(0, ScaleNetwork(self, labels, cuda_graphs, pruning))]
         if refiner is not None:
             check_refiner(self, refiner, refined_scales)
             if cuda_graphs:
                 raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off with "
                                 "a refiner")
-            networks.append((self.num_scales - refined_scales, ScaleNetwork(refiner, labels, pruning=pruning)))
+            # A refiner too shallow for the unpruned first and last blocks computes every token.
+            refiner_pruning = pruning if pruning is not None and pruning.pruned_blocks(refiner.config.depth) else None
+            networks.append((self.num_scales - refined_scales, ScaleNetwork(refiner, labels, pruning=refiner_pruning)))
         guidance = ScaleGuidance(cfg, self.num_scales)
         return ScaleByScaleGeneration(self.tokenizer.quantize, networks, head, guidance, editing).run()
 
@@ -354,6 +360,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
+        draws: Draws = "multinomial",
     ) -> torch.Tensor:
         """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
         the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
@@ -363,7 +370,7 @@ class VAR(ReferencingModule):
         """
         with autocast(precision, self.pos_1LC.device):
             sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
         return self._decode(sampled.features)
 
     @torch.no_grad()
@@ -380,6 +387,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
+        draws: Draws = "multinomial",
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
         `generate`; the last frame is `generate`'s image for the same seed).
@@ -389,7 +397,7 @@ class VAR(ReferencingModule):
         """
         with autocast(precision, self.pos_1LC.device):
             sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
         frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
         return [self._decode(features) for features in frames]
 
@@ -410,6 +418,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
+        draws: Draws = "multinomial",
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 
@@ -419,7 +428,7 @@ class VAR(ReferencingModule):
             source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
             cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs, pruning, refiner,
-                refined_scales: as in `generate`.
+                refined_scales, draws: as in `generate`.
 
         Returns:
             (B, C, H, W) edited images in [0, 1].
@@ -427,7 +436,7 @@ class VAR(ReferencingModule):
         with autocast(precision, self.pos_1LC.device):
             sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator,
                                            source_tokens=source_tokens, keep_mask=keep_mask, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales)
+                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:

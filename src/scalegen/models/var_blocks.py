@@ -51,6 +51,32 @@ class KVCache:
         self.keys: torch.Tensor | None = None  # (B, H, max_length, head_dim)
         self.values: torch.Tensor | None = None  # (B, H, max_length, head_dim)
 
+    def slots(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer slices a new scale's keys and values are written into, after the filled prefix (the buffers are
+        allocated at the first call, shaped as the inputs but for the whole sequence); `fill` marks them filled.
+
+        Args:
+            keys: (B, H, l, head_dim) keys of the new positions (their shape, dtype and device; not written).
+            values: (B, H, l, head_dim) values of the new positions (likewise).
+
+        Returns:
+            Views (B, H, l, head_dim) of the key and value buffers.
+        """
+        if self.keys is None:
+            batch, heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
+            self.values = values.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache of {self.max_length} positions cannot take {end}")
+        return self.keys[:, :, self.length : end], self.values[:, :, self.length : end]  # each (B, H, l, head_dim)
+
+    def fill(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mark `length` more positions (written into `slots`) filled; returns views of all keys and values so far,
+        each (B, H, L_seen, head_dim)."""
+        self.length += length
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the keys and values of a new scale after the filled prefix.
 
@@ -61,17 +87,10 @@ class KVCache:
         Returns:
             Views of all keys and values so far, each (B, H, L_seen + l, head_dim).
         """
-        if self.keys is None:
-            batch, heads, _, head_dim = keys.shape
-            self.keys = keys.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
-            self.values = values.new_empty(batch, heads, self.max_length, head_dim)  # (B, H, max_length, head_dim)
-        end = self.length + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache of {self.max_length} positions cannot take {end}")
-        self.keys[:, :, self.length : end] = keys  # (B, H, l, head_dim)
-        self.values[:, :, self.length : end] = values  # (B, H, l, head_dim)
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]  # each (B, H, L_seen + l, head_dim)
+        key_slot, value_slot = self.slots(keys, values)
+        key_slot.copy_(keys)  # (B, H, l, head_dim)
+        value_slot.copy_(values)  # (B, H, l, head_dim)
+        return self.fill(keys.shape[2])
 
 
 def block_causal_mask(scale_of_position: torch.Tensor) -> torch.Tensor:
@@ -193,9 +212,19 @@ class SelfAttention(nn.Module):
         if self.l2_norm:
             query_scale = self.scale_mul_1H11.clamp_max(math.log(MAX_QUERY_SCALE)).exp()  # (1, H, 1, 1)
             query = F.normalize(query, dim=-1) * query_scale  # (B, H, l, d)
-            key = F.normalize(key, dim=-1)  # (B, H, l, d)
-        if cache is not None:
-            key, value = cache.extend(key, value)  # (B, H, L_seen, d)
+        if cache is not None and self.l2_norm and not key.requires_grad:
+            # The normalised keys are written straight into the cache, in the values' dtype: no copy of them, and
+            # under autocast (where they come out in float32) the attention's cast of the whole cache at every scale
+            # is gone too. (With gradients they cannot be written into a buffer.)
+            key_slot, value_slot = cache.slots(value, value)  # each (B, H, l, d)
+            F.normalize(key, dim=-1, out=key_slot)
+            value_slot.copy_(value)
+            key, value = cache.fill(length)  # (B, H, L_seen, d)
+        else:
+            if self.l2_norm:
+                key = F.normalize(key, dim=-1)  # (B, H, l, d)
+            if cache is not None:
+                key, value = cache.extend(key, value)  # (B, H, L_seen, d)
         if BlockMask is not None and isinstance(attn_mask, BlockMask):
             attend = compiled_flex_attention() if query.is_cuda else flex_attention
             # Under autocast the normalised query and key come out in float32; SDPA casts them, flex does not.

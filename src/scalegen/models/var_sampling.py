@@ -5,15 +5,22 @@ seeded `torch.Generator` gives the same tokens as the official `autoregressive_i
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import nn
+
+from scalegen.errors import UserError
 
 # more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
 GUMBEL_START_TEMPERATURE = 0.27
 GUMBEL_TEMPERATURE_DECAY = 0.95
 GUMBEL_MIN_TEMPERATURE = 0.005
+# How a token is drawn from its probabilities: "multinomial" is the official torch.multinomial (one exponential draw per
+# vocabulary entry, so the official tokens for a seed); "inverse-cdf" draws one uniform per position and looks it up
+# in the cumulative probabilities (the same distribution, other tokens for a seed, far fewer random numbers).
+Draws = Literal["multinomial", "inverse-cdf"]
+DRAWS: tuple[str, ...] = get_args(Draws)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -55,6 +62,23 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
     # replacement=True as in the official sampler: it selects the same algorithm, hence the same draws.
     drawn = torch.multinomial(probabilities, num_samples=1, replacement=True, generator=generator)  # (B*l, 1)
     return drawn.view(batch, length)
+
+
+def inverse_cdf_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per position from softmax(logits) by inverting the cumulative distribution: one uniform draw per
+    position instead of `sample_tokens`' one per vocabulary entry (same distribution, other tokens for a seed).
+
+    Args:
+        logits: (B, l, V) logits, already filtered (-inf entries are never drawn).
+        generator: random generator, or None for the global one.
+
+    Returns:
+        (B, l) LongTensor of token ids.
+    """
+    cumulative = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, l, V)
+    uniform = torch.rand(*logits.shape[:-1], 1, generator=generator, device=logits.device)  # (B, l, 1)
+    drawn = torch.searchsorted(cumulative, uniform * cumulative[..., -1:], right=True)  # (B, l, 1)
+    return drawn.clamp_max(logits.shape[-1] - 1).squeeze(-1)  # (B, l); the clamp guards a rounding at the very top
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,12 +127,16 @@ class TokenHead(Protocol):
 
 
 class CategoricalHead:
-    """VAR's head: top-k / top-p filtered multinomial draws from the logits, embedded by the tokenizer's codebook
-    (or, with `more_smooth`, a Gumbel-softmax mixture of codebook vectors: visualisation only, not for FID)."""
+    """VAR's head: top-k / top-p filtered draws from the logits (`draws`: the official multinomial ones, or inverse-CDF
+    ones), embedded by the tokenizer's codebook (or, with `more_smooth`, a Gumbel-softmax mixture of codebook vectors:
+    visualisation only, not for FID)."""
 
     def __init__(self, codebook: nn.Embedding, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, draws: Draws = "multinomial") -> None:
+        if draws not in DRAWS:
+            raise UserError(f"unknown token draws {draws!r}: use one of {', '.join(DRAWS)}")
         self.codebook = codebook
+        self.draw = sample_tokens if draws == "multinomial" else inverse_cdf_tokens
         # top-k at or above the vocabulary keeps every token (torch's topk would refuse k > V).
         self.top_k = 0 if top_k >= codebook.num_embeddings else top_k
         self.top_p = top_p
@@ -118,7 +146,7 @@ class CategoricalHead:
     def sample(self, logits: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         """See `TokenHead.sample`."""
         filtered = filter_logits(logits, self.top_k, self.top_p)  # (B, l, V)
-        tokens = sample_tokens(filtered, self.generator)  # (B, l)
+        tokens = self.draw(filtered, self.generator)  # (B, l)
         if self.more_smooth:
             return tokens, smooth_embedding(filtered, progress, self.codebook.weight, self.generator)  # (B, l, Cvae)
         return tokens, self.codebook(tokens)  # (B, l, Cvae)

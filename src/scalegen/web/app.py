@@ -4,9 +4,13 @@ Two tabs. **Sample**: DiT, VAR or both side by side; classes by name, samples pe
 (starting at its shipped setting); the DiT's sampler and steps, the VAR's top-k and top-p (starting where `sample var`
 does); the grids with the class names beside the rows, the time taken and the FLOPs per image, a PNG to download once
 there is one, and a strip that shows a sample forming (VAR: after each scale; DiT: the predicted clean image along
-the steps).
+the steps). The VAR's two speed-ups, each a checkbox: FastVAR's token pruning at the finest scales (`TokenPruning()`)
+and CoDe's collaborative decoding, where the refiner loaded under Models generates the finest scales; the figures say
+which ran.
 **Edit** (VAR): an uploaded image or one of the data set's, a typed box, in- or out-painting, optionally as another
-class; input, mask and result. Bad input is a message in the page; one request runs at a time.
+class, with the same two speed-ups; input, mask and result.
+**Models**: load a DiT, a VAR and a VAR refiner (on the VAR's tokenizer), or the shipped one-step DiT. Bad input is a
+message in the page; one request runs at a time.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from scalegen.diffusion.objectives import sampling_objective
 from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
+from scalegen.models.var_pruning import TokenPruning
 from scalegen.pretrained import (
     SAMPLE_TOP_P, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR_CFG, load_dit, load_var,
 )
@@ -41,6 +46,8 @@ WARNING = "⚠️ "
 PIXEL_CSS = ".scalegen-pixels img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
 SHOWN_HEIGHT, STRIP_HEIGHT = 200, 90
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+# The VAR's speed-ups (Sample and Edit tabs): FastVAR's token pruning at its default settings, CoDe with the refiner.
+PRUNE_LABEL, REFINE_LABEL = "VAR: FastVAR token pruning (finest scales)", "VAR: CoDe refiner for the finest scales"
 
 
 @dataclass
@@ -49,17 +56,28 @@ class Models:
 
     dit: DiT | None = None
     var: VAR | None = None
+    refiner: VAR | None = None  # CoDe: generates the VAR's finest scales, on the VAR's tokenizer
     locks: dict[str, threading.Lock] = field(default_factory=lambda: {"DiT": threading.Lock(), "VAR": threading.Lock()})
     flops: dict[tuple, float] = field(default_factory=dict)  # GFLOPs per image, by model and settings
 
-    def load(self, dit_path: str | None, var_path: str | None) -> str:
-        """(Re)load the models named (a blank path keeps the loaded one); returns what is loaded, in words."""
+    def load(self, dit_path: str | None, var_path: str | None, refiner_path: str | None = None) -> str:
+        """(Re)load the models named (a blank path keeps the loaded one; the refiner after the VAR, on its tokenizer);
+        returns what is loaded, in words."""
         if dit_path:
             self.dit = load_dit(dit_path)
+            self.flops.clear()  # counted for the models that were loaded
         if var_path:
             self.var = load_var(var_path)
+            self.flops.clear()
+        if refiner_path:
+            if self.var is None:
+                raise UserError("a VAR refiner needs a VAR: give the VAR path too")
+            self.refiner = load_var(refiner_path, tokenizer=self.var.tokenizer)
+            self.flops.clear()
         loaded = [f"{name}: {len(model.class_names)} classes" for name, model in (("DiT", self.dit), ("VAR", self.var))
                   if model is not None]
+        if self.refiner is not None:
+            loaded.append(f"VAR refiner: {refiner_words(self.refiner)}")
         return "loaded " + "; ".join(loaded) if loaded else "no model loaded"
 
     def dit_settings(self) -> tuple[list[str], str, int, float]:
@@ -75,6 +93,20 @@ class Models:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
         model = self.var or self.dit
         return list(model.class_names) if model is not None else []
+
+
+def refiner_words(refiner: VAR) -> str:
+    """A refiner in words, as the load message and the figures name it."""
+    return f"a depth-{refiner.config.depth} VAR"
+
+
+def var_speed_ups(models: Models, prune: bool, refine: bool) -> tuple[dict, list[str]]:
+    """The VAR speed-ups checked: (their keyword arguments for `generate`, `generate_frames` and `edit`; each in
+    words); a one-line error for the refiner checked with none loaded."""
+    if refine and models.refiner is None:
+        raise UserError("no VAR refiner is loaded: give its path under Models, or uncheck the CoDe refiner")
+    words = (["pruned"] if prune else []) + ([f"refined by {refiner_words(models.refiner)}"] if refine else [])
+    return {"pruning": TokenPruning() if prune else None, "refiner": models.refiner if refine else None}, words
 
 
 def selected_labels(model: DiT | VAR, classes: list[str] | None) -> list[int]:
@@ -124,17 +156,19 @@ def strip(frames: list[torch.Tensor]) -> Image.Image:
 
 
 def run_model(models: Models, name: str, classes: list[str] | None, per_class: int, seed: float | None, cfg: float,
-              sampler: str, steps: int, top_k: float | None, top_p: float,
-              label_rows: bool) -> tuple[Image.Image, Image.Image, str]:
+              sampler: str, steps: int, top_k: float | None, top_p: float, label_rows: bool, prune: bool,
+              refine: bool) -> tuple[Image.Image, Image.Image, str]:
     """Sample one model: (grid, with each row's class name on its left when `label_rows`; strip of a sample forming;
-    a line of figures)."""
+    a line of figures). `prune` and `refine` turn on the VAR's speed-ups (`var_speed_ups`); the DiT ignores them."""
     model = models.dit if name == "DiT" else models.var
     if model is None:
         raise UserError(f"no {name} is loaded: give its path under Models")
     class_ids = selected_labels(model, classes)
     seed = checked_seed(seed)
+    speed_ups, speed_up_words = {}, []
     if name == "VAR":
         top_k = checked_top_k(top_k, model.config.vocab_size)
+        speed_ups, speed_up_words = var_speed_ups(models, prune, refine)
     labels = grid_labels(class_ids, int(per_class))
     if name == "DiT":
         def draw(batch: torch.Tensor) -> torch.Tensor:
@@ -144,10 +178,10 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
         settings = (name, cfg, int(steps), sampler)
     else:
         def draw(batch: torch.Tensor) -> torch.Tensor:
-            return model.generate(batch, cfg=cfg, top_k=int(top_k), top_p=top_p, seed=int(seed))
+            return model.generate(batch, cfg=cfg, top_k=int(top_k), top_p=top_p, seed=int(seed), **speed_ups)
         frames = lambda: model.generate_frames(labels[:1], cfg=cfg, top_k=int(top_k), top_p=top_p,  # noqa: E731
-                                               seed=int(seed))
-        settings = (name, cfg, int(top_k), top_p)
+                                               seed=int(seed), **speed_ups)
+        settings = (name, cfg, int(top_k), top_p, *speed_up_words)
     with models.locks[name], torch.no_grad():
         started = time.perf_counter()
         images = draw(labels)  # (N, C, H, W) in [0, 1]
@@ -155,7 +189,8 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
         if settings not in models.flops:
             models.flops[settings] = counted_flops(lambda: draw(labels[:1])) / GIGA
         forming = strip(frames())
-    figures = (f"**{name}**: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image "
+    ran = f" ({', '.join(speed_up_words)})" if speed_up_words else ""
+    figures = (f"**{name}**{ran}: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image "
                "(2 per multiply-add)")
     if name == "DiT":
         calls = model.objective.network_calls(sampler, int(steps), cfg, model.config.cfg_interval)
@@ -166,15 +201,15 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
 
 def sample(models: Models, choice: str, classes: list[str] | None, per_class: int, seed: float | None,
            dit_cfg: float, var_cfg: float, sampler: str, steps: int, top_k: float | None, top_p: float,
-           label_rows: bool):
+           label_rows: bool, prune: bool, refine: bool):
     """Handler of Generate: each chosen model's grid and strip, the figures, and the PNG to download (shown only once
-    there is one)."""
+    there is one). `prune`, `refine`: the VAR's speed-ups (`var_speed_ups`)."""
     outputs: dict[str, tuple] = {}
     try:
         for name, cfg in (("DiT", dit_cfg), ("VAR", var_cfg)):
             if choice in (name, "both"):
                 outputs[name] = run_model(models, name, classes, per_class, seed, cfg, sampler, steps, top_k, top_p,
-                                          label_rows)
+                                          label_rows, prune, refine)
     except (UserError, ValueError) as error:
         return None, None, None, None, WARNING + str(error), gr.update(value=None, visible=False)
     grids = [grid for grid, _, _ in outputs.values()]
@@ -202,9 +237,10 @@ def data_set_image(models: Models, class_name: str | None, seed: int) -> tuple[I
         return None, WARNING + str(error)
 
 
-def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: str, seed: float | None, cfg: float):
+def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: str, seed: float | None, cfg: float,
+         prune: bool, refine: bool):
     """Handler of Edit, given the raw inputs (Gradio's preprocessing skipped, see `uploaded_picture`): (input as the
-    model sees it, mask, result, message)."""
+    model sees it, mask, result, message). `prune`, `refine`: the VAR's speed-ups (`var_speed_ups`)."""
     try:
         if models.var is None:
             raise UserError("no VAR is loaded: give its path under Models")
@@ -213,17 +249,20 @@ def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: s
         tokenizer = models.var.tokenizer
         image = picture_tensor(picture, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
         class_id = None if class_name in (None, "", UNCONDITIONAL) else selected_labels(models.var, [class_name])[0]
+        speed_ups, speed_up_words = var_speed_ups(models, prune, refine)
         with models.locks["VAR"]:
-            edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, cfg=cfg, seed=int(seed))
+            edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, cfg=cfg, seed=int(seed),
+                                           **speed_ups)
     except (UserError, ValueError) as error:
         return None, None, None, WARNING + str(error)
-    return image_grid(image, 1), image_grid(regenerated, 1), image_grid(edited, 1), f"{mode}ed the box {box}"
+    ran = f" ({', '.join(speed_up_words)})" if speed_up_words else ""
+    return image_grid(image, 1), image_grid(regenerated, 1), image_grid(edited, 1), f"{mode}ed the box {box}{ran}"
 
 
-def load(models: Models, dit_path: str, var_path: str):
+def load(models: Models, dit_path: str, var_path: str, refiner_path: str = ""):
     """Handler of Load: the message and the new class choices."""
     try:
-        message = models.load(dit_path.strip() or None, var_path.strip() or None)
+        message = models.load(dit_path.strip() or None, var_path.strip() or None, refiner_path.strip() or None)
     except (UserError, ValueError) as error:
         message = WARNING + str(error)
     names = models.class_names()
@@ -248,6 +287,8 @@ def build_app(models: Models) -> gr.Blocks:
                 dit_path = gr.Textbox(label="DiT path (run, export or official .pt)", elem_id="dit-path",
                                       placeholder=f"the shipped MeanFlow DiT: {SHIPPED_MEANFLOW_DIT}")
                 var_path = gr.Textbox(label="VAR path (run, export or official .pth)", elem_id="var-path")
+                refiner_path = gr.Textbox(label="VAR refiner path (CoDe: generates the finest scales; empty: none)",
+                                          elem_id="refiner-path")
             with gr.Row():
                 load_button = gr.Button("Load", elem_id="load")
                 load_meanflow = gr.Button("Load the shipped one-step DiT (MeanFlow)", elem_id="load-meanflow")
@@ -271,6 +312,9 @@ def build_app(models: Models) -> gr.Blocks:
                 steps = gr.Slider(1, 250, value=default_steps, step=1, label="DiT steps", elem_id="steps")
                 top_k = gr.Number(0, precision=0, label="VAR top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 1.0, value=SAMPLE_TOP_P, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
+            with gr.Row():
+                var_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="var-prune")
+                var_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="var-refine")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             figures = gr.Markdown(elem_id="sample-info")
             with gr.Row():
@@ -296,6 +340,8 @@ def build_app(models: Models) -> gr.Blocks:
                     edit_seed = gr.Number(0, precision=0, label="seed", elem_id="edit-seed")
                     edit_cfg = gr.Slider(0.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="guidance (cfg)",
                                          elem_id="edit-cfg")
+                    edit_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="edit-prune")
+                    edit_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="edit-refine")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
             edit_message = gr.Markdown(elem_id="edit-info")
             with gr.Row():
@@ -303,23 +349,27 @@ def build_app(models: Models) -> gr.Blocks:
                 shown_mask = shown_image("mask (white: regenerated)", "edit-mask")
                 shown_result = shown_image("result", "edit-result")
         loaded = [load_message, classes, edit_class, sampler, steps, dit_cfg]
-        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path], loaded)
+        load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path, refiner_path], loaded)
         load_meanflow.click(lambda: load(models, str(SHIPPED_MEANFLOW_DIT), ""), [], loaded)
         generate.click(lambda *values: sample(models, *values),
-                       [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows],
+                       [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows,
+                        var_prune, var_refine],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])
         take.click(lambda name, number: data_set_image(models, name, number), [take_class, edit_seed],
                    [picture, edit_message])
-        edit_button.click(lambda *values: edit(models, *values), [picture, box, mode, edit_class, edit_seed, edit_cfg],
+        edit_button.click(lambda *values: edit(models, *values),
+                          [picture, box, mode, edit_class, edit_seed, edit_cfg, edit_prune, edit_refine],
                           [shown_input, shown_mask, shown_result, edit_message], preprocess=False)
     app.queue(default_concurrency_limit=1)  # one model call at a time
     return app
 
 
-def serve(dit: str | None, var: str | None, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
-    """Load the models and serve the page on host:port (blocking unless `block` is False; then the app is returned)."""
+def serve(dit: str | None, var: str | None, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+          refiner: str | None = None) -> gr.Blocks:
+    """Load the models (`refiner`: a VAR to generate the VAR's finest scales, CoDe) and serve the page on host:port
+    (blocking unless `block` is False; then the app is returned)."""
     models = Models()
-    print(models.load(dit, var))
+    print(models.load(dit, var, refiner))
     app = build_app(models)
     print(f"serving on http://{host}:{port} (Ctrl-C stops)")
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False, quiet=True,

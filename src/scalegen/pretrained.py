@@ -29,6 +29,8 @@ from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQV
 SHIPPED = ASSETS / "fashion_mnist"
 # The demo's Fashion-MNIST models (see their RECIPE.md): the DiT (flow matching), the one-step DiT (MeanFlow), the VAR.
 SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "dit_meanflow", SHIPPED / "var"
+# A depth-2 VAR on the shipped VAR's tokenizer, the refiner of its two finest scales (CoDe: `generate(..., refiner=...)`).
+SHIPPED_VAR_REFINER = SHIPPED / "var_refiner"
 # The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
 # web page's defaults.
 SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.0, 50

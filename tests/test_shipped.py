@@ -58,7 +58,7 @@ def test_the_shipped_refiner_draws_the_asked_classes_with_less_compute():
 def test_demo_writes_both_grids_and_a_report(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path), "--per-class", "3", "--batch-size", "30"])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert sorted(report) == ["DiT", "DiT MeanFlow", "VAR"]
+    assert sorted(report) == ["DiT", "DiT MeanFlow", "VAR", "VAR fast"]
     for name, figures in report.items():
         assert Image.open(tmp_path / grid_file(name)).size == (3 * 32, 10 * 32)
         assert figures["num_samples"] == 30 and 0 <= figures["accuracy"] <= 1
@@ -66,4 +66,5 @@ def test_demo_writes_both_grids_and_a_report(tmp_path, capsys):
     # sampling a DiT costs many network passes; VAR one pass over its scales
     assert report["DiT"]["gflops_per_image"] > report["VAR"]["gflops_per_image"]
     assert report["DiT MeanFlow"]["gflops_per_image"] < report["DiT"]["gflops_per_image"] / 10  # 1 call against 100
+    assert report["VAR fast"]["gflops_per_image"] < 0.8 * report["VAR"]["gflops_per_image"]  # the refiner's share
     assert "GFLOPs/image" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """`scalegen demo`: the main job on the embedded default. It samples the shipped Fashion-MNIST DiT (50 steps), one-step
-DiT (MeanFlow) and VAR (package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md), writes a
-10×10 class grid of each, and prints for each its sampling time, FLOPs per image, classifier accuracy and FID in the
-classifier's features."""
+DiT (MeanFlow) and VAR (package data, trained by `scripts/train_fashion_mnist.sh`, see their RECIPE.md) — the VAR also
+with its speed-ups ("VAR fast": bf16 where the CPU or GPU has bf16 units, inverse-CDF draws, the shipped CoDe
+refiner) —, writes a 10×10 class grid of each, and prints for each its sampling time, FLOPs per image, classifier
+accuracy and FID in the classifier's features."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ from scalegen.images import grid_labels, save_grid, to_uint8
 from scalegen.pretrained import (
     SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG,
     SHIPPED_MEANFLOW_DIT_STEPS,
-    SHIPPED_VAR, SHIPPED_VAR_CFG, load_dit, load_var,
+    SHIPPED_VAR, SHIPPED_VAR_CFG, SHIPPED_VAR_REFINER, load_dit, load_var,
 )
 
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
@@ -45,6 +46,8 @@ def register(commands) -> None:
     parser.add_argument("--dit-meanflow", default=str(SHIPPED_MEANFLOW_DIT),
                         help="one-step (MeanFlow) DiT folder (default: the shipped one)")
     parser.add_argument("--var", default=str(SHIPPED_VAR), help="VAR folder (default: the shipped one)")
+    parser.add_argument("--var-refiner", default=str(SHIPPED_VAR_REFINER),
+                        help="the refiner of \"VAR fast\" (CoDe), on the --var's tokenizer (default: the shipped one)")
     parser.add_argument("--batch-size", type=POSITIVE, default=250, help="images per generation batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the real-image baseline")
     parser.set_defaults(handler=run_demo)
@@ -61,12 +64,16 @@ def dit_drawer(path: str | Path, cfg: float | None = SHIPPED_DIT_CFG, steps: int
     return draw
 
 
-def var_drawer(path: str | Path) -> Draw:
-    """Sampling function of a VAR folder (tokenizer inside), with the demo's settings."""
+def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
+    """Sampling function of a VAR folder (tokenizer inside), with the demo's settings: the official computation, or
+    with a refiner (CoDe) its speed-ups — bf16 where the hardware has bf16 units and inverse-CDF draws too."""
     model = load_var(path)
+    fast = {}
+    if refiner is not None:
+        fast = dict(refiner=load_var(refiner, model.tokenizer), precision="auto", draws="inverse-cdf")
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=SHIPPED_VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed)
+        return model.generate(labels, cfg=SHIPPED_VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed, **fast)
 
     return draw
 
@@ -121,6 +128,7 @@ def run_demo(args: argparse.Namespace) -> None:
                                                                       SHIPPED_MEANFLOW_DIT_STEPS),
                                            args, baseline),
             "VAR": evaluate_model("VAR", var_drawer(args.var), args, baseline),
+            "VAR fast": evaluate_model("VAR fast", var_drawer(args.var, args.var_refiner), args, baseline),
         }
     path = Path(args.out) / "report.json"
     path.write_text(json.dumps(reports, indent=2) + "\n")

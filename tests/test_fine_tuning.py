@@ -54,6 +54,10 @@ def test_fine_tuning_a_checkpoint_on_three_classes(pretrained, tmp_path, capsys)
     moved = [name for name in tuned if name != "y_embedder.embedding_table.weight" and name != "pos_embed"
              and not torch.equal(tuned[name], start[name])]
     assert len(moved) > len(tuned) // 2  # the non-class weights were trained on
+    main(["export", "--run", str(tmp_path / "tuned"), "--out", str(tmp_path / "export")])
+    exported = json.loads((tmp_path / "export" / CONFIG_FILE).read_text())
+    assert exported["init_from"] == {"path": "pretrained", "reinitialized": ["y_embedder.embedding_table.weight"]}
+    assert str(tmp_path) not in json.dumps(exported)  # no path of the training machine in an export
 
 
 def test_a_checkpoint_of_another_shape_is_a_one_line_error_naming_the_tensor(pretrained, tmp_path, capsys):

@@ -27,6 +27,22 @@ def test_each_shipped_model_is_at_most_10_mb_with_its_config_and_tokenizer(folde
     assert sum(path.stat().st_size for path in folder.iterdir()) <= SHIPPED_LIMIT_BYTES
 
 
+@pytest.mark.parametrize("folder", [SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER],
+                         ids=["dit", "meanflow dit", "var", "var refiner"])
+def test_no_shipped_config_names_a_path_of_the_training_machine(folder):
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    assert [text for text in strings(json.loads((folder / "config.json").read_text())) if "/" in text] == []
+
+
 @pytest.mark.parametrize("make_drawer", [lambda: dit_drawer(SHIPPED_DIT), lambda: var_drawer(SHIPPED_VAR),
                                          lambda: dit_drawer(SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS)],
                          ids=["dit", "var", "meanflow dit"])

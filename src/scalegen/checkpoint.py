@@ -303,6 +303,22 @@ def halved(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
 
 
+def portable_config(stored: dict, tokenizer_copied: bool) -> dict:
+    """A run's config without the training machine's paths, as an export writes it: the training data, the REPA
+    encoder's file and the fine-tuning origin keep their names only (provenance; no loader reads their paths), and
+    with `tokenizer_copied` the tokenizer's source is dropped (the copy beside the model is the source). An SD-VAE's
+    path stays: the loaders read it (`--vae` overrides it)."""
+    portable = dict(stored)
+    for key in ("data", "repa_encoder"):
+        if portable.get(key):
+            portable[key] = Path(portable[key]).name
+    if isinstance(portable.get("init_from"), dict) and portable["init_from"].get("path"):
+        portable["init_from"] = {**portable["init_from"], "path": Path(portable["init_from"]["path"]).name}
+    if tokenizer_copied:
+        portable["tokenizer"] = {**portable.get("tokenizer", {}), "source": None}
+    return portable
+
+
 def export_weights(run: str | Path, destination: str | Path, half: bool = True, prefer_ema: bool = True) -> Path:
     """Copy a run's final weights into a self-contained folder that every loader accepts as `--ckpt`.
 
@@ -327,9 +343,7 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
         save_weights_atomic(halved(weights) if half else weights, destination / MODEL_FILE)
         if tokenizer_weights is not None:
             save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
-            # the training machine's tokenizer path means nothing elsewhere: the copy beside the model is the source
-            stored = {**stored, "tokenizer": {**stored.get("tokenizer", {}), "source": None}}
-        write_json_atomic(destination / CONFIG_FILE, stored)
+        write_json_atomic(destination / CONFIG_FILE, portable_config(stored, tokenizer_weights is not None))
     except (OSError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{write_failure(error)} while exporting to {destination}; choose another --out") from None
     return destination

@@ -26,10 +26,8 @@ scored twice. Settings already in the JSON file are not scored again.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +40,8 @@ from scalegen.images import to_uint8
 from scalegen.models.var_pruning import FASTVAR_FRACTIONS, TokenPruning
 from scalegen.pretrained import SHIPPED_VAR, SHIPPED_VAR_CFG
 
+from side_by_side import import_from_clone
+
 SAMPLE_BATCH = 250
 TIMED_IMAGES = 32  # images per timing at each batch size (one call at batch 32 or more)
 CLASSES = 10
@@ -52,15 +52,10 @@ SETTINGS = ("official", "default", "bf16", "inverse-cdf", "pruned", "pruned-fast
 
 def official_generator(clone: Path, ours: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """The official VAR class with our weights, as (labels, seed) -> images in [0, 1]."""
-    sys.path.insert(0, str(clone))
-    try:
-        official_var = importlib.import_module("models.var")
-        official_quant = importlib.import_module("models.quant")
-    finally:
-        sys.path.remove(str(clone))
+    OfficialVAR, VectorQuantizer2 = import_from_clone(clone, "models", ["VAR", "VectorQuantizer2"])
     config, tokenizer = ours.config, ours.tokenizer
     tokenizer_config = tokenizer.config
-    quantizer = official_quant.VectorQuantizer2(
+    quantizer = VectorQuantizer2(
         vocab_size=config.vocab_size, Cvae=config.z_channels, using_znorm=False, beta=tokenizer_config.beta,
         default_qresi_counts=tokenizer_config.phi_count, v_patch_nums=config.patch_nums,
         quant_resi=tokenizer_config.quant_resi, share_quant_resi=tokenizer_config.share_quant_resi,
@@ -77,7 +72,7 @@ def official_generator(clone: Path, ours: torch.nn.Module) -> Callable[[torch.Te
         def fhat_to_img(self, features: torch.Tensor) -> torch.Tensor:
             return tokenizer.features_to_img(features)  # (B, C, H, W) in [-1, 1]
 
-    official = official_var.VAR(
+    official = OfficialVAR(
         vae_local=TokenizerProxy(), num_classes=config.num_classes, depth=config.depth, embed_dim=config.width,
         num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, norm_eps=config.norm_eps, shared_aln=config.shared_aln,
         attn_l2_norm=config.attn_l2_norm, patch_nums=config.patch_nums, drop_path_rate=0.0,

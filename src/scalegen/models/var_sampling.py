@@ -28,14 +28,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 
     Args:
         logits: (..., V) unnormalised scores.
-        top_k: keep the k largest (ties with the k-th are kept too); 0 keeps all.
+        top_k: keep the k largest (ties with the k-th are kept too); 0, or V or more, keeps all.
         top_p: drop the least likely tokens whose cumulative probability is at most 1 - top_p, always keeping
             the most likely one; 0 keeps all.
 
     Returns:
         (..., V) logits with the removed entries set to -inf.
     """
-    if top_k > 0:
+    if 0 < top_k < logits.shape[-1]:  # torch's topk refuses k > V, and k = V keeps every token anyway
         kth_largest = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth_largest, -torch.inf)  # (..., V)
     if top_p > 0:
@@ -137,8 +137,7 @@ class CategoricalHead:
             raise UserError(f"unknown token draws {draws!r}: use one of {', '.join(DRAWS)}")
         self.codebook = codebook
         self.draw = sample_tokens if draws == "multinomial" else inverse_cdf_tokens
-        # top-k at or above the vocabulary keeps every token (torch's topk would refuse k > V).
-        self.top_k = 0 if top_k >= codebook.num_embeddings else top_k
+        self.top_k = top_k
         self.top_p = top_p
         self.more_smooth = more_smooth
         self.generator = generator

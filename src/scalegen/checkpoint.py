@@ -176,11 +176,15 @@ def guarded_run(run_dir: str | Path) -> Iterator[RunFolder]:
 
 
 def write_checkpoint_files(folder: Path, config: dict, model_state: dict[str, torch.Tensor],
-                           ema_state: dict[str, torch.Tensor] | None, training_state: dict) -> None:
-    """The files of one checkpoint, each fsync'ed, into an existing (staging) folder."""
+                           ema_state: dict[str, torch.Tensor] | None, training_state: dict,
+                           extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """The files of one checkpoint, each fsync'ed, into an existing (staging) folder (`extra_weights`: more weight
+    files by name, e.g. the tokenizer an end-to-end run tunes)."""
     save_file(contiguous_copy(model_state), folder / MODEL_FILE)
     if ema_state is not None:
         save_file(contiguous_copy(ema_state), folder / EMA_FILE)
+    for name, weights in (extra_weights or {}).items():
+        save_file(contiguous_copy(weights), folder / name)
     write_state_files(folder, config, training_state)
 
 
@@ -239,6 +243,7 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | None,
     training_state: dict,
     keep: int = 2,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write one complete checkpoint folder, then point `last.json` at it; keep the newest `keep` steps.
 
@@ -249,6 +254,7 @@ def save_checkpoint(
         model_state, ema_state: the weights; ema_state None writes no ema.safetensors (a run without EMA).
         training_state: optimizer, RNG and step state (tensors and plain containers only).
         keep: how many steps' checkpoints to keep (the one `last.json` names is always kept).
+        extra_weights: more weight files of this step by file name (the tokenizer of an end-to-end run).
     Returns:
         The checkpoint folder.
     Raises:
@@ -259,7 +265,7 @@ def save_checkpoint(
     staging = None
     try:
         staging = staging_folder(run)
-        write_checkpoint_files(staging, config, model_state, ema_state, training_state)
+        write_checkpoint_files(staging, config, model_state, ema_state, training_state, extra_weights)
         final = move_into_place(run, staging, step)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise failed_checkpoint(run, step, staging, error) from None
@@ -291,10 +297,12 @@ def keep_tokenizer_copy(tokenizer_state: dict[str, torch.Tensor], run_dir: str |
 
 
 def find_tokenizer_copy(checkpoint: str | Path) -> Path | None:
-    """The tokenizer.safetensors kept with a run: in `checkpoint` itself (a run or exported folder) or up to three
-    folders above it (a checkpoint folder sits at RUN/checkpoints/step-N); None when there is none."""
+    """The tokenizer.safetensors kept with a run: in the run's last checkpoint (an end-to-end run tunes its tokenizer
+    and keeps it with each step), in `checkpoint` itself (a checkpoint, run or exported folder) or up to three folders
+    above it (a checkpoint folder sits at RUN/checkpoints/step-N); None when there is none."""
     checkpoint = Path(checkpoint)
-    folders = ([checkpoint] if checkpoint.is_dir() else []) + list(checkpoint.parents)[:3]
+    last = last_checkpoint(checkpoint) if checkpoint.is_dir() else None
+    folders = ([last] if last else []) + ([checkpoint] if checkpoint.is_dir() else []) + list(checkpoint.parents)[:3]
     return next((folder / TOKENIZER_FILE for folder in folders if (folder / TOKENIZER_FILE).exists()), None)
 
 
@@ -305,11 +313,11 @@ def halved(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def portable_config(stored: dict, tokenizer_copied: bool) -> dict:
     """A run's config without the training machine's paths, as an export writes it: the training data, the REPA
-    encoder's file and the fine-tuning origin keep their names only (provenance; no loader reads their paths), and
+    (or VA-VAE alignment) encoder's file and the fine-tuning origin keep their names only (provenance; no loader reads their paths), and
     with `tokenizer_copied` the tokenizer's source is dropped (the copy beside the model is the source). An SD-VAE's
     path stays: the loaders read it (`--vae` overrides it)."""
     portable = dict(stored)
-    for key in ("data", "repa_encoder"):
+    for key in ("data", "repa_encoder", "align_encoder"):
         if portable.get(key):
             portable[key] = Path(portable[key]).name
     if isinstance(portable.get("init_from"), dict) and portable["init_from"].get("path"):

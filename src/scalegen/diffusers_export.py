@@ -5,8 +5,10 @@
     images = pipe(pipe.get_label_ids(["Sneaker"]), guidance_scale=2.0, num_inference_steps=50).images
 
 Only what the pipeline can run exports: a DDPM-trained (ε-prediction) adaLN-Zero DiT in the latent space of an SD-VAE
-(diffusers' AutoencoderKL). Pixel-space DiTs, DiTs on scalegen's VQ tokenizers, flow-trained DiTs and VARs are refused
-with a one-line `UserError` that points to scalegen's own export format.
+or of a KL tokenizer of ours (both diffusers AutoencoderKLs; ours with its latent normalisation folded in). Pixel-space
+DiTs, DiTs on scalegen's VQ tokenizers, flow-trained DiTs and VARs are refused with a one-line `UserError` that points
+to scalegen's own export format. A `train kl` tokenizer alone exports as a diffusers AutoencoderKL folder
+(`export_autoencoder`), which `--vae` takes.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from scalegen.models.dit_blocks import OFFICIAL_BLOCK
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, PIPELINE_NULL_CLASS, diffusers_config, to_diffusers
 from scalegen.pretrained import (
     DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
-    DIFFUSERS_WEIGHTS, MODEL_NAMES, PIXEL_SPACE, diffusers_stored_config, diffusers_transformer_folder, load_dit,
-    stored_objective,
+    DIFFUSERS_WEIGHTS, MODEL_NAMES, PIXEL_SPACE, diffusers_stored_config, diffusers_transformer_folder, dit_decoder,
+    load_dit, load_tokenizer, stored_objective,
 )
+from scalegen.tokenizers.kl_vae import to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
 
 PIPELINE_CLASS, VAE_CLASS = "DiTPipeline", "AutoencoderKL"
@@ -57,9 +60,9 @@ def check_exportable(path: str | Path, stored: dict) -> None:
         sampling_objective(objective).diffusers_scheduler(learn_sigma=True)
     except UserError as error:
         raise UserError(f"{path} is trained with the {objective} objective: {error}; {native_export(path)}") from None
-    if "tokenizer" in stored:
+    if "tokenizer" in stored and stored["tokenizer"].get("kind", "vqvae") != "klvae":
         raise UserError(f"{path} diffuses the latents of a scalegen VQ tokenizer, which is no diffusers AutoencoderKL; "
-                        f"only SD-VAE (--vae) DiTs export to diffusers; {native_export(path)}")
+                        f"only SD-VAE (--vae) and KL-tokenizer DiTs export to diffusers; {native_export(path)}")
     model = stored.get("model", {})
     options = [f"{name}={model[name]}" for name, official in asdict(OFFICIAL_BLOCK).items()
                if model.get(name, official) != official]
@@ -160,10 +163,16 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
         UserError: for what DiTPipeline cannot run (see the module's docstring), or a missing VAE.
     """
     stored = source_config(path)
+    if stored.get("kind") == "klvae":
+        return export_autoencoder(path, destination)
     check_exportable(path, stored)
     model = load_dit(path, vae=PIXEL_SPACE)
     transformer_config = diffusers_config(model.config)  # refuses blocks diffusers lacks
-    autoencoder = pipeline_vae(path, vae or stored.get("vae"), model)
+    if "tokenizer" in stored:  # a KL tokenizer of ours, its normalisation folded in (scaling_factor 1)
+        codec = dit_decoder(path, stored, model.config)
+        autoencoder = to_autoencoder_kl(codec.tokenizer, codec.normalization)
+    else:
+        autoencoder = pipeline_vae(path, vae or stored.get("vae"), model)
     destination = Path(destination)  # nothing is written before every check has passed
     destination.mkdir(parents=True, exist_ok=True)
     autoencoder.save_pretrained(destination / DIFFUSERS_VAE)
@@ -180,4 +189,14 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
     })
     replace_atomically(destination / README_FILE,
                        lambda temporary: temporary.write_text(readme(model, destination.name), encoding="utf-8"))
+    return destination
+
+
+def export_autoencoder(path: str | Path, destination: str | Path) -> Path:
+    """A `train kl` tokenizer as a diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors;
+    scaling_factor 1: its latents as they are) that `AutoencoderKL.from_pretrained` and scalegen's `--vae` load."""
+    tokenizer = load_tokenizer(path)
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    to_autoencoder_kl(tokenizer).save_pretrained(destination)
     return destination

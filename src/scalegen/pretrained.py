@@ -22,7 +22,8 @@ from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.var import VAR, VARConfig
-from scalegen.tokenizers.codec import TokenizerCodec
+from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, tokenizer_codec
+from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
@@ -39,13 +40,17 @@ SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS = 1.0, 1
 SHIPPED_VAR_CFG = 1.5  # the shipped VAR's guidance (RECIPE.md): the demo's and the web page's default
 SAMPLE_TOP_P = 0.95  # the nucleus `sample var` and the web page start from (the Python call's is off, as VAR's code)
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
-MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "classifier": "classifier"}
+MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "klvae": "KL tokenizer", "classifier": "classifier"}
+# The tokenizers of ours, by the kind their checkpoints store: their config class and model class.
+TOKENIZER_MODELS = {"vqvae": (VQVAEConfig, VQVAE), "klvae": (KLVAEConfig, KLVAE)}
 # What to do with a file of each kind when it is given to a loader of another kind (real commands and functions only).
 KIND_ADVICE = {
     "dit": "sample it with `scalegen sample dit --ckpt {path}` (scalegen.load_dit in Python)",
     "var": "sample it with `scalegen sample var --ckpt {path}` (scalegen.load_var in Python)",
     "vqvae": "train a VAR on it with `scalegen train var --tokenizer {path}` (or a DiT in its latent space with "
              "`scalegen train dit --tokenizer {path}`; scalegen.load_tokenizer loads it in Python)",
+    "klvae": "train a DiT in its latent space with `scalegen train dit --tokenizer {path}` "
+             "(scalegen.load_tokenizer loads it in Python)",
     "classifier": "it scores samples, it draws none: export it with `scalegen train classifier --export "
                   "FILE.safetensors` (scalegen.eval.fmnist.load_classifier loads that file in Python)",
 }
@@ -84,9 +89,10 @@ def load_strictly(model: nn.Module, weights: dict[str, torch.Tensor], path: str 
 
 # ----- tokenizer -----
 
-def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> VQVAE:
-    """A multi-scale VQVAE tokenizer in eval mode from a `train vqvae` run, checkpoint, export or an official vae .pth,
-    or the tokenizer a DiT or VAR run or export was trained on (to train another model in the same latent space).
+def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> VQVAE | KLVAE:
+    """A tokenizer in eval mode — a multi-scale VQVAE (`train vqvae` run, checkpoint, export or official vae .pth) or a
+    KL autoencoder (`train kl`) — or the tokenizer a DiT or VAR run or export was trained on (to train another model
+    in the same latent space).
 
     Args:
         path: the run folder, checkpoint or file.
@@ -94,23 +100,35 @@ def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATC
             256px and the 512px VARs).
     """
     if not Path(path).exists():
-        raise UserError(f"tokenizer {path} not found; pass --tokenizer RUN (from `scalegen train vqvae`) "
-                        "or a local vae_ch160v4096z32.pth")
+        raise UserError(f"tokenizer {path} not found; pass --tokenizer RUN (from `scalegen train vqvae` or "
+                        "`train kl`) or a local vae_ch160v4096z32.pth")
     stored, weights = load_weights(path)
     if stored is not None and stored.get("kind") in ("dit", "var") and "tokenizer" in stored:
         return stored_tokenizer(path, stored).eval()
-    check_kind(stored, "vqvae", path)
-    config = stored_model_config(VQVAEConfig, stored, path) if stored else VQVAEConfig(patch_nums=official_patch_nums)
-    return load_strictly(VQVAE(config), weights, path)
+    if stored is None:
+        return load_strictly(VQVAE(VQVAEConfig(patch_nums=official_patch_nums)), weights, path)
+    if stored.get("kind") not in TOKENIZER_MODELS:
+        check_kind(stored, "vqvae", path)
+    config_class, model_class = TOKENIZER_MODELS[stored["kind"]]
+    return load_strictly(model_class(stored_model_config(config_class, stored, path)), weights, path)
 
 
-def stored_tokenizer(ckpt: str | Path, stored: dict) -> VQVAE:
+def token_tokenizer(tokenizer: VQVAE | KLVAE, path: str | Path) -> VQVAE:
+    """`tokenizer` when it has tokens (a VQVAE); a one-line error for a KL one, which only a DiT can use."""
+    if not isinstance(tokenizer, VQVAE):
+        raise UserError(f"the tokenizer {path} is a KL autoencoder, which has no tokens for a VAR; give a `train vqvae` "
+                        "tokenizer (a KL one serves DiTs: `scalegen train dit --tokenizer`)")
+    return tokenizer
+
+
+def stored_tokenizer(ckpt: str | Path, stored: dict) -> VQVAE | KLVAE:
     """The tokenizer copied into a VAR (or tokenizer-latent DiT) run, found by `find_tokenizer_copy`, else its source."""
     copy = find_tokenizer_copy(ckpt)
     description = stored["tokenizer"]
     if copy is not None:
-        config = stored_model_config(VQVAEConfig, description, copy)
-        return load_strictly(VQVAE(config), read_weights_file(copy), copy)
+        config_class, model_class = TOKENIZER_MODELS[description.get("kind", "vqvae")]
+        config = stored_model_config(config_class, description, copy)
+        return load_strictly(model_class(config), read_weights_file(copy), copy)
     source = description.get("source")
     if source and Path(source).exists():
         return load_tokenizer(source)
@@ -140,12 +158,12 @@ def dit_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> DiTConfig
 
 
 def dit_decoder(ckpt: str | Path, stored: dict | None, config: DiTConfig,
-                vae: str | None = None) -> LatentCodec | TokenizerCodec | None:
+                vae: str | None = None) -> LatentCodec | TokenizerCodec | KLCodec | None:
     """The decoder of a DiT's latents: its run's tokenizer, an SD VAE (`vae` overrides the stored path), or None
     (pixels; `vae="none"` forces it)."""
     stored = stored or {}
     if "tokenizer" in stored:
-        return TokenizerCodec(stored_tokenizer(ckpt, stored), stored["tokenizer"]["latent_scale"])
+        return tokenizer_codec(stored_tokenizer(ckpt, stored), stored["tokenizer"])
     vae = vae or stored.get("vae")
     if config.in_channels == LATENT_CHANNELS and not vae:
         raise UserError("this DiT works in SD-VAE latent space; pass --vae PATH to a local sd-vae-ft-ema/mse folder "
@@ -264,6 +282,7 @@ def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None) -> V
     else:
         raise UserError(f"{path} is an official VAR checkpoint; pass --tokenizer with its vae_ch160v4096z32.pth "
                         "(tokenizer= in Python)")
+    vqvae = token_tokenizer(vqvae, tokenizer or path)
     config = stored_model_config(VARConfig, stored, path) if stored else var_config_from_state_dict(weights, vqvae)
     model = load_strictly(VAR(config), weights, path)
     model.attach_tokenizer(vqvae)

@@ -1,4 +1,4 @@
-"""`scalegen train dit` and `scalegen sample dit`."""
+"""`scalegen train dit`, `scalegen train kl` (the KL tokenizer of a DiT's latent space) and `scalegen sample dit`."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,9 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    DATA_HELP, NON_NEGATIVE, POSITIVE, add_init_from, add_precision_option, add_training_options, at_least,
-    dataclass_from_args, fraction, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from,
+    add_precision_option, add_training_options, at_least, dataclass_from_args, fraction, integers,
+    train_config_from_args,
 )
 from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
 from scalegen.diffusion.flow import TIME_SAMPLINGS
@@ -20,9 +21,12 @@ from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS, MLP_KINDS, NORM_KINDS
 from scalegen.pretrained import load_dit
 from scalegen.train.dit_task import REPA_DEFAULT_DEPTH, DiTOptions, DiTTask, ObjectiveConfig, train_dit
+from scalegen.train.kl_task import KLLosses, KLVAEOptions, KLVAETask, train_kl
 
 DEFAULTS, OBJECTIVE_DEFAULTS = DiTOptions(), ObjectiveConfig()
+KL_DEFAULTS, KL_LOSS_DEFAULTS = KLVAEOptions(), KLLosses()
 SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 32  # the official sample.py's
+ALIGN_WEIGHT = 0.1  # VA-VAE's hyper-weight of `train kl --align-encoder` when --align-weight is not given
 DIT_GUIDANCE = at_least(1.0, float)  # 1 = no guidance; the official sampler treats anything below as 1
 CFG_INTERVAL_HELP = ("guide only at noise levels LOW <= t <= HIGH (t = 1 is pure noise, a DDPM step is t·1000), e.g. "
                      "0,0.7 as REPA or 0,0.89 as LightningDiT")
@@ -40,14 +44,16 @@ def guidance_interval(text: str) -> tuple[float, float]:
 
 
 def register(train_parsers, sample_parsers) -> None:
-    """Add `train dit` and `sample dit` to the command line."""
+    """Add `train dit`, `train kl` and `sample dit` to the command line."""
+    register_train_kl(train_parsers)
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
     parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--data", default=DEFAULTS.data, help=DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
-                        help="`train vqvae` run: diffuse its quantized features instead of pixels")
+                        help="`train vqvae` run: diffuse its quantized features instead of pixels; `train kl` run: "
+                             "diffuse its latents, normalised per channel")
     parser.add_argument("--latent-cache", action="store_true",
                         help="encode the data set once into RUN/latents/ (shards every rank builds, read memory-mapped)")
     parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
@@ -98,6 +104,13 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--repa-depth", type=POSITIVE, default=REPA_DEFAULT_DEPTH, help="REPA: the aligned block (1-based)")
     parser.add_argument("--repa-weight", type=float, default=OBJECTIVE_DEFAULTS.repa_weight,
                         help="REPA: λ of the alignment loss")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="REPA-E: tune the --tokenizer (a `train kl` run) with the DiT through REPA's loss; the "
+                             "latents are batch-normalised, the diffusion loss stops at them")
+    parser.add_argument("--end-to-end-weight", type=NON_NEGATIVE_FLOAT, default=DEFAULTS.end_to_end_weight,
+                        help="REPA-E: weight of the REPA loss that reaches the tokenizer")
+    parser.add_argument("--tokenizer-lr", type=NON_NEGATIVE_FLOAT, default=None,
+                        help="REPA-E: the tokenizer's learning rate (default: --lr)")
     add_init_from(parser)
     add_training_options(parser, DiTTask)
     parser.set_defaults(handler=run_train)
@@ -125,6 +138,63 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_precision_option(parser)
     parser.set_defaults(handler=run_sample)
+
+
+def register_train_kl(train_parsers) -> None:
+    """Add `train kl`: a KL autoencoder (SD's VAE architecture, diffusers' AutoencoderKL layout), optionally aligned
+    with an encoder (VA-VAE)."""
+    parser = train_parsers.add_parser("kl", help="train a KL tokenizer (SD-VAE architecture) for a DiT's latent space")
+    defaults, losses = KL_DEFAULTS, KL_LOSS_DEFAULTS
+    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
+    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
+    parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
+    parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult,
+                        help="width multiplier per resolution level (every level but the last halves the side)")
+    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks,
+                        help="residual blocks per resolution level")
+    parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
+                        help="GroupNorm groups (divide every level width)")
+    parser.add_argument("--attention", dest="use_attention", action="store_true",
+                        help="the middle attention blocks of SD's VAE (off by default: small images)")
+    parser.add_argument("--latent-channels", type=POSITIVE, default=defaults.latent_channels, help="latent channels")
+    parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=losses.l1, help="weight of the L1 reconstruction loss")
+    parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=losses.l2, help="weight of the L2 reconstruction loss")
+    parser.add_argument("--kl-weight", dest="kl", type=NON_NEGATIVE_FLOAT, default=losses.kl,
+                        help="weight of the mean KL divergence per latent element")
+    parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
+    parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=losses.lpips,
+                        help="weight of LPIPS (with --lpips-weights)")
+    parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=losses.gan,
+                        help="patch-GAN weight (0: no GAN)")
+    parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=losses.gan_start_step,
+                        help="step at which the GAN loss starts")
+    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=losses.discriminator_width,
+                        help="patch discriminator base width")
+    parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
+                        default=losses.discriminator_layers, help="patch discriminator layers")
+    parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=losses.discriminator_lr,
+                        help="discriminator lr (default: --lr)")
+    parser.add_argument("--align-encoder", default=None, metavar="FILE.safetensors",
+                        help="VA-VAE: align the latents with this frozen encoder's features (`train classifier "
+                             "--export`; never the classifier that scores FID)")
+    parser.add_argument("--align-weight", dest="alignment", type=NON_NEGATIVE_FLOAT, default=None,
+                        help="VA-VAE: hyper-weight of the alignment losses (default with --align-encoder: 0.1, as VA-VAE)")
+    parser.add_argument("--no-adaptive-alignment", dest="adaptive_alignment", action="store_false",
+                        help="VA-VAE: use --align-weight as it is, not scaled by the gradient-norm ratio")
+    parser.add_argument("--cosine-margin", type=NON_NEGATIVE_FLOAT, default=losses.cosine_margin,
+                        help="VA-VAE: margin m1 of the cosine-similarity loss")
+    parser.add_argument("--distance-margin", type=NON_NEGATIVE_FLOAT, default=losses.distance_margin,
+                        help="VA-VAE: margin m2 of the distance-matrix loss")
+    add_init_from(parser, class_conditional=False)
+    add_training_options(parser, KLVAETask, {"compile": COMPILE_WHOLE_MODEL_HELP})
+    parser.set_defaults(handler=run_train_kl)
+
+
+def run_train_kl(args: argparse.Namespace) -> None:
+    """Handler of `scalegen train kl`."""
+    alignment = args.alignment if args.alignment is not None else (ALIGN_WEIGHT if args.align_encoder else 0.0)
+    losses = dataclass_from_args(KLLosses, args, alignment=alignment)
+    train_kl(dataclass_from_args(KLVAEOptions, args, losses=losses), train_config_from_args(args))
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -16,8 +16,8 @@ def run_export(args: argparse.Namespace) -> None:
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:
             raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")
-        print(f"exported {export_diffusers(args.run, args.out, args.vae)} (a diffusers DiTPipeline folder; "
-              "its README.md says how to run it)")
+        print(f"exported {export_diffusers(args.run, args.out, args.vae)} (a diffusers folder: a DiTPipeline, its "
+              "README.md says how to run it; or a KL tokenizer's AutoencoderKL, which --vae takes)")
         return
     if args.vae:
         raise UserError("--vae names the SD-VAE a --format diffusers export ships; scalegen's format keeps the run's")
@@ -33,7 +33,8 @@ def register(commands) -> None:
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=WEIGHT_CHOICES[0],
                         help="EMA (default; the weights themselves for a run without EMA) or raw weights")
     parser.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                        help="scalegen (any --ckpt) or diffusers (a DDPM DiT on an SD-VAE as a DiTPipeline folder: "
-                             "transformer/, scheduler/, vae/)")
+                        help="scalegen (any --ckpt) or diffusers (a DDPM DiT on an SD-VAE or a KL tokenizer as a "
+                             "DiTPipeline folder: transformer/, scheduler/, vae/; a `train kl` tokenizer as an "
+                             "AutoencoderKL folder)")
     parser.add_argument("--vae", help="diffusers: the local SD-VAE folder/file to ship as vae/ (default: the run's)")
     parser.set_defaults(handler=run_export)

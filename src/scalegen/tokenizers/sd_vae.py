@@ -14,19 +14,43 @@ LATENT_CHANNELS = 4
 
 
 class LatentCodec(nn.Module):
-    """Pixels <-> scaled latents through an SD VAE. Frozen: only ever used under no_grad."""
+    """Pixels <-> scaled latents through a diffusers AutoencoderKL. Frozen: only ever used under no_grad.
 
-    guide_all_channels = False  # the official DiT guides only the first three of the four latent channels
+    The scaling is the autoencoder config's: per-channel `latents_mean` / `latents_std` when it has them (a KL
+    tokenizer of ours exported by `scalegen export`), else (latent − shift_factor) · scaling_factor (SD: 0.18215).
+    """
 
     def __init__(self, autoencoder: nn.Module):
         super().__init__()
         self.autoencoder = autoencoder.eval().requires_grad_(False)
+        settings = autoencoder.config
+        if settings.get("latents_mean") is not None:
+            shift = torch.tensor(settings["latents_mean"]).reshape(1, -1, 1, 1)  # (1, c, 1, 1)
+            scale = 1.0 / torch.tensor(settings["latents_std"]).reshape(1, -1, 1, 1)  # (1, c, 1, 1)
+        else:
+            shift = torch.tensor(float(settings.get("shift_factor") or 0.0))
+            scale = torch.tensor(float(settings.get("scaling_factor", LATENT_SCALE)))
+        self.register_buffer("shift", shift.float())
+        self.register_buffer("scale", scale.float())
+        # The official DiT guides only the first three of SD's four latent channels; other latents guide all.
+        self.guide_all_channels = not (settings.get("latent_channels") == LATENT_CHANNELS
+                                       and settings.get("latents_mean") is None
+                                       and float(settings.get("scaling_factor", 0.0)) == LATENT_SCALE)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.config["latent_channels"]
+
+    @property
+    def downsample_ratio(self) -> int:
+        """Image side / latent side: every encoder level but the last halves it (SD's VAE: 8)."""
+        return 2 ** (len(self.autoencoder.config["block_out_channels"]) - 1)
 
     @torch.no_grad()
     def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean and std, each (B, 4, H/8, W/8)."""
+        """Images (B, C, H, W) in [-1, 1] -> scaled posterior mean and std, each (B, c, H/f, W/f)."""
         posterior = self.autoencoder.encode(images).latent_dist
-        return posterior.mean * LATENT_SCALE, posterior.std * LATENT_SCALE
+        return (posterior.mean - self.shift) * self.scale, posterior.std * self.scale
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -36,8 +60,8 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (not clamped)."""
-        return self.autoencoder.decode(latents / LATENT_SCALE).sample
+        """Scaled latents (B, c, h, w) -> images (B, C, fh, fw) in [-1, 1] (not clamped)."""
+        return self.autoencoder.decode(latents / self.scale + self.shift).sample
 
 
 def load_sd_vae(path: str | Path) -> LatentCodec:

@@ -1,8 +1,9 @@
 """Training a DiT: the task (its objective's loss, sample grid) and `train_dit`, which builds a run from `DiTOptions`
-in pixel space, in SD-VAE latents, or in the quantized features of one of our tokenizers.
+in pixel space, in SD-VAE latents, or in the latents of one of our tokenizers (VQ or KL).
 
 The objective (diffusion/objectives.py: "ddpm", the paper's; "flow", SiT's; "meanflow", one-step) owns the loss and
-draws its own times; any of them can add REPA's alignment loss (train/repa.py).
+draws its own times; any of them can add REPA's alignment loss (train/repa.py). On a KL tokenizer, REPA-E tunes the
+tokenizer with the DiT (`--end-to-end`, train/end_to_end.py).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
+from scalegen.checkpoint import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.diffusion.objective import Objective
@@ -22,10 +24,14 @@ from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.pretrained import PIXEL_SPACE, load_tokenizer
-from scalegen.tokenizers.codec import TokenizerCodec, measure_latent_scale
-from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
+from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, measure_normalization, tokenizer_codec
+from scalegen.tokenizers.kl_vae import KLVAE
+from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, cache_path, extract_latents
+from scalegen.train.end_to_end import ALIGNMENT_WEIGHT, EndToEnd
+from scalegen.train.kl_task import KLLosses
+from scalegen.train.tokenizer_task import first_images
 from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, projector, token_grid_features
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
 from scalegen.train.trainer import TrainConfig, train
@@ -95,13 +101,14 @@ class DiTTask(TrainingTask):
     def __init__(
         self,
         model_config: DiTConfig,
-        codec: LatentCodec | TokenizerCodec | None = None,
+        codec: LatentCodec | TokenizerCodec | KLCodec | None = None,
         vae: str | None = None,
         sample_steps: int = 50,
         sample_cfg_scale: float = 4.0,
         extra_config: dict | None = None,
         objective: ObjectiveConfig = ObjectiveConfig(),
         repa_encoder: nn.Module | None = None,
+        end_to_end: EndToEnd | None = None,
     ):
         model_config = replace(model_config, objective=objective.name)  # the model's config records its objective
         super().__init__(DiT(model_config, decoder=codec), extra_config)
@@ -115,12 +122,24 @@ class DiTTask(TrainingTask):
                 raise UserError(f"--repa-depth {objective.repa_depth} must name a block in 1..{model_config.depth}")
             self.projector = projector(model_config.hidden_size, repa_encoder.feature_dim)
             self.tap = BlockTap(self.model.blocks[objective.repa_depth - 1])
+        if end_to_end is not None and self.tap is None:
+            raise UserError("--end-to-end tunes the tokenizer through REPA's loss: pass --repa-encoder FILE too")
+        self.end_to_end = end_to_end
 
     def helpers(self) -> list[nn.Module]:
-        return [module for module in (self.codec, self.repa_encoder, self.projector) if module is not None]
+        modules = [module for module in (self.codec, self.repa_encoder, self.projector) if module is not None]
+        return modules + (self.end_to_end.modules() if self.end_to_end is not None else [])
 
     def config(self) -> dict:
-        return {**super().config(), "vae": self.vae, "objective": asdict(self.objective)}
+        config = {**super().config(), "vae": self.vae, "objective": asdict(self.objective)}
+        if self.end_to_end is not None:  # the tokenizer's latents as the batch norm normalises them now
+            config["tokenizer"] = {**config["tokenizer"], **self.end_to_end.normalization().description(),
+                                   "end_to_end": True}
+        return config
+
+    def prepare(self, lr: float) -> None:
+        if self.end_to_end is not None:
+            self.end_to_end.prepare(lr)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         groups = super().parameter_groups(weight_decay)
@@ -129,7 +148,11 @@ class DiTTask(TrainingTask):
         return groups
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if "latent" in batch:
+        extra = {}
+        if self.end_to_end is not None:
+            normalized, tokenizer_loss, extra = self.end_to_end.encode(batch["image"])  # (B, c, h, w), (), figures
+            x_start = normalized.detach()  # the diffusion loss stops at the latents
+        elif "latent" in batch:
             x_start = batch["latent"]  # (B, C_latent, h, w)
         elif self.codec is not None:
             x_start = self.codec.encode(batch["image"])  # (B, C_latent, h, w)
@@ -137,29 +160,60 @@ class DiTTask(TrainingTask):
             x_start = batch["image"]  # (B, C, H, W)
         terms = self.training_objective.training_losses(model, x_start, model_kwargs={"y": batch["label"]})
         loss = terms["loss"].mean()
-        extra = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}  # () each
+        extra.update({name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms})  # () each
         if self.tap is not None:
             alignment = self.repa_loss(batch["image"])
             loss = loss + self.objective.repa_weight * alignment
             extra["repa"] = alignment.detach()  # ()
+        if self.end_to_end is not None:
+            tokenizer_alignment = self.tokenizer_alignment_loss(normalized, batch)
+            loss = loss + tokenizer_loss + self.end_to_end.alignment_weight * tokenizer_alignment
+            extra["tokenizer_repa"] = tokenizer_alignment.detach()  # ()
         return loss, extra
 
-    def repa_loss(self, images: torch.Tensor) -> torch.Tensor:
+    def repa_loss(self, images: torch.Tensor, project: nn.Module | None = None) -> torch.Tensor:
         """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images (of the
-        examples whose forward ran last: all of them, but for MeanFlow only those with r = t, the batch's last)."""
+        examples whose forward ran last: all of them, but for MeanFlow only those with r = t, the batch's last),
+        projected by `project` (default: the projector)."""
         tokens = self.tap.take()  # (B', T', D)
         images = images[len(images) - len(tokens):]  # (B', C, H, W)
         grid = self.model.config.input_size // self.model.config.patch_size
         tokens = tokens[:, -grid * grid :]  # (B, T, D): image tokens only (in-context blocks put theirs first)
         target = token_grid_features(self.repa_encoder(images).float(), grid)  # (B, T, C)
-        return alignment_loss(self.projector(tokens), target).mean()
+        return alignment_loss((project or self.projector)(tokens), target).mean()
+
+    def tokenizer_alignment_loss(self, normalized: torch.Tensor, batch: dict) -> torch.Tensor:
+        """REPA-E: REPA's loss of a second pass on the latents with gradients (B, c, h, w), through the DiT and the
+        projector with their weights detached, so that it trains the tokenizer only."""
+        def detached(module: nn.Module):
+            weights = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+            return lambda *args, **kwargs: functional_call(module, weights, args, kwargs)
+
+        self.training_objective.training_losses(detached(self.model), normalized, model_kwargs={"y": batch["label"]})
+        return self.repa_loss(batch["image"], detached(self.projector))
+
+    def after_step(self, step: int, context) -> dict[str, float]:
+        """The tokenizer's step in an end-to-end run."""
+        return self.end_to_end.step(step, context) if self.end_to_end is not None else {}
+
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """An end-to-end run keeps the tokenizer of each step beside it."""
+        if self.end_to_end is None:
+            return {}
+        return {TOKENIZER_FILE: {name: tensor.detach().clone() for name, tensor in
+                                 self.end_to_end.tokenizer.state_dict().items()}}
 
     def extra_state(self) -> dict:
-        return {"projector": self.projector.state_dict()} if self.projector is not None else {}
+        state = {"projector": self.projector.state_dict()} if self.projector is not None else {}
+        if self.end_to_end is not None:
+            state["end_to_end"] = self.end_to_end.state()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         if self.projector is not None and "projector" in state:
             self.projector.load_state_dict(state["projector"])
+        if self.end_to_end is not None and "end_to_end" in state:
+            self.end_to_end.load_state(state["end_to_end"])
 
     def write_samples(self, model: nn.Module, path: Path) -> None:
         classes = list(range(min(model.config.num_classes, GRID_MAX_CLASSES)))
@@ -169,6 +223,8 @@ class DiTTask(TrainingTask):
     def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """With the run's sample steps and guidance (a MeanFlow model's guidance is trained in: it samples with
         cfg 1), and the objective's default sampler."""
+        if self.end_to_end is not None:
+            self.end_to_end.sync_codec()
         cfg = 1.0 if self.objective.guidance > 1.0 else self.sample_cfg_scale
         return model.generate(labels, cfg=cfg, steps=self.sample_steps, seed=seed)  # (B, C, H, W)
 
@@ -196,6 +252,9 @@ class DiTOptions:
         objective: the objective and its settings, REPA's block and weight (`ObjectiveConfig`).
         repa_encoder: REPA's frozen encoder (`train classifier --export` file; None: no REPA); REPA aligns block
             `objective.repa_depth` (REPA_DEFAULT_DEPTH when that is 0).
+        end_to_end: REPA-E: tune the KL tokenizer with the DiT (needs a `train kl` tokenizer and a REPA encoder).
+        end_to_end_weight: REPA-E: the weight of the REPA loss that reaches the tokenizer.
+        tokenizer_lr: REPA-E: the tokenizer's learning rate (None: the DiT's).
     """
 
     model: str = "DiT-S/2"
@@ -221,6 +280,9 @@ class DiTOptions:
     cfg_interval: tuple[float, float] | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     repa_encoder: str | None = None
+    end_to_end: bool = False
+    end_to_end_weight: float = ALIGNMENT_WEIGHT
+    tokenizer_lr: float | None = None
 
     @property
     def pixel_space(self) -> bool:
@@ -252,20 +314,25 @@ def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num
     return config
 
 
-def tokenizer_latents(options: DiTOptions, dataset, run: RunFolder, device: str | None) -> tuple[TokenizerCodec, dict]:
+def tokenizer_latents(options: DiTOptions, dataset, run: RunFolder,
+                      device: str | None) -> tuple[TokenizerCodec | KLCodec, dict]:
     """The codec of `options.tokenizer` and its stored description; its weights are copied into the run folder."""
     tokenizer = load_tokenizer(options.tokenizer)
     if tokenizer.image_size != options.image_size or tokenizer.config.in_channels != dataset.channels:
         raise UserError(f"the tokenizer encodes {tokenizer.image_size}px images of {tokenizer.config.in_channels} "
                         f"channel(s), the data are {options.image_size}px with {dataset.channels}; match --image-size "
                         "or train a tokenizer on this data")
+    if options.end_to_end and not isinstance(tokenizer, KLVAE):
+        raise UserError("--end-to-end tunes a KL tokenizer (`scalegen train kl`); a VQ tokenizer's codes have no "
+                        "gradient to tune through")
     context = setup_distributed(device)
-    if context.is_main:
+    if context.is_main and not options.end_to_end:  # an end-to-end run keeps its tokenizer with each checkpoint
         keep_tokenizer_copy(tokenizer.state_dict(), run.root)
-    latent_scale = measure_latent_scale(tokenizer, dataset, context.device)
-    description = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve()),
-                   "latent_scale": latent_scale}
-    return TokenizerCodec(tokenizer, latent_scale), description
+    kind = "klvae" if isinstance(tokenizer, KLVAE) else "vqvae"
+    description = {"kind": kind, "model": json_config(tokenizer.config),
+                   "source": str(Path(options.tokenizer).resolve()),
+                   **measure_normalization(tokenizer, dataset, context.device)}
+    return tokenizer_codec(tokenizer, description), description
 
 
 def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
@@ -278,6 +345,9 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
     with guarded_run(config.out):
         if options.tokenizer and not options.pixel_space:
             raise UserError("pass --vae or --tokenizer, not both: each chooses the latent space")
+        if options.end_to_end and (not options.tokenizer or options.latent_cache or config.fsdp):
+            raise UserError("--end-to-end tunes the tokenizer of --tokenizer KL_RUN as it trains: it needs --tokenizer "
+                            "and works without --latent-cache (the latents change) and without --fsdp")
         objective = options.objective_config()
         if config.fsdp and objective_class(objective.name).forward_mode:
             raise UserError(f"--objective {objective.name} differentiates the network in forward mode, which FSDP2's "
@@ -291,12 +361,13 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
         extra_config = run_description(options.data, options.image_size, dataset)
         if options.tokenizer:
             codec, extra_config["tokenizer"] = tokenizer_latents(options, dataset, run, config.device)
-            in_channels, input_size = codec.tokenizer.z_channels, codec.tokenizer.patch_nums[-1]
+            in_channels, input_size = codec.latent_channels, codec.latent_size
         elif not options.pixel_space:
-            if options.image_size % LATENT_DOWNSAMPLE:
-                raise UserError(f"--image-size {options.image_size} must be a multiple of {LATENT_DOWNSAMPLE} with a VAE")
-            codec, in_channels = load_sd_vae(options.vae), LATENT_CHANNELS
-            input_size = options.image_size // LATENT_DOWNSAMPLE
+            codec = load_sd_vae(options.vae)
+            if options.image_size % codec.downsample_ratio:
+                raise UserError(f"--image-size {options.image_size} must be a multiple of {codec.downsample_ratio} "
+                                "with this VAE")
+            in_channels, input_size = codec.latent_channels, options.image_size // codec.downsample_ratio
         else:
             codec, in_channels, input_size = None, dataset.channels, options.image_size
         model_config = dit_model_config(options, input_size, in_channels, dataset.num_classes)
@@ -310,8 +381,12 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
             dataset = LatentCache(cache, images=dataset if encoder is not None else None)
         vae = None if options.pixel_space else options.vae
         torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)
+        end_to_end = None
+        if options.end_to_end:
+            end_to_end = EndToEnd(codec, KLLosses(), first_images(dataset), options.end_to_end_weight,
+                                  options.tokenizer_lr)
         task = DiTTask(model_config, codec, vae, options.sample_steps, options.sample_cfg, extra_config, objective,
-                       encoder)
+                       encoder, end_to_end)
         if encoder is not None:
             task.extra_config["repa_encoder"] = str(Path(options.repa_encoder).resolve())
         if options.init_from:

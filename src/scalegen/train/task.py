@@ -123,3 +123,8 @@ class TrainingTask:
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what `extra_state` saved."""
+
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """More weight files to write into each checkpoint folder, by file name (a network trained beside the
+        model that loaders read from there: the tokenizer of an end-to-end run)."""
+        return {}

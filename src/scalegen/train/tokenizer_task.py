@@ -1,8 +1,9 @@
-"""Training VAR's multi-scale VQVAE tokenizer: the task and `train_vqvae`, which builds a run from `VQVAEOptions`.
+"""Training tokenizers: what they all share (`AutoencoderTask`), VAR's multi-scale VQVAE tokenizer (its task and
+`train_vqvae`, which builds a run from `VQVAEOptions`). The KL tokenizer's task builds on the same base (kl_task.py).
 
-L1/L2 reconstruction + the multi-scale quantizer loss (straight-through), optionally LPIPS and a hinge patch-GAN
-with VQGAN's adaptive weight; per-scale codebook usage is logged and dead codes are re-initialised from encoder
-features. The recipe: AdamW lr 2e-4, no EMA (the official tokenizer trains without one).
+Every tokenizer: L1/L2 reconstruction, optionally LPIPS and a hinge patch-GAN with VQGAN's adaptive weight. The VQ
+one adds the multi-scale quantizer loss (straight-through); per-scale codebook usage is logged and dead codes are
+re-initialised from encoder features. The recipe: AdamW lr 2e-4, no EMA (the official tokenizer trains without one).
 """
 from __future__ import annotations
 
@@ -66,30 +67,35 @@ def reinitialize_dead_codes(codebook: torch.Tensor, features: torch.Tensor, dead
 
 
 @dataclass
-class TokenizerLosses:
-    """Weights and schedule of the tokenizer's loss terms."""
+class ReconstructionLosses:
+    """Weights and schedule of the loss terms every tokenizer has: reconstruction, perceptual, patch GAN."""
 
     l1: float = 1.0
     l2: float = 1.0
-    quantizer: float = 1.0
-    lpips: float = 1.0  # applies only with an LPIPS network (VQVAEOptions.lpips_weights)
+    lpips: float = 1.0  # applies only with an LPIPS network (the options' lpips_weights)
     gan: float = 0.0
     gan_start_step: int = 0
     discriminator_width: int = 64
     discriminator_layers: int = 3
     discriminator_lr: float | None = None  # None: the tokenizer's own lr
+
+
+@dataclass
+class TokenizerLosses(ReconstructionLosses):
+    """The VQ tokenizer's loss terms: the shared ones and the quantizer's."""
+
+    quantizer: float = 1.0
     dead_code_every: int = 100  # re-initialise dead codes every N steps (0: never)
 
 
-class VQVAETask(TrainingTask):
-    """Multi-scale VQVAE tokenizer training; the sample grid shows fixed inputs (top) over reconstructions (bottom)."""
+class AutoencoderTask(TrainingTask):
+    """What every tokenizer's training shares: L1/L2 (+ LPIPS) reconstruction, the hinge patch GAN with VQGAN's
+    adaptive weight and its discriminator step, and a grid of fixed inputs (top) over their reconstructions (bottom).
+    Subclasses implement `loss`, `reconstruct` and, for more per-step work, extend `after_step`."""
 
-    kind = "vqvae"
-    recipe = Recipe(lr=2e-4, ema_decay=0.0)
-
-    def __init__(self, model_config: VQVAEConfig, losses: TokenizerLosses, grid_images: torch.Tensor,
+    def __init__(self, model: nn.Module, losses: ReconstructionLosses, grid_images: torch.Tensor,
                  lpips: LPIPS | None = None, extra_config: dict | None = None):
-        super().__init__(VQVAE(model_config), extra_config)
+        super().__init__(model, extra_config)
         self.losses, self.lpips = losses, lpips
         self.grid_images = grid_images  # (N, C, H, W) in [-1, 1]
         self.discriminator = None
@@ -100,16 +106,10 @@ class VQVAETask(TrainingTask):
                 raise UserError(f"{image_size}px images are too small for a {losses.discriminator_layers}-layer "
                                 f"discriminator (it needs {smallest_image_size(losses.discriminator_layers)}px); "
                                 "lower --disc-layers")
-            self.discriminator = PatchDiscriminator(model_config.in_channels, losses.discriminator_width,
+            self.discriminator = PatchDiscriminator(grid_images.shape[1], losses.discriminator_width,
                                                     losses.discriminator_layers).requires_grad_(False)
         self.completed_steps = 0
-        self._reset_pending()
-
-    def _reset_pending(self) -> None:
-        # What this optimizer step's micro-batches leave for `after_step`.
-        self.pending_hits: torch.Tensor | None = None  # (scales, vocab)
         self.pending_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) for D
-        self.last_images: torch.Tensor | None = None  # (B, C, H, W), source of dead-code replacements
 
     def helpers(self) -> list[nn.Module]:
         return [module for module in (self.lpips, self.discriminator) if module is not None]
@@ -129,55 +129,37 @@ class VQVAETask(TrainingTask):
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.completed_steps >= self.losses.gan_start_step
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["image"]  # (B, C, H, W)
-        reconstruction, quantizer_loss, vocab_hits = model(images)  # (B, C, H, W), (), (S, V)
-        reconstruction = reconstruction.float()  # (B, C, H, W)
+    def reconstruction_loss(self, images: torch.Tensor,
+                            reconstruction: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted L1 + L2 (+ LPIPS) of a reconstruction (B, C, H, W) of `images`, and its figures."""
         l1 = (reconstruction - images).abs().mean()
         l2 = (reconstruction - images).square().mean()
-        reconstruction_loss = self.losses.l1 * l1 + self.losses.l2 * l2
-        figures = {"l1": l1.detach(), "l2": l2.detach(), "quantizer": quantizer_loss.detach()}  # () each
+        loss = self.losses.l1 * l1 + self.losses.l2 * l2
+        figures = {"l1": l1.detach(), "l2": l2.detach()}  # () each
         if self.lpips is not None:
             perceptual = self.lpips(reconstruction, images).mean()
-            reconstruction_loss = reconstruction_loss + self.losses.lpips * perceptual
+            loss = loss + self.losses.lpips * perceptual
             figures["lpips"] = perceptual.detach()
-        loss = reconstruction_loss + self.losses.quantizer * quantizer_loss
-        if self.discriminator is not None:
-            generator_loss, weight = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-            if self.gan_active:
-                generator_loss = hinge_generator_loss(self.discriminator(reconstruction))
-                last_layer = self.model.decoder.conv_out.weight
-                weight = self.losses.gan * adaptive_weight(reconstruction_loss, generator_loss, last_layer)
-                loss = loss + weight * generator_loss
-                self.pending_pairs.append((images.detach(), reconstruction.detach()))
-            figures.update(gan_generator=generator_loss.detach(), gan_weight=weight.detach())
-        hits = vocab_hits.detach()  # (S, V)
-        self.pending_hits = hits if self.pending_hits is None else self.pending_hits + hits
-        self.last_images = images.detach()
         return loss, figures
 
+    def gan_loss(self, images: torch.Tensor, reconstruction: torch.Tensor,
+                 reconstruction_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The adaptively weighted generator loss (zero before the GAN starts), its figures; keeps the pair for D."""
+        generator_loss, weight = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+        if self.gan_active:
+            generator_loss = hinge_generator_loss(self.discriminator(reconstruction))
+            last_layer = self.model.decoder.conv_out.weight
+            weight = self.losses.gan * adaptive_weight(reconstruction_loss, generator_loss, last_layer)
+            self.pending_pairs.append((images.detach(), reconstruction.detach()))
+        return weight * generator_loss, {"gan_generator": generator_loss.detach(), "gan_weight": weight.detach()}
+
     def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
-        """Per-scale usage statistics, dead-code re-initialisation and the discriminator's step."""
+        """The discriminator's step."""
         self.completed_steps = step
-        quantizer = self.model.quantize
-        hits = self.pending_hits  # (S, V) this rank's hits over the step's micro-batches
-        if context.enabled:
-            dist.all_reduce(hits)  # every rank keeps the same usage EMA
-        quantizer.record_usage(hits)
-        margin = float(hits[-1].sum()) / quantizer.vocab_size * USAGE_MARGIN
-        usage = quantizer.codebook_usage(margin)  # (S,)
-        figures = {f"usage_{name}": value for name, value in zip(scale_names(quantizer.patch_nums), usage.tolist())}
-        dead = quantizer.dead_codes(margin)  # (V,)
-        figures["dead_codes"] = float(dead.sum())
-        if self.losses.dead_code_every and step % self.losses.dead_code_every == 0 and bool(dead.any()):
-            with torch.no_grad():
-                features = self.model.img_to_features(self.last_images)  # (B, C, h, w)
-            reinitialize_dead_codes(quantizer.embedding.weight, features.permute(0, 2, 3, 1).flatten(0, 2), dead)
-            if context.enabled:
-                dist.broadcast(quantizer.embedding.weight.data, src=0)  # ranks drew different replacements
+        figures = {}
         if self.discriminator is not None:
             figures["discriminator"] = self._discriminator_step(context)
-        self._reset_pending()
+        self.pending_pairs = []
         return figures
 
     def _discriminator_step(self, context: DistributedContext) -> float:
@@ -197,24 +179,91 @@ class VQVAETask(TrainingTask):
         return total
 
     def extra_state(self) -> dict:
-        state = {"usage_updates": self.model.quantize.usage_updates, "completed_steps": self.completed_steps}
+        state = {"completed_steps": self.completed_steps}
         if self.discriminator is not None:
             state.update(discriminator=self.discriminator.state_dict(),
                          discriminator_optimizer=self.discriminator_optimizer.state_dict())
         return state
 
     def load_extra_state(self, state: dict) -> None:
-        self.model.quantize.usage_updates = state["usage_updates"]
         self.completed_steps = state["completed_steps"]
         if self.discriminator is not None and "discriminator" in state:
             self.discriminator.load_state_dict(state["discriminator"])
             self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
 
+    def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The model's deterministic reconstruction (B, C, H, W) of images in [-1, 1]."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def write_samples(self, model: nn.Module, path: Path) -> None:
         images = self.grid_images.to(self.device)  # (N, C, H, W)
-        reconstruction = model.tokens_to_img(model.img_to_tokens(images))  # (N, C, H, W)
-        save_grid(to_unit_range(torch.cat([images, reconstruction])), 2, path)
+        save_grid(to_unit_range(torch.cat([images, self.reconstruct(model, images)])), 2, path)
+
+
+class VQVAETask(AutoencoderTask):
+    """Multi-scale VQVAE tokenizer training; the sample grid shows fixed inputs (top) over reconstructions (bottom)."""
+
+    kind = "vqvae"
+    recipe = Recipe(lr=2e-4, ema_decay=0.0)
+
+    def __init__(self, model_config: VQVAEConfig, losses: TokenizerLosses, grid_images: torch.Tensor,
+                 lpips: LPIPS | None = None, extra_config: dict | None = None):
+        super().__init__(VQVAE(model_config), losses, grid_images, lpips, extra_config)
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        # What this optimizer step's micro-batches leave for `after_step`.
+        self.pending_hits: torch.Tensor | None = None  # (scales, vocab)
+        self.last_images: torch.Tensor | None = None  # (B, C, H, W), source of dead-code replacements
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"]  # (B, C, H, W)
+        reconstruction, quantizer_loss, vocab_hits = model(images)  # (B, C, H, W), (), (S, V)
+        reconstruction = reconstruction.float()  # (B, C, H, W)
+        reconstruction_loss, figures = self.reconstruction_loss(images, reconstruction)
+        figures["quantizer"] = quantizer_loss.detach()  # ()
+        loss = reconstruction_loss + self.losses.quantizer * quantizer_loss
+        if self.discriminator is not None:
+            generator_loss, gan_figures = self.gan_loss(images, reconstruction, reconstruction_loss)
+            loss = loss + generator_loss
+            figures.update(gan_figures)
+        hits = vocab_hits.detach()  # (S, V)
+        self.pending_hits = hits if self.pending_hits is None else self.pending_hits + hits
+        self.last_images = images.detach()
+        return loss, figures
+
+    def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
+        """Per-scale usage statistics, dead-code re-initialisation and the discriminator's step."""
+        quantizer = self.model.quantize
+        hits = self.pending_hits  # (S, V) this rank's hits over the step's micro-batches
+        if context.enabled:
+            dist.all_reduce(hits)  # every rank keeps the same usage EMA
+        quantizer.record_usage(hits)
+        margin = float(hits[-1].sum()) / quantizer.vocab_size * USAGE_MARGIN
+        usage = quantizer.codebook_usage(margin)  # (S,)
+        figures = {f"usage_{name}": value for name, value in zip(scale_names(quantizer.patch_nums), usage.tolist())}
+        dead = quantizer.dead_codes(margin)  # (V,)
+        figures["dead_codes"] = float(dead.sum())
+        if self.losses.dead_code_every and step % self.losses.dead_code_every == 0 and bool(dead.any()):
+            with torch.no_grad():
+                features = self.model.img_to_features(self.last_images)  # (B, C, h, w)
+            reinitialize_dead_codes(quantizer.embedding.weight, features.permute(0, 2, 3, 1).flatten(0, 2), dead)
+            if context.enabled:
+                dist.broadcast(quantizer.embedding.weight.data, src=0)  # ranks drew different replacements
+        figures.update(super().after_step(step, context))
+        self._reset_pending()
+        return figures
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "usage_updates": self.model.quantize.usage_updates}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.model.quantize.usage_updates = state["usage_updates"]
+
+    def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.tokens_to_img(model.img_to_tokens(images))  # (N, C, H, W)
 
 
 @dataclass
@@ -265,6 +314,12 @@ def tokenizer_config(options: VQVAEOptions, in_channels: int) -> VQVAEConfig:
     return config
 
 
+def first_images(dataset, count: int = GRID_IMAGES) -> torch.Tensor:
+    """The first `count` readable images of a data set, unflipped: a tokenizer's grid inputs (N, C, H, W)."""
+    items = (dataset[(index, False)] for index in range(min(len(dataset), 4 * count)))
+    return torch.stack([item["image"] for item in items if item is not None][:count])  # (N, C, H, W)
+
+
 def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
     """Train (or resume) a multi-scale VQVAE tokenizer run in `config.out`; returns the last logged figures.
 
@@ -277,8 +332,7 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         model_config = tokenizer_config(options, dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
         losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
-        items = (dataset[(index, False)] for index in range(min(len(dataset), 4 * GRID_IMAGES)))
-        grid_images = torch.stack([item["image"] for item in items if item is not None][:GRID_IMAGES])  # (N, C, H, W)
+        grid_images = first_images(dataset)  # (N, C, H, W)
         torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
         task = VQVAETask(model_config, losses, grid_images, lpips,
                          extra_config=run_description(options.data, options.image_size, dataset))

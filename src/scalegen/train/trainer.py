@@ -273,6 +273,7 @@ class Trainer:
                 self.folder.root, self.step, self.task.config(), self.model.state_dict(),
                 self.ema.state_dict() if self.ema is not None else None,
                 {**training_state, "optimizer": self.optimizer.state_dict()}, self.config.keep_checkpoints,
+                self.task.checkpoint_weights(),
             )
         barrier(self.context)
 

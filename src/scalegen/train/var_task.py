@@ -22,7 +22,7 @@ from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.models.var_blocks import AttentionBackend
-from scalegen.pretrained import load_tokenizer
+from scalegen.pretrained import load_tokenizer, token_tokenizer
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import TokenCache, cache_path, extract_tokens
@@ -152,7 +152,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         The last logged figures.
     """
     with guarded_run(config.out):
-        tokenizer = load_tokenizer(options.tokenizer)
+        tokenizer = token_tokenizer(load_tokenizer(options.tokenizer), options.tokenizer)
         image_size = options.image_size or tokenizer.image_size
         if image_size != tokenizer.image_size:
             raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "

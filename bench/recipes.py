@@ -31,7 +31,11 @@ from scalegen.eval.flops import counted_flops  # noqa: E402
 from scalegen.eval.fmnist import fmnist_report  # noqa: E402
 from scalegen.images import to_uint8  # noqa: E402
 from scalegen.pretrained import stored_dit_config  # noqa: E402
+from scalegen.tokenizers.codec import tokenizer_codec  # noqa: E402
+from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig  # noqa: E402
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402
+from scalegen.train.end_to_end import EndToEnd  # noqa: E402
+from scalegen.train.kl_task import KLLosses  # noqa: E402
 from scalegen.train.repa import load_patch_encoder  # noqa: E402
 
 RECIPES = ("ddpm", "flow", "flow-lognorm", "flow-lognorm-repa", "flow-lognorm-lightning", "flow-lognorm-repa-lightning")
@@ -42,8 +46,9 @@ CLASSES = 10
 
 
 def training_flops_per_image(run: Path, repa_encoder: str | None = None) -> float:
-    """FLOPs of one loss + backward per image of the run's (or export's) task, on cached latents (the tokenizer is not
-    counted); a REPA run's encoder is read from `repa_encoder`, else from where the run was trained with it."""
+    """FLOPs of one loss + backward per image of the run's (or export's) task, on cached latents (a frozen tokenizer
+    is not counted; an end-to-end run's tokenizer, which trains with the DiT, is: its forward and backward and the
+    second DiT pass); a REPA run's encoder is read from `repa_encoder`, else from where the run was trained with it."""
     stored = stored_config(run)
     config = stored_dit_config(stored, run)
     objective = ObjectiveConfig(**stored.get("objective", {}))
@@ -52,9 +57,17 @@ def training_flops_per_image(run: Path, repa_encoder: str | None = None) -> floa
         raise SystemExit(f"{run} was trained with the REPA encoder {encoder_path}, which is not here: pass its path "
                          "(scalegen train classifier --export, RECIPE.md) to count its FLOPs")
     encoder = load_patch_encoder(encoder_path) if encoder_path else None
-    task = DiTTask(config, objective=objective, repa_encoder=encoder)
-    batch = {"latent": torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size),
-             "label": torch.arange(FLOP_BATCH), "image": torch.rand(FLOP_BATCH, 1, 32, 32) * 2 - 1}
+    images = torch.rand(FLOP_BATCH, 1, 32, 32) * 2 - 1  # (B, 1, 32, 32)
+    if stored.get("tokenizer", {}).get("end_to_end"):
+        codec = tokenizer_codec(KLVAE(KLVAEConfig(**stored["tokenizer"]["model"])), stored["tokenizer"])
+        task = DiTTask(config, codec, objective=objective, repa_encoder=encoder,
+                       end_to_end=EndToEnd(codec, KLLosses(), images))
+        task.prepare(1e-4)
+        batch = {"label": torch.arange(FLOP_BATCH), "image": images}
+    else:
+        task = DiTTask(config, objective=objective, repa_encoder=encoder)
+        batch = {"latent": torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size),
+                 "label": torch.arange(FLOP_BATCH), "image": images}
     task.model.train()
     return counted_flops(lambda: task.loss(task.model, batch)[0].backward()) / FLOP_BATCH
 

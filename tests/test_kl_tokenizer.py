@@ -216,3 +216,11 @@ def test_end_to_end_refusals_are_one_line(kl_cli_run, tmp_path, capsys):
     message = training_error(["train", "kl", *KL_ARGUMENTS, "--align-weight", "0.5", "--data",
                               str(kl_cli_run / "data"), "--steps", "1", "--out", str(tmp_path / "kl")], capsys)
     assert "--align-encoder" in message
+
+
+def test_reconstruct_takes_a_kl_tokenizer(kl_cli_run, tmp_path, capsys):
+    main(["reconstruct", "--tokenizer", str(kl_cli_run / "kl"), "--data", str(kl_cli_run / "data"), "--count", "16",
+          "--features", "fmnist", "--out", str(tmp_path / "pairs.png"), "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 16 and report["psnr"] > 0 and report["fid"] >= 0
+    assert Image.open(tmp_path / "pairs.png").size == (2 * 8 * 8, 2 * 8)

@@ -27,6 +27,7 @@ from scalegen.eval import fmnist, metrics
 from scalegen.files import read_json
 from scalegen.images import save_grid
 from scalegen.pretrained import load_tokenizer
+from scalegen.tokenizers.kl_vae import KLVAE
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import VQVAE
 
@@ -37,13 +38,13 @@ MSE_FLOOR = 1e-10  # a perfect reconstruction reads as 100 dB, not infinity (JSO
 SD_VAE_CLASS = "AutoencoderKL"  # the `_class_name` in a diffusers VAE folder's config.json
 RGB_CHANNELS = 3
 Features = Literal["fmnist"]
-Autoencoder = VQVAE | LatentCodec
+Autoencoder = VQVAE | KLVAE | LatentCodec
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:
     """What `scalegen reconstruct --tokenizer` names: a local SD-VAE folder (diffusers AutoencoderKL), else any
-    tokenizer `scalegen.pretrained.load_tokenizer` loads (a `train vqvae` run or export, a DiT or VAR run holding
-    one, an official vae .pth)."""
+    tokenizer `scalegen.pretrained.load_tokenizer` loads (a `train vqvae` or `train kl` run or export, a DiT or VAR
+    run holding one, an official vae .pth)."""
     config = Path(path) / CONFIG_FILE
     if config.is_file() and read_json(config).get("_class_name") == SD_VAE_CLASS:
         return load_sd_vae(path)
@@ -55,14 +56,14 @@ def data_image_size(autoencoder: Autoencoder, requested: int | None = None) -> i
     so it needs one)."""
     if requested is not None:
         return requested
-    if isinstance(autoencoder, VQVAE):
+    if isinstance(autoencoder, (VQVAE, KLVAE)):
         return autoencoder.image_size
     raise UserError(f"an SD VAE takes any image size: give --image-size (a multiple of {LATENT_DOWNSAMPLE})")
 
 
 def check_images(autoencoder: Autoencoder, images: torch.Tensor) -> None:
     """A one-line error when a batch (B, C, H, W) does not fit the autoencoder."""
-    if isinstance(autoencoder, VQVAE):
+    if isinstance(autoencoder, (VQVAE, KLVAE)):
         expected = (autoencoder.config.in_channels, autoencoder.image_size, autoencoder.image_size)
         if tuple(images.shape[1:]) != expected:
             raise UserError(f"the data's images are (C, H, W) {tuple(images.shape[1:])} but the tokenizer encodes "
@@ -74,9 +75,12 @@ def check_images(autoencoder: Autoencoder, images: torch.Tensor) -> None:
 
 def round_trip(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] through the latent space and back -> (B, C, H, W) in [-1, 1]: a VQVAE's tokens,
-    an SD VAE's posterior mean (grayscale images go through it as gray RGB and come back averaged)."""
+    a KL tokenizer's or an SD VAE's posterior mean (grayscale images go through an SD VAE as gray RGB and come back
+    averaged)."""
     if isinstance(autoencoder, VQVAE):
         return autoencoder.tokens_to_img(autoencoder.img_to_tokens(images))
+    if isinstance(autoencoder, KLVAE):
+        return autoencoder.decode(autoencoder.encode_moments(images)[0]).clamp(-1, 1)
     channels = images.shape[1]
     colour = images.expand(-1, RGB_CHANNELS, -1, -1) if channels == 1 else images  # (B, 3, H, W)
     decoded = autoencoder.decode(autoencoder.encode_distribution(colour)[0]).clamp(-1, 1)  # (B, 3, H, W)

@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from scalegen.checkpoint import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
-from scalegen.distributed import setup_distributed
+from scalegen.distributed import DistributedContext, setup_distributed
 from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, setting_owners, training_objective
 from scalegen.errors import UserError
@@ -192,7 +192,7 @@ class DiTTask(TrainingTask):
         self.training_objective.training_losses(detached(self.model), normalized, model_kwargs={"y": batch["label"]})
         return self.repa_loss(batch["image"], detached(self.projector))
 
-    def after_step(self, step: int, context) -> dict[str, float]:
+    def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
         """The tokenizer's step in an end-to-end run."""
         return self.end_to_end.step(step, context) if self.end_to_end is not None else {}
 

@@ -8,7 +8,7 @@ lr 2e-4, no EMA, as the VQ tokenizer's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -163,7 +163,7 @@ def train_kl(options: KLVAEOptions, config: TrainConfig) -> dict[str, float]:
         dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
         model_config = options.model_config(dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
-        losses = options.losses
+        losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
         alignment = alignment_for(options.align_encoder, options.latent_channels, losses, dataset.channels)
         torch.manual_seed(config.seed)  # identical initial weights (the discriminator too) on every rank
         task = KLVAETask(model_config, losses, first_images(dataset), lpips, alignment,

@@ -34,7 +34,7 @@ SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "dit
 SHIPPED_VAR_REFINER = SHIPPED / "var_refiner"
 # The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
 # web page's defaults.
-SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.0, 50
+SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.5, 50
 # The MeanFlow DiT's sampling (RECIPE.md): one jump, its guidance trained in (one network call per image).
 SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS = 1.0, 1
 SHIPPED_VAR_CFG = 1.5  # the shipped VAR's guidance (RECIPE.md): the demo's and the web page's default

@@ -82,7 +82,7 @@ class Models:
 
     def dit_settings(self) -> tuple[list[str], str, int, float]:
         """The samplers the loaded DiT's objective offers, and the page's starting sampler, steps and guidance: the
-        shipped DiT's (50 steps, cfg 2), or the objective's own when it takes fewer steps (a MeanFlow DiT: 1 step,
+        shipped DiT's (50 steps, cfg 2.5), or the objective's own when it takes fewer steps (a MeanFlow DiT: 1 step,
         its guidance trained in)."""
         objective = self.dit.objective if self.dit is not None else sampling_objective("ddpm")
         if objective.default_steps < SHIPPED_DIT_STEPS:

@@ -192,6 +192,10 @@ class DiTTask(TrainingTask):
         self.training_objective.training_losses(detached(self.model), normalized, model_kwargs={"y": batch["label"]})
         return self.repa_loss(batch["image"], detached(self.projector))
 
+    @property
+    def acts_after_step(self) -> bool:
+        return self.end_to_end is not None  # a plain DiT run keeps its hot loop free of host reads
+
     def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
         """The tokenizer's step in an end-to-end run."""
         return self.end_to_end.step(step, context) if self.end_to_end is not None else {}

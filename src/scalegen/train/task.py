@@ -113,6 +113,11 @@ class TrainingTask:
         """Whether this task's model draws class-conditional samples (`generate`)."""
         return type(self).generate is not TrainingTask.generate
 
+    @property
+    def acts_after_step(self) -> bool:
+        """Whether `after_step` does anything (then the host must know each step's outcome, a wait for the device)."""
+        return type(self).after_step is not TrainingTask.after_step
+
     def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
         """Runs on every rank after each optimizer step (a second optimizer, codebook statistics); returns figures."""
         return {}

@@ -158,8 +158,7 @@ class Trainer:
                                           config.ema_decay, context)
         self.scaler = self.gradient_step.scaler
         # The host must know each step's outcome where it acts on it: a host-side skip, or a task's `after_step`.
-        self.host_outcome = (not self.gradient_step.skip_on_device
-                             or type(task).after_step is not TrainingTask.after_step)
+        self.host_outcome = not self.gradient_step.skip_on_device or task.acts_after_step
         self.step = 0
         self.figures: dict[str, float] = {}  # the last logged figures
         self.log: RunLog | None = None

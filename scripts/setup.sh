@@ -32,5 +32,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # Prefer the CPU build that lies on this kind of machine's disk; elsewhere take what pip resolves (torch>=2.4).
   $PIP torch==2.13.0 2>/dev/null || $PIP "torch>=2.4"
 fi
-$PIP -e ".[test,vae,web]"
+$PIP -e ".[test,web]"
 echo "setup: ready ($VENV)"

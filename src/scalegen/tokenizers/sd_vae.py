@@ -72,7 +72,7 @@ def load_sd_vae(path: str | Path) -> LatentCodec:
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise UserError("--vae needs the diffusers package: pip install 'scalegen[vae]'") from None
+        raise UserError("--vae needs the diffusers package (a dependency of scalegen): pip install diffusers") from None
     path = Path(path)
     if not path.exists():
         raise UserError(

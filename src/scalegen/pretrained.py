@@ -113,6 +113,11 @@ def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATC
     return load_strictly(model_class(stored_model_config(config_class, stored, path)), weights, path)
 
 
+def tokenizer_kind(tokenizer: VQVAE | KLVAE) -> str:
+    """The kind a checkpoint stores for this tokenizer (a key of TOKENIZER_MODELS)."""
+    return next(kind for kind, (_, model_class) in TOKENIZER_MODELS.items() if isinstance(tokenizer, model_class))
+
+
 def token_tokenizer(tokenizer: VQVAE | KLVAE, path: str | Path) -> VQVAE:
     """`tokenizer` when it has tokens (a VQVAE); a one-line error for a KL one, which only a DiT can use."""
     if not isinstance(tokenizer, VQVAE):

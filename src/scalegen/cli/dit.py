@@ -6,9 +6,9 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from,
-    add_precision_option, add_training_options, at_least, dataclass_from_args, fraction, integers,
-    train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_autoencoder_options,
+    add_init_from, add_precision_option, add_reconstruction_loss_options, add_training_options, at_least,
+    dataclass_from_args, fraction, train_config_from_args,
 )
 from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
 from scalegen.diffusion.flow import TIME_SAMPLINGS
@@ -145,35 +145,13 @@ def register_train_kl(train_parsers) -> None:
     with an encoder (VA-VAE)."""
     parser = train_parsers.add_parser("kl", help="train a KL tokenizer (SD-VAE architecture) for a DiT's latent space")
     defaults, losses = KL_DEFAULTS, KL_LOSS_DEFAULTS
-    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
-    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
-    parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
-    parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult,
-                        help="width multiplier per resolution level (every level but the last halves the side)")
-    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks,
-                        help="residual blocks per resolution level")
-    parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
-                        help="GroupNorm groups (divide every level width)")
+    add_autoencoder_options(parser, defaults)
     parser.add_argument("--attention", dest="use_attention", action="store_true",
                         help="the middle attention blocks of SD's VAE (off by default: small images)")
     parser.add_argument("--latent-channels", type=POSITIVE, default=defaults.latent_channels, help="latent channels")
-    parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=losses.l1, help="weight of the L1 reconstruction loss")
-    parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=losses.l2, help="weight of the L2 reconstruction loss")
+    add_reconstruction_loss_options(parser, losses)
     parser.add_argument("--kl-weight", dest="kl", type=NON_NEGATIVE_FLOAT, default=losses.kl,
                         help="weight of the mean KL divergence per latent element")
-    parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
-    parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=losses.lpips,
-                        help="weight of LPIPS (with --lpips-weights)")
-    parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=losses.gan,
-                        help="patch-GAN weight (0: no GAN)")
-    parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=losses.gan_start_step,
-                        help="step at which the GAN loss starts")
-    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=losses.discriminator_width,
-                        help="patch discriminator base width")
-    parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
-                        default=losses.discriminator_layers, help="patch discriminator layers")
-    parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=losses.discriminator_lr,
-                        help="discriminator lr (default: --lr)")
     parser.add_argument("--align-encoder", default=None, metavar="FILE.safetensors",
                         help="VA-VAE: align the latents with this frozen encoder's features (`train classifier "
                              "--export`; never the classifier that scores FID)")

@@ -19,6 +19,7 @@ from scalegen.errors import UserError
 from scalegen.files import replace_atomically
 from scalegen.train.run_log import LOGGERS
 from scalegen.train.task import TrainingTask
+from scalegen.train.tokenizer_task import ReconstructionLosses
 from scalegen.train.trainer import EVALUATED_WEIGHTS, MINIMUMS, TrainConfig
 
 Options = TypeVar("Options")
@@ -118,6 +119,39 @@ def add_init_from(parser: argparse.ArgumentParser, class_conditional: bool = Tru
     if class_conditional:
         help_text += "; another number of classes re-initialises only the class embedding"
     parser.add_argument("--init-from", metavar="CKPT", help=help_text)
+
+
+def add_autoencoder_options(parser: argparse.ArgumentParser, defaults) -> None:
+    """The data and convolutional architecture options every tokenizer command shares (`train vqvae`, `train kl`);
+    `defaults` is its options dataclass."""
+    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
+    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
+    parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
+    parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult,
+                        help="width multiplier per resolution level (every level but the last halves the side)")
+    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks,
+                        help="residual blocks per resolution level")
+    parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
+                        help="GroupNorm groups (divide every level width)")
+
+
+def add_reconstruction_loss_options(parser: argparse.ArgumentParser, losses: ReconstructionLosses) -> None:
+    """The loss options every tokenizer command shares: L1/L2, LPIPS, the patch GAN and its discriminator."""
+    parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=losses.l1, help="weight of the L1 reconstruction loss")
+    parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=losses.l2, help="weight of the L2 reconstruction loss")
+    parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
+    parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=losses.lpips,
+                        help="weight of LPIPS (with --lpips-weights)")
+    parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=losses.gan,
+                        help="patch-GAN weight (0: no GAN)")
+    parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=losses.gan_start_step,
+                        help="step at which the GAN loss starts")
+    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=losses.discriminator_width,
+                        help="patch discriminator base width")
+    parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
+                        default=losses.discriminator_layers, help="patch discriminator layers")
+    parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=losses.discriminator_lr,
+                        help="discriminator lr (default: --lr)")
 
 
 def add_training_options(parser: OneLineParser, task: type[TrainingTask],

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_init_from,
-    add_precision_option, add_training_options, at_least, dataclass_from_args, floats, fraction, integers,
-    train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_autoencoder_options,
+    add_init_from, add_precision_option, add_reconstruction_loss_options, add_training_options, at_least,
+    dataclass_from_args, floats, fraction, integers, train_config_from_args,
 )
 from scalegen.distributed import process_group
 from scalegen.errors import UserError
@@ -38,36 +38,16 @@ def register(train_parsers, sample_parsers, commands) -> None:
     """Add `train vqvae`, `train var`, `sample var` and `edit var` to the command line."""
     parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
     defaults = TOKENIZER_DEFAULTS
-    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
-    parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="image side in pixels")
+    add_autoencoder_options(parser, defaults)
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
-    parser.add_argument("--ch", type=POSITIVE, default=defaults.ch, help="base width of encoder and decoder")
-    parser.add_argument("--ch-mult", type=integers, default=defaults.ch_mult, help="width multiplier per resolution level")
-    parser.add_argument("--num-res-blocks", type=POSITIVE, default=defaults.num_res_blocks,
-                        help="residual blocks per resolution level")
-    parser.add_argument("--norm-groups", type=POSITIVE, default=defaults.norm_groups,
-                        help="GroupNorm groups (divide every level width)")
     parser.add_argument("--no-attention", dest="use_attention", action="store_false", help="no attention blocks")
     parser.add_argument("--vocab-size", type=at_least(2), default=defaults.vocab_size, help="codebook size")
     parser.add_argument("--z-channels", type=POSITIVE, default=defaults.z_channels, help="latent (code) channels")
     parser.add_argument("--share-quant-resi", type=NON_NEGATIVE, default=defaults.share_quant_resi,
                         help="φ convs shared over scales (0: one per scale)")
-    parser.add_argument("--l1", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l1, help="weight of the L1 reconstruction loss")
-    parser.add_argument("--l2", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.l2, help="weight of the L2 reconstruction loss")
+    add_reconstruction_loss_options(parser, LOSS_DEFAULTS)
     parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.quantizer,
                         help="weight of the quantizer (commitment) loss")
-    parser.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG state dict; enables the perceptual loss")
-    parser.add_argument("--lpips-weight", dest="lpips", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.lpips,
-                        help="weight of LPIPS (with --lpips-weights)")
-    parser.add_argument("--gan-weight", dest="gan", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.gan, help="patch-GAN weight (0: no GAN)")
-    parser.add_argument("--gan-start-step", type=NON_NEGATIVE, default=LOSS_DEFAULTS.gan_start_step,
-                        help="step at which the GAN loss starts")
-    parser.add_argument("--disc-width", dest="discriminator_width", type=POSITIVE, default=LOSS_DEFAULTS.discriminator_width,
-                        help="patch discriminator base width")
-    parser.add_argument("--disc-layers", dest="discriminator_layers", type=POSITIVE,
-                        default=LOSS_DEFAULTS.discriminator_layers, help="patch discriminator layers")
-    parser.add_argument("--disc-lr", dest="discriminator_lr", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.discriminator_lr,
-                        help="discriminator lr (default: --lr)")
     parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
     add_init_from(parser, class_conditional=False)

@@ -110,9 +110,7 @@ def measure_normalization(tokenizer: VQVAE | KLVAE, dataset: Dataset, device: to
     "latent_scale"} of the latent samples for a KL one)."""
     if not isinstance(tokenizer, KLVAE):
         return {"latent_scale": measure_latent_scale(tokenizer, dataset, device, count)}
-    codec = KLCodec(tokenizer.to(device), LatentNormalization([0.0], [1.0]))
-    loader = unflipped_loader(dataset, SCALE_BATCH_SIZE, count)
-    latents = torch.cat([codec.encode(batch["image"].to(device)) for batch in loader if "image" in batch])  # (N, c, h, w)
+    latents = encoded(KLCodec(tokenizer.to(device), LatentNormalization([0.0], [1.0])), dataset, device, count)
     channels = latents.transpose(0, 1).flatten(1)  # (c, N·h·w)
     return LatentNormalization(channels.mean(dim=1), 1.0 / channels.std(dim=1)).description()
 
@@ -121,7 +119,10 @@ def measure_normalization(tokenizer: VQVAE | KLVAE, dataset: Dataset, device: to
 def measure_latent_scale(tokenizer: VQVAE, dataset: Dataset, device: torch.device | str = "cpu",
                          count: int = SCALE_IMAGES) -> float:
     """1 / standard deviation of the tokenizer's f̂ over the first `count` images of `dataset`."""
-    codec = TokenizerCodec(tokenizer.to(device), 1.0)
+    return 1.0 / encoded(TokenizerCodec(tokenizer.to(device), 1.0), dataset, device, count).std().item()
+
+
+def encoded(codec: TokenizerCodec | KLCodec, dataset: Dataset, device: torch.device | str, count: int) -> torch.Tensor:
+    """The codec's latents of the first `count` images of `dataset`, unflipped: (N, c, h, w)."""
     loader = unflipped_loader(dataset, SCALE_BATCH_SIZE, count)
-    features = torch.cat([codec.encode(batch["image"].to(device)) for batch in loader if "image" in batch])  # (N, z, h, w)
-    return 1.0 / features.std().item()
+    return torch.cat([codec.encode(batch["image"].to(device)) for batch in loader if "image" in batch])  # (N, c, h, w)

@@ -23,7 +23,7 @@ from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
-from scalegen.pretrained import PIXEL_SPACE, load_tokenizer
+from scalegen.pretrained import PIXEL_SPACE, load_tokenizer, tokenizer_kind
 from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, measure_normalization, tokenizer_codec
 from scalegen.tokenizers.kl_vae import KLVAE
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
@@ -204,8 +204,7 @@ class DiTTask(TrainingTask):
         """An end-to-end run keeps the tokenizer of each step beside it."""
         if self.end_to_end is None:
             return {}
-        return {TOKENIZER_FILE: {name: tensor.detach().clone() for name, tensor in
-                                 self.end_to_end.tokenizer.state_dict().items()}}
+        return {TOKENIZER_FILE: self.end_to_end.tokenizer.state_dict()}  # the checkpoint writer copies it
 
     def extra_state(self) -> dict:
         state = {"projector": self.projector.state_dict()} if self.projector is not None else {}
@@ -332,8 +331,7 @@ def tokenizer_latents(options: DiTOptions, dataset, run: RunFolder,
     context = setup_distributed(device)
     if context.is_main and not options.end_to_end:  # an end-to-end run keeps its tokenizer with each checkpoint
         keep_tokenizer_copy(tokenizer.state_dict(), run.root)
-    kind = "klvae" if isinstance(tokenizer, KLVAE) else "vqvae"
-    description = {"kind": kind, "model": json_config(tokenizer.config),
+    description = {"kind": tokenizer_kind(tokenizer), "model": json_config(tokenizer.config),
                    "source": str(Path(options.tokenizer).resolve()),
                    **measure_normalization(tokenizer, dataset, context.device)}
     return tokenizer_codec(tokenizer, description), description

@@ -19,6 +19,7 @@ from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.alignment import FoundationAlignment, margin_cosine_loss, margin_distance_loss
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.end_to_end import EndToEnd
+from scalegen.train.gan_losses import ADAPTIVE_WEIGHT_EPS, ADAPTIVE_WEIGHT_MAX
 from scalegen.train.kl_task import KLLosses, KLVAETask
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
@@ -95,6 +96,27 @@ def test_a_short_aligned_kl_run_lowers_the_reconstruction_loss_and_logs_its_term
     assert Image.open(tmp_path / "run" / "samples" / "step-0000030.png").size == (4 * 8, 2 * 8)
     with pytest.raises(Exception, match="--align-encoder"):
         KLVAETask(TINY_KL, losses, tiny_images())  # a weight without an encoder
+
+
+def test_the_alignment_weight_is_the_gradient_ratio_at_the_encoders_last_conv(tmp_path):
+    """VA-VAE's adaptive weight: hyper-weight × ‖∇L_rec‖ / (‖∇L_align‖ + ε) at the encoder's last convolution (not the
+    decoder's, where the alignment loss has no gradient); without adaptation, the hyper-weight itself."""
+    torch.manual_seed(0)
+    images, alignment = tiny_images(), FoundationAlignment(4, tiny_encoder(tmp_path))
+    for adaptive in (True, False):
+        task = KLVAETask(TINY_KL, KLLosses(alignment=0.5, adaptive_alignment=adaptive), images, alignment=alignment)
+        reconstruction, mean, logvar, latents = task.model(images)  # (B, 1, 8, 8), (B, 4, 4, 4) ×3
+        _, figures = task.tokenizer_loss(images, reconstruction, mean, logvar, latents)
+        expected = torch.tensor(0.5, dtype=torch.float64)
+        if adaptive:
+            last_conv = task.model.encoder.conv_out.weight
+            reconstruction_loss, _ = task.reconstruction_loss(images, reconstruction)
+            aligned = sum(alignment(latents, images))
+            gradients = [torch.autograd.grad(loss, last_conv, retain_graph=True)[0].double()
+                         for loss in (reconstruction_loss, aligned)]
+            expected = expected * gradients[0].norm() / (gradients[1].norm() + ADAPTIVE_WEIGHT_EPS)
+            assert 0 < expected.item() < ADAPTIVE_WEIGHT_MAX  # the ratio itself, not its clamp
+        torch.testing.assert_close(figures["alignment_weight"].double(), expected, rtol=1e-5, atol=0)
 
 
 @pytest.fixture(scope="module")

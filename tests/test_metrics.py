@@ -1,6 +1,7 @@
 """ADM metrics: Fréchet distance, Inception Score, precision/recall, .npz / folder input, the eval command."""
 import argparse
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -41,6 +42,51 @@ def test_fid_matches_direct_scipy_computation():
     trace = np.sum(np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)))
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace
     assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
+
+
+def random_covariance(generator: np.random.Generator, dim: int) -> np.ndarray:
+    """A full-rank float64 covariance with a spread of eigenvalues."""
+    factor = generator.normal(size=(dim, 2 * dim))
+    return factor @ factor.T / (2 * dim)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64])
+def test_frechet_by_eigenvalues_agrees_with_scipys_sqrtm_on_random_covariances(dim):
+    generator = np.random.default_rng(dim)
+    sigma1, sigma2 = random_covariance(generator, dim), random_covariance(generator, dim)
+    by_eigenvalues = metrics.trace_sqrt_product(sigma1, sigma2)
+    assert by_eigenvalues == pytest.approx(metrics.scipy_trace_sqrt_product(sigma1, sigma2), rel=1e-9)
+    assert by_eigenvalues == pytest.approx(metrics.trace_sqrt_product(sigma2, sigma1), rel=1e-9)  # tr√(AB) = tr√(BA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", metrics.FrechetDisagreement)  # agreeing methods: no warning
+        metrics.frechet_distance(generator.normal(size=dim), sigma1, generator.normal(size=dim), sigma2)
+
+
+def test_frechet_closed_form_for_covariances_diagonal_in_one_rotated_basis():
+    """Commuting covariances Q diag(a) Qᵀ, Q diag(b) Qᵀ: the distance is Σ (√a − √b)² + |mu1 − mu2|²."""
+    generator = np.random.default_rng(11)
+    rotation = np.linalg.qr(generator.normal(size=(6, 6)))[0]  # (6, 6) orthogonal
+    variance1, variance2 = generator.uniform(0.1, 4.0, size=6), generator.uniform(0.1, 4.0, size=6)
+    mu1, mu2 = generator.normal(size=6), generator.normal(size=6)
+    expected = np.sum((np.sqrt(variance1) - np.sqrt(variance2)) ** 2) + np.sum((mu1 - mu2) ** 2)
+    sigma1, sigma2 = (rotation * variance1) @ rotation.T, (rotation * variance2) @ rotation.T
+    assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-10)
+    assert metrics.scipy_trace_sqrt_product(sigma1, sigma2) == pytest.approx(np.sqrt(variance1 * variance2).sum(),
+                                                                              rel=1e-10)
+
+
+def test_a_broken_sqrtm_is_a_warning_and_the_eigenvalue_distance_stands(monkeypatch):
+    generator = np.random.default_rng(12)
+    sigma1, sigma2 = random_covariance(generator, 8), random_covariance(generator, 8)
+    mu1, mu2 = np.zeros(8), np.ones(8)
+    stable = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda matrix: 1.5 * matrix)  # wrong, as a broken BLAS build was
+    with pytest.warns(metrics.FrechetDisagreement, match="scipy's sqrtm") as caught:
+        assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == stable
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda matrix: matrix * (1 + 1j))  # no real root at all
+    with pytest.warns(metrics.FrechetDisagreement, match="nan"):
+        assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == stable
 
 
 def test_fid_invariant_to_feature_permutation():

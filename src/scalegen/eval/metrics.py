@@ -1,8 +1,11 @@
 """FID, sFID, Inception Score and precision/recall with the ADM evaluator's definitions.
 
 Every formula follows openai/guided-diffusion evaluations/evaluator.py, so numbers are comparable with the
-DiT and VAR papers: Fréchet distance via scipy's sqrtm with the eps-offset fallback, IS over splits of 5,000,
-k-NN manifolds with k=3 over float16 squared distances (as ADM's TensorFlow graph computes them).
+DiT and VAR papers: IS over splits of 5,000, k-NN manifolds with k=3 over float16 squared distances (as ADM's
+TensorFlow graph computes them). The Fréchet distance is ADM's, with tr((s1 s2)^½) taken from the eigenvalues of the
+symmetric s1^½ s2 s1^½ (float64 `eigh`, stable where a general matrix square root is not) and cross-checked against
+ADM's own computation, scipy's `sqrtm` (a broken BLAS build once made it silently wrong): a `FrechetDisagreement`
+warning when the two differ.
 """
 from __future__ import annotations
 
@@ -22,8 +25,17 @@ from scalegen.eval.npz import ImageBatches, NpzWriter
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000), mean over splits
 NEAREST_NEIGHBORS = 3  # Kynkäänniemi et al.'s k for the manifold radii
 DISTANCE_BATCH_SIZE = 10000  # ADM's row and column batch size for pairwise distances
-FRECHET_EPS = 1e-6  # diagonal offset when sqrtm of the covariance product is not finite
+FRECHET_EPS = 1e-6  # diagonal offset when sqrtm of the covariance product is not finite (ADM's fallback)
 IMAGINARY_TOLERANCE = 1e-3  # larger imaginary parts of sqrtm's diagonal mean the result is not trustworthy
+# The two Fréchet computations must agree to the distance's third significant digit (papers print FID 2.27) ...
+FRECHET_AGREEMENT = 1e-3
+# ... up to the rounding of the traces the distance is a difference of: scipy's sqrtm of a near-singular product
+# (fewer images than features) is good to about sqrt(float64 eps) ≈ 1.5e-8 of them, measured up to 6e-8.
+TRACE_ROUNDING = 1e-6
+
+
+class FrechetDisagreement(UserWarning):
+    """The Fréchet distance by eigenvalues and by scipy's sqrtm differ: one of the two computations went wrong."""
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -42,14 +54,54 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0, dtype=np.float64), np.cov(features.astype(np.float64), rowvar=False)
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((s1 s2)^½) from the eigenvalues of the symmetric s1^½ s2 s1^½, which has those of s1 s2 (float64 `eigh`).
+
+    Args:
+        sigma1, sigma2: (D, D) covariances (symmetric positive semi-definite).
+    Returns:
+        The trace; eigenvalues that rounding made negative count as 0.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1.astype(np.float64))  # (D,), (D, D)
+    root = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T  # (D, D) s1^½
+    product = root @ sigma2.astype(np.float64) @ root  # (D, D)
+    product = (product + product.T) / 2  # symmetric up to rounding: made exactly so for eigvalsh
+    return float(np.sqrt(np.linalg.eigvalsh(product).clip(min=0)).sum())
+
+
+def scipy_trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((s1 s2)^½) as ADM's evaluator computes it: scipy's sqrtm of s1 s2, with an eps offset when not finite.
+
+    Args:
+        sigma1, sigma2: (D, D) covariances.
+    Returns:
+        The trace of the real part; NaN when the root has a large imaginary diagonal (no trustworthy real root).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on near-singular input; the cross-check judges the result
+        covariance_mean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covariance_mean).all():
+            offset = np.eye(sigma1.shape[0]) * FRECHET_EPS
+            covariance_mean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covariance_mean):
+        if not np.allclose(np.diagonal(covariance_mean).imag, 0, atol=IMAGINARY_TOLERANCE):
+            return float("nan")
+        covariance_mean = covariance_mean.real
+    return float(np.trace(covariance_mean))
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|² + tr(s1 + s2 - 2 (s1 s2)^½).
+
+    The trace of the root comes from `trace_sqrt_product`; ADM's scipy computation (`scipy_trace_sqrt_product`)
+    checks it, and a `FrechetDisagreement` warning names both distances when they differ by more than
+    FRECHET_AGREEMENT of the distance (plus TRACE_ROUNDING of the traces).
 
     Args:
         mu1, mu2: (D,) means.
         sigma1, sigma2: (D, D) covariances.
     Returns:
-        The distance (FID when the inputs are pool statistics, sFID for spatial ones).
+        The distance (FID when the inputs are pool statistics, sFID for spatial ones), by eigenvalues.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -61,17 +113,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise UserError("the feature statistics hold NaN or infinite values: check the samples and the reference "
                         "(recompute stored mu/sigma with `scalegen eval --save-ref`)")
     difference = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns on near-singular input; we check the result instead
-        covariance_mean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covariance_mean).all():
-            offset = np.eye(sigma1.shape[0]) * FRECHET_EPS
-            covariance_mean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covariance_mean):
-        if not np.allclose(np.diagonal(covariance_mean).imag, 0, atol=IMAGINARY_TOLERANCE):
-            raise UserError("the covariance product has no real square root: use more images (several thousand)")
-        covariance_mean = covariance_mean.real
-    return float(difference.dot(difference) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covariance_mean))
+    traces = float(np.trace(sigma1) + np.trace(sigma2))
+    distance = float(difference.dot(difference)) + traces - 2 * trace_sqrt_product(sigma1, sigma2)
+    scipy_distance = float(difference.dot(difference)) + traces - 2 * scipy_trace_sqrt_product(sigma1, sigma2)
+    if not abs(scipy_distance - distance) <= FRECHET_AGREEMENT * abs(distance) + TRACE_ROUNDING * abs(traces):
+        warnings.warn(FrechetDisagreement(
+            f"the Fréchet distance by eigenvalues is {distance:.6g}, by scipy's sqrtm (ADM's way) {scipy_distance:.6g}: "
+            f"reporting {distance:.6g}; scipy's sqrtm may be broken in this SciPy/BLAS build"), stacklevel=2)
+    return distance
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:

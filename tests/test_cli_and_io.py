@@ -89,8 +89,8 @@ def test_sample_grid_and_adm_npz(tmp_path, capsys):
     main(["sample", "dit", "--ckpt", str(tmp_path / "run"), "--num-samples", "5", "--batch-size", "2", "--steps", "2",
           "--cfg-scale", "1.5", "--out", str(tmp_path / "s.npz")])
     samples = np.load(tmp_path / "s.npz")
-    # which classes the labels are (eval --features fmnist reads it)
-    assert list(samples.keys()) == ["arr_0", "labels", "num_classes", "class_names"]
+    # which classes the labels are (eval --features fmnist reads it), and how they were drawn (eval prints it)
+    assert list(samples.keys()) == ["arr_0", "labels", "num_classes", "class_names", "protocol"]
     assert samples["labels"].shape == (5,) and samples["labels"].max() < 10 and int(samples["num_classes"]) == 10
     assert list(samples["class_names"]) == load_dit(tmp_path / "run").class_names
     assert samples["arr_0"].shape == (5, 8, 8, 3) and samples["arr_0"].dtype == np.uint8

@@ -5,9 +5,11 @@ The contract: every sampling call of scalegen (`DiT.generate`, `VAR.generate`, `
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -17,12 +19,17 @@ from tqdm import tqdm
 from scalegen.data import center_crop_arr, class_ids
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
-from scalegen.eval.npz import CLASS_NAMES_KEY, IMAGES_KEY, LABELS_KEY, NUM_CLASSES_KEY, NpzWriter, write_npz
+from scalegen.eval.npz import (
+    CLASS_NAMES_KEY, IMAGES_KEY, LABELS_KEY, NUM_CLASSES_KEY, PROTOCOL_KEY, NpzWriter, write_npz,
+)
 from scalegen.files import replace_atomically
 
 UINT8_MAX = 255
 LABEL_PADDING = 4  # pixels around a grid row's name
 IMAGE_OUTPUT_ADVICE = "name a .png or .jpg (or another format PIL writes: .webp, .bmp, .tif, …)"
+# How `sample_to_npz` draws the classes: each N/K times, shuffled (ADM/RAE's FID protocol), or each uniformly at random.
+LabelDraw = Literal["balanced", "random"]
+LABEL_DRAWS: tuple[str, ...] = get_args(LabelDraw)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -149,6 +156,17 @@ def save_npz(images: np.ndarray, path: str | Path, labels: np.ndarray | None = N
     return path
 
 
+def balanced_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Class-balanced labels: arange(num_samples) % num_classes shuffled with `seed` (ADM/RAE's FID protocol), so
+    each class comes num_samples // num_classes times, the first num_samples % num_classes classes once more.
+
+    Returns:
+        (num_samples,) int64 labels, the same on every machine and for any number of ranks.
+    """
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))  # (N,)
+    return (torch.arange(num_samples) % num_classes)[order]
+
+
 def sample_to_npz(
     draw: Callable[[torch.Tensor], torch.Tensor],
     num_classes: int,
@@ -158,12 +176,17 @@ def sample_to_npz(
     path: str | Path,
     context: DistributedContext,
     class_names: Sequence[str] | None = None,
+    label_draw: LabelDraw = "balanced",
 ) -> Path | None:
-    """Draw `num_samples` uniformly-labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`, and
-    which classes the labels are: `num_classes`, `class_names` when given — `eval --features fmnist` reads them).
+    """Draw `num_samples` labelled samples, sharded over ranks, into an ADM .npz (`arr_0`, `labels`, which classes the
+    labels are: `num_classes`, `class_names` when given — `eval --features fmnist` reads them — and how they were
+    drawn: `protocol`, a JSON string that `eval` prints).
 
-    Each rank seeds the global RNG with seed·world + rank (as DiT's sample_ddp.py) and draws its share in batches;
-    rank 0 gathers every batch and streams it into the file, so the samples never sit in memory all at once.
+    The labels (`label_draw`): "balanced" gives the file exactly `balanced_labels(num_samples, num_classes, seed)`
+    whatever the number of ranks (each rank takes its slice of every gathered batch); "random" draws each uniformly
+    from the global RNG, per rank. Each rank seeds the global RNG with seed·world + rank (as DiT's sample_ddp.py) and
+    draws its share in batches; rank 0 gathers every batch and streams it into the file, so the samples never sit in
+    memory all at once.
 
     Args:
         draw: labels (b,) on the context's device -> images (b, C, H, W) in [0, 1], drawn from the global RNG.
@@ -171,19 +194,33 @@ def sample_to_npz(
         path: the .npz to write (through a temporary name).
         context: this process's place in the torchrun group.
         class_names: the names of the model's classes (`model.class_names`), stored beside the labels.
+        label_draw: "balanced" or "random" (`LABEL_DRAWS`).
     Returns:
         The path written (rank 0), or None on other ranks.
     """
+    if label_draw not in LABEL_DRAWS:
+        raise ValueError(f"label_draw {label_draw!r} is not one of {LABEL_DRAWS}")
     per_rank = math.ceil(num_samples / context.world_size)
+    drawn = per_rank * context.world_size  # the last gathered batch may run past num_samples: its tail is dropped
+    if label_draw == "balanced":  # the file's labels in order, then labels for the dropped tail (< one per rank)
+        planned = torch.cat([balanced_labels(num_samples, num_classes, seed),
+                             torch.arange(drawn - num_samples) % num_classes])  # (world·per_rank,)
+    protocol = {"labels": label_draw, "num_samples": num_samples, "num_classes": num_classes, "seed": seed,
+                "world_size": context.world_size, "batch_size": batch_size}
     torch.manual_seed(seed * context.world_size + context.rank)
     path = Path(path)
     temporary = path.with_name(path.stem + ".partial.npz")
     writer, written, all_labels = None, 0, []
-    progress = tqdm(total=per_rank * context.world_size, desc="sampling", unit="img", disable=not context.is_main)
+    progress = tqdm(total=drawn, desc="sampling", unit="img", disable=not context.is_main)
     try:
         for start in range(0, per_rank, batch_size):
             count = min(batch_size, per_rank - start)
-            labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
+            if label_draw == "balanced":
+                # gathered in rank order after the start·world samples before: this rank's slice of the plan
+                offset = start * context.world_size + context.rank * count
+                labels = planned[offset:offset + count].to(context.device)  # (b,)
+            else:
+                labels = torch.randint(0, num_classes, (count,), device=context.device)  # (b,)
             images = torch.from_numpy(to_adm_uint8(draw(labels))).to(context.device)  # (b, H, W, 3)
             images, labels = gather_tensors(images, context), gather_tensors(labels, context)  # (world·b, …)
             if context.is_main:
@@ -202,10 +239,10 @@ def sample_to_npz(
         writer.add_array(LABELS_KEY, np.concatenate(all_labels))
         for name, array in class_arrays(num_classes, class_names).items():
             writer.add_array(name, array)
+        writer.add_array(PROTOCOL_KEY, np.array(json.dumps(protocol)))
         writer.close()
         temporary.replace(path)
     finally:
         if context.is_main:  # rank 0 alone writes the file: an interrupted or failed write leaves nothing behind
             temporary.unlink(missing_ok=True)
     return path
-

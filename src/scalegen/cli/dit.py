@@ -16,6 +16,7 @@ from scalegen.diffusion.objective import check_guidance_interval
 from scalegen.diffusion.objectives import OBJECTIVE_NAMES, SAMPLERS, objectives_help, samplers_help
 from scalegen.errors import UserError
 from scalegen.distributed import process_group
+from scalegen.cli.eval import add_labels_option
 from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
 from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS, MLP_KINDS, NORM_KINDS
@@ -121,7 +122,8 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
     parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS, help="grid: samples per class (one row each)")
-    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many labelled samples (--labels) to .npz")
+    add_labels_option(parser)
     parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=None,
                         help="classifier-free guidance scale (1: none; --cfg-scale is the official name); default: the "
                              "objective's (ddpm and flow 4, as the official sample.py; meanflow 1, trained in)")
@@ -195,7 +197,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
         if args.num_samples:
             path = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,
-                                 args.out, context, model.class_names)
+                                 args.out, context, model.class_names, args.labels)
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:

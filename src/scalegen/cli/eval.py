@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from scalegen.cli.options import POSITIVE
 from scalegen.errors import UserError
 from scalegen.eval import scaling
-from scalegen.eval.evaluate import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS, evaluate, evaluate_fmnist
+from scalegen.eval.evaluate import (
+    DEFAULT_BATCH_SIZE, FEATURE_NETWORKS, evaluate, evaluate_fmnist, evaluation_protocol,
+)
+from scalegen.eval.metrics import FrechetDisagreement
 from scalegen.eval.flops import flops_table
+from scalegen.images import LABEL_DRAWS
 
 EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
@@ -20,19 +25,38 @@ carry labels of Fashion-MNIST's classes, how often the classifier sees the asked
 other classes get an "accuracy_note" instead)."""
 
 
+def add_labels_option(parser: argparse.ArgumentParser) -> None:
+    """`--labels`, how `sample dit|var --num-samples` draws the classes (the FID protocol `eval` prints)."""
+    parser.add_argument("--labels", choices=LABEL_DRAWS, default=LABEL_DRAWS[0],
+                        help="with --num-samples: balanced draws each class N/K times, shuffled with --seed (ADM's FID "
+                             "protocol; the same labels for any number of ranks); random draws each class uniformly")
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    """Handler of `scalegen eval`: prints the metrics as JSON on stdout (progress goes to stderr)."""
+    """Handler of `scalegen eval`: prints the protocol in one line and each warning (progress too) on stderr, the
+    metrics as JSON on stdout (the protocol among them)."""
     if args.features == "fmnist":
         if args.samples is None or args.save_ref is not None:
             raise UserError("--features fmnist needs --samples and stores no reference (no --save-ref)")
-        result = evaluate_fmnist(args.samples, args.ref)
     else:
         if args.samples is None and args.save_ref is None:
             raise UserError("give --samples to evaluate, or --save-ref OUT.npz to store reference statistics")
         if args.ref is None:
             raise UserError("give --ref: an ADM reference batch, an image folder, or a --save-ref file")
-        result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
-                          args.save_ref_images)
+    protocol = evaluation_protocol(args.samples, args.ref, args.features) if args.samples is not None else None
+    if protocol is not None:
+        print(f"protocol: {protocol}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FrechetDisagreement)
+        if args.features == "fmnist":
+            result = evaluate_fmnist(args.samples, args.ref)
+        else:
+            result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
+                              args.save_ref_images)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if protocol is not None:
+        result["protocol"] = protocol
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

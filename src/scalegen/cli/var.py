@@ -15,6 +15,7 @@ from scalegen.cli.options import (
     add_init_from, add_precision_option, add_reconstruction_loss_options, add_training_options, at_least,
     dataclass_from_args, floats, fraction, integers, train_config_from_args,
 )
+from scalegen.cli.eval import add_labels_option
 from scalegen.distributed import process_group
 from scalegen.errors import UserError
 from scalegen.images import (
@@ -84,7 +85,8 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
     parser.add_argument("--per-class", type=POSITIVE, default=SAMPLE_PER_CLASS, help="grid: samples per class (one row each)")
-    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many uniformly-labelled samples to .npz")
+    parser.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="write this many labelled samples (--labels) to .npz")
+    add_labels_option(parser)
     parser.add_argument("--batch-size", type=POSITIVE, default=SAMPLE_BATCH_SIZE, help="images per generation batch")
     parser.set_defaults(handler=run_sample)
 
@@ -165,7 +167,7 @@ def run_sample(args: argparse.Namespace) -> None:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
             path = sample_to_npz(lambda labels: model.generate(labels, **options),
                                  model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context,
-                                 model.class_names)
+                                 model.class_names, args.labels)
             if path is not None:
                 print(f"wrote {path} with {args.num_samples} samples")
         elif context.is_main:

@@ -19,6 +19,38 @@ from scalegen.eval.inception import load_inception
 
 DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch size
 FEATURE_NETWORKS = ("inception", "fmnist")
+FEATURE_WORDS = {"inception": "ADM's 2015-12-05 Inception (pool for FID, spatial for sFID)",
+                 "fmnist": "the shipped Fashion-MNIST classifier's penultimate layer"}
+
+
+def class_balance(samples: str) -> str:
+    """How a sample file's classes were drawn and how often each came, in words (from its `labels` and `protocol`)."""
+    labels, num_classes, protocol = npz.read_labels(samples)
+    if labels is None:
+        return "no labels: class balance unknown"
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes or 0)  # (classes,)
+    per_class = str(counts.min()) if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+    drawn = f"labels {protocol['labels']}" if protocol is not None else "labels (draw not recorded)"
+    seed = f", seed {protocol['seed']}" if protocol is not None else ""
+    return f"{drawn}: {per_class} per class over {len(counts)} classes{seed}"
+
+
+def evaluation_protocol(samples: str, reference: str | None, features: str) -> str:
+    """What an evaluation compares, in one line: the samples and their class balance, the reference, the features.
+
+    Args:
+        samples: sample .npz or image folder.
+        reference: reference .npz or folder; None with "fmnist" features (the real test set's stored statistics).
+        features: one of FEATURE_NETWORKS.
+    """
+    if reference is None:
+        reference_words = "the real Fashion-MNIST test set (its stored statistics)"
+    elif npz.has_images(reference) and not (features == "inception" and npz.read_npz_statistics(reference)):
+        reference_words = f"{reference} ({len(npz.ImageBatches(reference))} images)"
+    else:
+        reference_words = f"{reference} (its stored statistics)"
+    return (f"{len(npz.ImageBatches(samples))} samples ({class_balance(samples)}); reference {reference_words}; "
+            f"features {features}: {FEATURE_WORDS[features]}")
 
 
 def reference_statistics(path: str, features: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ by array (50,000 images never sit in memory at once), and the reference statisti
 from __future__ import annotations
 
 import contextlib
+import json
 import zipfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -16,6 +17,8 @@ from scalegen.errors import UserError
 LABELS_KEY = "labels"  # our samplers store the requested classes beside arr_0 (ADM reads only arr_0)
 # ... and which classes those labels are: the sampled model's class count and, when known, its class names.
 NUM_CLASSES_KEY, CLASS_NAMES_KEY = "num_classes", "class_names"
+# ... and how they were drawn: a JSON string (0-d array) such as {"labels": "balanced", "seed": 0, ...}.
+PROTOCOL_KEY = "protocol"
 IMAGES_KEY = "arr_0"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -107,6 +110,20 @@ def read_npz_statistics(path: str | Path) -> dict[str, np.ndarray]:
         return {}
     with np.load(path) as archive:
         return {key: archive[key] for key in STATISTICS_KEYS if key in archive.files}
+
+
+def read_labels(path: str | Path) -> tuple[np.ndarray | None, int | None, dict | None]:
+    """What a sample file says of its classes: (labels (N,) or None, the model's class count or None, the sampling
+    protocol (`PROTOCOL_KEY`'s JSON) or None); all None for an image folder or a plain ADM file."""
+    path = Path(path)
+    keys = [] if path.is_dir() else npz_keys(path)
+    if LABELS_KEY not in keys and PROTOCOL_KEY not in keys:
+        return None, None, None
+    with np.load(path) as archive:
+        labels = archive[LABELS_KEY] if LABELS_KEY in keys else None
+        num_classes = int(archive[NUM_CLASSES_KEY]) if NUM_CLASSES_KEY in keys else None
+        protocol = json.loads(str(archive[PROTOCOL_KEY])) if PROTOCOL_KEY in keys else None
+    return labels, num_classes, protocol
 
 
 def has_images(path: str | Path) -> bool:

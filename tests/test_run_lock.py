@@ -185,7 +185,7 @@ def test_a_takeover_puts_back_a_record_that_beat_after_it_was_judged(tmp_path):
     plant(tmp_path, **OTHER_MACHINE)
     path = tmp_path / LOCK_FILE
     judged, status = read_record(path)
-    os.utime(path, ns=(status.st_mtime_ns + 1,) * 2)  # its holder beat between the judgement and the takeover
+    os.utime(path, (status.st_mtime + 1,) * 2)  # its holder beat between the judgement and the takeover
     take_over(path, judged, status, "waiter")
     assert holder_inside(tmp_path).token == "planted" and sorted(tmp_path.iterdir()) == [path]
     judged, status = read_record(path)

@@ -2,12 +2,14 @@
 memory-mapped, so that neither building nor reading a cache of ImageNet's size holds it in one process's memory.
 
 A cache is a folder:
-    CACHE/manifest.json                  {"format", "items", "shard_size", "description", "shards", "complete"}
+    CACHE/manifest.json                  {"format", "items", "shard_size", "description", "source", "shards", "complete"}
     CACHE/shard-000000.safetensors       items [0, shard_size): each field (n, 2, ...) — [:, 0] the image, [:, 1] its
     CACHE/shard-000001.safetensors       mirror — plus "labels" (n,) and "indices" (n,), the items' data set indices
 Shard s covers the data set's items [s·shard_size, (s+1)·shard_size); rank r of W encodes the shards s ≡ r (mod W)
 that are missing, each written under a temporary name and renamed into place, so an extraction killed midway keeps
-every finished shard and a re-run encodes only the rest. A rank that is done waits for the others' shards by looking
+every finished shard and a re-run encodes only the rest. The manifest's "source" records what the items were made from
+(the data set's identity, a digest of the encoder's weights): a cache, finished or not, is extended or used only by a
+run of the same source, so a cache never mixes two encoders' or data sets' items. A rank that is done waits for the others' shards by looking
 at the folder, never in a collective (NCCL's would time out while another rank encodes for an hour). Rank 0 marks the
 manifest complete once every shard is there; the others start training when they read that mark.
 
@@ -20,15 +22,18 @@ one-file format (the same fields, one safetensors file) loads the same way.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import mmap
 import struct
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -44,6 +49,7 @@ SHARD_SUFFIX = ".safetensors"
 SHARD_DIGITS = 6
 CACHE_SHARD_SIZE = 2048  # images per shard: 64 MB of SD-VAE latents at 256 px, a few minutes of one GPU's encoding
 WAIT_SECONDS = 0.5  # how often a rank that is done looks for the other ranks' shards
+DIGEST_SHOWN = 13  # characters of a digest that a message shows (its quote and 12 hex digits)
 LABELS, INDICES = "labels", "indices"  # the fields every shard holds beside the encoded ones
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -77,14 +83,55 @@ def read_manifest(folder: Path) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a network's weights (every state-dict entry's name, dtype, shape and bytes): what a cache records of
+    the encoder that made it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def source_differences(wanted: dict, made: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """The entries (dotted names, as "data.files") where two sources differ: (name, wanted, made)."""
+    differences = []
+    for name in dict.fromkeys([*wanted, *made]):
+        value, earlier = wanted.get(name), made.get(name)
+        if isinstance(value, dict) and isinstance(earlier, dict):
+            differences += source_differences(value, earlier, f"{prefix}{name}.")
+        elif value != earlier:
+            differences.append((prefix + name, value, earlier))
+    return differences
+
+
+def shown(value: object) -> str:
+    """A source entry in a message: a digest by its first characters."""
+    text = json.dumps(value)
+    return text[:DIGEST_SHOWN] + '…"' if len(text) > DIGEST_SHOWN + 2 else text
+
+
 def check_plan(manifest: dict, plan: dict, folder: Path) -> None:
-    """Refuse to extend a cache made from other data or cut into other shards."""
+    """Refuse to extend or use a cache made from other data, by another encoder or cut into other shards.
+
+    A cache made before caches recorded their source cannot be checked: it is used as it is, with a warning.
+    """
     for name in ("format", "items", "shard_size"):
         if manifest.get(name) != plan[name]:
             raise UserError(f"{folder} is a cache of {manifest.get('items')} items in shards of "
                             f"{manifest.get('shard_size')} ({manifest.get('format')}), this run has {plan['items']} in "
                             f"shards of {plan['shard_size']}; move {folder} away to extract anew, or use the same "
                             "--data and --max-images")
+    if "source" not in manifest:
+        warnings.warn(f"{folder} does not say what it was made from (an earlier scalegen made it), so it is used as it "
+                      "is; move it away to extract anew if the data or the encoder changed since", stacklevel=3)
+        return
+    differences = ", ".join(f"{name} {shown(value)} (was {shown(earlier)})" for name, value, earlier
+                            in source_differences(plan["source"], manifest["source"]))
+    if differences:
+        raise UserError(f"{folder} was made from another source than this run's: {differences}; move "
+                        f"{folder} away to extract it anew, or pass the --data, --image-size and --vae or --tokenizer "
+                        "it was made with")
 
 
 def encode_shard(
@@ -130,6 +177,7 @@ def build_cache(
     batch_size: int,
     device: torch.device | str,
     description: str,
+    source: dict,
     context: DistributedContext | None = None,
     shard_size: int = CACHE_SHARD_SIZE,
     num_workers: int = 0,
@@ -137,7 +185,8 @@ def build_cache(
     """Encode every image of `dataset` and its mirror once into the sharded cache `folder`, over all ranks.
 
     Every rank calls this with the same arguments; each encodes its missing shards, then waits (without a collective)
-    until the cache is complete. A complete cache is returned as it is.
+    until the cache is complete. A complete cache of the same source is returned as it is; one of another source,
+    complete or not, is refused (`check_plan`).
 
     Args:
         dataset: an image data set (items {"image", "label"} addressed by (index, flip)); unreadable images are
@@ -147,6 +196,7 @@ def build_cache(
         batch_size, device, num_workers: how to encode (batches never cross a shard, so any world size writes the same
             bytes).
         description: the progress bar's label.
+        source: what the items are made from, JSON-able (the data set's identity, the encoder's weights digest).
         context: this process's rank and world size (None: a single process).
         shard_size: items per shard.
     Returns:
@@ -154,7 +204,8 @@ def build_cache(
     """
     folder = Path(folder)
     rank, world_size = (context.rank, context.world_size) if context is not None else (0, 1)
-    plan = {"format": CACHE_FORMAT, "items": len(dataset), "shard_size": shard_size, "description": description}
+    plan = {"format": CACHE_FORMAT, "items": len(dataset), "shard_size": shard_size, "description": description,
+            "source": json.loads(json.dumps(source))}  # as the manifest reads back: tuples as lists
     manifest = read_manifest(folder)
     if manifest is not None:
         check_plan(manifest, plan, folder)
@@ -266,6 +317,10 @@ class CachedArrays:
             return field[indices] if flips is None else field[indices, flips.long()]  # (B, ...)
         flips = [None] * len(indices) if flips is None else flips.tolist()
         return torch.stack([self.row(name, index, flip) for index, flip in zip(indices.tolist(), flips)])  # (B, ...)
+
+    def column(self, name: str) -> torch.Tensor:
+        """Field `name` of every item, in order (read whole: for small fields such as the indices)."""
+        return torch.cat([part[name] for part in self.parts]) if self.parts else torch.zeros(0, dtype=torch.long)
 
     def to(self, device: torch.device | str) -> CachedArrays:
         """Every field concatenated into one part on `device` (`--data-on-device`: the whole cache in its memory)."""

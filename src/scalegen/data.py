@@ -6,8 +6,9 @@ the epoch, not by a global RNG, so a resumed run sees exactly the batches an uni
 from __future__ import annotations
 
 import gzip
+import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +51,30 @@ def pad_fashion_mnist(images: torch.Tensor, fill: float) -> torch.Tensor:
     """Centre 28×28 images (N, C, 28, 28) on a 32×32 canvas of `fill` (0 for uint8, -1 for [-1, 1] floats)."""
     pad = (FASHION_MNIST_PADDED_SIZE - images.shape[-1]) // 2
     return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=fill)  # (N, C, 32, 32)
+
+
+def files_digest(files: Iterable[tuple[str, Path, int]]) -> str:
+    """A digest of files (name, path, a number beside each: its label or sample count) by their names, numbers, sizes
+    and modification times: it changes when a file is added, removed, renamed, rewritten or relabelled, and reads none.
+
+    Raises:
+        UserError: a file cannot be looked at.
+    """
+    digest = hashlib.sha256()
+    for name, path, number in files:
+        try:
+            status = path.stat()
+        except OSError as error:
+            raise UserError(f"cannot read {path} ({error.strerror}); check --data") from None
+        digest.update(f"{name}\t{number}\t{status.st_size}\t{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def data_identity(dataset: Dataset) -> dict:
+    """What a data set's items are made from, as a cache of it records and checks (the `identity()` of scalegen's data
+    sets: their files or pixels and the image size); any other data set is known by its type alone."""
+    identity = getattr(dataset, "identity", None)
+    return identity() if callable(identity) else {"kind": type(dataset).__name__}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -130,6 +155,12 @@ class FashionMNIST(Dataset):
         image = to_model_range(self.images[index])  # (1, H, W)
         return {"image": image.flip(-1) if flip else image, "label": self.labels[index]}
 
+    def identity(self) -> dict:
+        """Its kind, image side and a digest of its pixels and labels (what a cache of it records)."""
+        digest = hashlib.sha256(self.images.cpu().numpy().tobytes())
+        digest.update(self.labels.cpu().numpy().tobytes())
+        return {"kind": type(self).__name__, "image_size": self.images.shape[-1], "pixels": digest.hexdigest()}
+
     def to(self, device: torch.device) -> FashionMNIST:
         """Hold the images and labels on `device` (for `OnDevice`)."""
         self.images, self.labels = self.images.to(device), self.labels.to(device)
@@ -196,10 +227,15 @@ class ImageFolder(Dataset):
                 f"no images found in {root}; expected one sub-folder per class holding {'/'.join(IMAGE_EXTENSIONS)} files"
             )
         self.num_classes = len(self.classes)
-        self.image_size = image_size
+        self.root, self.image_size = root, image_size
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def identity(self) -> dict:
+        """Its kind, crop size and a digest of its files (names in the folder, labels, sizes, modification times)."""
+        files = ((path.relative_to(self.root).as_posix(), path, label) for path, label in self.files)
+        return {"kind": type(self).__name__, "image_size": self.image_size, "files": files_digest(files)}
 
     def __getitem__(self, item: tuple[int, bool]) -> dict | None:
         index, flip = item
@@ -226,6 +262,11 @@ class TarShards(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def identity(self) -> dict:
+        """Its kind, crop size and a digest of its shards (names, sample counts, sizes, modification times)."""
+        shards = ((path.name, path, size) for path, size in zip(self.samples.paths, self.shard_sizes))
+        return {"kind": type(self).__name__, "image_size": self.image_size, "files": files_digest(shards)}
 
     def __getitem__(self, item: tuple[int, bool]) -> dict | None:
         index, flip = item
@@ -264,6 +305,10 @@ class Subset(Dataset):
 
     def __getitem__(self, item):
         return self.dataset[item]
+
+    def identity(self) -> dict:
+        """The whole data set's identity (how many of its items are used is a count beside it)."""
+        return data_identity(self.dataset)
 
 
 def limited(dataset: Dataset, max_images: int | None) -> Dataset:

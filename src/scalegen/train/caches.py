@@ -3,18 +3,27 @@
 The latent cache (DiT) stores the posterior mean and standard deviation of every image and of its mirror image, so
 training still draws a fresh latent sample each time (as on-the-fly encoding does) and keeps the random flip. The
 token cache (VAR) stores every image's and mirror's tokens over all scales. Both are built by every rank and read
-memory-mapped (`scalegen.cache_store`).
+memory-mapped (`scalegen.cache_store`), and record what they were made from: the data set's identity (its files and
+image size) and a digest of the encoder's weights, so a run with other data or another VAE or tokenizer of the same
+shapes is refused instead of training on the old latents.
+
+A latent cache read beside the tar shards it was made from (REPA's encoder needs the images) keeps their locality:
+it has the `shard_sizes` of its items by source shard, so the trainer deals it whole shards as it deals the shards
+themselves (train/loading.py), and each rank opens each of its shards once an epoch instead of a shard per image.
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from scalegen.cache_store import CACHE_SHARD_SIZE, INDICES, LABELS, CachedArrays, build_cache
+from scalegen.cache_store import CACHE_SHARD_SIZE, INDICES, LABELS, CachedArrays, build_cache, weights_digest
+from scalegen.data import data_identity
 from scalegen.distributed import DistributedContext
-from scalegen.tokenizers.codec import TokenizerCodec
+from scalegen.tokenizers.codec import KLCodec, TokenizerCodec
 from scalegen.tokenizers.sd_vae import LatentCodec
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.loading import OnDevice
@@ -28,13 +37,40 @@ def cache_path(folder: Path, earlier_file: Path) -> Path:
     return earlier_file if earlier_file.exists() and not folder.exists() else folder
 
 
+def cache_source(dataset: Dataset, encoder: nn.Module) -> dict:
+    """What a cache records of its making: the data set's identity and a digest of the encoder's weights."""
+    return {"data": data_identity(dataset), "encoder": weights_digest(encoder)}
+
+
+def codec_encoder(codec: LatentCodec | TokenizerCodec | KLCodec) -> nn.Module:
+    """The network whose weights decide a codec's latents: a tokenizer codec's tokenizer (its scale is measured from
+    the tokenizer and the data, so it follows from them, up to the rounding of the machine that measured it), an
+    SD-VAE codec whole (its scale comes from the VAE's config)."""
+    return codec.tokenizer if isinstance(codec, (TokenizerCodec, KLCodec)) else codec
+
+
+def source_shard_sizes(arrays: CachedArrays, shard_sizes: list[int]) -> list[int]:
+    """How many of a cache's items come from each source shard (sizes `shard_sizes`); the items lie in their source
+    order, so each shard's items are consecutive in the cache."""
+    sources = arrays.column(INDICES)  # (N,) each item's index in the data set, increasing
+    starts = torch.tensor([0, *accumulate(shard_sizes)][:-1])  # (S,) each shard's first index
+    shards = torch.searchsorted(starts, sources, right=True) - 1  # (N,)
+    return torch.bincount(shards, minlength=len(shard_sizes)).tolist()
+
+
 class LatentCache(Dataset):
     """Cached latents addressed by (index, flip), as the image datasets; yields a fresh sample each time, and the
-    image itself too when the data set it was made from is given (REPA's encoder needs it)."""
+    image itself too when the data set it was made from is given (REPA's encoder needs it).
+
+    With images from tar shards, it has `shard_sizes` (its items by source shard), so that the trainer's sampler
+    reads the shards whole (train/loading.py `epoch_sampler`).
+    """
 
     def __init__(self, path: str | Path, images: Dataset | None = None):
         self.arrays = CachedArrays(path)  # "mean", "std": (N, 2, C_latent, h, w) fp16, memory-mapped
         self.images = images
+        if getattr(images, "shard_sizes", None) is not None:
+            self.shard_sizes = source_shard_sizes(self.arrays, images.shard_sizes)
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -72,14 +108,15 @@ def extract_latents(
     num_workers: int = 0,
 ) -> Path:
     """Encode every image and its mirror once into the sharded cache `path` (fp16 mean and std), split over the ranks
-    of `context` (see `build_cache`)."""
+    of `context` (see `build_cache`); a cache of other data or of another codec's weights is refused."""
     codec = codec.to(device)
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         mean, std = codec.encode_distribution(images)  # (2B, C_latent, h, w) ×2
         return {"mean": mean.half(), "std": std.half()}
 
-    return build_cache(dataset, encode, path, batch_size, device, "extracting latents", context, shard_size,
+    source = cache_source(dataset, codec_encoder(codec))
+    return build_cache(dataset, encode, path, batch_size, device, "extracting latents", source, context, shard_size,
                        num_workers)
 
 
@@ -112,12 +149,12 @@ def extract_tokens(
     num_workers: int = 0,
 ) -> Path:
     """Tokenize every image and its mirror once into the sharded cache `path` (int16 when the vocabulary fits), split
-    over the ranks of `context` (see `build_cache`)."""
+    over the ranks of `context` (see `build_cache`); a cache of other data or of another tokenizer is refused."""
     storage = torch.int16 if tokenizer.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
     tokenizer = tokenizer.to(device).eval()
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"tokens": torch.cat(tokenizer.img_to_tokens(images), dim=1).to(storage)}  # (2B, L)
 
-    return build_cache(dataset, encode, path, batch_size, device, "extracting tokens", context, shard_size,
-                       num_workers)
+    return build_cache(dataset, encode, path, batch_size, device, "extracting tokens", cache_source(dataset, tokenizer),
+                       context, shard_size, num_workers)

@@ -10,11 +10,46 @@ from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
 
 
-def changed_options(stored: dict, current: dict) -> str:
-    """The loop settings that differ from the ones a run was checkpointed with, as "--lr 0.001 (was 0.002), …"."""
-    stored, current = json.loads(json.dumps(stored)), json.loads(json.dumps(current))  # tuples and lists alike
-    return ", ".join(f"--{name.replace('_', '-')} {value} (was {stored[name]})" for name, value in current.items()
-                     if name in stored and stored[name] != value)
+# What a task's stored config holds that no option of a resumed run changes: the model (a run refuses another one),
+# its size and class names (they follow from the model and the data), and the weights a fine-tuning run first loaded.
+TASK_FACTS = ("kind", "model", "params", "classes", "init_from")
+
+
+def changed_options(stored: dict, current: dict, stored_task: dict, current_task: dict) -> str:
+    """The options that differ from the ones a run was checkpointed with, as "--lr 0.001 (was 0.002), --vae B (was A),
+    objective repa_weight 0.3 (was 0.5)": the loop's (its `TrainConfig`) and the task's that change what is trained
+    (the data, image size, latent space, encoders and settings such as the objective's). A network loaded from a file
+    (a tokenizer) is named by its path; a setting one config lacks reads as none.
+
+    Args:
+        stored, current: the loop settings, as checkpointed and as now.
+        stored_task, current_task: the task's config (`TrainingTask.config`), as checkpointed and as now.
+    """
+    stored, current, stored_task, current_task = json.loads(json.dumps([stored, current, stored_task, current_task]))
+    changes = [f"--{name.replace('_', '-')} {value} (was {stored[name]})" for name, value in current.items()
+               if name in stored and stored[name] != value]
+    for name in dict.fromkeys([*current_task, *stored_task]):
+        value, earlier = current_task.get(name), stored_task.get(name)
+        if name in TASK_FACTS or value == earlier:
+            continue
+        if any(isinstance(setting, dict) and "source" in setting for setting in (value, earlier)):
+            # A network loaded from a file (a tokenizer): its path; what else it records follows from it and the data.
+            value, earlier = (setting.get("source") if isinstance(setting, dict) else setting
+                              for setting in (value, earlier))
+            if value != earlier:
+                changes.append(f"--{name.replace('_', '-')} {shown(value)} (was {shown(earlier)})")
+        elif isinstance(value, dict) or isinstance(earlier, dict):  # a group of settings (the objective's): each one
+            value, earlier = value or {}, earlier or {}
+            changes += [f"{name} {setting} {shown(value.get(setting))} (was {shown(earlier.get(setting))})"
+                        for setting in dict.fromkeys([*value, *earlier]) if value.get(setting) != earlier.get(setting)]
+        else:
+            changes.append(f"--{name.replace('_', '-')} {shown(value)} (was {shown(earlier)})")
+    return ", ".join(changes)
+
+
+def shown(value: object) -> str:
+    """A task setting in the list of changes: none for a missing one, a string as it is."""
+    return "none" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def changed_settings(stored: dict, current: dict) -> str:

@@ -197,7 +197,8 @@ class Trainer:
                 continue
             if self.context.is_main:
                 print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
-                changed = changed_options(state.get("train_config", {}), asdict(self.config))
+                changed = changed_options(state.get("train_config", {}), asdict(self.config), stored,
+                                          self.task.config())
                 if changed:
                     print(f"options changed since the run was checkpointed (the new values are used): {changed}")
             return True

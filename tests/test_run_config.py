@@ -13,8 +13,9 @@ import yaml
 from scalegen.checkpoint import OPTIONS_FILE
 from scalegen.cli.main import build_parser, main
 from scalegen.cli.parsing import DefaultsFormatter
-from scalegen.train.dit_task import DiTOptions
+from scalegen.train.dit_task import DiTOptions, DiTTask
 from scalegen.train.guards import changed_settings
+from scalegen.train.tokenizer_task import VQVAETask
 from tests_support import training_error, user_error, write_fashion_subset
 
 TINY_DIT = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
@@ -43,11 +44,12 @@ def test_a_printed_configuration_reads_back_to_the_same_options(command, tmp_pat
     with pytest.raises(SystemExit):
         main([*command, "--out", "RUN", "--steps", "3", "--print-config", str(path)])
     stored = yaml.safe_load(path.read_text())
-    assert stored["out"] == "RUN" and stored["steps"] == 3 and stored["batch_size"] == (8 if "dit" in command else None)
+    assert stored["out"] == "RUN" and stored["steps"] == 3
+    assert stored["batch_size"] == (8 if "dit" in command else VQVAETask.recipe.batch_size)  # the run's, not null
     assert printed_config([*command[:2], "--config", str(path)], capsys) == path.read_text()
     assert "\nsteps: 3\n" in path.read_text()  # one `name: value` line per option
     if "vqvae" in command:
-        assert stored["patch_nums"] == [1, 2] and stored["use_attention"] is False and stored["flip"] is False
+        assert stored["patch_nums"] == [1, 2] and stored["no_attention"] is True and stored["flip"] is False
         assert stored["lr"] == 1e-3
 
 
@@ -82,6 +84,7 @@ def test_training_keeps_its_options_in_the_run_folder_and_resuming_names_a_chang
     main(["train", "dit", *TINY_DIT, "--config", str(config), "--out", str(run)])
     stored = yaml.safe_load((run / OPTIONS_FILE).read_text())
     assert stored["steps"] == 1 and stored["hidden_size"] == 32 and stored["out"] == str(run)
+    assert stored["lr"] == DiTTask.recipe.lr and stored["ema"] == DiTTask.recipe.ema_decay  # what the run took
     message = training_error(["train", "dit", *TINY_DIT, "--image-size", "16", "--config", str(config), "--out",
                               str(run)], capsys)
     assert "holds a different model: input_size 16 (was 8);" in message
@@ -127,7 +130,7 @@ def test_help_texts_are_true_for_their_command(capsys):
     assert "--num-samples" not in command_help(["edit", "var"], capsys)
     assert "--fp32 keep fp32 weights (default: fp16) --" in command_help(["export"], capsys)
     serve = command_help(["serve"], capsys)
-    assert "address to listen on (default: 127.0.0.1)" in serve and serve.count("7860") == 1
+    assert "address to listen on" in serve and "(default: 127.0.0.1)" in serve and serve.count("7860") == 1
     assert "DiT folder (default: the shipped one) --" in command_help(["demo"], capsys)
 
 

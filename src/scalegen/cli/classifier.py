@@ -7,8 +7,9 @@ import shlex
 import sys
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, POSITIVE, add_training_options, dataclass_from_args, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, add_training_options, dataclass_from_args, train_config_from_args,
 )
+from scalegen.cli.parsing import POSITIVE
 from scalegen.train.classifier_task import ClassifierOptions, ClassifierTask, train_classifier
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from scalegen.cli.options import POSITIVE
+from scalegen.cli.parsing import POSITIVE
 from scalegen.data import pack_folder
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD
 

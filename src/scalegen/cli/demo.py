@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalegen.cli.options import POSITIVE
+from scalegen.cli.parsing import POSITIVE
 from scalegen.data import FashionMNIST
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report

@@ -6,10 +6,10 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_autoencoder_options,
-    add_init_from, add_precision_option, add_reconstruction_loss_options, add_training_options, at_least,
-    dataclass_from_args, fraction, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
+    add_reconstruction_loss_options, add_training_options, dataclass_from_args, train_config_from_args,
 )
+from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
 from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
 from scalegen.diffusion.flow import TIME_SAMPLINGS
 from scalegen.diffusion.objective import check_guidance_interval
@@ -39,8 +39,8 @@ def guidance_interval(text: str) -> tuple[float, float]:
     try:
         if len(parts) != 2:
             raise ValueError(text)
-        return check_guidance_interval([float(part) for part in parts])
-    except (ValueError, UserError) as error:
+        return check_guidance_interval([finite_float(part) for part in parts])
+    except (ValueError, UserError, argparse.ArgumentTypeError) as error:
         raise argparse.ArgumentTypeError(f"{text!r} is no interval LOW,HIGH with 0 <= LOW < HIGH <= 1 ({error})")
 
 
@@ -82,18 +82,18 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--objective", choices=OBJECTIVE_NAMES, default=OBJECTIVE_DEFAULTS.name, help=objectives_help())
     parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=OBJECTIVE_DEFAULTS.time_sampling,
                         help="flow, meanflow: how training draws t in [0, 1]")
-    parser.add_argument("--logit-mean", type=float, default=OBJECTIVE_DEFAULTS.logit_mean,
+    parser.add_argument("--logit-mean", type=finite_float, default=OBJECTIVE_DEFAULTS.logit_mean,
                         help="flow, meanflow: the logit-normal's location (MeanFlow's paper: -0.4)")
-    parser.add_argument("--logit-std", type=float, default=OBJECTIVE_DEFAULTS.logit_std,
+    parser.add_argument("--logit-std", type=finite_float, default=OBJECTIVE_DEFAULTS.logit_std,
                         help="flow, meanflow: the logit-normal's scale")
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=OBJECTIVE_DEFAULTS.loss_weighting,
                         help="ddpm: min-snr weights the ε loss by min(SNR, γ)/SNR")
-    parser.add_argument("--snr-gamma", type=float, default=OBJECTIVE_DEFAULTS.snr_gamma, help="ddpm: γ of min-SNR weighting")
+    parser.add_argument("--snr-gamma", type=finite_float, default=OBJECTIVE_DEFAULTS.snr_gamma, help="ddpm: γ of min-SNR weighting")
     parser.add_argument("--mean-fraction", type=fraction, default=OBJECTIVE_DEFAULTS.mean_fraction,
                         help="meanflow: the share of examples trained with r < t (the rest: r = t)")
-    parser.add_argument("--weighting-power", type=float, default=OBJECTIVE_DEFAULTS.weighting_power,
+    parser.add_argument("--weighting-power", type=finite_float, default=OBJECTIVE_DEFAULTS.weighting_power,
                         help="meanflow: p of the adaptive loss weight 1 / (‖Δ‖² + c)^p")
-    parser.add_argument("--weighting-constant", type=float, default=OBJECTIVE_DEFAULTS.weighting_constant,
+    parser.add_argument("--weighting-constant", type=finite_float, default=OBJECTIVE_DEFAULTS.weighting_constant,
                         help="meanflow: c of the adaptive loss weight")
     parser.add_argument("--train-cfg", type=DIT_GUIDANCE, default=OBJECTIVE_DEFAULTS.guidance,
                         help="meanflow: the guidance scale trained into the model (it then samples with cfg 1)")
@@ -103,7 +103,7 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--repa-encoder", default=DEFAULTS.repa_encoder, metavar="FILE.safetensors",
                         help="REPA: align a block with this frozen encoder's features (`train classifier --export`)")
     parser.add_argument("--repa-depth", type=POSITIVE, default=REPA_DEFAULT_DEPTH, help="REPA: the aligned block (1-based)")
-    parser.add_argument("--repa-weight", type=float, default=OBJECTIVE_DEFAULTS.repa_weight,
+    parser.add_argument("--repa-weight", type=finite_float, default=OBJECTIVE_DEFAULTS.repa_weight,
                         help="REPA: λ of the alignment loss")
     parser.add_argument("--end-to-end", action="store_true",
                         help="REPA-E: tune the --tokenizer (a `train kl` run) with the DiT through REPA's loss; the "

@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from scalegen.cli.options import POSITIVE
+from scalegen.cli.parsing import POSITIVE
 from scalegen.errors import UserError
 from scalegen.eval import scaling
 from scalegen.eval.evaluate import (

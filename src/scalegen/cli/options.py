@@ -6,21 +6,24 @@ fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), .
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, TypeVar
 
-from scalegen.checkpoint import OPTIONS_FILE
-from scalegen.cli.parsing import EFFECTIVE_OPTIONS, OneLineParser, options_text
-from scalegen.distributed import PRECISIONS, launched_as_main
+from scalegen.cli.parsing import (
+    EFFECTIVE_OPTIONS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, OneLineParser, at_least, finite_float, floats,
+    integers, options_text,
+)
 from scalegen.errors import UserError
-from scalegen.files import replace_atomically
-from scalegen.train.run_log import LOGGERS
-from scalegen.train.task import TrainingTask
-from scalegen.train.tokenizer_task import ReconstructionLosses
-from scalegen.train.trainer import EVALUATED_WEIGHTS, MINIMUMS, TrainConfig
+
+if TYPE_CHECKING:  # the library's training modules import torch: a command's parser imports them only to build
+    from scalegen.train.task import TrainingTask
+    from scalegen.train.tokenizer_task import ReconstructionLosses
+    from scalegen.train.trainer import TrainConfig
 
 Options = TypeVar("Options")
 # Loop settings with their own flag name (the rest are the field name with dashes).
@@ -65,52 +68,6 @@ TRAINING_HELP = {
 COMPILE_WHOLE_MODEL_HELP = "torch.compile the whole model in place (it has no transformer blocks; same checkpoint keys)"
 DATA_HELP = ("fashion-mnist, a folder of its IDX files, an image folder (one sub-folder per class), or tar shards: a "
              "brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of `scalegen data pack`")
-CHOICES = {"precision": list(PRECISIONS), "logger": list(LOGGERS), "eval_weights": list(EVALUATED_WEIGHTS)}
-
-
-def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` that is at least `minimum`."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-POSITIVE = at_least(1)
-NON_NEGATIVE = at_least(0)
-NON_NEGATIVE_FLOAT = at_least(0.0, float)
-
-
-def integers(text: str) -> tuple[int, ...]:
-    """"1,2,3" → (1, 2, 3) for argparse."""
-    try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """"0.9,0.95" → (0.9, 0.95) for argparse."""
-    try:
-        return tuple(float(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def add_init_from(parser: argparse.ArgumentParser, class_conditional: bool = True) -> None:
@@ -156,15 +113,24 @@ def add_reconstruction_loss_options(parser: argparse.ArgumentParser, losses: Rec
 
 def add_training_options(parser: OneLineParser, task: type[TrainingTask],
                          help_texts: Mapping[str, str] | None = None) -> None:
-    """The loop options of every `scalegen train` command, and its run configuration (`--config`, `--print-config`);
-    their defaults are `task`'s recipe and `TrainConfig`'s, their help TRAINING_HELP's unless `help_texts` has it."""
+    """The loop options of every `scalegen train` command, and its run configuration (`--config`, `--print-config`,
+    which show the recipe's values the run takes); their defaults are `task`'s recipe and `TrainConfig`'s, their help
+    TRAINING_HELP's unless `help_texts` has it."""
+    from scalegen.distributed import PRECISIONS
+    from scalegen.train.run_log import LOGGERS
+    from scalegen.train.trainer import EVALUATED_WEIGHTS, MINIMUMS, TrainConfig
+
+    choices = {"precision": list(PRECISIONS), "logger": list(LOGGERS), "eval_weights": list(EVALUATED_WEIGHTS)}
     recipe = task.recipe
     for field in fields(TrainConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
         help_text = (help_texts or {}).get(field.name, TRAINING_HELP[field.name])
         smallest = MINIMUMS.get(field.name)  # its type is the setting's (1: int, 0.0: float)
-        kind = at_least(smallest, type(smallest)) if smallest is not None else type(getattr(recipe, field.name,
-                                                                                            field.default))
+        if smallest is not None:
+            kind = at_least(smallest, type(smallest))
+        else:
+            kind = type(getattr(recipe, field.name, field.default))
+            kind = finite_float if kind is float else kind
         if field.default is MISSING:  # out, steps
             parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else kind,
                                 help=help_text)
@@ -177,12 +143,28 @@ def add_training_options(parser: OneLineParser, task: type[TrainingTask],
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=str if smallest is None and field.default is None else kind,
-                                default=field.default, choices=CHOICES.get(field.name), help=help_text)
-    parser.add_config_options()
+                                default=field.default, choices=choices.get(field.name), help=help_text)
+    parser.add_config_options(partial(recipe_values, task))
+
+
+def recipe_values(task: type[TrainingTask], args: argparse.Namespace) -> dict:
+    """The loop settings, by name, that a parsed `scalegen train` command takes from `task`'s recipe, as its run will
+    (`trainer.resolved_config`), without building a model: the task's `training_defaults` reads the recipe and the
+    task's options (e.g. VAR's base_lr), which the parsed arguments hold. Without --steps (a template) the settings
+    the recipe computes (its `recipe_notes`) stay unset."""
+    from scalegen.train.trainer import RECIPE_FIELDS, resolved_config
+
+    if args.steps is None:
+        return {name: getattr(task.recipe, name) for name in RECIPE_FIELDS if name not in task.recipe_notes}
+    options = SimpleNamespace(**vars(args), recipe=task.recipe)
+    options.training_defaults = partial(task.training_defaults, options)
+    return asdict(resolved_config(train_config_from_args(args), options))
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """`--precision` of the sampling commands: fp32 (the official numbers) unless asked."""
+    from scalegen.distributed import PRECISIONS
+
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="autocast of the network: fp32 is exact; bf16 (or auto: bf16 where the GPU or CPU has "
                              "bf16 matrix units) is faster")
@@ -196,11 +178,15 @@ def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The loop settings of a parsed `scalegen train` command."""
+    from scalegen.train.trainer import TrainConfig
+
     return dataclass_from_args(TrainConfig, args)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` through a temporary file renamed over `path`."""
+    from scalegen.files import replace_atomically
+
     replace_atomically(path, lambda temporary: temporary.write_text(text))
 
 
@@ -209,6 +195,9 @@ def options_in_run_folder(args: argparse.Namespace) -> Iterator[None]:
     """While a parsed `scalegen train` command runs, keep its options in its run folder (RUN/options.yaml, written by
     rank 0), where `--config` reads them back; a command refused as bad input (a UserError: another model in RUN, a
     broken data set) puts back what was there before."""
+    from scalegen.checkpoint import OPTIONS_FILE
+    from scalegen.distributed import launched_as_main
+
     if not launched_as_main():
         yield
         return

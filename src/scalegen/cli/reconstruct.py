@@ -7,7 +7,8 @@ from typing import get_args
 
 import torch
 
-from scalegen.cli.options import DATA_HELP, POSITIVE
+from scalegen.cli.options import DATA_HELP
+from scalegen.cli.parsing import POSITIVE
 from scalegen.data import FASHION_MNIST_NAME, open_dataset
 from scalegen.images import check_image_output
 from scalegen.eval.reconstruction import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scalegen.cli.options import at_least
+from scalegen.cli.parsing import at_least
 from scalegen.errors import UserError
 from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 

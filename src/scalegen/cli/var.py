@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, add_autoencoder_options,
-    add_init_from, add_precision_option, add_reconstruction_loss_options, add_training_options, at_least,
-    dataclass_from_args, floats, fraction, integers, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
+    add_reconstruction_loss_options, add_training_options, dataclass_from_args, train_config_from_args,
 )
+from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, floats, fraction, integers
 from scalegen.cli.eval import add_labels_option
 from scalegen.distributed import process_group
 from scalegen.errors import UserError

@@ -96,7 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, smallest in MINIMUMS.items():
             value = getattr(self, name)
-            if value is not None and value < smallest:
+            if value is not None and not value >= smallest:  # NaN is no value (and compares False)
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} is {value}; it must be at least {smallest}")
         if self.betas is not None and (len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas)):

@@ -1,0 +1,122 @@
+"""The command line's options: every float is finite (or a one-line parse error, with nothing written), run
+configurations show every option's effective value under its flag's name, and mistyped names get a suggestion."""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from scalegen.cli.main import build_parser, main
+from scalegen.errors import UserError
+from scalegen.train.task import Recipe
+from scalegen.train.trainer import TrainConfig
+from scalegen.train.var_task import VARTask
+from tests_support import user_error
+
+NON_FINITE = ("nan", "inf", "-inf")
+FLOAT_SAMPLES = ("0.5", "1.5", "0.5,0.75")  # a valid value of a float-typed option: a fraction, a scale, a pair
+
+
+def commands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                                                              argparse.ArgumentParser]]:
+    """Each command's own parser (`train dit`, `eval`, …) with the words that name it."""
+    if parser._subparsers is None:
+        yield words, parser
+        return
+    for action in parser._subparsers._group_actions:
+        for name, child in action.choices.items():
+            yield from commands(child, (*words, name))
+
+
+def float_sample(action: argparse.Action) -> str | None:
+    """A value `action` takes that holds a float, or None for an option that takes no float."""
+    if action.type is None or action.nargs == 0 or action.choices:
+        return None
+    for sample in FLOAT_SAMPLES:
+        try:
+            value = action.type(sample)
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+        if any(isinstance(item, float) for item in (value if isinstance(value, tuple) else (value,))):
+            return sample
+    return None
+
+
+FLOAT_OPTIONS = [(words, action.option_strings[0], sample) for words, parser in commands(build_parser())
+                 for action in parser._actions if (sample := float_sample(action)) is not None]
+
+
+def test_the_walk_finds_the_float_options_of_sampling_training_and_tokenizers():
+    found = {(" ".join(words), flag) for words, flag, _ in FLOAT_OPTIONS}
+    assert {("sample dit", "--cfg"), ("sample var", "--cfg"), ("train dit", "--lr"), ("train dit", "--logit-mean"),
+            ("train var", "--betas"), ("train kl", "--kl-weight"), ("sample dit", "--cfg-interval")} <= found
+
+
+@pytest.mark.parametrize("words, flag, sample", FLOAT_OPTIONS, ids=[f"{' '.join(words)} {flag}"
+                                                                      for words, flag, _ in FLOAT_OPTIONS])
+def test_every_float_option_refuses_nan_and_infinity_in_one_line(words, flag, sample, capsys):
+    for text in NON_FINITE:
+        value = ",".join([*sample.split(",")[:-1], text])  # the last item of a list non-finite
+        message = user_error([*words, f"{flag}={value}"], capsys)
+        assert flag in message and "finite" in message, message
+
+
+def test_a_non_finite_learning_rate_writes_no_run_folder(tmp_path, capsys):
+    run = tmp_path / "D"
+    message = user_error(["train", "dit", "--lr", "nan", "--out", str(run), "--steps", "1"], capsys)
+    assert "--lr" in message and not run.exists()
+
+
+def test_the_loop_settings_refuse_nan_from_python_too(tmp_path):
+    with pytest.raises(UserError, match="--lr is nan"):
+        TrainConfig(out=str(tmp_path), steps=1, lr=math.nan)
+    with pytest.raises(UserError, match="--batch-size"):
+        TrainConfig(out=str(tmp_path), steps=1, batch_size=math.nan)
+
+
+def printed(argv: list[str], capsys) -> dict:
+    """The run configuration `--print-config` writes for `argv`."""
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--print-config"])
+    assert stopped.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_recipe_values_a_run_takes_under_the_flag_names(capsys):
+    recipe = Recipe()  # DiT's
+    template = printed(["train", "dit"], capsys)
+    assert (template["lr"], template["batch_size"], template["ema"]) == (recipe.lr, recipe.batch_size,
+                                                                        recipe.ema_decay)
+    assert "ema_decay" not in template and template["no_learn_sigma"] is False
+    run = printed(["train", "var", "--tokenizer", "T", "--steps", "100", "--batch-size", "1024", "--base-lr",
+                   "2e-4"], capsys)
+    assert run["lr"] == 2e-4 * 1024 / 256 and run["warmup_steps"] == 2  # the official VAR rule, as the run takes it
+    assert (run["weight_decay"], run["betas"], run["grad_clip"]) == (VARTask.recipe.weight_decay,
+                                                                    list(VARTask.recipe.betas), VARTask.recipe.grad_clip)
+    assert printed(["train", "var", "--tokenizer", "T"], capsys)["warmup_steps"] is None  # needs --steps
+
+
+def test_a_configuration_reads_switches_by_flag_and_older_files_by_dest(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("no_attention: true\nema: 0.5\nlpips_weight: 2.0\n")
+    options = printed(["train", "vqvae", "--config", str(path)], capsys)
+    assert (options["no_attention"], options["ema"], options["lpips_weight"]) == (True, 0.5, 2.0)
+    path.write_text("use_attention: false\nema_decay: 0.25\nlpips: 3.0\n")  # the names of files before the flags'
+    options = printed(["train", "vqvae", "--config", str(path)], capsys)
+    assert (options["no_attention"], options["ema"], options["lpips_weight"]) == (True, 0.25, 3.0)
+    path.write_text("no_attention: 1\n")
+    assert "no_attention must be true or false" in user_error(["train", "vqvae", "--config", str(path)], capsys)
+
+
+def test_a_mistyped_configuration_key_or_flag_gets_the_closest_name(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("batchsize: 8\n")
+    message = user_error(["train", "dit", "--config", str(path), "--out", "RUN", "--steps", "1"], capsys)
+    assert "unknown option 'batchsize' (did you mean batch_size?)" in message and "eval_reference" not in message
+    message = user_error(["train", "dit", "--bach-size", "8", "--out", "RUN", "--steps", "1"], capsys)
+    assert "unrecognized arguments: --bach-size 8 (did you mean --batch-size?)" in message
+    message = user_error(["sample", "dit", "--ckpt", "C", "--out", "g.png", "--cfg-sacle=2"], capsys)
+    assert "(did you mean --cfg-scale?)" in message

@@ -107,7 +107,7 @@ def test_python_training_follows_the_task_recipe_and_skips_a_zero_ema(tmp_path):
     checkpoint = RunFolder(tmp_path / "var").last_checkpoint()
     stored = load_training_state(checkpoint)["train_config"]
     assert (stored["weight_decay"], tuple(stored["betas"]), stored["grad_clip"]) == (0.05, (0.9, 0.95), 2.0)
-    assert stored["lr"] == pytest.approx(1e-4 * 16 / 256) and stored["ema_decay"] == 0.0
+    assert stored["lr"] == pytest.approx(1e-4 * 768 / 256) and stored["ema_decay"] == 0.0  # the floor
     assert not (checkpoint / EMA_FILE).exists() and (checkpoint / MODEL_FILE).exists()
     assert json.loads((checkpoint / CONFIG_FILE).read_text())["params"] == sum(
         parameter.numel() for parameter in task.model.parameters())

@@ -45,9 +45,13 @@ def test_two_ranks_write_the_one_rank_cache_bit_for_bit(sources, tmp_path):
     environment = dict(os.environ, OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "cache_worker.py"), *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE)]
+               str(TESTS / "cache_worker.py"), *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE),
+               str(tmp_path / "encoded")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
+    # Each rank encoded its own shards only (s ≡ rank mod 2), once.
+    assert [read_json(tmp_path / "encoded" / f"rank-{rank}.json")["shards"] for rank in range(2)] == [
+        [shard_name(0), shard_name(2)], [shard_name(1), shard_name(3)]]
     assert sorted(files_of(reference)) == [MANIFEST_FILE] + [shard_name(shard) for shard in range(4)]
     assert files_of(tmp_path / "two") == files_of(reference)
     cache = LatentCache(reference)

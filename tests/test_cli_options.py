@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
+from scalegen.checkpoint import OPTIONS_FILE
 from scalegen.cli.main import build_parser, main
 from scalegen.errors import UserError
 from scalegen.train.task import Recipe
@@ -18,6 +24,8 @@ from tests_support import user_error
 
 NON_FINITE = ("nan", "inf", "-inf")
 FLOAT_SAMPLES = ("0.5", "1.5", "0.5,0.75")  # a valid value of a float-typed option: a fraction, a scale, a pair
+TINY_TOKENIZER = ["--patch-nums", "1,2,4", "--ch", "8", "--ch-mult", "1,1", "--norm-groups", "4", "--no-attention",
+                  "--vocab-size", "16", "--z-channels", "4", "--share-quant-resi", "1", "--device", "cpu"]
 
 
 def commands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
@@ -120,3 +128,41 @@ def test_a_mistyped_configuration_key_or_flag_gets_the_closest_name(tmp_path, ca
     assert "unrecognized arguments: --bach-size 8 (did you mean --batch-size?)" in message
     message = user_error(["sample", "dit", "--ckpt", "C", "--out", "g.png", "--cfg-sacle=2"], capsys)
     assert "(did you mean --cfg-scale?)" in message
+
+
+def write_color_folder(folder: Path) -> Path:
+    """A tiny RGB image folder: two classes of four 8×8 images."""
+    generator = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for index in range(4):
+            Image.fromarray(generator.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / label / f"{index}.png")
+    return folder
+
+
+def test_a_run_on_a_tokenizer_without_data_trains_on_the_tokenizers_data_and_says_so(tmp_path, capsys):
+    data, tokenizer, run = write_color_folder(tmp_path / "colors"), tmp_path / "vq", tmp_path / "var"
+    main(["train", "vqvae", "--data", str(data), "--image-size", "8", *TINY_TOKENIZER, "--steps", "1", "--batch-size",
+          "4", "--out", str(tokenizer)])
+    capsys.readouterr()
+    assert printed(["train", "var", "--tokenizer", str(tokenizer)], capsys)["data"] == str(data)
+    main(["train", "var", "--tokenizer", str(tokenizer), "--depth", "1", "--steps", "1", "--batch-size", "4",
+          "--device", "cpu", "--out", str(run)])
+    assert f"training on {data}, the data the tokenizer {tokenizer} was trained on" in capsys.readouterr().err
+    assert yaml.safe_load((run / OPTIONS_FILE).read_text())["data"] == str(data)
+
+
+def test_a_file_that_is_no_torch_file_is_called_so_not_an_unsafe_pickle(tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint at all\n")
+    message = user_error(["sample", "dit", "--ckpt", str(text), "--out", str(tmp_path / "g.png")], capsys)
+    assert "no torch file" in message and "unpickling" not in message
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:100])
+    message = user_error(["sample", "dit", "--ckpt", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "g.png")], capsys)
+    assert message.endswith("(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+                            "directory); pass a file torch.save wrote, a run folder or a .safetensors file")
+    torch.save({"model": os.system}, tmp_path / "code.pt")
+    message = user_error(["sample", "dit", "--ckpt", str(tmp_path / "code.pt"), "--out", str(tmp_path / "g.png")],
+                         capsys)
+    assert "refusing to load" in message and f"it names {os.system.__module__}.system)" in message

@@ -108,6 +108,27 @@ def test_a_sampler_resumed_mid_epoch_yields_the_rest(index):
     assert list(islice(iter(resumed), 20)) == straight[10:]
 
 
+def test_two_ranks_with_accumulation_resumed_mid_epoch_see_the_batches_of_an_uninterrupted_run(index):
+    dataset = TarShards(index, IMAGE_SIZE)
+    world_size, accumulation, batch_size = 2, 2, 8
+    micro_batch = batch_size // (world_size * accumulation)  # as the trainer deals it: 2 items
+
+    def steps(sampler: ShardSampler, count: int) -> list[list[list[tuple[int, bool]]]]:
+        """`count` optimizer steps of the sampler: each `accumulation` micro-batches of `micro_batch` items."""
+        items = iter(sampler)
+        return [[[next(items) for _ in range(micro_batch)] for _ in range(accumulation)] for _ in range(count)]
+
+    # A rank's smallest shards hold 4 + 5 items: 4 micro-batches, 2 steps an epoch; step 3 is mid-epoch, 8 crosses 3.
+    straight = [steps(epoch_sampler(dataset, micro_batch, rank, world_size, seed=4), 8) for rank in range(world_size)]
+    for rank in range(world_size):
+        resumed = epoch_sampler(dataset, micro_batch, rank, world_size, seed=4)
+        resumed.start_batch = 3 * accumulation  # the trainer's resume position: steps × accumulation micro-batches
+        assert steps(resumed, 5) == straight[rank][3:], rank
+    for step in range(8):  # and the ranks' items of a step are disjoint
+        positions = [position for rank in straight for batch in rank[step] for position, _ in batch]
+        assert len(set(positions)) == len(positions) == batch_size
+
+
 def tiny_run(index: Path, out: Path, steps: int) -> None:
     torch.manual_seed(0)
     config = DiTConfig(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=3)

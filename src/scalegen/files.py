@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -143,17 +144,27 @@ class StoredArguments:
 
 # The pickled name of argparse.Namespace, resolved to StoredArguments by the weights-only unpickler.
 STORED_ARGUMENTS_NAME = "argparse.Namespace"
+# torch's weights-only unpickler names the global (a class or function: code) that a refused pickle needs; its other
+# refusals (an unknown opcode, a damaged archive) mean the file is no torch file, their reason after this marker.
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+UNPICKLER_REASON = "WeightsUnpickler error:"
 
 
 def safe_torch_load(path: str | Path):
-    """torch.load restricted to tensors and plain containers; anything needing arbitrary unpickling is refused."""
+    """torch.load restricted to tensors and plain containers; anything needing arbitrary unpickling is refused, and a
+    file that is no torch file at all (text, a damaged archive) is called so."""
     try:
         with torch.serialization.safe_globals([(StoredArguments, STORED_ARGUMENTS_NAME)]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, OSError) as error:
-        if isinstance(error, (EOFError, OSError)) or "zip archive" in str(error) or "central directory" in str(error):
-            raise UserError(f"cannot read {path} ({first_line(error)}): it is truncated or no torch file") from None
-        raise UserError(
-            f"refusing to load {path}: it needs arbitrary unpickling, which could run code ({first_line(error)[:120]}); "
-            "convert it to a plain state dict or safetensors"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, OSError, KeyError, ValueError,
+            IndexError) as error:
+        if isinstance(error, OSError) and not isinstance(error, EOFError):
+            raise UserError(f"cannot read {path}: {error.strerror or first_line(error)}; check the path") from None
+        needed = UNSAFE_GLOBAL.search(str(error))
+        if needed is None:
+            reason = str(error).split(UNPICKLER_REASON)[-1].strip().split("\n")[0].split(". ")[0]  # its first sentence
+            detail = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+            raise UserError(f"cannot read {path}: it is truncated, damaged or no torch file ({detail}); pass a file "
+                            "torch.save wrote, a run folder or a .safetensors file") from None
+        raise UserError(f"refusing to load {path}: it needs arbitrary unpickling, which could run code (it names "
+                        f"{needed[1]}); convert it to a plain state dict or safetensors") from None

@@ -6,8 +6,9 @@ import argparse
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
-    add_reconstruction_loss_options, add_training_options, dataclass_from_args, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
+    add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
+    train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
 from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
@@ -49,7 +50,7 @@ def register(train_parsers, sample_parsers) -> None:
     register_train_kl(train_parsers)
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
     parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
-    parser.add_argument("--data", default=DEFAULTS.data, help=DATA_HELP)
+    parser.add_argument("--data", default=None, help=TOKENIZER_DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
     parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
@@ -181,7 +182,8 @@ def run_train(args: argparse.Namespace) -> None:
     """Handler of `scalegen train dit`."""
     objective = dataclass_from_args(ObjectiveConfig, args, name=args.objective, time_sampling=args.t_sampling,
                                     guidance=args.train_cfg)
-    train_dit(dataclass_from_args(DiTOptions, args, objective=objective), train_config_from_args(args))
+    train_dit(dataclass_from_args(DiTOptions, args, objective=objective, data=training_data(args, say=True)),
+              train_config_from_args(args))
 
 
 def run_sample(args: argparse.Namespace) -> None:

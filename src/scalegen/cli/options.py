@@ -6,6 +6,7 @@ fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), .
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, fields
@@ -68,6 +69,36 @@ TRAINING_HELP = {
 COMPILE_WHOLE_MODEL_HELP = "torch.compile the whole model in place (it has no transformer blocks; same checkpoint keys)"
 DATA_HELP = ("fashion-mnist, a folder of its IDX files, an image folder (one sub-folder per class), or tar shards: a "
              "brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of `scalegen data pack`")
+TOKENIZER_DATA_HELP = f"{DATA_HELP}; default: the data the --tokenizer run was trained on, else fashion-mnist"
+
+
+def tokenizer_data(tokenizer: str | None) -> str | None:
+    """The data a `--tokenizer` run (or its export) was trained on, as its config records them; None for an official
+    file or none given."""
+    from scalegen.checkpoint import stored_config
+
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        return None
+    try:
+        return stored_config(tokenizer).get("data")
+    except UserError:  # no run: the loader says what is wrong with it
+        return None
+
+
+def training_data(args: argparse.Namespace, say: bool = False) -> str:
+    """`--data` of a parsed `train dit` or `train var` (TOKENIZER_DATA_HELP): the one given, else the data its
+    --tokenizer was trained on (said on stderr with `say`), else Fashion-MNIST, the options' default."""
+    from scalegen.data import FASHION_MNIST_NAME
+
+    if args.data is not None:
+        return args.data
+    data = tokenizer_data(args.tokenizer)
+    if data is None:
+        return FASHION_MNIST_NAME
+    if say:
+        print(f"training on {data}, the data the tokenizer {args.tokenizer} was trained on (--data to change)",
+              file=sys.stderr)
+    return data
 
 
 def add_init_from(parser: argparse.ArgumentParser, class_conditional: bool = True) -> None:
@@ -144,21 +175,23 @@ def add_training_options(parser: OneLineParser, task: type[TrainingTask],
         else:
             parser.add_argument(flag, dest=field.name, type=str if smallest is None and field.default is None else kind,
                                 default=field.default, choices=choices.get(field.name), help=help_text)
-    parser.add_config_options(partial(recipe_values, task))
+    parser.add_config_options(partial(effective_values, task))
 
 
-def recipe_values(task: type[TrainingTask], args: argparse.Namespace) -> dict:
-    """The loop settings, by name, that a parsed `scalegen train` command takes from `task`'s recipe, as its run will
-    (`trainer.resolved_config`), without building a model: the task's `training_defaults` reads the recipe and the
-    task's options (e.g. VAR's base_lr), which the parsed arguments hold. Without --steps (a template) the settings
-    the recipe computes (its `recipe_notes`) stay unset."""
+def effective_values(task: type[TrainingTask], args: argparse.Namespace) -> dict:
+    """The options, by dest, that a parsed `scalegen train` command leaves unset and its run takes from elsewhere,
+    found without building a model: the loop settings of `task`'s recipe (`trainer.resolved_config`; the task's
+    `training_defaults` reads the recipe and the task's options, e.g. VAR's base_lr, which the parsed arguments hold)
+    and the data of a run on a tokenizer (`training_data`). Without --steps (a template) the settings the recipe
+    computes (its `recipe_notes`) stay unset."""
     from scalegen.train.trainer import RECIPE_FIELDS, resolved_config
 
+    data = {"data": training_data(args)} if "tokenizer" in vars(args) and args.data is None else {}
     if args.steps is None:
-        return {name: getattr(task.recipe, name) for name in RECIPE_FIELDS if name not in task.recipe_notes}
+        return {**data, **{name: getattr(task.recipe, name) for name in RECIPE_FIELDS if name not in task.recipe_notes}}
     options = SimpleNamespace(**vars(args), recipe=task.recipe)
     options.training_defaults = partial(task.training_defaults, options)
-    return asdict(resolved_config(train_config_from_args(args), options))
+    return {**data, **asdict(resolved_config(train_config_from_args(args), options))}
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from scalegen.cli.options import (
-    COMPILE_WHOLE_MODEL_HELP, DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
-    add_reconstruction_loss_options, add_training_options, dataclass_from_args, train_config_from_args,
+    COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
+    add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
+    train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, floats, fraction, integers
 from scalegen.cli.eval import add_labels_option
@@ -62,7 +63,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="blocks; width 64·depth and depth heads unless overridden")
     parser.add_argument("--width", type=POSITIVE, default=defaults.width, help="override the width (default: 64·depth)")
     parser.add_argument("--num-heads", type=POSITIVE, default=defaults.num_heads, help="override the heads (default: depth)")
-    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
+    parser.add_argument("--data", default=None, help=TOKENIZER_DATA_HELP)
     parser.add_argument("--image-size", type=POSITIVE, default=defaults.image_size, help="default: the tokenizer's image size")
     parser.add_argument("--token-cache", action="store_true",
                         help="tokenize the data set once into RUN/tokens/ (shards every rank builds, read memory-mapped)")
@@ -140,7 +141,7 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
 
 def run_train_var(args: argparse.Namespace) -> None:
     """Handler of `scalegen train var`."""
-    train_var(dataclass_from_args(VAROptions, args), train_config_from_args(args))
+    train_var(dataclass_from_args(VAROptions, args, data=training_data(args, say=True)), train_config_from_args(args))
 
 
 def sampling_options(args: argparse.Namespace, model: torch.nn.Module) -> dict:

@@ -141,6 +141,10 @@ class DiTTask(TrainingTask):
         if self.end_to_end is not None:
             self.end_to_end.prepare(lr)
 
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """An end-to-end run's tokenizer optimizer, stepped or skipped with the DiT's."""
+        return [self.end_to_end.optimizer] if self.end_to_end is not None else []
+
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         groups = super().parameter_groups(weight_decay)
         if self.projector is not None:

@@ -10,7 +10,8 @@ In one step of `train dit --tokenizer KL_RUN --end-to-end`:
 - REPA's loss flows into the tokenizer through a second DiT pass with the DiT's and projector's weights detached,
   weighted by REPA-E's 1.5, so it moves the latents towards what makes the DiT's block align with the encoder.
 
-The tokenizer has its own AdamW, stepped after the DiT's (`EndToEnd.step`); each checkpoint holds the tokenizer of
+The tokenizer has its own AdamW, stepped with the DiT's by the trainer's one step guard (`GradientStep`: a
+non-finite step moves neither, and fp16's scaler unscales both); each checkpoint holds the tokenizer of
 its step (tokenizer.safetensors) and the batch norm's statistics in the DiT's config, so a run or export samples as
 any tokenizer-latent DiT does.
 """
@@ -25,7 +26,7 @@ from scalegen.distributed import DistributedContext
 from scalegen.tokenizers.codec import KLCodec
 from scalegen.tokenizers.kl_vae import LatentNormalization
 from scalegen.train.kl_task import KLLosses, KLVAETask
-from scalegen.train.tokenizer_task import average_gradients
+from scalegen.train.optimization import build_optimizer, load_optimizer_state
 
 ALIGNMENT_WEIGHT = 1.5  # REPA-E's weight of the REPA loss that reaches the tokenizer (its vae-align-proj-coeff)
 BATCH_NORM_EPS = 1e-4  # REPA-E's latent batch norm
@@ -64,8 +65,9 @@ class EndToEnd:
     def prepare(self, lr: float) -> None:
         """The tokenizer's optimizer (at `lr` unless the run names the tokenizer's own) and its discriminator's."""
         self.lr = self.lr or lr
-        self.optimizer = torch.optim.AdamW(self.tokenizer.parameters(), lr=self.lr, betas=TOKENIZER_BETAS,
-                                           weight_decay=0.0)
+        device = next(self.tokenizer.parameters()).device
+        self.optimizer = build_optimizer([{"params": list(self.tokenizer.parameters()), "weight_decay": 0.0}],
+                                         self.lr, TOKENIZER_BETAS, device)
         self.task.prepare(self.lr)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -87,10 +89,8 @@ class EndToEnd:
         self.codec.normalization.scale.copy_(current.scale)
 
     def step(self, step: int, context: DistributedContext) -> dict[str, float]:
-        """The tokenizer's optimizer step on the gradients the DiT's loss left in it, then its discriminator's."""
-        average_gradients(self.tokenizer, context)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """After an applied step (the tokenizer's own optimizer went through the trainer's step guard with the DiT's):
+        one running estimate of the latent statistics over the ranks, then the discriminator's step."""
         if context.enabled:  # the ranks' batch statistics differ: keep one running estimate
             for buffer in (self.norm.running_mean, self.norm.running_var):
                 torch.distributed.all_reduce(buffer)
@@ -105,7 +105,7 @@ class EndToEnd:
     def load_state(self, state: dict) -> None:
         """Restore what `state` saved."""
         self.tokenizer.load_state_dict(state["tokenizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.norm.load_state_dict(state["norm"])
         self.task.load_extra_state(state["task"])
         self.sync_codec()

@@ -1,5 +1,5 @@
-"""What stops a run from going wrong quietly: the count of skipped non-finite steps, and the list of options that
-changed since a run was checkpointed."""
+"""What stops a run from going wrong quietly: the count of skipped non-finite steps, the finiteness check of what a
+checkpoint writes, and the list of options that changed since a run was checkpointed."""
 from __future__ import annotations
 
 import json
@@ -58,6 +58,18 @@ def changed_settings(stored: dict, current: dict) -> str:
     stored, current = json.loads(json.dumps(stored)), json.loads(json.dumps(current))  # tuples and lists alike
     return ", ".join(f"{name} {json.dumps(current.get(name))} (was {json.dumps(stored.get(name))})"
                      for name in dict.fromkeys([*current, *stored]) if current.get(name) != stored.get(name))
+
+
+def tensors_are_finite(nest: object) -> bool:
+    """Whether every floating-point tensor in a nest of dicts, lists and tuples (state dicts, optimizer states) is
+    finite: what a checkpoint writes beside the model must not be NaN either."""
+    if isinstance(nest, torch.Tensor):
+        return not nest.is_floating_point() or bool(torch.isfinite(nest).all())
+    if isinstance(nest, dict):
+        return all(tensors_are_finite(value) for value in nest.values())
+    if isinstance(nest, (list, tuple)):
+        return all(tensors_are_finite(value) for value in nest)
+    return True
 
 
 class NonFiniteSteps:

@@ -3,6 +3,8 @@ the device), the learning-rate schedule, the EMA update, and the gradient averag
 DDP-wrapped model."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -75,14 +77,43 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+# EMA warm-up (TensorFlow's ExponentialMovingAverage with num_updates): the decay of update n (0-based) is
+# min(decay, (1 + n) / (WARMUP_OFFSET + n)), so a run from scratch samples weights that moved rather than the start.
+EMA_WARMUP_OFFSET = 10
+
+
+def ema_decay_at(decay: float, step: int | None) -> float:
+    """The EMA decay of update `step` (the optimizer steps before it): min(decay, (1 + step) / (10 + step)) with the
+    warm-up, `decay` itself for `step` None (a constant decay, as the official DiT's training)."""
+    if step is None:
+        return decay
+    return min(decay, (1 + step) / (EMA_WARMUP_OFFSET + step))
+
+
+def ema_start_share(decay: float, steps: int, warmup: bool) -> float:
+    """The weight the EMA still gives its starting point after `steps` updates: the product of their decays (every
+    step counted as applied). Warm-up decays telescope: prod_{n<m} (1 + n) / (10 + n) = m! 9! / (m + 9)!."""
+    if not warmup:
+        return decay ** steps
+    ramp_end = math.ceil((EMA_WARMUP_OFFSET * decay - 1) / (1 - decay))  # the first update at the full decay
+    ramp = max(min(steps, ramp_end), 0)
+    offset = EMA_WARMUP_OFFSET - 1
+    ramp_share = math.exp(math.lgamma(ramp + 1) + math.lgamma(offset + 1) - math.lgamma(ramp + offset + 1))
+    return ramp_share * decay ** (steps - ramp)
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None) -> None:
-    """ema = decay * ema + (1 - decay) * model over every parameter (frozen ones too, as the official code).
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Tensor | None = None,
+               step: int | None = None) -> None:
+    """ema = d * ema + (1 - d) * model over every parameter (frozen ones too, as the official code), with
+    d = `ema_decay_at(decay, step)`.
 
     Args:
         applied: a 0-dim bool tensor on the device; where false (a skipped step) the EMA is left as it was, without
             a host sync. FSDP parameters are updated shard by shard (the EMA is sharded like the model).
+        step: the optimizer steps before this update, for the warm-up; None: the constant `decay` (official DiT).
     """
+    decay = ema_decay_at(decay, step)
     ema_parameters = [local(parameter) for parameter in ema.parameters()]
     model_parameters = [local(parameter).detach() for parameter in model.parameters()]
     if applied is None:
@@ -93,10 +124,22 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, applied: torch.Te
     torch._foreach_lerp_(ema_parameters, model_parameters, [weights[parameter.dtype] for parameter in ema_parameters])
 
 
-def average_gradients(parameters: list[nn.Parameter], context: DistributedContext) -> None:
-    """Average the gradients of parameters outside the DDP-wrapped model over the ranks (every rank calls this)."""
+def average_gradients(parameters: Iterable[nn.Parameter], context: DistributedContext) -> None:
+    """Average the gradients of parameters outside the DDP-wrapped model over the ranks (every rank calls this).
+
+    Every rank takes part in the same collectives whatever gradients it holds (one all-reduce of all the gradients
+    flattened, per dtype and device): a parameter without a gradient on this rank counts as zeros, so a rank whose
+    batch skipped it cannot leave the others waiting; after the call every parameter has a gradient.
+    """
+    if not context.enabled:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
     for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)  # a rank whose batch skipped them still takes part
-        torch.distributed.all_reduce(parameter.grad)
-        parameter.grad /= context.world_size
+        groups.setdefault((parameter.dtype, parameter.device), []).append(parameter)
+    for members in groups.values():
+        flat = torch.cat([(parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)).flatten()
+                          for parameter in members])  # (P,)
+        torch.distributed.all_reduce(flat)
+        flat /= context.world_size
+        for parameter, gradient in zip(members, flat.split([parameter.numel() for parameter in members])):
+            parameter.grad = gradient.view_as(parameter)

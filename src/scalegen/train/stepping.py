@@ -1,6 +1,9 @@
 """One optimizer step without waiting for the device: figures kept as 0-dim tensors until a log step reads them all
-at once, and a non-finite step skipped on the device (fused AdamW's `found_inf`, a masked EMA update)."""
+at once, and a non-finite step skipped on the device (fused AdamW's `found_inf`, a masked EMA update). Every
+optimizer of a run (the model's, a task's own: REPA-E's tokenizer) goes through the one guard, `GradientStep`."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,42 +38,52 @@ def mean_figures(step_figures: dict[str, torch.Tensor | float], context: Distrib
 
 
 class GradientStep:
-    """Clips, checks and applies a step's gradients (optimizer, fp16 scaler, EMA).
+    """The one step guard of a run: averages, unscales, clips and checks the gradients of every optimizer of the run,
+    then applies them all or none (the optimizers, the EMA), and zeroes them.
 
     Args:
         model: the trained model (sharded under FSDP); ema: its EMA copy or None.
         optimizer: over the model's parameters and any trained beside it (REPA's projector).
         precision: the resolved precision ("fp16" brings the gradient scaler).
-        grad_clip, ema_decay: the run's settings (0: no clipping).
+        grad_clip, ema_decay: the run's settings (0: no clipping); each optimizer's gradients are clipped by their
+            own norm (REPA-E clips the tokenizer's apart from the DiT's).
+        ema_warmup: the EMA decay warms up with the step (`optimization.ema_decay_at`); False: constant, as the
+            official DiT's.
+        extra_optimizers: the task's other optimizers over the same loss (REPA-E's tokenizer), stepped or skipped
+            together with `optimizer`.
     """
 
     def __init__(self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer, precision: str,
-                 grad_clip: float, ema_decay: float, context: DistributedContext):
+                 grad_clip: float, ema_decay: float, context: DistributedContext, ema_warmup: bool = True,
+                 extra_optimizers: Sequence[torch.optim.Optimizer] = ()):
         self.model, self.ema, self.optimizer, self.precision = model, ema, optimizer, precision
-        self.grad_clip, self.ema_decay, self.context = grad_clip, ema_decay, context
-        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+        self.grad_clip, self.ema_decay, self.ema_warmup, self.context = grad_clip, ema_decay, ema_warmup, context
+        self.optimizers = [optimizer, *extra_optimizers]
+        self.scaler = torch.amp.GradScaler(context.device.type, enabled=precision == "fp16")
         # Skipping a non-finite step on the device needs the fused kernel; fp16's scaler decides on the host.
-        self.skip_on_device = precision != "fp16" and skips_on_device(optimizer)
-        # Trained beside the model (REPA's projector): DDP does not see them, so their gradients are averaged here.
+        self.skip_on_device = precision != "fp16" and all(skips_on_device(each) for each in self.optimizers)
+        # Trained beside the model (REPA's projector, REPA-E's tokenizer): DDP does not see them, so their gradients
+        # are averaged here.
         model_parameters = {id(parameter) for parameter in model.parameters()}
-        self.outside_parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]
-                                   if id(parameter) not in model_parameters]
+        self.outside_parameters = [parameter for each in self.optimizers for group in each.param_groups
+                                   for parameter in group["params"] if id(parameter) not in model_parameters]
 
-    def __call__(self, step_figures: dict[str, torch.Tensor], logging: bool) -> torch.Tensor:
-        """Apply the gradients, adding the gradient norm to the figures of a logged step (`step_figures["loss"]`: the
-        step's loss on the device).
+    def __call__(self, step_figures: dict[str, torch.Tensor], logging: bool, step: int) -> torch.Tensor:
+        """Apply the gradients of optimizer step `step` (the steps before it), adding the gradient norm to the figures
+        of a logged step (`step_figures["loss"]`: the step's loss on the device).
 
         Returns:
-            Whether the step was applied, a 0-dim bool tensor on the device: False when the loss or the gradients
-            were not finite on any rank, and then nothing was updated. The host reads nothing here unless the skip is
-            decided on the host (fp16's scaler, an optimizer without the fused kernel).
+            Whether the step was applied, a 0-dim bool tensor on the device: False when the loss or the gradients of
+            any optimizer were not finite on any rank (fp16's overflow steps too: the scaler lowers its scale), and
+            then nothing was updated. Either way every gradient is zeroed. The host reads nothing here unless the skip
+            is decided on the host (fp16's scaler, an optimizer without the fused kernel).
         """
-        context, optimizer = self.context, self.optimizer
+        context = self.context
         applied = torch.isfinite(step_figures["loss"])  # ()
         if context.enabled:
             average_gradients(self.outside_parameters, context)
-        if self.grad_clip > 0 or self.precision != "fp16":
-            self.scaler.unscale_(optimizer)
+        for index, optimizer in enumerate(self.optimizers):
+            self.scaler.unscale_(optimizer)  # nothing without fp16
             parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]
                           if parameter.grad is not None]
             if self.grad_clip > 0:
@@ -78,23 +91,25 @@ class GradientStep:
             else:  # the same norm, without multiplying every gradient by 1
                 norm = nn.utils.get_total_norm([parameter.grad for parameter in parameters])  # ()
             norm = full_tensor(norm).detach()  # () (FSDP's is a DTensor)
-            if logging:
+            if logging and index == 0:
                 step_figures["grad_norm"] = norm.to(torch.float64)
-            # fp16's scaler skips steps with overflowing gradients itself and lowers its scale; they are no failure.
-            if self.precision != "fp16":
-                applied = applied & torch.isfinite(norm)  # ()
+            applied = applied & torch.isfinite(norm)  # ()
         if context.enabled:  # every rank skips together (a loss can be non-finite on one rank only)
             agreed = applied.to(torch.float32)  # ()
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             applied = agreed.bool()  # ()
+        ema_step = step if self.ema_warmup else None
         if self.skip_on_device:
-            step_unless(optimizer, ~applied)
+            for optimizer in self.optimizers:
+                step_unless(optimizer, ~applied)
             if self.ema is not None:
-                update_ema(self.ema, self.model, self.ema_decay, applied)
+                update_ema(self.ema, self.model, self.ema_decay, applied, ema_step)
         elif bool(applied):  # a host sync
-            self.scaler.step(optimizer)
-            self.scaler.update()
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
             if self.ema is not None:
-                update_ema(self.ema, self.model, self.ema_decay)
-        optimizer.zero_grad(set_to_none=True)
+                update_ema(self.ema, self.model, self.ema_decay, step=ema_step)
+        self.scaler.update()  # fp16: an overflow (a skipped step) lowers the scale; nothing without fp16
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         return applied

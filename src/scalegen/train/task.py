@@ -99,6 +99,12 @@ class TrainingTask:
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         return [{"params": trainable, "weight_decay": weight_decay}]
 
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The task's own optimizers over parameters the loss reaches beside the model's optimizer (REPA-E's
+        tokenizer): the trainer's step guard averages, unscales, checks, applies or skips, and zeroes them with the
+        model's, so a non-finite step touches none of them. Called after `prepare`."""
+        return []
+
     def write_samples(self, model: nn.Module, path: Path) -> None:
         """Write a sample grid drawn from `model` (the EMA weights when the run keeps them) to `path`."""
         raise NotImplementedError
@@ -119,7 +125,8 @@ class TrainingTask:
         return type(self).after_step is not TrainingTask.after_step
 
     def after_step(self, step: int, context: DistributedContext) -> dict[str, float]:
-        """Runs on every rank after each optimizer step (a second optimizer, codebook statistics); returns figures."""
+        """Runs on every rank after each applied optimizer step (a discriminator's own step on its own loss, codebook
+        statistics); returns figures. An optimizer over the step's loss belongs in `extra_optimizers` instead."""
         return {}
 
     def extra_state(self) -> dict:

@@ -26,6 +26,7 @@ from scalegen.train.gan_losses import (
 )
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.lpips import LPIPS, load_lpips
+from scalegen.train.optimization import average_gradients
 from scalegen.train.task import Recipe, TrainingTask, scale_names
 from scalegen.train.trainer import TrainConfig, train
 
@@ -35,16 +36,6 @@ USAGE_MARGIN = 0.08
 GRID_IMAGES = 8  # inputs shown (over their reconstructions) in the tokenizer's sample grid
 # VQGAN's discriminator betas: a short momentum memory suits the moving fake distribution.
 DISCRIMINATOR_BETAS = (0.5, 0.9)
-
-
-def average_gradients(module: nn.Module, context: DistributedContext) -> None:
-    """Mean of `module`'s gradients over ranks (for a second model that DDP does not wrap)."""
-    if not context.enabled:
-        return
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
-            parameter.grad /= context.world_size
 
 
 @torch.no_grad()
@@ -173,8 +164,10 @@ class AutoencoderTask(TrainingTask):
             loss = hinge_discriminator_loss(self.discriminator(real), self.discriminator(fake)) / len(self.pending_pairs)
             loss.backward()
             total += loss.item()
-        average_gradients(self.discriminator, context)
-        self.discriminator_optimizer.step()
+        average_gradients(self.discriminator.parameters(), context)
+        gradients = [parameter.grad for parameter in self.discriminator.parameters() if parameter.grad is not None]
+        if bool(torch.isfinite(nn.utils.get_total_norm(gradients))):  # averaged: every rank skips a bad step alike
+            self.discriminator_optimizer.step()
         self.discriminator.requires_grad_(False)
         return total
 

@@ -33,9 +33,11 @@ from scalegen.distributed import (
 from scalegen.errors import UserError
 from scalegen.train import sharding
 from scalegen.train.evaluation import Evaluator
-from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings
+from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite
 from scalegen.train.loading import OnDevice, epoch_sampler
-from scalegen.train.optimization import build_optimizer, learning_rate_factor, load_optimizer_state
+from scalegen.train.optimization import (
+    EMA_WARMUP_OFFSET, build_optimizer, ema_start_share, learning_rate_factor, load_optimizer_state,
+)
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import Logger, RunLog
 from scalegen.train.stepping import GradientStep, compile_regions, device_figure, mean_figures
@@ -48,6 +50,8 @@ MINIMUMS = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "grad_accumulati
             "keep_checkpoints": 1, "max_nonfinite_steps": 1, "max_images": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
             "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0, "eval_every": 0,
             "eval_samples": 2}
+# A sample grid drawn from an EMA that holds more than this share of its starting weights gets a hint.
+EMA_HINT_SHARE = 0.5
 EvaluatedWeights = Literal["ema", "raw"]
 EVALUATED_WEIGHTS: tuple[str, ...] = ("ema", "raw")
 
@@ -67,6 +71,7 @@ class TrainConfig:
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
     ema_decay: float | None = None  # 0: no EMA copy, no ema.safetensors
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n; False: constant (official DiT)
     grad_clip: float | None = None  # 0 disables clipping
     warmup_steps: int | None = None
     lr_decay_to: float | None = None  # final lr as a fraction of lr, reached linearly after warm-up; 1.0 = constant
@@ -106,6 +111,15 @@ class TrainConfig:
 
 
 RECIPE_FIELDS = tuple(field.name for field in fields(Recipe))
+
+
+def schedule_summary(config: TrainConfig) -> str:
+    """The optimizer settings a run trains with, in words: lr, its warm-up and decay, the EMA decay and warm-up."""
+    decay = f"linear decay to {config.lr_decay_to:g}× lr at the end" if config.lr_decay_to != 1 else "then constant"
+    ema = f"EMA {config.ema_decay:g}" if config.ema_decay else "no EMA"
+    if config.ema_decay and config.ema_warmup:
+        ema += f" warmed up as (1 + n) / ({EMA_WARMUP_OFFSET} + n) at step n"
+    return f"lr {config.lr:.3g} (warm-up {config.warmup_steps} steps, {decay}), {ema}"
 
 
 def resolved_config(config: TrainConfig, task: TrainingTask) -> TrainConfig:
@@ -155,7 +169,7 @@ class Trainer:
         if self.sharded:
             sharding.parameter_names(self.model, self.optimizer)  # refuses parameters trained beside the model
         self.gradient_step = GradientStep(self.model, self.ema, self.optimizer, self.precision, config.grad_clip,
-                                          config.ema_decay, context)
+                                          config.ema_decay, context, config.ema_warmup, task.extra_optimizers())
         self.scaler = self.gradient_step.scaler
         # The host must know each step's outcome where it acts on it: a host-side skip, or a task's `after_step`.
         self.host_outcome = not self.gradient_step.skip_on_device or task.acts_after_step
@@ -228,7 +242,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(ema_weights)
             load_optimizer_state(self.optimizer, state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty: saved without a scaler (not fp16, or fp16 on a CPU before it had one)
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.task.load_extra_state(state["task"])
         restore_rng_state(state["rng"][self.context.rank] if self.context.rank < len(state["rng"]) else state["rng"][0])
@@ -242,13 +257,18 @@ class Trainer:
                 f"{context.device}, {self.precision}, {context.world_size} process(es){' with FSDP' * self.sharded}; "
                 f"data {data} ({len(self.dataset):,} items); batch {config.batch_size} = {self.micro_batch} per micro-batch × "
                 f"{config.grad_accumulation} accumulation × {context.world_size} rank(s); steps {self.step} → "
-                f"{config.steps}; out {self.folder.root}")
+                f"{config.steps}; {schedule_summary(config)}; out {self.folder.root}")
 
     def save(self) -> None:
         """Checkpoint if the weights are finite; every rank contributes its RNG state so each resumes its own stream.
         DDP and single-process runs: rank 0 writes the one-file format. FSDP runs: each rank writes its shards, in
         the background (`sharding.ShardedWriter`), and rank 0 the rest."""
-        finite = sharding.parameters_are_finite([self.model, self.ema])  # this rank's shards under FSDP
+        # Every tensor written must be finite: the model's and EMA's (this rank's shards under FSDP), the task's
+        # weight files and state (REPA-E's tokenizer and its optimizer; identical on every rank, checked by rank 0).
+        task_weights = self.task.checkpoint_weights()
+        task_state = self.task.extra_state() if self.context.is_main else {}
+        finite = (sharding.parameters_are_finite([self.model, self.ema])
+                  and tensors_are_finite([task_weights, task_state]))
         states = [(rng_state(), finite)]
         if self.context.enabled:
             states = [None] * self.context.world_size
@@ -262,7 +282,7 @@ class Trainer:
             "step": self.step,
             "rng": [state for state, _ in states],
             "train_config": asdict(self.config),
-            "task": self.task.extra_state() if self.context.is_main else {},
+            "task": task_state,
         }
         if self.sharded:  # the optimizer state is sharded with the weights
             shards = sharding.sharded_state(self.model, self.ema, self.optimizer)
@@ -273,7 +293,7 @@ class Trainer:
                 self.folder.root, self.step, self.task.config(), self.model.state_dict(),
                 self.ema.state_dict() if self.ema is not None else None,
                 {**training_state, "optimizer": self.optimizer.state_dict()}, self.config.keep_checkpoints,
-                self.task.checkpoint_weights(),
+                task_weights,
             )
         barrier(self.context)
 
@@ -293,6 +313,10 @@ class Trainer:
             if self.log is not None:
                 self.log.add_image(self.step, path)
             tqdm.write(f"samples: {path}")
+            start_share = ema_start_share(self.config.ema_decay, self.step, self.config.ema_warmup)
+            if self.ema is not None and start_share > EMA_HINT_SHARE:
+                tqdm.write(f"samples: the EMA still holds {start_share:.0%} of the initial weights at step {self.step}; "
+                           "sample the raw weights with --weights raw or train longer")
         barrier(self.context)
 
     def run(self) -> dict[str, float]:
@@ -388,7 +412,7 @@ class Trainer:
                     share = device_figure(value, context.device) / config.grad_accumulation  # ()
                     step_figures[name] = step_figures[name] + share if name in step_figures else share
                 window_images += len(batch["label"]) * context.world_size
-            applied = self.gradient_step(step_figures, logging)
+            applied = self.gradient_step(step_figures, logging, self.step)
             self.step += 1
             nonfinite.record(applied, self.step)
             checkpointing = self.step % config.checkpoint_every == 0 and self.step != config.steps

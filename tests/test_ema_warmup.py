@@ -76,7 +76,8 @@ def test_the_ema_of_a_run_is_the_warmed_up_average_of_its_steps(tmp_path, capsys
     assert "lr 0.002 (warm-up 0 steps, then constant), EMA 0.9999" in output
     assert ("warmed up as (1 + n) / (10 + n)" in output) == warmup
     # Without the warm-up three steps leave the EMA at 99.97 % of the initial weights: the grid says so.
-    hint = "samples: the EMA still holds 100% of the initial weights at step 3; sample the raw weights with --weights raw"
+    hint = ("samples: the EMA still holds 100% of the initial weights at step 3; sample the raw weights with "
+            "--weights raw")
     assert (hint in output) != warmup
 
 

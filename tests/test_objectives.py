@@ -129,29 +129,29 @@ def test_the_ddpm_sampler_with_an_interval_holding_every_step_is_the_official_on
 
 def tiny_meanflow(fraction: float = 0.5, guidance: float = 1.0) -> tuple[DiT, MeanFlow]:
     model = perturbed(DiT(replace(TINY, objective="meanflow")), std=0.03)
-    return model, MeanFlow(mean_fraction=fraction, guidance=guidance, num_classes=TINY.num_classes)
+    return model, MeanFlow(mean_fraction=fraction, guidance=guidance, num_classes=TINY.num_classes, class_dropout=0.0)
 
 
 def test_meanflow_targets_follow_the_identity_with_a_derivative_along_the_flow():
     """The r < t examples' target is v − (t − r)·(v·∂_z u + ∂_t u): checked against central differences."""
     model, objective = tiny_meanflow(fraction=0.5)
-    x = torch.randn(4, 1, 8, 8)
-    labels = torch.tensor([1, 2, 3, 4])
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
     torch.manual_seed(0)
     terms = objective.training_losses(model, x, {"y": labels})
     torch.manual_seed(0)
     noise = torch.randn_like(x)
-    t, r = objective.sample_times(4, x.device)
-    assert torch.all(r[:2] < t[:2]) and torch.equal(r[2:], t[2:])  # half of the batch has r < t, first
+    t, r, _ = objective.sample_times(6, x.device)
+    averaged = (r < t).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    assert averaged.any() and not averaged.all()  # the draw holds both kinds of example
     velocity = noise - x
     z = LinearFlow.interpolate(x, noise, t)
-    u = lambda zz, tt: model(zz, tt * TIME_SCALE, labels[:2], (tt - r[:2]) * INTERVAL_SCALE)  # noqa: E731
+    u = lambda zz, tt: model(zz, tt * TIME_SCALE, labels, (tt - r) * INTERVAL_SCALE)  # noqa: E731
     step = 1e-4  # t·1000 moves by 0.1: the timestep sinusoids stay nearly linear
     with torch.no_grad():
-        derivative = (u(z[:2] + step * velocity[:2], t[:2] + step) - u(z[:2] - step * velocity[:2], t[:2] - step)) / (
-            2 * step)
-        target = torch.cat([velocity[:2] - (t[:2] - r[:2]).view(-1, 1, 1, 1) * derivative, velocity[2:]])
-        output = torch.cat([u(z[:2], t[:2]), model(z[2:], t[2:] * TIME_SCALE, labels[2:], torch.zeros(2))])
+        derivative = (u(z + step * velocity, t + step) - u(z - step * velocity, t - step)) / (2 * step)
+        target = torch.where(averaged, velocity - (t - r).view(-1, 1, 1, 1) * derivative, velocity)
+        output = u(z, t)
     squared = ((output - target) ** 2).flatten(1)
     torch.testing.assert_close(terms["mse"], squared.mean(dim=1), rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(terms["loss"], squared.sum(1) / (squared.sum(1) + 1e-3), rtol=1e-2, atol=1e-4)
@@ -173,14 +173,13 @@ def test_meanflow_with_every_r_equal_to_t_is_flow_matching():
 
 def test_guidance_folded_into_training_targets_the_guided_velocity():
     model, objective = tiny_meanflow(fraction=0.0, guidance=3.0)
-    objective = replace(objective, class_dropout=0.0, guidance_interval=(0.0, 1.0))
+    objective = replace(objective, guidance_interval=(0.0, 1.0))
     x, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
     torch.manual_seed(0)
     mse = objective.training_losses(model, x, {"y": labels})["mse"]
     torch.manual_seed(0)
     noise = torch.randn_like(x)
-    t, _ = objective.sample_times(4, x.device)
-    torch.rand(4)  # the label dropout's draw
+    t, _, _ = objective.sample_times(4, x.device)
     z = LinearFlow.interpolate(x, noise, t)
     null = torch.full_like(labels, TINY.num_classes)
     with torch.no_grad():
@@ -190,7 +189,19 @@ def test_guidance_folded_into_training_targets_the_guided_velocity():
     torch.testing.assert_close(mse, expected)
 
 
+def counted_calls(model: DiT) -> list[int]:
+    """A counter (one item) of the examples the network evaluates (its final layer's batch sizes, summed: a guided
+    call counts its doubled batch)."""
+    counter = [0]
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        counter[0] += len(output)
+
+    model.final_layer.register_forward_hook(count)
+    return counter
+
+
 def test_one_and_two_step_sampling_jump_with_the_average_velocity():
+    """One step is one network call, x₀ = x₁ − (t − r)·u(x₁, r, t) with (r, t) = (0, 1); two steps are two."""
     model, _ = tiny_meanflow()
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([3, 4])
@@ -200,8 +211,13 @@ def test_one_and_two_step_sampling_jump_with_the_average_velocity():
         middle = noise - 0.5 * model(noise, ones, labels, whole / 2)
         two_steps = middle - 0.5 * model(middle, ones / 2, labels, whole / 2)
     unit = lambda latents: ((latents + 1) / 2).clamp(0, 1)  # noqa: E731  (pixel space: decode is the identity)
-    torch.testing.assert_close(model.generate(labels, noise=noise), unit(one_step))  # 1 step, cfg 1: the defaults
-    torch.testing.assert_close(model.generate(labels, steps=2, noise=noise), unit(two_steps))
+    calls = counted_calls(model)
+    one_step_images = model.generate(labels, noise=noise)  # 1 step, cfg 1: the defaults
+    assert calls == [2]  # one network call per image
+    torch.testing.assert_close(one_step_images, unit(one_step))
+    two_step_images = model.generate(labels, steps=2, noise=noise)
+    assert calls == [2 + 4]
+    torch.testing.assert_close(two_step_images, unit(two_steps))
 
 
 def test_a_meanflow_dit_fine_tuned_from_a_flow_dit_starts_as_its_source(tmp_path):
@@ -234,8 +250,13 @@ def test_a_short_meanflow_run_with_repa_lowers_its_error_and_samples_in_one_step
     assert sum(mse[-8:]) < 0.85 * sum(mse[:8]) and sum(alignment[-8:]) < sum(alignment[:8])
     model = load_dit(tmp_path / "run")
     assert model.objective.name == "meanflow"
-    images = model.generate([0, 1, 2], seed=0)
-    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+    noise, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    with torch.no_grad():  # x₀ = x₁ − (t − r)·u(x₁, r = 0, t = 1), by hand
+        jump = noise - model(noise, torch.full((3,), TIME_SCALE), labels, torch.full((3,), INTERVAL_SCALE))
+    calls = counted_calls(model)
+    images = model.generate(labels, noise=noise)  # the stored defaults: one step, cfg 1
+    assert calls == [3]  # one network call per image
+    torch.testing.assert_close(images, ((jump + 1) / 2).clamp(0, 1))
 
 
 def test_sampling_cost_is_the_forward_pass_times_the_network_calls():

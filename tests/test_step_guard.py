@@ -16,6 +16,7 @@ from torch import nn
 from scalegen.checkpoint import TOKENIZER_FILE, last_checkpoint
 from scalegen.distributed import DistributedContext
 from scalegen.train.kl_task import KLLosses
+from scalegen.train import optimization
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, Trainer
 from test_kl_tokenizer import tiny_end_to_end_task, tiny_images
@@ -54,15 +55,20 @@ def unchanged(module: nn.Module, before: list[torch.Tensor]) -> bool:
     return all(torch.equal(parameter, earlier) for parameter, earlier in zip(module.parameters(), before))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_path, precision):
+@pytest.mark.parametrize("precision, fused", [("fp32", False), ("fp16", False), ("fp32", True)],
+                         ids=["fp32", "fp16", "fused"])
+def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_path, monkeypatch, precision, fused):
+    if fused:  # the GPU's code path on CPU: fused AdamWs that skip the step on the device (`found_inf`)
+        monkeypatch.setattr(optimization, "FUSED_DEVICES", ("cpu", "cuda"))
     trainer = end_to_end_trainer(tmp_path, precision)
+    assert trainer.gradient_step.skip_on_device == fused
     tokenizer, tokenizer_optimizer = trainer.task.end_to_end.tokenizer, trainer.task.end_to_end.optimizer
     model_before, tokenizer_before, scale = weights(trainer.model), weights(tokenizer), trainer.scaler.get_scale()
     applied = trainer.gradient_step({"loss": backward(trainer, poisoned=True)}, logging=False, step=0)
     assert not bool(applied)
     assert unchanged(tokenizer, tokenizer_before) and unchanged(trainer.model, model_before)
-    assert tokenizer_optimizer.state == {} and trainer.optimizer.state == {}  # no moments, no step counts
+    for state in [*tokenizer_optimizer.state.values(), *trainer.optimizer.state.values()]:  # none before a step,
+        assert int(state["step"]) == 0 and not state["exp_avg"].any()  # or (fused) untouched
     # Zeroed: nothing of the skipped step adds into the next one.
     assert all(parameter.grad is None for parameter in [*tokenizer.parameters(), *trainer.model.parameters()])
     if precision == "fp16":

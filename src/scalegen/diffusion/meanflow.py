@@ -13,8 +13,11 @@ instantaneous-velocity (flow) model, so the "euler" sampler integrates it as one
 training as the paper does (κ = 0): the target velocity of a conditional example is ω·v + (1 − ω)·u(z_t, t, t | ∅),
 so a MeanFlow model samples with cfg 1 (the guidance is already in it).
 
-Examples with r < t are the first ⌈fraction·B⌉ of the (shuffled) batch: only they pay for the JVP; the others are a
-plain flow-matching forward, run last, so REPA's block tap holds their tokens (the batch's last examples).
+Each example has r < t with probability `mean_fraction` (the paper's per-example draw; r = t otherwise), so the share
+is right at every micro-batch size. Only those examples pay for the JVP, taken without autograd: the target is held
+fixed anyway, so the loss's gradient needs only the network's plain forward, which then runs once on the whole batch
+(through DDP's wrapper, with gradient checkpointing where it is on, and last, so REPA's block tap holds every example).
+MeanFlow drops the labels itself (`class_dropout`), so that the JVP and that forward see the same labels.
 """
 from __future__ import annotations
 
@@ -40,12 +43,12 @@ class MeanFlow(Objective):
     Args:
         time_sampling, logit_mean, logit_std: how t and r are drawn (two draws, t the larger; the paper's
             logit-normal(−0.4, 1)).
-        mean_fraction: the share of examples trained with r < t (the paper's 25 %); the rest have r = t.
+        mean_fraction: the probability that an example is trained with r < t (the paper's 25 %); r = t otherwise.
         weighting_power, weighting_constant: the adaptive weight 1 / (‖Δ‖² + c)^p (p = 1, c = 10⁻³ as the paper).
         guidance: ω of the guidance folded into training (1: none).
         guidance_interval: the noise levels t at which that guidance is trained in (None: all).
-        num_classes: the null class's id (guided training drops labels itself, to know which are dropped).
-        class_dropout: the share of labels replaced by the null class in guided training.
+        num_classes: the null class's id (training drops labels itself: see above).
+        class_dropout: the share of labels replaced by the null class in training.
     """
 
     time_sampling: TimeSampling = "logit-normal"
@@ -77,18 +80,15 @@ class MeanFlow(Objective):
         if self.guidance < 1.0:
             raise UserError(f"--train-cfg is {self.guidance}; it must be at least 1 (1: no guidance)")
 
-    def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, r), each (batch,): two draws with t the larger; the last examples after the first
-        `mean_examples(batch)` get r = t."""
+    def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, r), each (batch,) on `device`: two draws with t the larger, of which each example keeps r < t with
+        probability `mean_fraction` (r = t otherwise); and those examples' indices (k,), drawn on the host so that
+        their count reads nothing from the device."""
         draws = torch.stack([logit_normal_or_uniform(self.time_sampling, self.logit_mean, self.logit_std, batch, device)
                              for _ in range(2)])  # (2, B)
         t, r = draws.max(dim=0).values, draws.min(dim=0).values  # (B,), (B,)
-        averaged = torch.arange(batch, device=device) < self.mean_examples(batch)  # (B,)
-        return t, torch.where(averaged, r, t)  # (B,), (B,)
-
-    def mean_examples(self, batch: int) -> int:
-        """How many of a batch's first examples have r < t (at least one example keeps r = t for REPA's tap)."""
-        return min(round(self.mean_fraction * batch), batch - 1)
+        averaged = torch.rand(batch) < self.mean_fraction  # (B,) on the host
+        return t, torch.where(averaged.to(device), r, t), averaged.nonzero().squeeze(1)  # (B,), (B,), (k,)
 
     def guided_velocity(self, model: ModelFunction, z: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
                         labels: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -104,41 +104,46 @@ class MeanFlow(Objective):
             unconditional = model(z, t * TIME_SCALE, y=null, interval=torch.zeros_like(t), drop_labels=False)
         return weight * velocity + (1 - weight) * unconditional  # (B, C, H, W)
 
+    def time_derivative(self, model: ModelFunction, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                        velocity: torch.Tensor, labels: torch.Tensor, averaged: torch.Tensor) -> torch.Tensor:
+        """d/dt u(z_t, r, t) = v·∂_z u + ∂_t u (B, C, H, W) of the examples `averaged` (k,) (zero elsewhere): a JVP
+        along (v, 1, 0), without autograd (the target it enters is held fixed)."""
+        derivative = torch.zeros_like(z)  # (B, C, H, W)
+        if not len(averaged):
+            return derivative
+        averaged = averaged.to(z.device)  # (k,)
+        # DDP's wrapper cannot run under forward-mode AD; its bare module shares the parameters (and this pass, without
+        # autograd, leaves DDP's gradient reduction to the plain forward).
+        network = getattr(model, "module", model)
+
+        def average_velocity(z_mean: torch.Tensor, t_mean: torch.Tensor, r_mean: torch.Tensor) -> torch.Tensor:
+            return network(z_mean, t_mean * TIME_SCALE, y=labels[averaged], interval=(t_mean - r_mean) * INTERVAL_SCALE,
+                           drop_labels=False)  # (k, C, H, W)
+
+        primals = (z[averaged], t[averaged], r[averaged])  # (k, C, H, W), (k,), (k,)
+        tangents = (velocity[averaged], torch.ones_like(primals[1]), torch.zeros_like(primals[2]))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode rule
+            _, along = jvp(average_velocity, primals, tangents)  # (k, C, H, W)
+        return derivative.index_copy(0, averaged, along)  # (B, C, H, W)
+
     def training_losses(self, model: ModelFunction, x_start: torch.Tensor,
                         model_kwargs: dict) -> dict[str, torch.Tensor]:
         """Adaptively weighted MeanFlow loss ("loss") and the unweighted squared error per element ("mse"), (B,)."""
         batch = len(x_start)
         noise = torch.randn_like(x_start)  # (B, C, H, W)
-        t, r = self.sample_times(batch, x_start.device)  # (B,), (B,)
+        t, r, averaged = self.sample_times(batch, x_start.device)  # (B,), (B,), (k,)
         labels = model_kwargs["y"]  # (B,)
-        dropped = torch.zeros_like(labels, dtype=torch.bool)  # (B,)
-        if self.guidance != 1.0:  # the labels are dropped here, to know which (the network is told not to)
-            dropped = torch.rand(batch, device=labels.device) < self.class_dropout  # (B,)
-            labels = torch.where(dropped, self.num_classes, labels)  # (B,)
+        # The labels are dropped here, so that every pass sees the same ones (and guidance knows which are dropped).
+        dropped = torch.rand(batch, device=labels.device) < self.class_dropout  # (B,)
+        labels = torch.where(dropped, self.num_classes, labels)  # (B,)
         z = LinearFlow.interpolate(x_start, noise, t)  # (B, C, H, W)
         velocity = self.guided_velocity(model, z, t, noise - x_start, labels, dropped)  # (B, C, H, W)
-        split = self.mean_examples(batch)
-        outputs, targets = [], []
-        if split:
-            # DDP's wrapper cannot run under forward-mode AD; its bare module shares the parameters, and DDP reduces
-            # each parameter's gradient once it is summed over both forwards (the plain one below goes through DDP).
-            network = getattr(model, "module", model)
-
-            def average_velocity(z_mean: torch.Tensor, t_mean: torch.Tensor, r_mean: torch.Tensor) -> torch.Tensor:
-                return network(z_mean, t_mean * TIME_SCALE, y=labels[:split], interval=(t_mean - r_mean) * INTERVAL_SCALE,
-                             drop_labels=self.guidance == 1.0)  # (k, C, H, W)
-
-            tangents = (velocity[:split], torch.ones_like(t[:split]), torch.zeros_like(r[:split]))
-            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode derivative
-                output, derivative = jvp(average_velocity, (z[:split], t[:split], r[:split]), tangents)
-            gap = (t[:split] - r[:split]).view(-1, 1, 1, 1)  # (k, 1, 1, 1)
-            outputs.append(output)
-            targets.append(velocity[:split] - gap * derivative)  # (k, C, H, W)
-        outputs.append(model(z[split:], t[split:] * TIME_SCALE, y=labels[split:], interval=torch.zeros_like(t[split:]),
-                             drop_labels=self.guidance == 1.0))  # (B − k, C, H, W)
-        targets.append(velocity[split:])
-        output, target = torch.cat(outputs), torch.cat(targets).detach()  # (B, C, H, W) each
-        error = ((output - target) ** 2).flatten(1)  # (B, C·H·W)
+        gap = (t - r).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        target = velocity - gap * self.time_derivative(model, z, t, r, velocity, labels, averaged)  # (B, C, H, W)
+        # The loss's only path to the weights: one plain forward of the whole batch.
+        output = model(z, t * TIME_SCALE, y=labels, interval=(t - r) * INTERVAL_SCALE,
+                       drop_labels=False)  # (B, C, H, W)
+        error = ((output - target.detach()) ** 2).flatten(1)  # (B, C·H·W)
         squared_norm = error.sum(dim=1)  # (B,): ‖Δ‖², as the paper's weight sees it
         weight = 1.0 / (squared_norm.detach() + self.weighting_constant) ** self.weighting_power  # (B,)
         return {"loss": weight * squared_norm, "mse": error.mean(dim=1)}

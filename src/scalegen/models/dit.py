@@ -87,9 +87,9 @@ class DiT(ReferencingModule):
 
     `forward(x, t, y)` returns (B, out_channels, H, W): what the config's objective predicts (ε and, with learn_sigma,
     the variance interpolation v, for the paper's ddpm). A MeanFlow DiT also embeds the interval t − r
-    (`interval_embedder`, added to the conditioning). `generate(labels, …)` samples images; a latent-space model
-    decodes them with its decoder (`attach_decoder`), which it references but does not own (it is not in the state
-    dict, as in the official checkpoints).
+    (`interval_embedder`, added to the conditioning and to the context's time token). `generate(labels, …)` samples
+    images; a latent-space model decodes them with its decoder (`attach_decoder`), which it references but does not
+    own (it is not in the state dict, as in the official checkpoints).
     """
 
     # Tensors an objective adds to the network: a model fine-tuned from another objective's weights starts them at
@@ -184,11 +184,16 @@ class DiT(ReferencingModule):
         t_embedding = self.t_embedder(t)  # (B, D)
         y_embedding = self.y_embedder(y, drop_labels)  # (B, D)
         condition = t_embedding + y_embedding  # (B, D)
+        time_token = t_embedding  # (B, D)
         if self.interval_embedder is not None:
             if interval is None:
                 raise ValueError("a MeanFlow DiT needs the interval t − r (interval=)")
-            condition = condition + self.interval_embedder(interval)  # (B, D)
-        context = torch.stack([t_embedding, y_embedding], dim=1)  # (B, 2, D)
+            interval_embedding = self.interval_embedder(interval)  # (B, D)
+            condition = condition + interval_embedding  # (B, D)
+            # The in-context and cross-attention blocks read the context, not the condition: the time token carries
+            # the interval too (its zero-initialised embedding leaves a model fine-tuned from a flow DiT as it was).
+            time_token = t_embedding + interval_embedding  # (B, D)
+        context = torch.stack([time_token, y_embedding], dim=1)  # (B, 2, D)
         in_context = self.config.block == "in_context"
         if in_context:
             tokens = torch.cat([context, tokens], dim=1)  # (B, 2 + T, D)

@@ -197,14 +197,15 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQUENCY_SIZE) -> t
 
 
 class TimestepEmbedder(nn.Module):
-    """Timestep t -> sinusoid (256) -> Linear, SiLU, Linear (keys `mlp.0`, `mlp.2`)."""
+    """Timestep t -> sinusoid (256) -> Linear, SiLU, Linear (keys `mlp.0`, `mlp.2`); the sinusoid is computed in
+    float32 (the official way) and handed to the MLP in its weights' dtype (a float64 model's too)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_SIZE, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t))  # (B, D)
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):

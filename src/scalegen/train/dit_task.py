@@ -176,11 +176,10 @@ class DiTTask(TrainingTask):
         return loss, extra
 
     def repa_loss(self, images: torch.Tensor, project: nn.Module | None = None) -> torch.Tensor:
-        """REPA's alignment of the tapped block's tokens with the encoder's features of the clean images (of the
-        examples whose forward ran last: all of them, but for MeanFlow only those with r = t, the batch's last),
-        projected by `project` (default: the projector)."""
-        tokens = self.tap.take()  # (B', T', D)
-        images = images[len(images) - len(tokens):]  # (B', C, H, W)
+        """REPA's alignment of the tapped block's tokens (of the objective's last forward, which every objective runs on
+        the whole batch) with the encoder's features of the clean images, projected by `project` (default: the
+        projector)."""
+        tokens = self.tap.take()  # (B, T', D)
         grid = self.model.config.input_size // self.model.config.patch_size
         tokens = tokens[:, -grid * grid :]  # (B, T, D): image tokens only (in-context blocks put theirs first)
         target = token_grid_features(self.repa_encoder(images).float(), grid)  # (B, T, C)

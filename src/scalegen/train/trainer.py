@@ -315,8 +315,8 @@ class Trainer:
             tqdm.write(f"samples: {path}")
             start_share = ema_start_share(self.config.ema_decay, self.step, self.config.ema_warmup)
             if self.ema is not None and start_share > EMA_HINT_SHARE:
-                tqdm.write(f"samples: the EMA still holds {start_share:.0%} of the initial weights at step {self.step}; "
-                           "sample the raw weights with --weights raw or train longer")
+                tqdm.write(f"samples: the EMA still holds {start_share:.0%} of the initial weights at step "
+                           f"{self.step}; sample the raw weights with --weights raw or train longer")
         barrier(self.context)
 
     def run(self) -> dict[str, float]:

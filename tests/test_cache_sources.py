@@ -13,9 +13,10 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
 from scalegen import build_vqvae, cache_store  # noqa: E402
-from scalegen.cache_store import CachedArrays  # noqa: E402
+from scalegen.cache_store import MANIFEST_FILE, CachedArrays  # noqa: E402
 from scalegen.data import FashionMNIST, ImageFolder, TarShards, data_identity, pack_folder  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
+from scalegen.files import read_json, write_json_atomic  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
 from scalegen.train.caches import extract_latents, extract_tokens  # noqa: E402
 from scalegen.train.dit_task import DiTOptions, train_dit  # noqa: E402
@@ -158,3 +159,15 @@ def test_the_changed_options_name_the_task_s_data_latent_space_and_settings():
         "/runs/vq-a), objective repa_weight 0.25 (was 0.5), --repa-encoder none (was /encoders/a.safetensors)")
     remeasured = {**stored, "tokenizer": {**tokenizer, "latent_scale": 1.49}}  # measured again on another machine
     assert changed_options({}, {}, stored, remeasured) == ""
+
+
+def test_a_cache_made_before_caches_recorded_their_source_is_used_with_a_warning(sources, tmp_path):
+    images = ImageFolder(sources["images"], IMAGE_SIZE)
+    cache = extract(sources["vae-a"], images, tmp_path / "latents")
+    manifest = read_json(cache / MANIFEST_FILE)
+    del manifest["source"]
+    write_json_atomic(cache / MANIFEST_FILE, manifest)
+    made = files_of(cache)
+    with pytest.warns(UserWarning, match="does not say what it was made from"):
+        assert extract(sources["vae-b"], images, cache) == cache
+    assert files_of(cache) == made

@@ -88,7 +88,9 @@ class MeanFlow(Objective):
                              for _ in range(2)])  # (2, B)
         t, r = draws.max(dim=0).values, draws.min(dim=0).values  # (B,), (B,)
         averaged = torch.rand(batch) < self.mean_fraction  # (B,) on the host
-        return t, torch.where(averaged.to(device), r, t), averaged.nonzero().squeeze(1)  # (B,), (B,), (k,)
+        # Host-to-device copies that need not wait for the device's queue.
+        r = torch.where(averaged.to(device, non_blocking=True), r, t)  # (B,)
+        return t, r, averaged.nonzero().squeeze(1)  # (B,), (B,), (k,)
 
     def guided_velocity(self, model: ModelFunction, z: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
                         labels: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,7 @@ class MeanFlow(Objective):
         derivative = torch.zeros_like(z)  # (B, C, H, W)
         if not len(averaged):
             return derivative
-        averaged = averaged.to(z.device)  # (k,)
+        averaged = averaged.to(z.device, non_blocking=True)  # (k,)
         # DDP's wrapper cannot run under forward-mode AD; its bare module shares the parameters (and this pass, without
         # autograd, leaves DDP's gradient reduction to the plain forward).
         network = getattr(model, "module", model)

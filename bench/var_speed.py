@@ -38,7 +38,7 @@ from scalegen import load_var
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import to_uint8
 from scalegen.models.var_pruning import FASTVAR_FRACTIONS, TokenPruning
-from scalegen.pretrained import SHIPPED_VAR, SHIPPED_VAR_CFG
+from scalegen.pretrained import SHIPPED_VAR
 
 from side_by_side import import_from_clone
 
@@ -81,7 +81,7 @@ def official_generator(clone: Path, ours: torch.nn.Module) -> Callable[[torch.Te
 
     @torch.no_grad()
     def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return official.autoregressive_infer_cfg(labels.shape[0], labels, g_seed=seed, cfg=SHIPPED_VAR_CFG)
+        return official.autoregressive_infer_cfg(labels.shape[0], labels, g_seed=seed, cfg=ours.sampling["cfg"])
 
     return generate
 
@@ -97,7 +97,7 @@ def our_generator(model: torch.nn.Module, setting: str, refiner: torch.nn.Module
         raise SystemExit(f"setting {setting} needs --refiner")
     pruning = (TokenPruning(FASTVAR_FRACTIONS) if "pruned-fastvar" in parts else TokenPruning() if "pruned" in parts
                else None)
-    options = dict(cfg=SHIPPED_VAR_CFG, precision="bf16" if "bf16" in parts else "fp32", pruning=pruning,
+    options = dict(precision="bf16" if "bf16" in parts else "fp32", pruning=pruning,
                    refiner=refiner if "refiner" in parts else None,
                    draws="inverse-cdf" if "inverse-cdf" in parts else "multinomial")
     return lambda labels, seed: model.generate(labels, seed=seed, **options)

@@ -95,7 +95,7 @@ def test_a_cache_of_other_data_of_the_same_count_is_refused(sources, tmp_path):
     with pytest.raises(UserError, match=r"data.image_size 24 \(was 16\)"):  # the same images at another size
         extract(sources["vae-a"], ImageFolder(sources["images"], 24), cache)
     shards = TarShards(pack_folder(sources["images"], tmp_path / "shards" / "train", SHARD_SIZE), IMAGE_SIZE)
-    with pytest.raises(UserError, match=r'data.kind "TarShards" \(was "ImageFolder"\)'):  # the same images, packed: other items in order
+    with pytest.raises(UserError, match=r'data.kind "TarShards" \(was "ImageFolder"\)'):  # the same images, reordered
         extract(sources["vae-a"], shards, cache)
 
 

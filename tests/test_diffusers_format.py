@@ -122,11 +122,48 @@ def test_diffusers_pipeline_runs_the_export_with_class_names_and_guidance(tmp_pa
     assert pipe.vae.config.scaling_factor == LATENT_SCALE
     labels = pipe.get_label_ids(["boots", "bag"])
     assert labels == [1, 2]
-    for guidance in (1.0, 4.0):
+    official_frequencies(pipe.transformer)  # so its outputs match scalegen's DiT's (within float rounding)
+    ours, null = scalegen.load_dit(tmp_path / "run"), torch.full((2,), TINY_LATENT_DIT.num_classes)
+    unguided = first_step(pipe, labels, 1.0)
+    assert unguided["class_labels"].tolist() == labels  # no unconditional half
+    assert torch.equal(unguided["model_output"], unguided["network"][:, :4])  # ε as the network gave it
+    guided = first_step(pipe, labels, 4.0)
+    assert guided["class_labels"].tolist() == labels + [PIPELINE_NULL_CLASS] * 2
+    conditional, unconditional = guided["network"][:2, :4], guided["network"][2:, :4]  # (2, 4, 4, 4) each
+    with torch.no_grad():  # the unconditional half is scalegen's null class
+        torch.testing.assert_close(unconditional, ours(guided["latents"][2:], guided["timesteps"][2:], null)[:, :4],
+                                   atol=1e-5, rtol=1e-5)
+    expected = unconditional + 4.0 * (conditional - unconditional)
+    assert torch.equal(guided["model_output"][:2], expected) and torch.equal(guided["model_output"][2:], expected)
+    assert not torch.allclose(expected, conditional)  # guidance moved it
+    assert "guidance_scale" in (tmp_path / "pipeline" / "README.md").read_text()
+
+
+def first_step(pipe, labels: list[int], guidance: float) -> dict[str, torch.Tensor]:
+    """Run the pipeline 2 steps at `guidance`; returns what its first step saw: the network's inputs ("latents",
+    "timesteps", "class_labels") and output ("network"), and the model output handed to the scheduler."""
+    seen: dict[str, torch.Tensor] = {}
+    forward, step = pipe.transformer.forward, pipe.scheduler.step
+
+    def spied_forward(latents, timestep, class_labels, **kwargs):
+        output = forward(latents, timestep=timestep, class_labels=class_labels, **kwargs)
+        if "network" not in seen:
+            seen.update(latents=latents.clone(), timesteps=timestep.clone(), class_labels=class_labels.clone(),
+                        network=output.sample.clone())
+        return output
+
+    def spied_step(model_output, timestep, sample, **kwargs):
+        seen.setdefault("model_output", model_output.clone())
+        return step(model_output, timestep, sample, **kwargs)
+
+    pipe.transformer.forward, pipe.scheduler.step = spied_forward, spied_step
+    try:
         generator = torch.Generator().manual_seed(0)
         images = pipe(labels, guidance_scale=guidance, num_inference_steps=2, generator=generator, output_type="pt").images
-        assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
-    assert "guidance_scale" in (tmp_path / "pipeline" / "README.md").read_text()
+    finally:
+        del pipe.transformer.forward, pipe.scheduler.step
+    assert images.shape == (len(labels), 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
+    return seen
 
 
 def test_a_dit_without_learned_variance_keeps_its_fixed_large_variance(tmp_path, vae):
@@ -183,3 +220,9 @@ def test_more_classes_than_the_pipelines_null_label_export_without_guidance(tmp_
     main(export(tmp_path / "run", tmp_path / "pipeline"))
     assert scalegen.load_dit(tmp_path / "pipeline").config == config
     assert "pass `guidance_scale=1`" in (tmp_path / "pipeline" / "README.md").read_text()
+
+
+def test_the_export_s_readme_runs_the_pipeline_at_the_model_s_recommended_settings(tmp_path, vae):
+    write_latent_run(tmp_path / "run", str(vae), sampling={"cfg": 3.0, "steps": 25, "sampler": "ddim"})
+    main(export(tmp_path / "run", tmp_path / "pipeline"))
+    assert "guidance_scale=3.0, num_inference_steps=25" in (tmp_path / "pipeline" / "README.md").read_text()

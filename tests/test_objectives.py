@@ -273,22 +273,25 @@ def test_sampling_cost_is_the_forward_pass_times_the_network_calls():
 @pytest.mark.parametrize("folder", [SHIPPED_DIT, SHIPPED_MEANFLOW_DIT], ids=["dit", "meanflow dit"])
 def test_a_shipped_dit_rebuilt_from_its_config_alone_samples_as_the_loader_s(folder):
     loaded = load_dit(folder)
-    rebuilt = DiT(DiTConfig(**json.loads((folder / "config.json").read_text())["model"])).eval()
+    config = json.loads((folder / "config.json").read_text())
+    rebuilt = DiT(DiTConfig(**config["model"])).eval()
     rebuilt.load_state_dict(loaded.state_dict(), strict=True)
     rebuilt.attach_decoder(loaded.decoder)
+    rebuilt.sampling = config["sampling"]  # its recommended sampling settings, as the loader gives them
     assert rebuilt.objective.name == loaded.objective.name
     torch.testing.assert_close(rebuilt.generate([0, 5], steps=2, seed=0), loaded.generate([0, 5], steps=2, seed=0),
                                rtol=0, atol=0)
 
 
 def test_the_page_starts_a_dit_at_its_objective_s_settings():
-    from scalegen.pretrained import SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS
     from scalegen.web.app import Models
 
     models = Models(dit=DiT(replace(TINY, objective="meanflow")))
     assert models.dit_settings() == (["meanflow", "euler"], "meanflow", 1, 1.0)  # one step, guidance trained in
     models.dit = DiT(replace(TINY, objective="flow"))
-    assert models.dit_settings() == (["euler", "heun", "euler-maruyama"], "euler", SHIPPED_DIT_STEPS, SHIPPED_DIT_CFG)
+    assert models.dit_settings() == (["euler", "heun", "euler-maruyama"], "euler", 50, 4.0)
+    models.dit.sampling = {"cfg": 2.5, "steps": 20, "sampler": "heun"}  # a loaded DiT's recommended settings
+    assert models.dit_settings() == (["euler", "heun", "euler-maruyama"], "heun", 20, 2.5)
 
 
 def test_the_readme_names_every_registered_objective_and_sampler():

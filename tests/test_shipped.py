@@ -11,9 +11,9 @@ from scalegen.cli.demo import dit_drawer, grid_file, var_drawer
 from scalegen.eval.flops import counted_flops
 from scalegen.eval.fmnist import load_classifier, predict
 from scalegen.pretrained import (
-    SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG,
-    SHIPPED_MEANFLOW_DIT_STEPS, SHIPPED_VAR, SHIPPED_VAR_CFG, SHIPPED_VAR_REFINER, load_dit, load_var,
+    SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var,
 )
+from scalegen.sampling_settings import FROM_CONFIG
 from scalegen.tokenizers.codec import KLCodec
 
 SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024  # each shipped model, tokenizer included
@@ -46,8 +46,22 @@ def test_no_shipped_config_names_a_path_of_the_training_machine(folder):
     assert [text for text in strings(json.loads((folder / "config.json").read_text())) if "/" in text] == []
 
 
+# The settings RECIPE.md chose for each shipped model, as its config.json recommends them.
+RECIPE_SETTINGS = {
+    SHIPPED_DIT: {"cfg": 2.5, "steps": 50, "sampler": "euler"},
+    SHIPPED_MEANFLOW_DIT: {"cfg": 1.0, "steps": 1, "sampler": "meanflow"},
+    SHIPPED_VAR: {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "draws": "multinomial", "refiner": None},
+}
+
+
+@pytest.mark.parametrize("folder", list(RECIPE_SETTINGS), ids=["dit", "meanflow dit", "var"])
+def test_each_shipped_model_recommends_its_recipe_s_sampling_settings(folder):
+    model = (load_var if folder == SHIPPED_VAR else load_dit)(folder)
+    assert model.sampling == RECIPE_SETTINGS[folder] and model.sampling_origin == FROM_CONFIG
+
+
 @pytest.mark.parametrize("make_drawer", [lambda: dit_drawer(SHIPPED_DIT), lambda: var_drawer(SHIPPED_VAR),
-                                         lambda: dit_drawer(SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS)],
+                                         lambda: dit_drawer(SHIPPED_MEANFLOW_DIT)],
                          ids=["dit", "var", "meanflow dit"])
 def test_a_fixed_seed_sample_of_a_shipped_model_is_deterministic_and_in_range(make_drawer):
     draw = make_drawer()
@@ -64,7 +78,7 @@ def test_the_shipped_dit_draws_the_asked_classes_through_its_kl_tokenizer():
     assert isinstance(dit.decoder, KLCodec) and dit.decoder.guide_all_channels
     labels = torch.arange(40) % 10  # (N,)
     with torch.no_grad():
-        images = dit.generate(labels, cfg=SHIPPED_DIT_CFG, steps=SHIPPED_DIT_STEPS, seed=0)  # (N, 1, 32, 32)
+        images = dit.generate(labels, seed=0)  # (N, 1, 32, 32), at its settings: 50 Euler steps, cfg 2.5
     classifier, _, _ = load_classifier()
     _, logits = predict(classifier, images * 2 - 1)  # the classifier reads [-1, 1]
     assert float((logits.argmax(1) == labels.numpy()).mean()) >= 0.8  # 0.89 at 5,000 (RECIPE.md)
@@ -72,16 +86,16 @@ def test_the_shipped_dit_draws_the_asked_classes_through_its_kl_tokenizer():
 
 def test_the_shipped_refiner_draws_the_asked_classes_with_less_compute():
     var = load_var(SHIPPED_VAR)
-    refiner = load_var(SHIPPED_VAR_REFINER, var.tokenizer)
+    refiner = load_refiner(SHIPPED_VAR_REFINER, var)
     labels = torch.arange(40) % 10  # (N,)
     with torch.no_grad():
-        images = var.generate(labels, cfg=SHIPPED_VAR_CFG, seed=0, refiner=refiner)  # (N, 1, 32, 32)
+        images = var.generate(labels, seed=0, refiner=refiner)  # (N, 1, 32, 32), at the VAR's settings
     classifier, _, _ = load_classifier()
     _, logits = predict(classifier, images * 2 - 1)  # the classifier reads [-1, 1]
     accuracy = float((logits.argmax(1) == labels.numpy()).mean())
     assert accuracy >= 0.8  # the VAR alone: 0.91 at 10,000 (RECIPE.md); CoDe with this refiner 0.89 at 2,000
-    refined = counted_flops(lambda: var.generate(labels[:2], cfg=SHIPPED_VAR_CFG, seed=0, refiner=refiner))
-    alone = counted_flops(lambda: var.generate(labels[:2], cfg=SHIPPED_VAR_CFG, seed=0))
+    refined = counted_flops(lambda: var.generate(labels[:2], seed=0, refiner=refiner))
+    alone = counted_flops(lambda: var.generate(labels[:2], seed=0))
     assert refined < 0.8 * alone
 
 

@@ -17,7 +17,7 @@ from scalegen.models.var_edit import box_mask
 from scalegen.models.var_generation import ScaleNetwork
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning, pivotal_tokens
 from scalegen.models.var_sampling import CategoricalHead, inverse_cdf_tokens
-from scalegen.pretrained import SHIPPED_VAR
+from scalegen.pretrained import SHIPPED_VAR, load_var
 
 from test_var import PATCH_NUMS, VOCAB, tiny_tokenizer
 
@@ -164,10 +164,16 @@ def test_bad_speedup_settings_are_one_line_errors(pair, options, message) -> Non
 
 def test_a_refiner_of_another_tokenizer_is_refused(pair) -> None:
     drafter, _ = pair
-    torch.manual_seed(0)
-    other = build_var(tiny_tokenizer(), depth=2, num_classes=7).eval()
+    torch.manual_seed(1)
+    tokenizer = tiny_tokenizer()  # the drafter's shapes, other weights
+    assert not torch.equal(tokenizer.encoder.conv_in.weight, drafter.tokenizer.encoder.conv_in.weight)
+    other = build_var(tokenizer, depth=2, num_classes=5).eval()
     with pytest.raises(UserError, match="trained on the drafter's tokenizer and classes"):
         drafter.generate_tokens(LABELS, refiner=other)
+    torch.manual_seed(0)
+    classes = build_var(tiny_tokenizer(), depth=2, num_classes=7).eval()  # another class count
+    with pytest.raises(UserError, match="trained on the drafter's tokenizer and classes"):
+        drafter.generate_tokens(LABELS, refiner=classes)
 
 
 def test_inverse_cdf_draws_follow_the_probabilities_and_never_draw_a_filtered_token() -> None:
@@ -191,17 +197,54 @@ def test_inverse_cdf_draws_reach_generation_and_keep_the_seed_s_tokens(pair) -> 
         drafter.generate_tokens(LABELS, draws="gumbel")
 
 
-def test_sample_and_edit_var_take_every_speedup(tmp_path) -> None:
+class ScaleSpy:
+    """Records, for each scale a network computes, which model computed it and how many of its blocks' token sets
+    were pruned (wraps `ScaleNetwork.logits` and `PrunedGeneration.block_tokens`)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.scales: list[tuple[int, int]] = []  # (id of the model, scale index)
+        self.pruned_blocks = 0
+        logits, block_tokens = ScaleNetwork.logits, PrunedGeneration.block_tokens
+
+        def spied_logits(network, scale_index, word_input):
+            self.scales.append((id(network.model), scale_index))
+            return logits(network, scale_index, word_input)
+
+        def spied_block_tokens(pruned, scale_index, block_index):
+            tokens = block_tokens(pruned, scale_index, block_index)
+            self.pruned_blocks += tokens is not None
+            return tokens
+
+        monkeypatch.setattr(ScaleNetwork, "logits", spied_logits)
+        monkeypatch.setattr(PrunedGeneration, "block_tokens", spied_block_tokens)
+
+    def models_by_scale(self) -> list[int]:
+        """Which model (numbered in order of first appearance) computed each scale of the last generation."""
+        models = list(dict.fromkeys(model for model, _ in self.scales))
+        last = self.scales[max(index for index, (_, scale) in enumerate(self.scales) if scale == 0):]
+        return [models.index(model) for model, _ in last]
+
+
+def test_sample_and_edit_var_take_every_speedup(tmp_path, monkeypatch) -> None:
     speedups = ["--prune", "0.3", "--unpruned-blocks", "1,1", "--refiner", str(SHIPPED_VAR), "--refined-scales", "2",
                 "--draws", "inverse-cdf", "--device", "cpu"]
+    scales = len(load_var(SHIPPED_VAR).config.patch_nums)
+    spy = ScaleSpy(monkeypatch)
     main(["sample", "var", "--ckpt", str(SHIPPED_VAR), "--classes", "0,7", "--per-class", "2", "--out",
           str(tmp_path / "grid.png"), *speedups])
     assert Image.open(tmp_path / "grid.png").size == (2 * 32, 2 * 32)
+    assert spy.models_by_scale() == [0] * (scales - 2) + [1] * 2  # the refiner computed the two finest scales
+    assert spy.pruned_blocks > 0  # and blocks computed only the kept tokens
+    spy.scales.clear()
+    spy.pruned_blocks = 0
     main(["sample", "var", "--ckpt", str(SHIPPED_VAR), "--classes", "0,7", "--per-class", "2", "--out",
           str(tmp_path / "official.png"), "--device", "cpu"])
+    assert spy.models_by_scale() == [0] * scales and spy.pruned_blocks == 0
     assert Image.open(tmp_path / "grid.png").tobytes() != Image.open(tmp_path / "official.png").tobytes()
     Image.new("L", (32, 32), 128).save(tmp_path / "input.png")
+    spy.scales.clear()
     main(["edit", "var", "--ckpt", str(SHIPPED_VAR), "--image", str(tmp_path / "input.png"), "--box", "8,8,24,24",
           "--out", str(tmp_path / "edited.png"), *speedups])
     edited = np.asarray(Image.open(tmp_path / "edited.png").convert("L"))  # (32, 32)
     assert edited.shape == (32, 32) and len(np.unique(edited[10:22, 10:22])) > 1  # regenerated inside the box
+    assert spy.models_by_scale() == [0] * (scales - 2) + [1] * 2 and spy.pruned_blocks > 0

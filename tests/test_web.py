@@ -16,9 +16,9 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from scalegen.pretrained import (  # noqa: E402
-    SAMPLE_TOP_P, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_VAR, SHIPPED_VAR_CFG,
-)
+from scalegen.checkpoint import stored_config  # noqa: E402
+from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR  # noqa: E402
+from scalegen.sampling_settings import SAMPLING_KEY  # noqa: E402
 from scalegen.web.app import WARNING, Models, edit, load, sample, serve  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -27,6 +27,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SIDE = 32  # the shipped models' image size
 TIMEOUT_MS = 60_000
+# The shipped models' recommended settings, where the page starts.
+SHIPPED_DIT_CFG = stored_config(SHIPPED_DIT)[SAMPLING_KEY]["cfg"]
+SHIPPED_VAR_CFG, SHIPPED_VAR_TOP_P = (stored_config(SHIPPED_VAR)[SAMPLING_KEY][name] for name in ("cfg", "top_p"))
 SCREENSHOTS = os.environ.get("SCALEGEN_SCREENSHOTS")  # a folder: save a screenshot of each tab there (the README's)
 
 
@@ -74,7 +77,7 @@ def wait_for_message(page, selector: str, text: str) -> None:
 
 def test_each_model_starts_at_its_own_guidance_and_top_p_as_the_command_line(page):
     assert shown_number(page, "#dit-cfg") == SHIPPED_DIT_CFG and shown_number(page, "#var-cfg") == SHIPPED_VAR_CFG
-    assert SHIPPED_DIT_CFG != SHIPPED_VAR_CFG and shown_number(page, "#top-p") == SAMPLE_TOP_P
+    assert SHIPPED_DIT_CFG != SHIPPED_VAR_CFG and shown_number(page, "#top-p") == SHIPPED_VAR_TOP_P
     assert not page.locator("#download").is_visible()  # no empty download box before there is a file
 
 
@@ -202,7 +205,8 @@ def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
 
 # The page's functions called directly: the VAR alone, two classes of two, fixed seed.
 VAR_SETTINGS = dict(choice="VAR", classes=["Trouser", "Bag"], per_class=2, seed=0, dit_cfg=SHIPPED_DIT_CFG,
-                    var_cfg=SHIPPED_VAR_CFG, sampler="euler", steps=10, top_k=0, top_p=SAMPLE_TOP_P, label_rows=False)
+                    var_cfg=SHIPPED_VAR_CFG, sampler="euler", steps=10, top_k=0, top_p=SHIPPED_VAR_TOP_P,
+                    label_rows=False)
 
 
 @pytest.fixture(scope="module")

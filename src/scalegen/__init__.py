@@ -1,8 +1,8 @@
 """scalegen: class-conditional image generation with scalable transformers (DiT and VAR).
 
     import scalegen
-    var = scalegen.load_var("runs/fmnist-var")            # a run, checkpoint, export or official .pth
-    images = var.generate([0, 7], cfg=1.5, seed=0)         # (2, C, H, W) floats in [0, 1]
+    var = scalegen.load_var("runs/fmnist-var")            # a run, checkpoint, export, official .pth or "shipped:var"
+    images = var.generate([0, 7], seed=0)                  # (2, C, H, W) floats in [0, 1], at its recommended settings
     scalegen.to_pil(images)[0].save("sample.png")
 
 Every sampling call (`DiT.generate`, `VAR.generate`, `VAR.edit`) returns images (B, C, H, W) in [0, 1].
@@ -18,8 +18,9 @@ HOMES = {
     "build_vqvae": "scalegen.tokenizers.vqvae",
     "VAR": "scalegen.models.var", "VARConfig": "scalegen.models.var", "build_var": "scalegen.models.var",
     "load_dit": "scalegen.pretrained", "load_var": "scalegen.pretrained", "load_tokenizer": "scalegen.pretrained",
+    "load_refiner": "scalegen.pretrained",
     "SHIPPED_DIT": "scalegen.pretrained", "SHIPPED_MEANFLOW_DIT": "scalegen.pretrained",
-    "SHIPPED_VAR": "scalegen.pretrained",
+    "SHIPPED_VAR": "scalegen.pretrained", "SHIPPED_VAR_REFINER": "scalegen.pretrained",
     "to_pil": "scalegen.images", "image_grid": "scalegen.images", "UserError": "scalegen.errors",
 }
 __all__ = list(HOMES)

@@ -2,16 +2,18 @@
 memory-mapped, so that neither building nor reading a cache of ImageNet's size holds it in one process's memory.
 
 A cache is a folder:
-    CACHE/manifest.json                  {"format", "items", "shard_size", "description", "source", "shards", "complete"}
+    CACHE/manifest.json                  {"format", "items", "shard_size", "description", "source", "shards",
+                                          "complete"}
     CACHE/shard-000000.safetensors       items [0, shard_size): each field (n, 2, ...) — [:, 0] the image, [:, 1] its
     CACHE/shard-000001.safetensors       mirror — plus "labels" (n,) and "indices" (n,), the items' data set indices
 Shard s covers the data set's items [s·shard_size, (s+1)·shard_size); rank r of W encodes the shards s ≡ r (mod W)
 that are missing, each written under a temporary name and renamed into place, so an extraction killed midway keeps
-every finished shard and a re-run encodes only the rest. The manifest's "source" records what the items were made from
-(the data set's identity, a digest of the encoder's weights): a cache, finished or not, is extended or used only by a
-run of the same source, so a cache never mixes two encoders' or data sets' items. A rank that is done waits for the others' shards by looking
+every finished shard and a re-run encodes only the rest. A rank that is done waits for the others' shards by looking
 at the folder, never in a collective (NCCL's would time out while another rank encodes for an hour). Rank 0 marks the
-manifest complete once every shard is there; the others start training when they read that mark.
+manifest complete once every shard is there; the others start training when they read that mark. The manifest's
+"source" records what the items were made from (the data set's identity, a digest of the encoder's weights): a cache,
+finished or not, is extended or used only by a run of the same source, so it never mixes two encoders' or data sets'
+items nor trains a run on another's.
 
 Shards are written by safetensors and read memory-mapped with the kernel told that reads are random (no read-ahead):
 a training rank's resident memory holds only the items it reads (the operating system's page cache aside), whatever
@@ -49,7 +51,7 @@ SHARD_SUFFIX = ".safetensors"
 SHARD_DIGITS = 6
 CACHE_SHARD_SIZE = 2048  # images per shard: 64 MB of SD-VAE latents at 256 px, a few minutes of one GPU's encoding
 WAIT_SECONDS = 0.5  # how often a rank that is done looks for the other ranks' shards
-DIGEST_SHOWN = 13  # characters of a digest that a message shows (its quote and 12 hex digits)
+DIGEST_SHOWN = 12  # characters of a digest that a message shows
 LABELS, INDICES = "labels", "indices"  # the fields every shard holds beside the encoded ones
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -107,8 +109,9 @@ def source_differences(wanted: dict, made: dict, prefix: str = "") -> list[tuple
 
 def shown(value: object) -> str:
     """A source entry in a message: a digest by its first characters."""
-    text = json.dumps(value)
-    return text[:DIGEST_SHOWN] + '…"' if len(text) > DIGEST_SHOWN + 2 else text
+    if isinstance(value, str) and len(value) > DIGEST_SHOWN:
+        return json.dumps(value[:DIGEST_SHOWN] + "…", ensure_ascii=False)
+    return json.dumps(value)
 
 
 def check_plan(manifest: dict, plan: dict, folder: Path) -> None:
@@ -222,7 +225,8 @@ def build_cache(
         for shard, shard_items in zip(mine, items):
             encode_shard(dataset, encode, shard_items, folder / shards[shard], batch_size, device, num_workers,
                          progress)
-    wait_for([folder / name for name in shards], "waiting for the other ranks' shards", show=rank == 0)
+    wait_for([folder / name for name in shards], "waiting for the other ranks' shards",
+             show=rank == 0 and world_size > 1)  # a single process has no other ranks to wait for
     if rank == 0:
         write_json_atomic(folder / MANIFEST_FILE, {**plan, "shards": shards, "complete": True})
     while not (read_manifest(folder) or {}).get("complete"):

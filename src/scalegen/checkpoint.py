@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -67,7 +68,31 @@ STAGING_PREFIX = ".staging-"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 7
 ASSETS = Path(__file__).parent / "assets"  # weights shipped inside the package
+# The shipped Fashion-MNIST models (see their RECIPE.md): `shipped:NAME` names one wherever a checkpoint is taken.
+SHIPPED = ASSETS / "fashion_mnist"
+SHIPPED_PREFIX = "shipped:"
+SHIPPED_CHECKPOINTS = {"dit": "dit", "dit-meanflow": "dit_meanflow", "var": "var", "var-refiner": "var_refiner"}
+# Which weights to load: a run's EMA (ema.safetensors) or raw (model.safetensors) weights; an export holds one kind.
+WeightChoice = Literal["ema", "raw"]
+WEIGHT_CHOICES: tuple[str, ...] = get_args(WeightChoice)
+EXPORTED_WEIGHTS_KEY = "weights"  # an export's config: which kind of weights it holds
 UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """`path`, or the folder of the shipped model that `shipped:NAME` names (a one-line error lists the names)."""
+    text = str(path)
+    if not text.startswith(SHIPPED_PREFIX):
+        return Path(path)
+    name = text.removeprefix(SHIPPED_PREFIX)
+    if name not in SHIPPED_CHECKPOINTS:
+        raise UserError(f"no shipped model is called {text!r}; the shipped ones are {shipped_names()}")
+    return SHIPPED / SHIPPED_CHECKPOINTS[name]
+
+
+def shipped_names() -> str:
+    """The `shipped:` names, as help texts and errors list them."""
+    return ", ".join(SHIPPED_PREFIX + name for name in SHIPPED_CHECKPOINTS)
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -332,17 +357,20 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
 
     Args:
         run: a run or checkpoint folder (its EMA weights are taken when it has them).
-        destination: the folder to write: model.safetensors, config.json, and the run's tokenizer.safetensors when
-            it has one.
+        destination: the folder to write: model.safetensors, config.json (the run's, which keeps its recommended
+            sampling settings, and says which weights the export holds), and the run's tokenizer.safetensors when it
+            has one.
         half: store floating-point weights, the tokenizer's too, as fp16 (the loaders cast them back to the
             model's precision).
         prefer_ema: take the EMA weights when the run has them; False takes the raw (last optimizer step) weights.
     Returns:
         The destination folder.
     """
+    run = checkpoint_path(run)
     stored, weights = load_weights(run, prefer_ema)
     if stored is None:
         raise UserError(f"{run} is not a scalegen run or checkpoint folder; export needs its config.json")
+    held = held_weights(run, "ema" if prefer_ema else "raw", stored)
     tokenizer = find_tokenizer_copy(run)
     tokenizer_weights = read_weights_file(tokenizer) if tokenizer is not None else None
     destination = Path(destination)
@@ -351,7 +379,8 @@ def export_weights(run: str | Path, destination: str | Path, half: bool = True, 
         save_weights_atomic(halved(weights) if half else weights, destination / MODEL_FILE)
         if tokenizer_weights is not None:
             save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
-        write_json_atomic(destination / CONFIG_FILE, portable_config(stored, tokenizer_weights is not None))
+        config = {**portable_config(stored, tokenizer_weights is not None), EXPORTED_WEIGHTS_KEY: held}
+        write_json_atomic(destination / CONFIG_FILE, config)
     except (OSError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{write_failure(error)} while exporting to {destination}; choose another --out") from None
     return destination
@@ -377,7 +406,7 @@ def weights_folder(path: Path) -> Path:
 
 def stored_config(path: str | Path) -> dict:
     """The JSON config of a run folder (its last checkpoint's), a checkpoint folder or an exported folder."""
-    folder = weights_folder(Path(path))
+    folder = weights_folder(checkpoint_path(path))
     config_path = folder / CONFIG_FILE
     if not config_path.exists():
         raise UserError(f"{folder} has weights but no {CONFIG_FILE}; it is not a scalegen run or export")
@@ -439,13 +468,14 @@ def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, tor
 
 
 def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """Resolve a run folder, a checkpoint folder, a .safetensors file or an official .pt/.pth into weights.
+    """Resolve a run folder, a checkpoint folder, a .safetensors file, an official .pt/.pth or a `shipped:` name into
+    weights.
 
     Returns:
         (config, state_dict): config is the stored JSON config (None for an official checkpoint, whose config
         the caller infers from the weights); the EMA weights are preferred when present.
     """
-    path = Path(path)
+    path = checkpoint_path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a run folder, a checkpoint folder or a .pt file")
     if path.is_dir():
@@ -465,3 +495,41 @@ def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise UserError(f"{path} is not a state dict (nor a dict with 'ema' or 'model'); cannot load it")
     return None, loaded
+
+
+def held_weights(path: str | Path, choice: WeightChoice, stored: dict | None) -> WeightChoice | None:
+    """Which weights `load_weights(path, prefer_ema=choice == "ema")` reads: `choice` where a checkpoint holds both
+    kinds, "raw" for a run checkpoint without EMA, what an export's config says it holds; None where nothing says
+    (an official file, a sharded checkpoint, an export written before exports said it)."""
+    path = Path(path)
+    if not path.is_dir():
+        return stored.get(EXPORTED_WEIGHTS_KEY) if stored else None
+    folder = weights_folder(path)
+    if is_sharded(folder):
+        return None
+    if (folder / EMA_FILE).exists():
+        return choice
+    if (folder / STATE_FILE).exists():  # a run's checkpoint, written without EMA
+        return "raw"
+    return (stored or {}).get(EXPORTED_WEIGHTS_KEY)
+
+
+def load_chosen_weights(path: str | Path, choice: WeightChoice | None = None) -> tuple[dict | None, dict]:
+    """`load_weights` with the weights a user chose: "ema", "raw", or None (the EMA's where there are some, else the
+    raw ones); a one-line error when `path` holds only the other kind.
+
+    Returns:
+        (config, state_dict) as `load_weights`.
+    """
+    if choice is not None and choice not in WEIGHT_CHOICES:
+        raise UserError(f"unknown weights {choice!r}: use one of {', '.join(WEIGHT_CHOICES)}")
+    path = checkpoint_path(path)
+    stored, weights = load_weights(path, prefer_ema=choice != "raw")
+    held = held_weights(path, choice or "ema", stored)
+    if choice is not None and held is not None and held != choice:
+        if choice == "ema":
+            raise UserError(f"{path} holds no EMA weights (a run trained without EMA, or an export of the raw "
+                            "weights); drop --weights ema (weights= in Python)")
+        raise UserError(f"{path} is an export of the EMA weights alone; export the raw ones from its run with "
+                        "`scalegen export --weights raw`, or drop --weights raw (weights= in Python)")
+    return stored, weights

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from scalegen.checkpoint import CONFIG_FILE, load_weights, stored_config
+from scalegen.checkpoint import CONFIG_FILE, checkpoint_path, load_weights, stored_config
 from scalegen.diffusion.objectives import sampling_objective
 from scalegen.errors import UserError
 from scalegen.files import first_line, replace_atomically, save_weights_atomic, write_json_atomic
@@ -29,6 +29,7 @@ from scalegen.pretrained import (
     DIFFUSERS_WEIGHTS, MODEL_NAMES, PIXEL_SPACE, diffusers_stored_config, diffusers_transformer_folder, dit_decoder,
     load_dit, load_tokenizer, stored_objective,
 )
+from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.kl_vae import to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
 
@@ -118,6 +119,14 @@ def scheduler(model: DiT) -> dict:
     return model.objective.diffusers_scheduler(model.config.learn_sigma)
 
 
+def pipeline_arguments(model: DiT) -> str:
+    """DiTPipeline's arguments for the model's recommended sampling settings (`model.sampling`; guidance 1 for a
+    DiT whose null class the pipeline cannot reach; without settings, the objective's defaults)."""
+    cfg = model.sampling.get("cfg", model.objective.default_cfg) if guides(model) else 1.0
+    steps = model.sampling.get("steps", model.objective.default_steps)
+    return f"guidance_scale={float(cfg)}, num_inference_steps={int(steps)}"
+
+
 def readme(model: DiT, name: str) -> str:
     """The model card of an export: how to run it, its classes and what differs from scalegen's sampling."""
     names = model.class_names
@@ -131,15 +140,17 @@ def readme(model: DiT, name: str) -> str:
         notes.append("DiTPipeline drops the learned-variance channels: it samples with the fixed posterior variance.")
     notes.append("diffusers embeds timesteps with slightly other frequencies than the official DiT, so its samples "
                  f"differ slightly from `scalegen sample dit --ckpt {name}`'s (scalegen loads this folder exactly).")
-    scale = "" if guides(model) else ", guidance_scale=1.0"
     bullets = "\n".join(f"- {note}" for note in notes)
     return f"""# {name}: a scalegen DiT for diffusers' DiTPipeline
 
 ```python
 from diffusers import DiTPipeline
 pipe = DiTPipeline.from_pretrained("{name}")
-images = pipe(pipe.get_label_ids({[names[0]]!r}){scale}, num_inference_steps=50).images
+images = pipe(pipe.get_label_ids({[names[0]]!r}), {pipeline_arguments(model)}).images
 ```
+
+These are the model's recommended settings (`{SAMPLING_KEY}` in its scalegen config), not DiTPipeline's defaults
+(guidance 4.0, 250 steps).
 
 Classes (`pipe.labels`, also model_index.json's `id2label`): {shown}{more}.
 
@@ -162,6 +173,7 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
     Raises:
         UserError: for what DiTPipeline cannot run (see the module's docstring), or a missing VAE.
     """
+    path = checkpoint_path(path)
     stored = source_config(path)
     if stored.get("kind") == "klvae":
         return export_autoencoder(path, destination)

@@ -1,11 +1,13 @@
 """Loading trained models: a run folder, a checkpoint folder, an exported folder or an official `.pt/.pth` becomes a
 ready model in eval mode, with the tokenizer or decoder it samples through attached.
 
-    model = load_var(SHIPPED_VAR)                    # the shipped Fashion-MNIST VAR, tokenizer inside
-    images = model.generate([0, 7], cfg=1.5, seed=0) # (2, 1, 32, 32) in [0, 1]
+    model = load_var("shipped:var")                  # the shipped Fashion-MNIST VAR (SHIPPED_VAR), tokenizer inside
+    images = model.generate([0, 7], seed=0)          # (2, 1, 32, 32) in [0, 1], at its recommended settings
 
 Official files store no config: it is read off the weight shapes. Every bad file is a one-line `UserError`.
-A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST's, or ImageNet-1k's.
+A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST's, or ImageNet-1k's; and
+`sampling`: its recommended sampling settings (`scalegen.sampling_settings`), which `generate` uses for what it is
+not given.
 """
 from __future__ import annotations
 
@@ -15,30 +17,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.checkpoint import ASSETS, CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_weights
+from scalegen.checkpoint import (
+    CONFIG_FILE, SHIPPED, TOKENIZER_FILE, WeightChoice, checkpoint_path, find_tokenizer_copy, load_chosen_weights,
+    load_weights, stored_config,
+)
 from scalegen.files import read_json, read_weights_file
+from scalegen.fingerprint import weights_fingerprint
 from scalegen.data import class_names
 from scalegen.errors import UserError
 from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.var import VAR, VARConfig
+from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
 from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, tokenizer_codec
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
-SHIPPED = ASSETS / "fashion_mnist"
-# The demo's Fashion-MNIST models (see their RECIPE.md): the DiT (flow matching), the one-step DiT (MeanFlow), the VAR.
-SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR = SHIPPED / "dit", SHIPPED / "dit_meanflow", SHIPPED / "var"
-# A depth-2 VAR on the shipped VAR's tokenizer, the refiner of its two finest scales (CoDe: `generate(..., refiner=...)`).
-SHIPPED_VAR_REFINER = SHIPPED / "var_refiner"
-# The shipped DiT's sampling (chosen in RECIPE.md), with its objective's one-call-a-step sampler: the demo's and the
-# web page's defaults.
-SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS = 2.5, 50
-# The MeanFlow DiT's sampling (RECIPE.md): one jump, its guidance trained in (one network call per image).
-SHIPPED_MEANFLOW_DIT_CFG, SHIPPED_MEANFLOW_DIT_STEPS = 1.0, 1
-SHIPPED_VAR_CFG = 1.5  # the shipped VAR's guidance (RECIPE.md): the demo's and the web page's default
-SAMPLE_TOP_P = 0.95  # the nucleus `sample var` and the web page start from (the Python call's is off, as VAR's code)
+# The demo's Fashion-MNIST models (see their RECIPE.md; each config.json holds its sampling settings): the DiT (flow
+# matching), the one-step DiT (MeanFlow), the VAR, and a depth-2 VAR on the shipped VAR's tokenizer, the refiner of
+# its two finest scales (CoDe: `generate(..., refiner=...)`). On the command line: shipped:dit, shipped:var, ….
+SHIPPED_DIT, SHIPPED_MEANFLOW_DIT = checkpoint_path("shipped:dit"), checkpoint_path("shipped:dit-meanflow")
+SHIPPED_VAR, SHIPPED_VAR_REFINER = checkpoint_path("shipped:var"), checkpoint_path("shipped:var-refiner")
 PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
 MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "klvae": "KL tokenizer", "classifier": "classifier"}
 # The tokenizers of ours, by the kind their checkpoints store: their config class and model class.
@@ -99,7 +99,8 @@ def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATC
         official_patch_nums: scales to use with an official file, which stores none (the same weights serve the
             256px and the 512px VARs).
     """
-    if not Path(path).exists():
+    path = checkpoint_path(path)
+    if not path.exists():
         raise UserError(f"tokenizer {path} not found; pass --tokenizer RUN (from `scalegen train vqvae` or "
                         "`train kl`) or a local vae_ch160v4096z32.pth")
     stored, weights = load_weights(path)
@@ -176,28 +177,32 @@ def dit_decoder(ckpt: str | Path, stored: dict | None, config: DiTConfig,
     return load_sd_vae(vae) if vae and vae.lower() != PIXEL_SPACE else None
 
 
-def load_dit(path: str | Path, vae: str | None = None) -> DiT:
-    """A DiT in eval mode, its decoder attached, from a run folder, checkpoint, export or official .pt.
+def load_dit(path: str | Path, vae: str | None = None, weights: WeightChoice | None = None) -> DiT:
+    """A DiT in eval mode, its decoder and recommended sampling settings attached, from a run folder, checkpoint,
+    export, official .pt or `shipped:` name.
 
     Args:
-        path: where the weights are (the EMA weights are taken when there are some).
+        path: where the weights are.
         vae: a local SD-VAE folder or file for a model in SD-VAE latents (overrides the one stored with a run);
             "none" loads the bare network without a decoder.
+        weights: "ema" or "raw" (a run's model.safetensors); None: the EMA weights when there are some.
     """
+    path = checkpoint_path(path)
     transformer = diffusers_transformer_folder(path)
     if transformer is not None:
-        weights, fields = from_diffusers(read_weights_file(transformer / DIFFUSERS_WEIGHTS),
-                                         read_json(transformer / CONFIG_FILE))
+        state_dict, fields = from_diffusers(read_weights_file(transformer / DIFFUSERS_WEIGHTS),
+                                            read_json(transformer / CONFIG_FILE))
         config = DiTConfig(**fields)
-        weights["pos_embed"] = DiT(config).state_dict()["pos_embed"]  # diffusers computes the fixed table itself
+        state_dict["pos_embed"] = DiT(config).state_dict()["pos_embed"]  # diffusers computes the fixed table itself
         stored = diffusers_stored_config(transformer)
     else:
-        stored, weights = load_weights(path)
+        stored, state_dict = load_chosen_weights(path, weights)
         check_kind(stored, "dit", path)
-        config = stored_dit_config(stored, path) if stored else dit_config_from_state_dict(weights)
-    model = load_strictly(DiT(config), weights, path)
+        config = stored_dit_config(stored, path) if stored else dit_config_from_state_dict(state_dict)
+    model = load_strictly(DiT(config), state_dict, path)
     model.attach_decoder(dit_decoder(path, stored, config, vae))
     model.class_names = class_names(config.num_classes, stored)
+    model.sampling, model.sampling_origin = stored_sampling(stored, OFFICIAL_DIT_SAMPLING)
     return model
 
 
@@ -267,20 +272,24 @@ def official_patch_nums(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
                     "use a scalegen run folder, which stores its scales")
 
 
-def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None) -> VAR:
-    """A VAR in eval mode, its tokenizer attached, from a run folder, checkpoint, export or official var_d*.pth.
+def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None,
+             weights: WeightChoice | None = None) -> VAR:
+    """A VAR in eval mode, its tokenizer and recommended sampling settings attached, from a run folder, checkpoint,
+    export, official var_d*.pth or `shipped:` name.
 
     Args:
         path: where the weights are.
         tokenizer: the tokenizer to use instead of the run's own copy (a path, or a VQVAE already loaded); needed
             for an official checkpoint, which holds the transformer alone.
+        weights: "ema" or "raw" (a run's model.safetensors); None: the EMA weights when there are some.
     """
-    stored, weights = load_weights(path)
+    path = checkpoint_path(path)
+    stored, state_dict = load_chosen_weights(path, weights)
     check_kind(stored, "var", path)
     if isinstance(tokenizer, VQVAE):
         vqvae = tokenizer
     elif tokenizer:
-        patch_nums = tuple(stored["model"]["patch_nums"]) if stored else official_patch_nums(weights)
+        patch_nums = tuple(stored["model"]["patch_nums"]) if stored else official_patch_nums(state_dict)
         vqvae = load_tokenizer(tokenizer, patch_nums)
     elif stored is not None:
         vqvae = stored_tokenizer(path, stored)
@@ -288,8 +297,42 @@ def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None) -> V
         raise UserError(f"{path} is an official VAR checkpoint; pass --tokenizer with its vae_ch160v4096z32.pth "
                         "(tokenizer= in Python)")
     vqvae = token_tokenizer(vqvae, tokenizer or path)
-    config = stored_model_config(VARConfig, stored, path) if stored else var_config_from_state_dict(weights, vqvae)
-    model = load_strictly(VAR(config), weights, path)
+    config = stored_model_config(VARConfig, stored, path) if stored else var_config_from_state_dict(state_dict, vqvae)
+    model = load_strictly(VAR(config), state_dict, path)
     model.attach_tokenizer(vqvae)
     model.class_names = class_names(config.num_classes, stored)
+    model.sampling, model.sampling_origin = stored_sampling(stored, OFFICIAL_VAR_SAMPLING)
     return model
+
+
+def load_refiner(path: str | Path, drafter: VAR, any_tokenizer: bool = False,
+                 weights: WeightChoice | None = None) -> VAR:
+    """A VAR that generates `drafter`'s finest scales (CoDe), on the drafter's tokenizer and device.
+
+    Args:
+        path: the refiner's run folder, checkpoint, export or `shipped:` name.
+        drafter: the loaded VAR it refines.
+        any_tokenizer: use it even when its run's own tokenizer has other weights than the drafter's (its tokens
+            then mean other images: a test or an experiment, not a sample).
+        weights: as `load_var`'s.
+    Raises:
+        UserError: the refiner was trained on another tokenizer (compared by `weights_fingerprint`), unless
+            `any_tokenizer`.
+    """
+    path = checkpoint_path(path)
+    own = None if any_tokenizer else own_tokenizer_weights(path)
+    if own is not None and weights_fingerprint(own) != weights_fingerprint(drafter.tokenizer.state_dict()):
+        raise UserError(f"the refiner {path} was trained on another tokenizer than the VAR's (other weights), so its "
+                        "tokens would mean other images; give a refiner trained on the VAR's tokenizer, or pass "
+                        "--refiner-any-tokenizer (any_tokenizer=True in Python) to use it anyway")
+    return load_var(path, drafter.tokenizer, weights).to(drafter.pos_1LC.device)
+
+
+def own_tokenizer_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The weights of the tokenizer a VAR run, checkpoint or export was trained on (its copy, else its source); None
+    for a file without a config (an official checkpoint holds no tokenizer) or a VAR of another kind."""
+    stored = stored_config(path) if path.is_dir() else load_weights(path)[0]
+    if stored is None or stored.get("kind") != "var":
+        return None
+    copy = find_tokenizer_copy(path)
+    return read_weights_file(copy) if copy is not None else stored_tokenizer(path, stored).state_dict()

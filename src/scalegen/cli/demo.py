@@ -20,15 +20,11 @@ from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import grid_labels, save_grid, to_uint8
 from scalegen.pretrained import (
-    SHIPPED, SHIPPED_DIT, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_MEANFLOW_DIT_CFG,
-    SHIPPED_MEANFLOW_DIT_STEPS,
-    SHIPPED_VAR, SHIPPED_VAR_CFG, SHIPPED_VAR_REFINER, load_dit, load_var,
+    SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var,
 )
 
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
 GRID_PER_CLASS = 10
-# Sampling settings of the shipped VAR, chosen in its RECIPE.md (its guidance and the DiT's are in pretrained.py).
-VAR_TOP_K, VAR_TOP_P = 0, 0.0
 FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
 
 Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [0, 1]
@@ -53,27 +49,27 @@ def register(commands) -> None:
     parser.set_defaults(handler=run_demo)
 
 
-def dit_drawer(path: str | Path, cfg: float | None = SHIPPED_DIT_CFG, steps: int = SHIPPED_DIT_STEPS) -> Draw:
-    """Sampling function of a DiT folder (with its tokenizer or VAE) with its objective's fast sampler, at the demo's
-    settings (cfg None: the objective's own guidance, e.g. a MeanFlow DiT's trained in)."""
+def dit_drawer(path: str | Path) -> Draw:
+    """Sampling function of a DiT folder (with its tokenizer or VAE) at its recommended settings (its config's
+    `sampling` section: the shipped DiT's 50 Euler steps at cfg 2.5, the MeanFlow DiT's one jump)."""
     model = load_dit(path)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=cfg, steps=steps, sampler=model.objective.fast_sampler, seed=seed)
+        return model.generate(labels, seed=seed)
 
     return draw
 
 
 def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
-    """Sampling function of a VAR folder (tokenizer inside), with the demo's settings: the official computation, or
-    with a refiner (CoDe) its speed-ups — bf16 where the hardware has bf16 units and inverse-CDF draws too."""
+    """Sampling function of a VAR folder (tokenizer inside) at its recommended settings: the official computation,
+    or with a refiner (CoDe) its speed-ups — bf16 where the hardware has bf16 units and inverse-CDF draws too."""
     model = load_var(path)
     fast = {}
     if refiner is not None:
-        fast = dict(refiner=load_var(refiner, model.tokenizer), precision="auto", draws="inverse-cdf")
+        fast = dict(refiner=load_refiner(refiner, model), precision="auto", draws="inverse-cdf")
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, cfg=SHIPPED_VAR_CFG, top_k=VAR_TOP_K, top_p=VAR_TOP_P, seed=seed, **fast)
+        return model.generate(labels, seed=seed, **fast)
 
     return draw
 
@@ -124,9 +120,7 @@ def run_demo(args: argparse.Namespace) -> None:
     with torch.no_grad():
         reports = {
             "DiT": evaluate_model("DiT", dit_drawer(args.dit), args, baseline),
-            "DiT MeanFlow": evaluate_model("DiT MeanFlow", dit_drawer(args.dit_meanflow, SHIPPED_MEANFLOW_DIT_CFG,
-                                                                      SHIPPED_MEANFLOW_DIT_STEPS),
-                                           args, baseline),
+            "DiT MeanFlow": evaluate_model("DiT MeanFlow", dit_drawer(args.dit_meanflow), args, baseline),
             "VAR": evaluate_model("VAR", var_drawer(args.var), args, baseline),
             "VAR fast": evaluate_model("VAR fast", var_drawer(args.var, args.var_refiner), args, baseline),
         }

@@ -11,6 +11,7 @@ from scalegen.cli.options import (
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
+from scalegen.cli.sampling import add_weights_option, checkpoint_help, chosen_dit_settings
 from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
 from scalegen.diffusion.flow import TIME_SAMPLINGS
 from scalegen.diffusion.objective import check_guidance_interval
@@ -22,6 +23,7 @@ from scalegen.images import check_output, grid_labels, parse_classes, sample_to_
 from scalegen.models.dit import PRESETS
 from scalegen.models.dit_blocks import BLOCK_KINDS, MLP_KINDS, NORM_KINDS
 from scalegen.pretrained import load_dit
+from scalegen.sampling_settings import settings_line, values
 from scalegen.train.dit_task import REPA_DEFAULT_DEPTH, DiTOptions, DiTTask, ObjectiveConfig, train_dit
 from scalegen.train.kl_task import KLLosses, KLVAEOptions, KLVAETask, train_kl
 
@@ -118,7 +120,9 @@ def register(train_parsers, sample_parsers) -> None:
     parser.set_defaults(handler=run_train)
 
     parser = sample_parsers.add_parser("dit", help="sample a DiT: a class grid (.png) or ADM samples (.npz)")
-    parser.add_argument("--ckpt", required=True, help="run folder, checkpoint folder/file, or official DiT .pt")
+    parser.add_argument("--ckpt", required=True,
+                        help=checkpoint_help("run folder, checkpoint folder/file, or official DiT .pt"))
+    add_weights_option(parser)
     parser.add_argument("--out", required=True, help="grid.png, or samples.npz with --num-samples")
     parser.add_argument("--classes", default="all", help='class ids or names, e.g. "golden retriever,7", or all')
     parser.add_argument("--label-grid", action="store_true", help="write each row's class name beside it")
@@ -127,11 +131,14 @@ def register(train_parsers, sample_parsers) -> None:
     add_labels_option(parser)
     parser.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=DIT_GUIDANCE, default=None,
                         help="classifier-free guidance scale (1: none; --cfg-scale is the official name); default: the "
-                             "objective's (ddpm and flow 4, as the official sample.py; meanflow 1, trained in)")
+                             "model's recommended one (its config's sampling section; an official file: the paper's "
+                             "1.5), else the objective's (ddpm and flow 4, as the official sample.py; meanflow 1)")
     parser.add_argument("--steps", type=POSITIVE, default=None,
                         help="sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); default: the "
-                             "objective's (ddpm 250, as the official sample.py; flow 50; meanflow 1)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=samplers_help())
+                             "model's recommended ones, else the objective's (ddpm 250, as the official sample.py; "
+                             "flow 50; meanflow 1)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help=samplers_help() + "; default: the model's recommended one, else the objective's first")
     parser.add_argument("--cfg-interval", type=guidance_interval, default=None, metavar="LOW,HIGH",
                         help=CFG_INTERVAL_HELP + "; default: the model's stored interval (none: every step)")
     parser.add_argument("--guide-all-channels", action="store_true", help="guide every ε channel, not the official 3")
@@ -190,11 +197,13 @@ def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
-        model = load_dit(args.ckpt, args.vae).to(context.device)
+        model = load_dit(args.ckpt, args.vae, args.weights).to(context.device)
+        chosen = chosen_dit_settings(args, model)
+        if context.is_main:
+            print(settings_line(chosen))
 
         def draw(labels: torch.Tensor) -> torch.Tensor:
-            return model.generate(labels, cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler,
-                                  cfg_interval=args.cfg_interval, precision=args.precision,
+            return model.generate(labels, **values(chosen), precision=args.precision,
                                   guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
 
         if args.num_samples:

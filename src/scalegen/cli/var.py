@@ -16,6 +16,9 @@ from scalegen.cli.options import (
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, floats, fraction, integers
+from scalegen.cli.sampling import (
+    NO_REFINER, add_weights_option, checkpoint_help, chosen_var_settings,
+)
 from scalegen.cli.eval import add_labels_option
 from scalegen.distributed import process_group
 from scalegen.errors import UserError
@@ -27,13 +30,14 @@ from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_generation import DEFAULT_REFINED_SCALES
 from scalegen.models.var_pruning import DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, TokenPruning
 from scalegen.models.var_sampling import DRAWS
-from scalegen.pretrained import SAMPLE_TOP_P, load_var
+from scalegen.pretrained import load_refiner, load_var
+from scalegen.sampling_settings import settings_line, values
 from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
 from scalegen.train.var_task import VAROptions, VARTask, train_var
 
 TOKENIZER_DEFAULTS, LOSS_DEFAULTS = VQVAEOptions(), TokenizerLosses()
-# Sampling defaults of `sample var` / `edit var` (the Python call `VAR.generate` has the official ones).
-SAMPLE_CFG, SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 4.0, 8, 64  # and SAMPLE_TOP_P, shared with the web page
+# How `sample var` lays its grid out and batches (its sampling settings are the model's: `cli/sampling.py`).
+SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 64
 
 
 def register(train_parsers, sample_parsers, commands) -> None:
@@ -106,11 +110,17 @@ def register(train_parsers, sample_parsers, commands) -> None:
 
 def add_loading_options(parser, seed_help: str) -> None:
     """Options shared by `sample var` and `edit var` (each says what its --seed seeds)."""
-    parser.add_argument("--ckpt", required=True, help="VAR run folder, checkpoint folder/file, or official var_d*.pth")
+    parser.add_argument("--ckpt", required=True,
+                        help=checkpoint_help("VAR run folder, checkpoint folder/file, or official var_d*.pth"))
+    add_weights_option(parser)
     parser.add_argument("--tokenizer", default=None, help="override the tokenizer stored with the run")
-    parser.add_argument("--cfg", type=NON_NEGATIVE_FLOAT, default=SAMPLE_CFG, help="classifier-free guidance (ramped over scales)")
-    parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="keep the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=fraction, default=SAMPLE_TOP_P, help="nucleus sampling (0: off)")
+    recommended = ("; default: the model's recommended one (its config's sampling section; an official file: the "
+                   "paper's FID setting), else the official code's")
+    parser.add_argument("--cfg", type=NON_NEGATIVE_FLOAT, default=None,
+                        help="classifier-free guidance (ramped over scales)" + recommended)
+    parser.add_argument("--top-k", type=NON_NEGATIVE, default=None,
+                        help="keep the k most likely tokens (0: all)" + recommended)
+    parser.add_argument("--top-p", type=fraction, default=None, help="nucleus sampling (0: off)" + recommended)
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -125,12 +135,15 @@ def add_loading_options(parser, seed_help: str) -> None:
                         help="with --prune: how many first and last blocks still compute every token")
     parser.add_argument("--refiner", default=None, metavar="CKPT",
                         help="collaborative decoding (CoDe): a VAR on the same tokenizer (usually smaller) that "
-                             "generates the finest scales after --ckpt drafted the others")
+                             "generates the finest scales after --ckpt drafted the others (default: the one the "
+                             f"model's settings name, usually none; {NO_REFINER}: none)")
+    parser.add_argument("--refiner-any-tokenizer", action="store_true",
+                        help="use the --refiner even when it was trained on another tokenizer than --ckpt's")
     parser.add_argument("--refined-scales", type=POSITIVE, default=DEFAULT_REFINED_SCALES,
                         help="with --refiner: how many of the finest scales it generates")
-    parser.add_argument("--draws", choices=DRAWS, default=DRAWS[0],
+    parser.add_argument("--draws", choices=DRAWS, default=None,
                         help="how tokens are drawn: multinomial (the official draws and tokens) or inverse-cdf (one "
-                             "uniform per token: the same distribution, faster, other tokens for a seed)")
+                             "uniform per token: the same distribution, faster, other tokens for a seed)" + recommended)
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -144,26 +157,29 @@ def run_train_var(args: argparse.Namespace) -> None:
     train_var(dataclass_from_args(VAROptions, args, data=training_data(args, say=True)), train_config_from_args(args))
 
 
-def sampling_options(args: argparse.Namespace, model: torch.nn.Module) -> dict:
-    """The VAR sampling settings of `sample var` / `edit var` for `model` (a --refiner is loaded beside it, on its
-    tokenizer and device)."""
+def sampling_options(args: argparse.Namespace, model: torch.nn.Module, show: bool = True) -> dict:
+    """The VAR sampling settings of `sample var` / `edit var` for `model`, printed (`show`) with where each came from
+    (a refiner is loaded beside it, on its tokenizer and device)."""
     if len(args.unpruned_blocks) != 2:
         raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
     pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
-    refiner = None
-    if args.refiner is not None:
-        refiner = load_var(args.refiner, model.tokenizer).to(model.pos_1LC.device)
-    return {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
-            "precision": args.precision, "cuda_graphs": args.cuda_graphs, "pruning": pruning, "refiner": refiner,
-            "refined_scales": args.refined_scales, "draws": args.draws}
+    chosen = chosen_var_settings(args, model)
+    if show:
+        print(settings_line(chosen))
+    options = values(chosen)
+    refiner = options.pop("refiner")
+    if refiner is not None and refiner != NO_REFINER:
+        options["refiner"] = load_refiner(refiner, model, args.refiner_any_tokenizer)
+    return {**options, "more_smooth": args.more_smooth, "precision": args.precision, "cuda_graphs": args.cuda_graphs,
+            "pruning": pruning, "refined_scales": args.refined_scales}
 
 
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
-        model = load_var(args.ckpt, args.tokenizer).to(context.device)
-        options = sampling_options(args, model)
+        model = load_var(args.ckpt, args.tokenizer, args.weights).to(context.device)
+        options = sampling_options(args, model, context.is_main)
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
             path = sample_to_npz(lambda labels: model.generate(labels, **options),
@@ -185,7 +201,7 @@ def run_edit(args: argparse.Namespace) -> None:
     """In-paint (regenerate the box) or out-paint (keep only the box); writes OUT, OUT_input.png, OUT_mask.png."""
     check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_var(args.ckpt, args.tokenizer).to(device)
+    model = load_var(args.ckpt, args.tokenizer, args.weights).to(device)
     tokenizer = model.tokenizer
     image = load_image(args.image, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
     generator = torch.Generator(device).manual_seed(args.seed)

@@ -14,6 +14,7 @@ from scalegen.distributed import Precision, autocast
 from scalegen.diffusion.objective import GuidanceInterval, Objective, check_guidance_interval
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
+from scalegen.sampling_settings import FROM_DEFAULT
 from scalegen.errors import UserError
 from scalegen.models.dit_blocks import BLOCK_KINDS, BlockOptions, FinalLayer, make_block
 from scalegen.models.layers import (
@@ -133,6 +134,10 @@ class DiT(ReferencingModule):
         self.initialize_weights()
         self._decoder = ReferencedModule(decoder)
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
+        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: `generate` takes
+        # each argument left None from here, else from the objective.
+        self.sampling: dict = {}
+        self.sampling_origin = FROM_DEFAULT
 
     @property
     def objective(self) -> Objective:
@@ -254,7 +259,8 @@ class DiT(ReferencingModule):
 
         Args:
             labels: (B,) class ids, or class names ("Trouser", ["golden retriever", 7]) of a loaded model.
-            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch). None: the objective's
+            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch). None (cfg, steps,
+                sampler): the model's recommended setting (`sampling`, set by the loaders), else the objective's
                 default (the official 4.0 for ddpm; 1.0 for meanflow, whose guidance is trained in).
             steps: number of sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); None: the
                 objective's default (ddpm 250 as the official sample.py, flow 50, meanflow 1).
@@ -313,16 +319,19 @@ class DiT(ReferencingModule):
         cfg_interval: GuidanceInterval | None,
     ) -> tuple[torch.Tensor, SamplingPlan, float]:
         """Checked class ids (B,) on the model's device, the sampling plan and the guidance scale, each default taken
-        from the objective (steps, sampler, cfg) or the config (the guidance interval)."""
+        from the model's recommended settings (`sampling`), else the objective (steps, sampler, cfg), or the config
+        (the guidance interval)."""
         labels = label_ids(labels, self.class_names)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
         objective = self.objective
-        steps = objective.check_steps(steps)
+        steps = objective.check_steps(self.sampling.get("steps") if steps is None else steps)
+        sampler = self.sampling.get("sampler") if sampler is None else sampler
+        cfg = self.sampling.get("cfg", objective.default_cfg) if cfg is None else cfg
         interval = check_guidance_interval(cfg_interval if cfg_interval is not None else self.config.cfg_interval)
         plan = SamplingPlan(objective, objective.check_sampler(sampler), steps, interval)
-        return labels, plan, objective.default_cfg if cfg is None else cfg
+        return labels, plan, cfg
 
 
 @contextmanager

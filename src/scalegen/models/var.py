@@ -31,6 +31,7 @@ from scalegen.models.var_generation import (
 )
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.models.var_sampling import CategoricalHead, Draws
+from scalegen.sampling_settings import FROM_DEFAULT, VAR_DEFAULTS
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -148,6 +149,10 @@ class VAR(ReferencingModule):
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
+        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: generation takes
+        # cfg, top_k, top_p and draws left None from here, else the official code's defaults.
+        self.sampling: dict = {}
+        self.sampling_origin = FROM_DEFAULT
         self.scale_graphs: ScaleGraphs | None = None  # generation's CUDA graphs, captured on first use
         if tokenizer is not None:
             self.attach_tokenizer(tokenizer)
@@ -285,9 +290,9 @@ class VAR(ReferencingModule):
     def generate_tokens(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
@@ -297,7 +302,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws = "multinomial",
+        draws: Draws | None = None,
     ) -> SampledTokens:
         """Sample tokens scale by scale with a KV cache and classifier-free guidance (`var_generation`).
 
@@ -307,6 +312,8 @@ class VAR(ReferencingModule):
                 are (1 + t)·conditional - t·unconditional.
             top_k: keep the k most likely tokens (0, or the vocabulary size or more, keeps all).
             top_p: nucleus sampling threshold (0 = off).
+            cfg, top_k, top_p, draws: None takes the model's recommended setting (`sampling`, set by the loaders),
+                else the official code's default (cfg 1.5, top-k and top-p off, multinomial draws).
             seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
             more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens
                 (visualisation only, not for FID).
@@ -327,6 +334,9 @@ class VAR(ReferencingModule):
             SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
         """
         labels = self.labels_tensor(labels)
+        settings = {**VAR_DEFAULTS, **self.sampling}
+        cfg, top_k, top_p, draws = (settings[name] if value is None else value for name, value in
+                                    (("cfg", cfg), ("top_k", top_k), ("top_p", top_p), ("draws", draws)))
         editing = None
         if check_edit_inputs(source_tokens, keep_mask, self.patch_nums, labels.shape[0]):
             editing = Editing(source_tokens, keep_mask, labels.device)
@@ -349,9 +359,9 @@ class VAR(ReferencingModule):
     def generate(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
@@ -360,7 +370,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws = "multinomial",
+        draws: Draws | None = None,
     ) -> torch.Tensor:
         """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
         the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
@@ -377,9 +387,9 @@ class VAR(ReferencingModule):
     def generate_frames(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         precision: Precision = "fp32",
@@ -387,7 +397,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws = "multinomial",
+        draws: Draws | None = None,
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
         `generate`; the last frame is `generate`'s image for the same seed).
@@ -407,9 +417,9 @@ class VAR(ReferencingModule):
         labels: torch.Tensor | Sequence[int],
         source_tokens: Sequence[torch.Tensor],
         keep_mask: torch.Tensor,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         more_smooth: bool = False,
         generator: torch.Generator | None = None,
@@ -418,7 +428,7 @@ class VAR(ReferencingModule):
         pruning: TokenPruning | None = None,
         refiner: VAR | None = None,
         refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws = "multinomial",
+        draws: Draws | None = None,
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 

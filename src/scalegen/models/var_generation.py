@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from scalegen.errors import UserError
+from scalegen.fingerprint import weights_fingerprint
 from scalegen.models.var_blocks import KVCache
 from scalegen.models.var_edit import resize_keep_mask
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning
@@ -319,6 +320,10 @@ def check_refiner(drafter: nn.Module, refiner: nn.Module, refined_scales: int) -
     if drafted != refined:
         raise UserError(f"the refiner has (patch_nums, vocab_size, z_channels, num_classes) = {refined} but the drafter "
                         f"{drafted}: give a refiner trained on the drafter's tokenizer and classes")
+    if refiner.tokenizer is not drafter.tokenizer and (weights_fingerprint(refiner.tokenizer.state_dict())
+                                                       != weights_fingerprint(drafter.tokenizer.state_dict())):
+        raise UserError("the refiner's tokenizer has other weights than the drafter's (its tokens mean other images): "
+                        "give a refiner trained on the drafter's tokenizer and classes")
     if not 1 <= refined_scales < len(drafter.config.patch_nums):
         raise UserError(f"the refiner can generate 1 to {len(drafter.config.patch_nums) - 1} of the "
                         f"{len(drafter.config.patch_nums)} scales, not {refined_scales}")

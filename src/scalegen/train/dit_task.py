@@ -24,6 +24,7 @@ from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.pretrained import PIXEL_SPACE, load_tokenizer, tokenizer_kind
+from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, measure_normalization, tokenizer_codec
 from scalegen.tokenizers.kl_vae import KLVAE
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
@@ -131,7 +132,8 @@ class DiTTask(TrainingTask):
         return modules + (self.end_to_end.modules() if self.end_to_end is not None else [])
 
     def config(self) -> dict:
-        config = {**super().config(), "vae": self.vae, "objective": asdict(self.objective)}
+        config = {**super().config(), "vae": self.vae, "objective": asdict(self.objective),
+                  SAMPLING_KEY: self.sampling()}
         if self.end_to_end is not None:  # the tokenizer's latents as the batch norm normalises them now
             config["tokenizer"] = {**config["tokenizer"], **self.end_to_end.normalization().description(),
                                    "end_to_end": True}
@@ -231,8 +233,13 @@ class DiTTask(TrainingTask):
         cfg 1), and the objective's default sampler."""
         if self.end_to_end is not None:
             self.end_to_end.sync_codec()
+        return model.generate(labels, **self.sampling(), seed=seed)  # (B, C, H, W)
+
+    def sampling(self) -> dict:
+        """The run's sampling settings, its recommended ones (the config's `sampling` section): its sample steps and
+        guidance (a MeanFlow model's guidance is trained in: cfg 1) with the objective's default sampler."""
         cfg = 1.0 if self.objective.guidance > 1.0 else self.sample_cfg_scale
-        return model.generate(labels, cfg=cfg, steps=self.sample_steps, seed=seed)  # (B, C, H, W)
+        return {"cfg": cfg, "steps": self.sample_steps, "sampler": self.model.objective.default_sampler}
 
 
 @dataclass

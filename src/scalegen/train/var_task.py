@@ -24,6 +24,7 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.models.var_blocks import AttentionBackend
 from scalegen.pretrained import load_tokenizer, token_tokenizer
+from scalegen.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import TokenCache, cache_path, extract_tokens
@@ -71,7 +72,7 @@ class VARTask(TrainingTask):
         return [self.tokenizer]
 
     def config(self) -> dict:
-        return {**super().config(), "tokenizer": self.tokenizer_config}
+        return {**super().config(), "tokenizer": self.tokenizer_config, SAMPLING_KEY: self.sampling()}
 
     def training_defaults(self, steps: int, batch_size: int) -> Recipe:
         lr = self.base_lr * max(batch_size, VAR_SMALLEST_OFFICIAL_BATCH) / VAR_BATCH_REFERENCE
@@ -114,8 +115,12 @@ class VARTask(TrainingTask):
 
     def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """With the run's guidance and nucleus, from the full distribution (no top-k)."""
-        return model.generate(labels, cfg=self.sample_cfg, top_k=SAMPLE_TOP_K, top_p=self.sample_top_p,
-                              seed=seed)  # (B, C, H, W) in [0, 1]
+        return model.generate(labels, **self.sampling(), seed=seed)  # (B, C, H, W) in [0, 1]
+
+    def sampling(self) -> dict:
+        """The run's sampling settings, its recommended ones (the config's `sampling` section): its guidance and
+        nucleus, the official draws, no refiner."""
+        return {**VAR_DEFAULTS, "cfg": self.sample_cfg, "top_k": SAMPLE_TOP_K, "top_p": self.sample_top_p}
 
 
 @dataclass

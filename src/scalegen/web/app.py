@@ -34,8 +34,9 @@ from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.pretrained import (
-    SAMPLE_TOP_P, SHIPPED_DIT_CFG, SHIPPED_DIT_STEPS, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR_CFG, load_dit, load_var,
+    SHIPPED_MEANFLOW_DIT, load_dit, load_var,
 )
+from scalegen.sampling_settings import VAR_DEFAULTS
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
 MAX_PER_CLASS, STRIP_FRAMES = 10, 8
@@ -82,12 +83,17 @@ class Models:
 
     def dit_settings(self) -> tuple[list[str], str, int, float]:
         """The samplers the loaded DiT's objective offers, and the page's starting sampler, steps and guidance: the
-        shipped DiT's (50 steps, cfg 2.5), or the objective's own when it takes fewer steps (a MeanFlow DiT: 1 step,
-        its guidance trained in)."""
+        DiT's recommended ones (`sampling`: the shipped DiT's 50 Euler steps at cfg 2.5), else its objective's fast
+        sampler and default steps and guidance."""
         objective = self.dit.objective if self.dit is not None else sampling_objective("ddpm")
-        if objective.default_steps < SHIPPED_DIT_STEPS:
-            return list(objective.samplers), objective.fast_sampler, objective.default_steps, objective.default_cfg
-        return list(objective.samplers), objective.fast_sampler, SHIPPED_DIT_STEPS, SHIPPED_DIT_CFG
+        sampling = self.dit.sampling if self.dit is not None else {}
+        return (list(objective.samplers), sampling.get("sampler", objective.fast_sampler),
+                sampling.get("steps", objective.default_steps), sampling.get("cfg", objective.default_cfg))
+
+    def var_setting(self, name: str) -> float | int:
+        """The page's starting value of a VAR sampling setting ("cfg", "top_k", "top_p"): the loaded VAR's
+        recommended one, else the official code's."""
+        return {**VAR_DEFAULTS, **(self.var.sampling if self.var is not None else {})}[name]
 
     def class_names(self) -> list[str]:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
@@ -305,13 +311,14 @@ def build_app(models: Models) -> gr.Blocks:
                 samplers, default_sampler, default_steps, default_cfg = models.dit_settings()
                 dit_cfg = gr.Slider(1.0, 8.0, value=default_cfg, step=0.5, label="DiT guidance (cfg)",
                                     elem_id="dit-cfg")
-                var_cfg = gr.Slider(1.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="VAR guidance (cfg)",
+                var_cfg = gr.Slider(1.0, 8.0, value=models.var_setting("cfg"), step=0.5, label="VAR guidance (cfg)",
                                     elem_id="var-cfg")
             with gr.Row():
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
                 steps = gr.Slider(1, 250, value=default_steps, step=1, label="DiT steps", elem_id="steps")
-                top_k = gr.Number(0, precision=0, label="VAR top-k (0: all)", elem_id="top-k")
-                top_p = gr.Slider(0.0, 1.0, value=SAMPLE_TOP_P, step=0.01, label="VAR top-p (0: off)", elem_id="top-p")
+                top_k = gr.Number(models.var_setting("top_k"), precision=0, label="VAR top-k (0: all)", elem_id="top-k")
+                top_p = gr.Slider(0.0, 1.0, value=models.var_setting("top_p"), step=0.01, label="VAR top-p (0: off)",
+                                  elem_id="top-p")
             with gr.Row():
                 var_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="var-prune")
                 var_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="var-refine")
@@ -338,7 +345,7 @@ def build_app(models: Models) -> gr.Blocks:
                     edit_class = gr.Dropdown([UNCONDITIONAL, *names], value=UNCONDITIONAL, label="as class",
                                              elem_id="edit-class")
                     edit_seed = gr.Number(0, precision=0, label="seed", elem_id="edit-seed")
-                    edit_cfg = gr.Slider(0.0, 8.0, value=SHIPPED_VAR_CFG, step=0.5, label="guidance (cfg)",
+                    edit_cfg = gr.Slider(0.0, 8.0, value=models.var_setting("cfg"), step=0.5, label="guidance (cfg)",
                                          elem_id="edit-cfg")
                     edit_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="edit-prune")
                     edit_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="edit-refine")

@@ -1,0 +1,48 @@
+"""What `sample dit`, `sample var` and `edit var` share about loading and sampling settings: `--weights`, the help
+of `--ckpt`, and the settings each run uses, chosen from its flags, the model's recommended settings
+(`scalegen.sampling_settings`) and the defaults, printed with where each came from."""
+from __future__ import annotations
+
+import argparse
+
+from scalegen.checkpoint import WEIGHT_CHOICES, shipped_names
+from scalegen.sampling_settings import (
+    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
+)
+
+NO_REFINER = "none"  # `--refiner none`: sample without the refiner a VAR's settings name
+
+
+def checkpoint_help(what: str) -> str:
+    """The help of a `--ckpt`: `what` it takes, and the shipped names."""
+    return f"{what}, or a shipped model: {shipped_names()}"
+
+
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    """`--weights ema|raw`."""
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                        help="a run's EMA weights (ema.safetensors) or raw ones (model.safetensors; e.g. when the EMA "
+                             "barely moved); default: the EMA's where there are some (an export holds one kind)")
+
+
+def chosen_dit_settings(args: argparse.Namespace, model) -> Chosen:
+    """The settings `sample dit` uses: its flags, else the model's recommended ones, else the objective's defaults;
+    the guidance interval from its flag, else the model config's (none: every step)."""
+    objective = model.objective
+    chosen = chosen_settings({"cfg": args.cfg_scale, "steps": args.steps, "sampler": args.sampler},
+                             model.sampling, model.sampling_origin,
+                             {"cfg": objective.default_cfg, "steps": objective.default_steps,
+                              "sampler": objective.default_sampler})
+    if args.cfg_interval is not None:
+        chosen["cfg_interval"] = (args.cfg_interval, FROM_FLAG)
+    else:
+        interval = model.config.cfg_interval
+        chosen["cfg_interval"] = (interval, FROM_DEFAULT if interval is None else FROM_CONFIG)
+    return chosen
+
+
+def chosen_var_settings(args: argparse.Namespace, model) -> Chosen:
+    """The settings `sample var` / `edit var` use: their flags, else the model's recommended ones, else the official
+    code's defaults (`--refiner none` turns a recommended refiner off)."""
+    return chosen_settings({name: getattr(args, name) for name in VAR_SETTINGS}, model.sampling,
+                           model.sampling_origin, VAR_DEFAULTS)

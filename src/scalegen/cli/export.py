@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from scalegen.checkpoint import export_weights
-from scalegen.diffusers_export import export_diffusers
+from scalegen.diffusers_export import README_FILE, export_diffusers
 from scalegen.errors import UserError
 
 WEIGHT_CHOICES = ("ema", "raw")
@@ -16,8 +16,11 @@ def run_export(args: argparse.Namespace) -> None:
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:
             raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")
-        print(f"exported {export_diffusers(args.run, args.out, args.vae)} (a diffusers folder: a DiTPipeline, its "
-              "README.md says how to run it; or a KL tokenizer's AutoencoderKL, which --vae takes)")
+        folder = export_diffusers(args.run, args.out, args.vae)
+        if (folder / README_FILE).exists():
+            print(f"exported {folder} (a diffusers DiTPipeline; its {README_FILE} says how to run it)")
+        else:
+            print(f"exported {folder} (a KL tokenizer as diffusers' AutoencoderKL, which --vae takes)")
         return
     if args.vae:
         raise UserError("--vae names the SD-VAE a --format diffusers export ships; scalegen's format keeps the run's")

@@ -5,13 +5,14 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Collection
 from contextlib import nullcontext
 from importlib import import_module
 from importlib.metadata import version
 
 from scalegen.cli.parsing import EFFECTIVE_OPTIONS, OneLineParser
-from scalegen.errors import UserError
+from scalegen.errors import InputWarning, UserError
 
 DEBUG_VARIABLE = "SCALEGEN_DEBUG"
 # Each command: its one-line help and the modules under scalegen/cli/ that add it (importing a module imports torch
@@ -33,6 +34,7 @@ COMMANDS = {
     "plot": ("training curves of runs (their log.csv) in one image", ("plot",)),
 }
 NESTED = ("train", "sample")  # commands whose sub-commands (dit, var, …) several modules add
+PYTHON_WARNING_FORMAT = warnings.formatwarning
 
 
 def build_parser(loaded: Collection[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
@@ -67,6 +69,16 @@ def add_commands(module: str, commands, train_parsers, sample_parsers) -> None:
         register(commands)
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """A warning as the command line shows it: an `InputWarning` (an unreadable image skipped) as one line that names
+    what is skipped, not Python's two with the source line of whichever frame issued it (a data loader's); any other
+    as Python shows it."""
+    if issubclass(category, InputWarning):
+        return f"scalegen: warning: {message}\n"
+    return PYTHON_WARNING_FORMAT(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and run the chosen command; a UserError becomes a one-line message and exit code 2.
 
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
+    warnings.formatwarning = one_line_warning  # the data loader's workers, forked later, show warnings alike
     # Needed only once a command runs (they import torch, which --help and parse errors do without).
     from scalegen.cli.options import options_in_run_folder
     from scalegen.files import is_disk_full, write_failure

@@ -79,6 +79,16 @@ def test_random_labels_are_an_option_and_say_so(tmp_path):
         written(tmp_path, "uniform")
 
 
+def test_the_protocol_line_names_the_draw_the_real_test_set_and_a_plain_adm_file(tmp_path):
+    sample_to_npz(labelled_images, 3, 40, 8, 5, tmp_path / "s.npz", DistributedContext(), label_draw="random")
+    line = evaluate.evaluation_protocol(str(tmp_path / "s.npz"), None, "fmnist")
+    assert line == ("40 samples (labels random: 11-17 per class over 3 classes, seed 5); reference the real "
+                    f"Fashion-MNIST test set (its stored statistics); features fmnist: {evaluate.FEATURE_WORDS['fmnist']}")
+    np.savez(tmp_path / "plain.npz", np.zeros((2, SIDE, SIDE, 3), np.uint8))  # DiT's sample_ddp.py: arr_0 alone
+    assert evaluate.evaluation_protocol(str(tmp_path / "plain.npz"), None, "fmnist").startswith(
+        "2 samples (no labels: class balance unknown)")
+
+
 def test_eval_prints_its_protocol_in_one_line_and_a_broken_sqrtm_as_a_warning(tmp_path, monkeypatch, capsys):
     from test_metrics import PixelFeatures  # the cheap Inception stand-in
 

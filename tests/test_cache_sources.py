@@ -1,6 +1,7 @@
 """A cache records what made it (the data set's identity, a digest of the encoder's weights): a run with another VAE,
 tokenizer or data of the same shapes and count is refused in one line, never trained on the old latents nor mixed into
 them; and a resume lists every option that changes what is trained, the task's (--vae, --tokenizer, --data) too."""
+import os
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_data_identities_follow_files_pixels_and_size(sources, tmp_path):
                                                                               copy_function=shutil.copy2), IMAGE_SIZE))
     index = pack_folder(sources["images"], tmp_path / "shards" / "train", SHARD_SIZE)
     packed = data_identity(TarShards(index, IMAGE_SIZE))
-    (index.parent / "train-000002.tar").touch()  # a shard rewritten
+    os.utime(index.parent / "train-000002.tar", ns=(1, 1))  # a shard rewritten: its modification time changed
     assert data_identity(TarShards(index, IMAGE_SIZE)) != packed
     fashion, resized = FashionMNIST(), FashionMNIST(image_size=16)
     assert data_identity(fashion) != data_identity(resized) and data_identity(fashion) == data_identity(FashionMNIST())

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from scalegen.checkpoint import export_weights
+from scalegen.checkpoint import WEIGHT_CHOICES, export_weights
 from scalegen.diffusers_export import README_FILE, export_diffusers
 from scalegen.errors import UserError
 
-WEIGHT_CHOICES = ("ema", "raw")
 FORMATS = ("scalegen", "diffusers")
 
 

@@ -3,6 +3,7 @@ configurations show every option's effective value under its flag's name, and mi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -204,3 +205,25 @@ def test_a_kl_tokenizer_export_names_no_readme_it_does_not_write(tmp_path, capsy
     main(["export", "--run", str(tmp_path / "kl"), "--out", str(tmp_path / "vae"), "--format", "diffusers"])
     said = capsys.readouterr().out
     assert "AutoencoderKL" in said and "README" not in said and not list((tmp_path / "vae").glob("README*"))
+
+
+# The commands whose parsers import no torch (`scalegen --help` is tests/test_run_config.py's). The others (train,
+# sample, edit, eval, flops, scaling, demo, serve, export) still take defaults from modules that import it.
+LIGHT_COMMANDS = [["data", "pack"], ["plot"], ["reconstruct"]]
+
+
+@pytest.mark.parametrize("words", LIGHT_COMMANDS, ids=" ".join)
+def test_a_light_command_s_help_and_parse_errors_import_no_torch(words):
+    script = f"""
+import json, sys
+from scalegen.cli.main import main
+for extra in (["--help"], ["--no-such-option"]):
+    try:
+        main({words!r} + extra)
+    except SystemExit:
+        pass
+print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "torch")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "usage: scalegen" in done.stdout and done.stderr.startswith("scalegen: error:")
+    assert json.loads(done.stdout.splitlines()[-1]) == []

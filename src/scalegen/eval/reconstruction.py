@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -24,6 +23,7 @@ from scalegen.checkpoint import CONFIG_FILE
 from scalegen.data import to_unit_range, unflipped_loader
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics
+from scalegen.eval.reconstruction_settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 from scalegen.files import read_json
 from scalegen.images import save_grid
 from scalegen.pretrained import load_tokenizer
@@ -31,13 +31,10 @@ from scalegen.tokenizers.kl_vae import KLVAE
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import VQVAE
 
-RECONSTRUCTION_BATCH_SIZE = 256
-GRID_PAIRS = 64  # the grid shows the first pairs only: a full FID count would make it unreadably large
 PAIRS_PER_ROW = 8
 MSE_FLOOR = 1e-10  # a perfect reconstruction reads as 100 dB, not infinity (JSON has no infinity)
 SD_VAE_CLASS = "AutoencoderKL"  # the `_class_name` in a diffusers VAE folder's config.json
 RGB_CHANNELS = 3
-Features = Literal["fmnist"]
 Autoencoder = VQVAE | KLVAE | LatentCodec
 
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from scalegen.checkpoint import LOG_FILE, STATE_FILE, RunFolder, load_training_state
 from scalegen.errors import UserError
+from scalegen.train.curve_axes import STEP, PanelBy, XAxis
 from scalegen.train.run_log import read_log
 
-XAxis = Literal["step", "images"]
-PanelBy = Literal["metric", "run"]
-STEP = "step"
 PANELS_PER_ROW = 2
 PANEL_WIDTH, PANEL_HEIGHT = 5.0, 3.6  # inches
 DPI = 110

@@ -7,15 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from scalegen.cli.parsing import POSITIVE
+from scalegen.cli.parsing import POSITIVE, module_docstring
 from scalegen.errors import UserError
-from scalegen.eval import scaling
-from scalegen.eval.evaluate import (
-    DEFAULT_BATCH_SIZE, FEATURE_NETWORKS, evaluate, evaluate_fmnist, evaluation_protocol,
-)
-from scalegen.eval.metrics import FrechetDisagreement
-from scalegen.eval.flops import flops_table
-from scalegen.images import LABEL_DRAWS
+from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
 
 EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
@@ -27,6 +21,8 @@ other classes get an "accuracy_note" instead)."""
 
 def add_labels_option(parser: argparse.ArgumentParser) -> None:
     """`--labels`, how `sample dit|var --num-samples` draws the classes (the FID protocol `eval` prints)."""
+    from scalegen.images import LABEL_DRAWS  # torch, which the sampling commands load anyway
+
     parser.add_argument("--labels", choices=LABEL_DRAWS, default=LABEL_DRAWS[0],
                         help="with --num-samples: balanced draws each class N/K times, shuffled with --seed (ADM's FID "
                              "protocol; the same labels for any number of ranks); random draws each class uniformly")
@@ -35,6 +31,9 @@ def add_labels_option(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     """Handler of `scalegen eval`: prints the protocol in one line and each warning (progress too) on stderr, the
     metrics as JSON on stdout (the protocol among them)."""
+    from scalegen.eval.evaluate import evaluate, evaluate_fmnist, evaluation_protocol  # torch: only once it runs
+    from scalegen.eval.metrics import FrechetDisagreement
+
     if args.features == "fmnist":
         if args.samples is None or args.save_ref is not None:
             raise UserError("--features fmnist needs --samples and stores no reference (no --save-ref)")
@@ -65,11 +64,15 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_flops(args: argparse.Namespace) -> None:
     """Handler of `scalegen flops`: prints the DiT Gflops table (multiply-accumulates) and per-image sampling costs."""
+    from scalegen.eval.flops import flops_table  # torch: only once the command runs
+
     print(flops_table(args.image_size))
 
 
 def run_scaling(args: argparse.Namespace) -> None:
     """Handler of `scalegen scaling`: fits L = (a·X)^b and prints the fit as JSON."""
+    from scalegen.eval import scaling  # torch: only once the command runs
+
     if (args.table is None) == (args.runs is None):
         raise UserError("give either --table runs.csv or --runs RUN_FOLDER [RUN_FOLDER ...]")
     if args.table is not None:
@@ -107,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_flops)
 
     parser = subparsers.add_parser("scaling", help="fit L = (a*X)^b over runs and plot it on log-log axes",
-                                   description=scaling.__doc__,
+                                   description=module_docstring("scalegen.eval.scaling"),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", help="CSV with a header and one row per run (optional 'name' column)")
     parser.add_argument("--runs", nargs="+", help="run folders written by `scalegen train` (or exported folders)")

@@ -9,10 +9,12 @@ imports neither torch nor any command, so that `scalegen --help` answers at once
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import importlib.util
 import json
 import math
 import sys
-import difflib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -117,6 +119,12 @@ def options_text(options: dict) -> str:
     """`options` (names to values) as the YAML text of a run configuration, in their order."""
     plain = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items()}
     return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def module_docstring(name: str) -> str | None:
+    """The docstring of the module `name`, read from its source without importing it (a command's description whose
+    module imports torch)."""
+    return ast.get_docstring(ast.parse(Path(importlib.util.find_spec(name).origin).read_text()))
 
 
 def config_key(action: argparse.Action) -> str:

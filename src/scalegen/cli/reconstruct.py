@@ -8,7 +8,7 @@ from typing import get_args
 from scalegen.cli.options import DATA_HELP
 from scalegen.cli.parsing import POSITIVE
 from scalegen.data_defaults import FASHION_MNIST_NAME
-from scalegen.eval.reconstruction_settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
+from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 
 DEFAULT_COUNT = 1000
 

@@ -16,9 +16,8 @@ import torch
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics, npz
 from scalegen.eval.inception import load_inception
+from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
 
-DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch size
-FEATURE_NETWORKS = ("inception", "fmnist")
 FEATURE_WORDS = {"inception": "ADM's 2015-12-05 Inception (pool for FID, spatial for sFID)",
                  "fmnist": "the shipped Fashion-MNIST classifier's penultimate layer"}
 

@@ -23,7 +23,7 @@ from scalegen.checkpoint import CONFIG_FILE
 from scalegen.data import to_unit_range, unflipped_loader
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics
-from scalegen.eval.reconstruction_settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
+from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 from scalegen.files import read_json
 from scalegen.images import save_grid
 from scalegen.pretrained import load_tokenizer

@@ -1,13 +1,17 @@
 """The web page in a real headless Chromium (Debian's, driven by Playwright): each model's own defaults, pick two
 classes and generate with both models (grids with their rows named), the VAR's speed-ups (FastVAR pruning, a CoDe
 refiner), in-paint a data-set image, and see that bad input — a file that is not an image, a negative top-k, a seed
-past 64 bits — is a one-line message in the page, with no server traceback, while the server keeps serving. The page's
-functions are also called directly (no browser): the speed-ups reach the VAR, and a refiner missing is a message."""
+past 64 bits, a model path outside the page's model folders — is a one-line message in the page, with no server
+traceback, while the server keeps serving; a page started with a login refuses a wrong password and lets the right one
+in. The page's functions are also called directly (no browser): the speed-ups reach the VAR, and a refiner missing is
+a message."""
 import io
 import os
 import re
 import shutil
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +38,35 @@ SCREENSHOTS = os.environ.get("SCALEGEN_SCREENSHOTS")  # a folder: save a screens
 
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def page():
-    """The page in headless Chromium, serving the shipped DiT and VAR, the VAR also as its own CoDe refiner."""
+def browser():
+    """Headless Chromium, for the pages of this module."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = serve(str(SHIPPED_DIT), str(SHIPPED_VAR), port=port, block=False, refiner=str(SHIPPED_VAR))
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 1300})
-        tab.set_default_timeout(TIMEOUT_MS)
-        tab.goto(f"http://127.0.0.1:{port}/")
-        tab.wait_for_selector("#generate")
-        yield tab
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    """The page in headless Chromium, serving the shipped DiT and VAR, the VAR also as its own CoDe refiner."""
+    port = free_port()
+    app = serve(str(SHIPPED_DIT), str(SHIPPED_VAR), port=port, block=False, refiner=str(SHIPPED_VAR))
+    tab = browser.new_page(viewport={"width": 1280, "height": 1300})
+    tab.set_default_timeout(TIMEOUT_MS)
+    tab.goto(f"http://127.0.0.1:{port}/")
+    tab.wait_for_selector("#generate")
+    yield tab
+    tab.close()
     app.close()
 
 
@@ -173,9 +188,15 @@ def test_a_file_that_is_not_an_image_and_a_huge_seed_are_messages_in_edit(page, 
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_model_path_that_does_not_load_is_a_message(page):
+def test_a_model_path_outside_the_model_folders_is_refused_and_one_that_does_not_load_is_a_message(page):
     page.get_by_text("Models").first.click()
-    page.locator("#dit-path textarea, #dit-path input").first.fill("/no/such/run")
+    dit_path = page.locator("#dit-path textarea, #dit-path input").first
+    shipped = SHIPPED_DIT.parent  # the shipped models' folder: the one this page may load from
+    for path in ("/etc", f"{shipped}/../.."):
+        dit_path.fill(path)
+        page.locator("#load").click()
+        wait_for_message(page, "#load-message", f"{path} is outside the folders this page loads models from")
+    dit_path.fill(str(shipped / "no-such-run"))
     page.locator("#load").click()
     page.wait_for_function("document.querySelector('#load-message').innerText.includes('does not exist')")
     page.get_by_role("tab", name="Sample").click()
@@ -201,6 +222,29 @@ def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
     page.locator("#dit-path textarea, #dit-path input").first.fill(str(SHIPPED_DIT))
     page.locator("#load").click()
     page.wait_for_function("document.querySelector('#steps input[type=number]').value === '50'")
+
+
+def test_with_a_login_a_wrong_password_is_refused_and_the_right_one_gets_in(browser):
+    port = free_port()
+    app = serve(None, None, port=port, block=False, auth=[("ann", "right")])  # no model: the login alone is tested
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{url}/config")  # the page's API, asked without logging in
+        tab = browser.new_page()  # a page of its own: no cookie of the other page
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(url)
+        for password in ("wrong", "right"):
+            tab.locator("input[type=text]").first.fill("ann")
+            tab.locator("input[type=password]").first.fill(password)
+            tab.get_by_role("button", name="Login").click()
+            if password == "wrong":
+                tab.get_by_text("Incorrect Credentials").wait_for()
+                assert tab.locator("#generate").count() == 0
+        tab.wait_for_selector("#generate")  # the page itself
+        tab.close()
+    finally:
+        app.close()
 
 
 # The page's functions called directly: the VAR alone, two classes of two, fixed seed.

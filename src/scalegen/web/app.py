@@ -9,11 +9,14 @@ and CoDe's collaborative decoding, where the refiner loaded under Models generat
 which ran.
 **Edit** (VAR): an uploaded image or one of the data set's, a typed box, in- or out-painting, optionally as another
 class, with the same two speed-ups; input, mask and result.
-**Models**: load a DiT, a VAR and a VAR refiner (on the VAR's tokenizer), or the shipped one-step DiT. Bad input is a
-message in the page; one request runs at a time.
+**Models**: load a DiT, a VAR and a VAR refiner (on the VAR's tokenizer), or the shipped one-step DiT, from the
+folders the page was started with only (`allowed_model_path`). Bad input is a message in the page; one request runs at
+a time, and the work it may ask for is bounded (samples per class, DiT steps, images per request).
+Served beyond this machine, the page should ask for a login (`serve`'s `auth`, Gradio's own): without one it warns.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +27,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from scalegen.checkpoint import SHIPPED
 from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
@@ -37,9 +41,14 @@ from scalegen.pretrained import (
     SHIPPED_MEANFLOW_DIT, load_dit, load_var,
 )
 from scalegen.sampling_settings import VAR_DEFAULTS
+from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
 MAX_PER_CLASS, STRIP_FRAMES = 10, 8
+MAX_STEPS = 250  # DiT steps a request may ask for: the official DDPM sampler's 250
+# Images one request may draw over the models chosen: both models' whole Fashion-MNIST grid (2 × 10 classes ×
+# MAX_PER_CLASS), while a 1000-class model cannot be asked for 10,000 at once.
+MAX_SAMPLES_PER_REQUEST = 200
 DEFAULT_BOX = "8,8,24,24"
 UNCONDITIONAL = "(unconditional)"
 WARNING = "⚠️ "
@@ -58,6 +67,7 @@ class Models:
     dit: DiT | None = None
     var: VAR | None = None
     refiner: VAR | None = None  # CoDe: generates the VAR's finest scales, on the VAR's tokenizer
+    folders: tuple[Path, ...] = (SHIPPED.resolve(),)  # where the page may load models from (`allowed_model_path`)
     locks: dict[str, threading.Lock] = field(default_factory=lambda: {"DiT": threading.Lock(), "VAR": threading.Lock()})
     flops: dict[tuple, float] = field(default_factory=dict)  # GFLOPs per image, by model and settings
 
@@ -131,6 +141,15 @@ def checked_seed(seed: float | None) -> int:
         given = "an empty field" if seed is None else f"{seed:g}"
         raise UserError(f"the seed must be a whole number from 0 to {MAX_SEED}, not {given}")
     return int(seed)
+
+
+def checked_count(value: float | None, name: str, maximum: int) -> int:
+    """A slider's whole number from 1 to `maximum` (the page's bound on the work of a request); a one-line error
+    otherwise (a request that skips the page can send any number)."""
+    if value is None or not float(value).is_integer() or not 1 <= value <= maximum:
+        given = "an empty field" if value is None else f"{value:g}"
+        raise UserError(f"{name} must be a whole number from 1 to {maximum}, not {given}")
+    return int(value)
 
 
 def checked_top_k(top_k: float | None, vocab_size: int) -> int:
@@ -212,6 +231,13 @@ def sample(models: Models, choice: str, classes: list[str] | None, per_class: in
     there is one). `prune`, `refine`: the VAR's speed-ups (`var_speed_ups`)."""
     outputs: dict[str, tuple] = {}
     try:
+        per_class = checked_count(per_class, "samples per class", MAX_PER_CLASS)
+        steps = checked_count(steps, "DiT steps", MAX_STEPS)
+        chosen = [name for name in ("DiT", "VAR") if choice in (name, "both")]
+        images = len(classes or []) * per_class * len(chosen)
+        if images > MAX_SAMPLES_PER_REQUEST:
+            raise UserError(f"{images} images asked ({len(classes)} classes × {per_class} × {len(chosen)} models); a "
+                            f"request draws at most {MAX_SAMPLES_PER_REQUEST}: pick fewer classes or samples per class")
         for name, cfg in (("DiT", dit_cfg), ("VAR", var_cfg)):
             if choice in (name, "both"):
                 outputs[name] = run_model(models, name, classes, per_class, seed, cfg, sampler, steps, top_k, top_p,
@@ -266,9 +292,11 @@ def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: s
 
 
 def load(models: Models, dit_path: str, var_path: str, refiner_path: str = ""):
-    """Handler of Load: the message and the new class choices."""
+    """Handler of Load: the message and the new class choices; a path outside the page's model folders is refused."""
     try:
-        message = models.load(dit_path.strip() or None, var_path.strip() or None, refiner_path.strip() or None)
+        paths = [str(allowed_model_path(path, models.folders)) if path.strip() else None
+                 for path in (dit_path, var_path, refiner_path)]
+        message = models.load(*paths)
     except (UserError, ValueError) as error:
         message = WARNING + str(error)
     names = models.class_names()
@@ -372,13 +400,25 @@ def build_app(models: Models) -> gr.Blocks:
 
 
 def serve(dit: str | None, var: str | None, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
-          refiner: str | None = None) -> gr.Blocks:
-    """Load the models (`refiner`: a VAR to generate the VAR's finest scales, CoDe) and serve the page on host:port
-    (blocking unless `block` is False; then the app is returned)."""
-    models = Models()
+          refiner: str | None = None, auth: list[tuple[str, str]] | None = None,
+          models_dirs: list[str] | None = None) -> gr.Blocks:
+    """Load the models and serve the page on host:port (blocking unless `block` is False; then the app is returned).
+
+    Args:
+        dit, var: the models to start with (None: none).
+        host, port: where to listen; a host other than a loopback address without `auth` prints a warning.
+        block: serve until interrupted.
+        refiner: a VAR to generate the VAR's finest scales (CoDe).
+        auth: (user, password) pairs Gradio's login page accepts; None: no login.
+        models_dirs: the folders the page may load models from; None: `model_folders` of the models given.
+    """
+    models = Models(folders=named_folders(models_dirs) if models_dirs else model_folders([dit, var, refiner]))
     print(models.load(dit, var, refiner))
     app = build_app(models)
+    warning = exposure_warning(host, auth)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     print(f"serving on http://{host}:{port} (Ctrl-C stops)")
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False, quiet=True,
-               css=PIXEL_CSS)
+               css=PIXEL_CSS, auth=auth or None)
     return app

@@ -38,7 +38,7 @@ from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.pretrained import (
-    SHIPPED_MEANFLOW_DIT, load_dit, load_var,
+    SHIPPED_MEANFLOW_DIT, load_dit, load_refiner, load_var,
 )
 from scalegen.sampling_settings import VAR_DEFAULTS
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
@@ -83,7 +83,7 @@ class Models:
         if refiner_path:
             if self.var is None:
                 raise UserError("a VAR refiner needs a VAR: give the VAR path too")
-            self.refiner = load_var(refiner_path, tokenizer=self.var.tokenizer)
+            self.refiner = load_refiner(refiner_path, self.var)  # refused when its tokenizer is another
             self.flops.clear()
         loaded = [f"{name}: {len(model.class_names)} classes" for name, model in (("DiT", self.dit), ("VAR", self.var))
                   if model is not None]

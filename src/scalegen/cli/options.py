@@ -37,6 +37,8 @@ TRAINING_HELP = {
     "weight_decay": "AdamW weight decay",
     "betas": "AdamW betas, e.g. 0.9,0.95",
     "ema_decay": "EMA decay of the sampled weights (0: no EMA)",
+    "ema_warmup": "warm the EMA decay up: min(--ema, (1 + n) / (10 + n)) at step n, so early samples are not the "
+                  "initial weights (--no-ema-warmup: constant decay, as the official DiT)",
     "grad_clip": "clip the gradient norm (0: off)",
     "warmup_steps": "linear warm-up steps",
     "lr_decay_to": "final lr as a fraction of --lr, reached linearly after warm-up (1: constant)",
@@ -87,15 +89,16 @@ def tokenizer_data(tokenizer: str | None) -> str | None:
 
 def training_data(args: argparse.Namespace, say: bool = False) -> str:
     """`--data` of a parsed `train dit` or `train var` (TOKENIZER_DATA_HELP): the one given, else the data its
-    --tokenizer was trained on (said on stderr with `say`), else Fashion-MNIST, the options' default."""
-    from scalegen.data import FASHION_MNIST_NAME
+    --tokenizer was trained on (said on rank 0's stderr with `say`), else Fashion-MNIST, the options' default."""
+    from scalegen.data_defaults import FASHION_MNIST_NAME
+    from scalegen.distributed import launched_as_main
 
     if args.data is not None:
         return args.data
     data = tokenizer_data(args.tokenizer)
     if data is None:
         return FASHION_MNIST_NAME
-    if say:
+    if say and launched_as_main():
         print(f"training on {data}, the data the tokenizer {args.tokenizer} was trained on (--data to change)",
               file=sys.stderr)
     return data

@@ -194,7 +194,8 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    """Write a class grid PNG, or N labelled samples (class-balanced unless --labels random) as an ADM .npz (sharded
+    over torchrun ranks)."""
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_dit(args.ckpt, args.vae, args.weights).to(context.device)

@@ -175,7 +175,8 @@ def sampling_options(args: argparse.Namespace, model: torch.nn.Module, show: boo
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    """Write a class grid PNG, or N uniformly-labelled samples as an ADM .npz (sharded over torchrun ranks)."""
+    """Write a class grid PNG, or N labelled samples (class-balanced unless --labels random) as an ADM .npz (sharded
+    over torchrun ranks)."""
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_var(args.ckpt, args.tokenizer, args.weights).to(context.device)

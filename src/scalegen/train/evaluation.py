@@ -1,6 +1,6 @@
 """FID while training (`--eval-every N --eval-samples K`), as REPA and LightningDiT evaluate along the way.
 
-Every N steps each rank draws its share of K uniformly-labelled samples from the EMA weights (or the raw ones) with
+Every N steps each rank draws its share of K class-balanced samples from the EMA weights (or the raw ones) with
 the task's sampling settings, rank 0 gathers them into an ADM .npz and scores it: on Fashion-MNIST in the shipped
 classifier's features (FID and the accuracy of the asked class), elsewhere with the Inception weights and reference
 statistics given by path (FID, sFID, IS, precision and recall where the reference holds images). The random state of

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import scalegen
 import scalegen.models.dit as dit_module
 from scalegen.checkpoint import (
-    CONFIG_FILE, TOKENIZER_FILE, export_weights, save_checkpoint, stored_config,
+    CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, export_weights, save_checkpoint, stored_config,
 )
 from scalegen.cli.main import main
 from scalegen.files import read_weights_file
@@ -136,6 +136,26 @@ def test_weights_raw_and_ema_each_load_their_file(tmp_path, capsys):
     message = user_error(["sample", "dit", "--ckpt", str(tmp_path / "raw_export"), "--weights", "ema", "--out",
                           str(tmp_path / "grid.png")], capsys)
     assert "holds no EMA weights" in message
+
+
+@pytest.mark.parametrize("with_ema", [True, False], ids=["with ema", "without ema"])
+@pytest.mark.filterwarnings("ignore:.*in a single process")  # DCP's note that one process saves, as meant
+def test_weights_raw_and_ema_read_a_sharded_checkpoint_s_own_kinds(tmp_path, with_ema):
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    raw, ema = DiT(TINY_PIXEL_DIT).state_dict(), DiT(TINY_PIXEL_DIT).state_dict()
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(json.dumps({"kind": "dit", "model": asdict(TINY_PIXEL_DIT)}))
+    dcp.save({"model": raw, **({"ema": ema} if with_ema else {})},
+             storage_writer=dcp.FileSystemWriter(folder / SHARDED_DIR), no_dist=True)  # one rank's sharded folder
+    assert same_weights(load_dit(folder, weights="raw"), raw)
+    if with_ema:
+        assert same_weights(load_dit(folder, weights="ema"), ema)
+    else:
+        with pytest.raises(scalegen.UserError, match="holds no EMA weights"):
+            load_dit(folder, weights="ema")
 
 
 def test_shipped_names_load_the_shipped_models_and_an_unknown_one_lists_them(tmp_path, capsys):

@@ -432,6 +432,17 @@ def read_checkpoint_weights(folder: Path, with_ema: bool) -> tuple[dict | None, 
     return read_weights_file(folder / MODEL_FILE), read_weights_file(weights_file(folder)) if with_ema else None
 
 
+def sharded_entries(folder: Path) -> dict:
+    """The entries (key -> metadata) of a sharded checkpoint folder's DCP index."""
+    import torch.distributed.checkpoint as dcp  # imported here, as in `read_sharded_weights`
+
+    try:
+        return dcp.FileSystemReader(folder / SHARDED_DIR).read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise UserError(f"cannot read the shard index of {folder} ({first_line(error)}); resume or export an "
+                        "earlier checkpoint") from None
+
+
 def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
     """The full model (or EMA) tensors of a sharded checkpoint folder, read in this process alone.
 
@@ -446,11 +457,7 @@ def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, tor
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(folder / SHARDED_DIR)
-    try:
-        entries = reader.read_metadata().state_dict_metadata
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise UserError(f"cannot read the shard index of {folder} ({first_line(error)}); resume or export an "
-                        "earlier checkpoint") from None
+    entries = sharded_entries(folder)
     prefix = f"{SHARDED_EMA if prefer_ema and holds_ema(entries) else SHARDED_MODEL}."
     # Full tensors allocated from the index; DCP fills them from whichever ranks' files hold their pieces.
     weights = {key.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
@@ -500,13 +507,13 @@ def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None
 def held_weights(path: str | Path, choice: WeightChoice, stored: dict | None) -> WeightChoice | None:
     """Which weights `load_weights(path, prefer_ema=choice == "ema")` reads: `choice` where a checkpoint holds both
     kinds, "raw" for a run checkpoint without EMA, what an export's config says it holds; None where nothing says
-    (an official file, a sharded checkpoint, an export written before exports said it)."""
+    (an official file, an export written before exports said it)."""
     path = Path(path)
     if not path.is_dir():
         return stored.get(EXPORTED_WEIGHTS_KEY) if stored else None
     folder = weights_folder(path)
     if is_sharded(folder):
-        return None
+        return choice if holds_ema(sharded_entries(folder)) else "raw"
     if (folder / EMA_FILE).exists():
         return choice
     if (folder / STATE_FILE).exists():  # a run's checkpoint, written without EMA

@@ -77,7 +77,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
                              "(FlexAttention block-sparse mask; GPU, else sdpa with a warning)")
     parser.add_argument("--label-dropout", type=fraction, default=defaults.label_dropout,
                         help="class dropout for classifier-free guidance")
-    parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · batch / 256 unless --lr is given")
+    parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · max(batch, 768) / 256 unless --lr is given")
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
     parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
     add_init_from(parser)

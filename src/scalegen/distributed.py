@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from scalegen.errors import UserError
+from scalegen.precision import PRECISIONS, Precision
 
 AGENT_STORE_VARIABLE = "TORCHELASTIC_USE_AGENT_STORE"  # torchrun's workers share its agent's store
 GROUP_STORE_KEY = "scalegen/group_store"  # where rank 0 publishes its attempt's store, in the agent's store
@@ -154,8 +154,6 @@ def cleanup(context: DistributedContext, wait: bool = True) -> None:
 
 # ----- precision -----
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU features that make bf16 matrix products fast
 CPU_INFO = Path("/proc/cpuinfo")

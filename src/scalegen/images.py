@@ -9,7 +9,6 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -23,13 +22,11 @@ from scalegen.eval.npz import (
     CLASS_NAMES_KEY, IMAGES_KEY, LABELS_KEY, NUM_CLASSES_KEY, PROTOCOL_KEY, NpzWriter, write_npz,
 )
 from scalegen.files import replace_atomically
+from scalegen.sampling_settings import LABEL_DRAWS, LabelDraw
 
 UINT8_MAX = 255
 LABEL_PADDING = 4  # pixels around a grid row's name
 IMAGE_OUTPUT_ADVICE = "name a .png or .jpg (or another format PIL writes: .webp, .bmp, .tif, …)"
-# How `sample_to_npz` draws the classes: each N/K times, shuffled (ADM/RAE's FID protocol), or each uniformly at random.
-LabelDraw = Literal["balanced", "random"]
-LABEL_DRAWS: tuple[str, ...] = get_args(LabelDraw)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,19 @@ import torch
 from torch import nn
 
 from scalegen.checkpoint import (
-    CONFIG_FILE, SHIPPED, TOKENIZER_FILE, WeightChoice, checkpoint_path, find_tokenizer_copy, load_chosen_weights,
-    load_weights, stored_config,
+    CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_chosen_weights, load_weights, stored_config,
+)
+from scalegen.checkpoint_names import (
+    PIXEL_SPACE, SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, WeightChoice,
+    checkpoint_path,
 )
 from scalegen.files import read_json, read_weights_file
 from scalegen.fingerprint import weights_fingerprint
 from scalegen.data import class_names
 from scalegen.errors import UserError
-from scalegen.models.dit import MODEL_SIZES, DiT, DiTConfig
+from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
+from scalegen.models.settings import MODEL_SIZES
 from scalegen.models.var import VAR, VARConfig
 from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
 from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, tokenizer_codec
@@ -34,12 +38,6 @@ from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
-# The demo's Fashion-MNIST models (see their RECIPE.md; each config.json holds its sampling settings): the DiT (flow
-# matching), the one-step DiT (MeanFlow), the VAR, and a depth-2 VAR on the shipped VAR's tokenizer, the refiner of
-# its two finest scales (CoDe: `generate(..., refiner=...)`). On the command line: shipped:dit, shipped:var, ….
-SHIPPED_DIT, SHIPPED_MEANFLOW_DIT = checkpoint_path("shipped:dit"), checkpoint_path("shipped:dit-meanflow")
-SHIPPED_VAR, SHIPPED_VAR_REFINER = checkpoint_path("shipped:var"), checkpoint_path("shipped:var-refiner")
-PIXEL_SPACE = "none"  # as `vae`: the model works on pixels, decode nothing
 MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "klvae": "KL tokenizer", "classifier": "classifier"}
 # The tokenizers of ours, by the kind their checkpoints store: their config class and model class.
 TOKENIZER_MODELS = {"vqvae": (VQVAEConfig, VQVAE), "klvae": (KLVAEConfig, KLVAE)}

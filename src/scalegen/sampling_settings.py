@@ -14,7 +14,7 @@ section existed gets none, so the model's own defaults apply.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 SAMPLING_KEY = "sampling"  # the config.json section
 DIT_SETTINGS = ("cfg", "steps", "sampler")
@@ -28,6 +28,10 @@ OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "mult
 FROM_FLAG, FROM_CONFIG, FROM_PAPER, FROM_DEFAULT = "flag", "model config", "paper, official checkpoint", "default"
 
 Chosen = dict[str, tuple[Any, str]]  # setting name -> (value, where it came from)
+# How `sample dit|var --num-samples` (`images.sample_to_npz`) draws the classes: each N/K times, shuffled (ADM/RAE's
+# FID protocol), or each uniformly at random.
+LabelDraw = Literal["balanced", "random"]
+LABEL_DRAWS: tuple[str, ...] = get_args(LabelDraw)
 
 
 def stored_sampling(stored: dict | None, official: dict) -> tuple[dict, str]:

@@ -10,7 +10,7 @@ from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, add_training_options, dataclass_from_args, train_config_from_args,
 )
 from scalegen.cli.parsing import POSITIVE
-from scalegen.train.classifier_task import ClassifierOptions, ClassifierTask, train_classifier
+from scalegen.train.task_options import ClassifierOptions
 
 
 def register(train_parsers) -> None:
@@ -22,12 +22,14 @@ def register(train_parsers) -> None:
     parser.add_argument("--export", metavar="FILE.safetensors",
                         help="after training, write the better of EMA/raw weights (fp16), test-set statistics and a "
                              "JSON card beside it")
-    add_training_options(parser, ClassifierTask, {"compile": COMPILE_WHOLE_MODEL_HELP})
+    add_training_options(parser, "classifier", {"compile": COMPILE_WHOLE_MODEL_HELP})
     parser.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> None:
     """Handler of `scalegen train classifier`: prints the exported card."""
+    from scalegen.train.classifier_task import train_classifier
+
     options = dataclass_from_args(ClassifierOptions, args, command="scalegen " + shlex.join(sys.argv[1:]))
     card = train_classifier(options, train_config_from_args(args))
     if card is not None:

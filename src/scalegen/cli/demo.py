@@ -10,24 +10,20 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+from scalegen.checkpoint_names import SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.cli.parsing import POSITIVE
-from scalegen.data import FashionMNIST
-from scalegen.eval.flops import GIGA, counted_flops
-from scalegen.eval.fmnist import fmnist_report
-from scalegen.images import grid_labels, save_grid, to_uint8
-from scalegen.pretrained import (
-    SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var,
-)
+from scalegen.data_defaults import FASHION_MNIST_NAME
+
+if TYPE_CHECKING:  # the models and the evaluation import torch: each function imports what it uses when it runs
+    import torch
 
 DEMO_CLASSES = 10  # Fashion-MNIST: one grid row per class
 GRID_PER_CLASS = 10
 FLOP_COUNT_IMAGES = 2  # images drawn under the FLOP counter (its bookkeeping would distort the timing)
 
-Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (b,), seed) -> images (b, 1, H, W) in [0, 1]
+Draw = Callable[["torch.Tensor", int], "torch.Tensor"]  # (labels (b,), seed) -> images (b, 1, H, W) in [0, 1]
 
 
 def register(commands) -> None:
@@ -35,7 +31,8 @@ def register(commands) -> None:
     parser = commands.add_parser("demo", help="sample the shipped Fashion-MNIST DiT, MeanFlow DiT and VAR: grids, speed, "
                                  "FLOPs, FID")
     parser.add_argument("--out", default="runs/demo", help="folder for the grids and report.json")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or a folder of its IDX files (FID baseline)")
+    parser.add_argument("--data", default=FASHION_MNIST_NAME,
+                        help="fashion-mnist or a folder of its IDX files (FID baseline)")
     parser.add_argument("--per-class", type=POSITIVE, default=GRID_PER_CLASS,
                         help="samples per class to score (the grid shows the first 10); more gives a steadier FID")
     parser.add_argument("--dit", default=str(SHIPPED_DIT), help="DiT folder (default: the shipped one)")
@@ -52,6 +49,8 @@ def register(commands) -> None:
 def dit_drawer(path: str | Path) -> Draw:
     """Sampling function of a DiT folder (with its tokenizer or VAE) at its recommended settings (its config's
     `sampling` section: the shipped DiT's 50 Euler steps at cfg 2.5, the MeanFlow DiT's one jump)."""
+    from scalegen.pretrained import load_dit
+
     model = load_dit(path)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -63,6 +62,8 @@ def dit_drawer(path: str | Path) -> Draw:
 def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
     """Sampling function of a VAR folder (tokenizer inside) at its recommended settings: the official computation,
     or with a refiner (CoDe) its speed-ups — bf16 where the hardware has bf16 units and inverse-CDF draws too."""
+    from scalegen.pretrained import load_refiner, load_var
+
     model = load_var(path)
     fast = {}
     if refiner is not None:
@@ -76,11 +77,21 @@ def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
 
 def flops_per_image(draw: Draw) -> float:
     """FLOPs of one sample, counted by torch's FLOP counter over a small batch (network, guidance and decoder)."""
+    import torch
+
+    from scalegen.eval.flops import counted_flops
+
     return counted_flops(lambda: draw(torch.arange(FLOP_COUNT_IMAGES) % DEMO_CLASSES, 0)) / FLOP_COUNT_IMAGES
 
 
 def evaluate_model(name: str, draw: Draw, args: argparse.Namespace, real_baseline: float) -> dict:
     """Draw `per_class` samples of every class, save the grid, score them; returns the report."""
+    import torch
+
+    from scalegen.eval.flops import GIGA
+    from scalegen.eval.fmnist import fmnist_report
+    from scalegen.images import grid_labels, save_grid, to_uint8
+
     labels = grid_labels(list(range(DEMO_CLASSES)), args.per_class)  # (N,)
     started = time.perf_counter()
     images = torch.cat([draw(chunk, args.seed + index) for index, chunk in enumerate(labels.split(args.batch_size))])
@@ -109,13 +120,21 @@ def grid_file(name: str) -> str:
 
 def real_train_fid(data: str, count: int, seed: int) -> float:
     """FID of `count` random real training images in the classifier's features: the floor for that many samples."""
-    train_set = FashionMNIST(None if data == "fashion-mnist" else data, split="train")
+    import numpy as np
+    import torch
+
+    from scalegen.data import FashionMNIST
+    from scalegen.eval.fmnist import fmnist_report
+
+    train_set = FashionMNIST(None if data == FASHION_MNIST_NAME else data, split="train")
     chosen = np.random.default_rng(seed).choice(len(train_set), size=min(count, len(train_set)), replace=False)
     return fmnist_report(train_set.images[torch.from_numpy(chosen), 0])["fid"]
 
 
 def run_demo(args: argparse.Namespace) -> None:
     """Sample the shipped models, write their grids and report.json, and print each one's figures."""
+    import torch
+
     baseline = real_train_fid(args.data, DEMO_CLASSES * args.per_class, args.seed)
     with torch.no_grad():
         reports = {

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from scalegen.cli.eval import add_labels_option
 from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
     add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
@@ -12,23 +11,13 @@ from scalegen.cli.options import (
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
 from scalegen.cli.sampling import add_weights_option, checkpoint_help, chosen_dit_settings
-from scalegen.diffusion.ddpm import LOSS_WEIGHTINGS
-from scalegen.diffusion.flow import TIME_SAMPLINGS
-from scalegen.diffusion.objective import check_guidance_interval
-from scalegen.diffusion.objectives import OBJECTIVE_NAMES, SAMPLERS, objectives_help, samplers_help
+from scalegen.diffusion.names import (
+    LOSS_WEIGHTINGS, OBJECTIVE_NAMES, SAMPLERS, TIME_SAMPLINGS, check_guidance_interval, objectives_help, samplers_help,
+)
 from scalegen.errors import UserError
-from scalegen.distributed import process_group
-from scalegen.cli.eval import add_labels_option
-from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
-from scalegen.models.dit import PRESETS
-from scalegen.models.dit_blocks import BLOCK_KINDS, MLP_KINDS, NORM_KINDS
-from scalegen.pretrained import load_dit
-from scalegen.sampling_settings import settings_line, values
-from scalegen.train.dit_task import REPA_DEFAULT_DEPTH, DiTOptions, DiTTask, ObjectiveConfig, train_dit
-from scalegen.train.kl_task import KLLosses, KLVAEOptions, KLVAETask, train_kl
+from scalegen.models.settings import BLOCK_KINDS, MLP_KINDS, NORM_KINDS, PRESETS
+from scalegen.train.task_options import REPA_DEFAULT_DEPTH, DiTOptions, KLLosses, KLVAEOptions, ObjectiveConfig
 
-DEFAULTS, OBJECTIVE_DEFAULTS = DiTOptions(), ObjectiveConfig()
-KL_DEFAULTS, KL_LOSS_DEFAULTS = KLVAEOptions(), KLLosses()
 SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 32  # the official sample.py's
 ALIGN_WEIGHT = 0.1  # VA-VAE's hyper-weight of `train kl --align-encoder` when --align-weight is not given
 DIT_GUIDANCE = at_least(1.0, float)  # 1 = no guidance; the official sampler treats anything below as 1
@@ -51,26 +40,28 @@ def register(train_parsers, sample_parsers) -> None:
     """Add `train dit`, `train kl` and `sample dit` to the command line."""
     register_train_kl(train_parsers)
     parser = train_parsers.add_parser("dit", help="train a diffusion transformer")
-    parser.add_argument("--model", default=DEFAULTS.model, help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--model", default=DiTOptions.model, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--data", default=None, help=TOKENIZER_DATA_HELP)
-    parser.add_argument("--image-size", type=POSITIVE, default=DEFAULTS.image_size, help="image side in pixels")
-    parser.add_argument("--vae", default=DEFAULTS.vae, help="local SD-VAE folder/file for latent space (default: pixels)")
-    parser.add_argument("--tokenizer", default=DEFAULTS.tokenizer,
+    parser.add_argument("--image-size", type=POSITIVE, default=DiTOptions.image_size, help="image side in pixels")
+    parser.add_argument("--vae", default=DiTOptions.vae,
+                        help="local SD-VAE folder/file for latent space (default: pixels)")
+    parser.add_argument("--tokenizer", default=DiTOptions.tokenizer,
                         help="`train vqvae` run: diffuse its quantized features instead of pixels; `train kl` run: "
                              "diffuse its latents, normalised per channel")
     parser.add_argument("--latent-cache", action="store_true",
                         help="encode the data set once into RUN/latents/ (shards every rank builds, read memory-mapped)")
-    parser.add_argument("--block", choices=BLOCK_KINDS, default=DEFAULTS.block, help="conditioning block (paper ablation)")
-    parser.add_argument("--norm", choices=NORM_KINDS, default=DEFAULTS.norm,
+    parser.add_argument("--block", choices=BLOCK_KINDS, default=DiTOptions.block,
+                        help="conditioning block (paper ablation)")
+    parser.add_argument("--norm", choices=NORM_KINDS, default=DiTOptions.norm,
                         help="the adaLN blocks' two affine-free norms: DiT's layernorm or LightningDiT's rmsnorm")
-    parser.add_argument("--mlp", choices=MLP_KINDS, default=DEFAULTS.mlp,
+    parser.add_argument("--mlp", choices=MLP_KINDS, default=DiTOptions.mlp,
                         help="the blocks' MLP: DiT's tanh-GELU, or LightningDiT's SwiGLU at 2/3 of its hidden width")
     parser.add_argument("--rope", action="store_true",
                         help="2-D rotary position embedding of queries and keys (LightningDiT's; the sin-cos "
                              "position embedding stays)")
     parser.add_argument("--qk-norm", action="store_true",
                         help="RMS-normalise each head's queries and keys (learnable weights) before RoPE and attention")
-    parser.add_argument("--class-dropout", type=fraction, default=DEFAULTS.class_dropout,
+    parser.add_argument("--class-dropout", type=fraction, default=DiTOptions.class_dropout,
                         help="label dropout, which classifier-free guidance needs")
     parser.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", default=None,
                         help="ddpm: predict ε only (fixed variance) instead of ε and the variance (flow never learns σ)")
@@ -78,45 +69,45 @@ def register(train_parsers, sample_parsers) -> None:
     parser.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
     parser.add_argument("--num-heads", type=POSITIVE, help="override the preset's heads")
     parser.add_argument("--patch-size", type=POSITIVE, help="override the preset's patch size")
-    parser.add_argument("--sample-steps", type=POSITIVE, default=DEFAULTS.sample_steps,
+    parser.add_argument("--sample-steps", type=POSITIVE, default=DiTOptions.sample_steps,
                         help="steps of the periodic sample grid")
-    parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DEFAULTS.sample_cfg,
+    parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DiTOptions.sample_cfg,
                         help="guidance scale of the periodic sample grid")
-    parser.add_argument("--objective", choices=OBJECTIVE_NAMES, default=OBJECTIVE_DEFAULTS.name, help=objectives_help())
-    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=OBJECTIVE_DEFAULTS.time_sampling,
+    parser.add_argument("--objective", choices=OBJECTIVE_NAMES, default=ObjectiveConfig.name, help=objectives_help())
+    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=ObjectiveConfig.time_sampling,
                         help="flow, meanflow: how training draws t in [0, 1]")
-    parser.add_argument("--logit-mean", type=finite_float, default=OBJECTIVE_DEFAULTS.logit_mean,
+    parser.add_argument("--logit-mean", type=finite_float, default=ObjectiveConfig.logit_mean,
                         help="flow, meanflow: the logit-normal's location (MeanFlow's paper: -0.4)")
-    parser.add_argument("--logit-std", type=finite_float, default=OBJECTIVE_DEFAULTS.logit_std,
+    parser.add_argument("--logit-std", type=finite_float, default=ObjectiveConfig.logit_std,
                         help="flow, meanflow: the logit-normal's scale")
-    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=OBJECTIVE_DEFAULTS.loss_weighting,
+    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=ObjectiveConfig.loss_weighting,
                         help="ddpm: min-snr weights the ε loss by min(SNR, γ)/SNR")
-    parser.add_argument("--snr-gamma", type=finite_float, default=OBJECTIVE_DEFAULTS.snr_gamma, help="ddpm: γ of min-SNR weighting")
-    parser.add_argument("--mean-fraction", type=fraction, default=OBJECTIVE_DEFAULTS.mean_fraction,
+    parser.add_argument("--snr-gamma", type=finite_float, default=ObjectiveConfig.snr_gamma, help="ddpm: γ of min-SNR weighting")
+    parser.add_argument("--mean-fraction", type=fraction, default=ObjectiveConfig.mean_fraction,
                         help="meanflow: the share of examples trained with r < t (the rest: r = t)")
-    parser.add_argument("--weighting-power", type=finite_float, default=OBJECTIVE_DEFAULTS.weighting_power,
+    parser.add_argument("--weighting-power", type=finite_float, default=ObjectiveConfig.weighting_power,
                         help="meanflow: p of the adaptive loss weight 1 / (‖Δ‖² + c)^p")
-    parser.add_argument("--weighting-constant", type=finite_float, default=OBJECTIVE_DEFAULTS.weighting_constant,
+    parser.add_argument("--weighting-constant", type=finite_float, default=ObjectiveConfig.weighting_constant,
                         help="meanflow: c of the adaptive loss weight")
-    parser.add_argument("--train-cfg", type=DIT_GUIDANCE, default=OBJECTIVE_DEFAULTS.guidance,
+    parser.add_argument("--train-cfg", type=DIT_GUIDANCE, default=ObjectiveConfig.guidance,
                         help="meanflow: the guidance scale trained into the model (it then samples with cfg 1)")
-    parser.add_argument("--cfg-interval", type=guidance_interval, default=DEFAULTS.cfg_interval, metavar="LOW,HIGH",
+    parser.add_argument("--cfg-interval", type=guidance_interval, default=DiTOptions.cfg_interval, metavar="LOW,HIGH",
                         help=CFG_INTERVAL_HELP + "; stored as the model's sampling default (meanflow: where "
                              "--train-cfg is trained in)")
-    parser.add_argument("--repa-encoder", default=DEFAULTS.repa_encoder, metavar="FILE.safetensors",
+    parser.add_argument("--repa-encoder", default=DiTOptions.repa_encoder, metavar="FILE.safetensors",
                         help="REPA: align a block with this frozen encoder's features (`train classifier --export`)")
     parser.add_argument("--repa-depth", type=POSITIVE, default=REPA_DEFAULT_DEPTH, help="REPA: the aligned block (1-based)")
-    parser.add_argument("--repa-weight", type=finite_float, default=OBJECTIVE_DEFAULTS.repa_weight,
+    parser.add_argument("--repa-weight", type=finite_float, default=ObjectiveConfig.repa_weight,
                         help="REPA: λ of the alignment loss")
     parser.add_argument("--end-to-end", action="store_true",
                         help="REPA-E: tune the --tokenizer (a `train kl` run) with the DiT through REPA's loss; the "
                              "latents are batch-normalised, the diffusion loss stops at them")
-    parser.add_argument("--end-to-end-weight", type=NON_NEGATIVE_FLOAT, default=DEFAULTS.end_to_end_weight,
+    parser.add_argument("--end-to-end-weight", type=NON_NEGATIVE_FLOAT, default=DiTOptions.end_to_end_weight,
                         help="REPA-E: weight of the REPA loss that reaches the tokenizer")
     parser.add_argument("--tokenizer-lr", type=NON_NEGATIVE_FLOAT, default=None,
                         help="REPA-E: the tokenizer's learning rate (default: --lr)")
     add_init_from(parser)
-    add_training_options(parser, DiTTask)
+    add_training_options(parser, "dit")
     parser.set_defaults(handler=run_train)
 
     parser = sample_parsers.add_parser("dit", help="sample a DiT: a class grid (.png) or ADM samples (.npz)")
@@ -154,7 +145,7 @@ def register_train_kl(train_parsers) -> None:
     """Add `train kl`: a KL autoencoder (SD's VAE architecture, diffusers' AutoencoderKL layout), optionally aligned
     with an encoder (VA-VAE)."""
     parser = train_parsers.add_parser("kl", help="train a KL tokenizer (SD-VAE architecture) for a DiT's latent space")
-    defaults, losses = KL_DEFAULTS, KL_LOSS_DEFAULTS
+    defaults, losses = KLVAEOptions, KLLosses  # their field defaults (the parser builds no instance)
     add_autoencoder_options(parser, defaults)
     parser.add_argument("--attention", dest="use_attention", action="store_true",
                         help="the middle attention blocks of SD's VAE (off by default: small images)")
@@ -174,12 +165,14 @@ def register_train_kl(train_parsers) -> None:
     parser.add_argument("--distance-margin", type=NON_NEGATIVE_FLOAT, default=losses.distance_margin,
                         help="VA-VAE: margin m2 of the distance-matrix loss")
     add_init_from(parser, class_conditional=False)
-    add_training_options(parser, KLVAETask, {"compile": COMPILE_WHOLE_MODEL_HELP})
+    add_training_options(parser, "klvae", {"compile": COMPILE_WHOLE_MODEL_HELP})
     parser.set_defaults(handler=run_train_kl)
 
 
 def run_train_kl(args: argparse.Namespace) -> None:
     """Handler of `scalegen train kl`."""
+    from scalegen.train.kl_task import train_kl
+
     alignment = args.alignment if args.alignment is not None else (ALIGN_WEIGHT if args.align_encoder else 0.0)
     losses = dataclass_from_args(KLLosses, args, alignment=alignment)
     train_kl(dataclass_from_args(KLVAEOptions, args, losses=losses), train_config_from_args(args))
@@ -187,6 +180,8 @@ def run_train_kl(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     """Handler of `scalegen train dit`."""
+    from scalegen.train.dit_task import train_dit
+
     objective = dataclass_from_args(ObjectiveConfig, args, name=args.objective, time_sampling=args.t_sampling,
                                     guidance=args.train_cfg)
     train_dit(dataclass_from_args(DiTOptions, args, objective=objective, data=training_data(args, say=True)),
@@ -196,6 +191,13 @@ def run_train(args: argparse.Namespace) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N labelled samples (class-balanced unless --labels random) as an ADM .npz (sharded
     over torchrun ranks)."""
+    import torch
+
+    from scalegen.distributed import process_group
+    from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
+    from scalegen.pretrained import load_dit
+    from scalegen.sampling_settings import settings_line, values
+
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_dit(args.ckpt, args.vae, args.weights).to(context.device)

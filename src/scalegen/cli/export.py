@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from scalegen.checkpoint import WEIGHT_CHOICES, export_weights
-from scalegen.diffusers_export import README_FILE, export_diffusers
+from scalegen.checkpoint_names import WEIGHT_CHOICES
 from scalegen.errors import UserError
 
 FORMATS = ("scalegen", "diffusers")
@@ -12,6 +11,9 @@ FORMATS = ("scalegen", "diffusers")
 
 def run_export(args: argparse.Namespace) -> None:
     """Handler of `scalegen export`."""
+    from scalegen.checkpoint import export_weights
+    from scalegen.diffusers_export import README_FILE, export_diffusers
+
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:
             raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")

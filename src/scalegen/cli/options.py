@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, fields
 from functools import partial
+from importlib import import_module
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, TypeVar
@@ -20,13 +21,24 @@ from scalegen.cli.parsing import (
     integers, options_text,
 )
 from scalegen.errors import UserError
+from scalegen.precision import PRECISIONS
+from scalegen.train.settings import (
+    EVALUATED_WEIGHTS, LOGGERS, MINIMUMS, RECIPE_FIELDS, RECIPE_NOTES, RECIPES, TrainConfig,
+)
+from scalegen.train.task_options import ReconstructionLosses
 
-if TYPE_CHECKING:  # the library's training modules import torch: a command's parser imports them only to build
+if TYPE_CHECKING:  # the tasks import torch: a command imports its task only once it runs (or resolves its recipe)
     from scalegen.train.task import TrainingTask
-    from scalegen.train.tokenizer_task import ReconstructionLosses
-    from scalegen.train.trainer import TrainConfig
 
 Options = TypeVar("Options")
+# Each `scalegen train` task by its kind (the key of its recipe in `RECIPES`): the module and class that train it.
+TASKS = {
+    "dit": ("scalegen.train.dit_task", "DiTTask"),
+    "klvae": ("scalegen.train.kl_task", "KLVAETask"),
+    "vqvae": ("scalegen.train.tokenizer_task", "VQVAETask"),
+    "var": ("scalegen.train.var_task", "VARTask"),
+    "classifier": ("scalegen.train.classifier_task", "ClassifierTask"),
+}
 # Loop settings with their own flag name (the rest are the field name with dashes).
 FLAG_NAMES = {"ema_decay": "--ema"}
 TRAINING_HELP = {
@@ -89,7 +101,8 @@ def tokenizer_data(tokenizer: str | None) -> str | None:
 
 def training_data(args: argparse.Namespace, say: bool = False) -> str:
     """`--data` of a parsed `train dit` or `train var` (TOKENIZER_DATA_HELP): the one given, else the data its
-    --tokenizer was trained on (said on rank 0's stderr with `say`), else Fashion-MNIST, the options' default."""
+    --tokenizer was trained on (said on rank 0's standard output with `say`, as the other lines a run starts with),
+    else Fashion-MNIST, the options' default."""
     from scalegen.data_defaults import FASHION_MNIST_NAME
     from scalegen.distributed import launched_as_main
 
@@ -99,8 +112,7 @@ def training_data(args: argparse.Namespace, say: bool = False) -> str:
     if data is None:
         return FASHION_MNIST_NAME
     if say and launched_as_main():
-        print(f"training on {data}, the data the tokenizer {args.tokenizer} was trained on (--data to change)",
-              file=sys.stderr)
+        print(f"training on {data}, the data the tokenizer {args.tokenizer} was trained on (--data to change)")
     return data
 
 
@@ -145,17 +157,18 @@ def add_reconstruction_loss_options(parser: argparse.ArgumentParser, losses: Rec
                         help="discriminator lr (default: --lr)")
 
 
-def add_training_options(parser: OneLineParser, task: type[TrainingTask],
-                         help_texts: Mapping[str, str] | None = None) -> None:
-    """The loop options of every `scalegen train` command, and its run configuration (`--config`, `--print-config`,
-    which show the recipe's values the run takes); their defaults are `task`'s recipe and `TrainConfig`'s, their help
-    TRAINING_HELP's unless `help_texts` has it."""
-    from scalegen.distributed import PRECISIONS
-    from scalegen.train.run_log import LOGGERS
-    from scalegen.train.trainer import EVALUATED_WEIGHTS, MINIMUMS, TrainConfig
+def task_class(task: str) -> type[TrainingTask]:
+    """The class of the `scalegen train` task `task` (imported here: it imports torch)."""
+    module, name = TASKS[task]
+    return getattr(import_module(module), name)
 
+
+def add_training_options(parser: OneLineParser, task: str, help_texts: Mapping[str, str] | None = None) -> None:
+    """The loop options of every `scalegen train` command, and its run configuration (`--config`, `--print-config`,
+    which show the recipe's values the run takes); their defaults are the recipe of the task `task` (a key of `TASKS`)
+    and `TrainConfig`'s, their help TRAINING_HELP's unless `help_texts` has it."""
     choices = {"precision": list(PRECISIONS), "logger": list(LOGGERS), "eval_weights": list(EVALUATED_WEIGHTS)}
-    recipe = task.recipe
+    recipe, notes = RECIPES[task], RECIPE_NOTES.get(task, {})
     for field in fields(TrainConfig):
         flag = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
         help_text = (help_texts or {}).get(field.name, TRAINING_HELP[field.name])
@@ -169,7 +182,7 @@ def add_training_options(parser: OneLineParser, task: type[TrainingTask],
             parser.add_argument(flag, dest=field.name, required=True, type=str if field.name == "out" else kind,
                                 help=help_text)
         elif field.default is None and hasattr(recipe, field.name):  # the recipe's setting
-            value = task.recipe_notes.get(field.name, getattr(recipe, field.name))
+            value = notes.get(field.name, getattr(recipe, field.name))
             parser.add_argument(flag, dest=field.name, type=floats if field.name == "betas" else kind, default=None,
                                 help=f"{help_text} (recipe: {value})")
         elif isinstance(field.default, bool):
@@ -181,26 +194,25 @@ def add_training_options(parser: OneLineParser, task: type[TrainingTask],
     parser.add_config_options(partial(effective_values, task))
 
 
-def effective_values(task: type[TrainingTask], args: argparse.Namespace) -> dict:
+def effective_values(task: str, args: argparse.Namespace) -> dict:
     """The options, by dest, that a parsed `scalegen train` command leaves unset and its run takes from elsewhere,
-    found without building a model: the loop settings of `task`'s recipe (`trainer.resolved_config`; the task's
-    `training_defaults` reads the recipe and the task's options, e.g. VAR's base_lr, which the parsed arguments hold)
-    and the data of a run on a tokenizer (`training_data`). Without --steps (a template) the settings the recipe
-    computes (its `recipe_notes`) stay unset."""
-    from scalegen.train.trainer import RECIPE_FIELDS, resolved_config
-
+    found without building a model: the loop settings of the recipe of the task `task` (`trainer.resolved_config`;
+    the task's `training_defaults` reads the recipe and the task's options, e.g. VAR's base_lr, which the parsed
+    arguments hold) and the data of a run on a tokenizer (`training_data`). Without --steps (a template) the settings
+    the recipe computes (its `RECIPE_NOTES`) stay unset."""
+    recipe, notes = RECIPES[task], RECIPE_NOTES.get(task, {})
     data = {"data": training_data(args)} if "tokenizer" in vars(args) and args.data is None else {}
     if args.steps is None:
-        return {**data, **{name: getattr(task.recipe, name) for name in RECIPE_FIELDS if name not in task.recipe_notes}}
-    options = SimpleNamespace(**vars(args), recipe=task.recipe)
-    options.training_defaults = partial(task.training_defaults, options)
+        return {**data, **{name: getattr(recipe, name) for name in RECIPE_FIELDS if name not in notes}}
+    from scalegen.train.trainer import resolved_config  # torch: only once a run's values are asked for
+
+    options = SimpleNamespace(**vars(args), recipe=recipe)
+    options.training_defaults = partial(task_class(task).training_defaults, options)
     return {**data, **asdict(resolved_config(train_config_from_args(args), options))}
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """`--precision` of the sampling commands: fp32 (the official numbers) unless asked."""
-    from scalegen.distributed import PRECISIONS
-
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="autocast of the network: fp32 is exact; bf16 (or auto: bf16 where the GPU or CPU has "
                              "bf16 matrix units) is faster")
@@ -214,8 +226,6 @@ def dataclass_from_args(cls: type[Options], args: argparse.Namespace, **values) 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The loop settings of a parsed `scalegen train` command."""
-    from scalegen.train.trainer import TrainConfig
-
     return dataclass_from_args(TrainConfig, args)
 
 

@@ -7,35 +7,26 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from scalegen.cli.eval import add_labels_option
 from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
     add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, floats, fraction, integers
-from scalegen.cli.sampling import (
-    NO_REFINER, add_weights_option, checkpoint_help, chosen_var_settings,
-)
-from scalegen.cli.eval import add_labels_option
-from scalegen.distributed import process_group
+from scalegen.cli.sampling import NO_REFINER, add_weights_option, checkpoint_help, chosen_var_settings
 from scalegen.errors import UserError
-from scalegen.images import (
-    check_image_output, check_output, grid_labels, load_image, parse_classes, sample_to_npz, save_grid,
+from scalegen.models.settings import (
+    ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS,
 )
-from scalegen.models.var_blocks import ATTENTION_BACKENDS
-from scalegen.models.var_edit import edit_box, parse_box
-from scalegen.models.var_generation import DEFAULT_REFINED_SCALES
-from scalegen.models.var_pruning import DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, TokenPruning
-from scalegen.models.var_sampling import DRAWS
-from scalegen.pretrained import load_refiner, load_var
 from scalegen.sampling_settings import settings_line, values
-from scalegen.train.tokenizer_task import TokenizerLosses, VQVAEOptions, VQVAETask, train_vqvae
-from scalegen.train.var_task import VAROptions, VARTask, train_var
+from scalegen.train.task_options import TokenizerLosses, VAROptions, VQVAEOptions
 
-TOKENIZER_DEFAULTS, LOSS_DEFAULTS = VQVAEOptions(), TokenizerLosses()
+if TYPE_CHECKING:  # the models import torch: the handlers import them when they run
+    from scalegen.models.var import VAR
+
 # How `sample var` lays its grid out and batches (its sampling settings are the model's: `cli/sampling.py`).
 SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 64
 
@@ -43,7 +34,7 @@ SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 64
 def register(train_parsers, sample_parsers, commands) -> None:
     """Add `train vqvae`, `train var`, `sample var` and `edit var` to the command line."""
     parser = train_parsers.add_parser("vqvae", help="train VAR's multi-scale VQVAE tokenizer")
-    defaults = TOKENIZER_DEFAULTS
+    defaults, losses = VQVAEOptions, TokenizerLosses  # their field defaults (the parser builds no instance)
     add_autoencoder_options(parser, defaults)
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums, help="token grid side per scale")
     parser.add_argument("--no-attention", dest="use_attention", action="store_false", help="no attention blocks")
@@ -51,13 +42,13 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--z-channels", type=POSITIVE, default=defaults.z_channels, help="latent (code) channels")
     parser.add_argument("--share-quant-resi", type=NON_NEGATIVE, default=defaults.share_quant_resi,
                         help="φ convs shared over scales (0: one per scale)")
-    add_reconstruction_loss_options(parser, LOSS_DEFAULTS)
-    parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=LOSS_DEFAULTS.quantizer,
+    add_reconstruction_loss_options(parser, losses)
+    parser.add_argument("--quantizer-weight", dest="quantizer", type=NON_NEGATIVE_FLOAT, default=losses.quantizer,
                         help="weight of the quantizer (commitment) loss")
-    parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=LOSS_DEFAULTS.dead_code_every,
+    parser.add_argument("--dead-code-every", type=NON_NEGATIVE, default=losses.dead_code_every,
                         help="re-initialise dead codes every N steps (0: never)")
     add_init_from(parser, class_conditional=False)
-    add_training_options(parser, VQVAETask, {"compile": COMPILE_WHOLE_MODEL_HELP})
+    add_training_options(parser, "vqvae", {"compile": COMPILE_WHOLE_MODEL_HELP})
     parser.set_defaults(handler=run_train_vqvae)
 
     parser = train_parsers.add_parser("var", help="train a VAR transformer on a trained tokenizer")
@@ -81,7 +72,7 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
     parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
     add_init_from(parser)
-    add_training_options(parser, VARTask)
+    add_training_options(parser, "var")
     parser.set_defaults(handler=run_train_var)
 
     parser = sample_parsers.add_parser("var", help="sample a VAR: a class grid (.png) or ADM samples (.npz)")
@@ -148,18 +139,25 @@ def add_loading_options(parser, seed_help: str) -> None:
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
     """Handler of `scalegen train vqvae`."""
+    from scalegen.train.tokenizer_task import train_vqvae
+
     options = dataclass_from_args(VQVAEOptions, args, losses=dataclass_from_args(TokenizerLosses, args))
     train_vqvae(options, train_config_from_args(args))
 
 
 def run_train_var(args: argparse.Namespace) -> None:
     """Handler of `scalegen train var`."""
+    from scalegen.train.var_task import train_var
+
     train_var(dataclass_from_args(VAROptions, args, data=training_data(args, say=True)), train_config_from_args(args))
 
 
-def sampling_options(args: argparse.Namespace, model: torch.nn.Module, show: bool = True) -> dict:
+def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) -> dict:
     """The VAR sampling settings of `sample var` / `edit var` for `model`, printed (`show`) with where each came from
     (a refiner is loaded beside it, on its tokenizer and device)."""
+    from scalegen.models.var_pruning import TokenPruning
+    from scalegen.pretrained import load_refiner
+
     if len(args.unpruned_blocks) != 2:
         raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
     pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
@@ -177,6 +175,12 @@ def sampling_options(args: argparse.Namespace, model: torch.nn.Module, show: boo
 def run_sample(args: argparse.Namespace) -> None:
     """Write a class grid PNG, or N labelled samples (class-balanced unless --labels random) as an ADM .npz (sharded
     over torchrun ranks)."""
+    import torch
+
+    from scalegen.distributed import process_group
+    from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
+    from scalegen.pretrained import load_var
+
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_var(args.ckpt, args.tokenizer, args.weights).to(context.device)
@@ -200,6 +204,12 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def run_edit(args: argparse.Namespace) -> None:
     """In-paint (regenerate the box) or out-paint (keep only the box); writes OUT, OUT_input.png, OUT_mask.png."""
+    import torch
+
+    from scalegen.images import check_image_output, load_image, parse_classes, save_grid
+    from scalegen.models.var_edit import edit_box, parse_box
+    from scalegen.pretrained import load_var
+
     check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_var(args.ckpt, args.tokenizer, args.weights).to(device)

@@ -7,18 +7,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
 
 from scalegen.diffusion.dpm_solver import dpm_solver_sample_loop_progressive
 from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS, schedule_on_device
+from scalegen.diffusion.names import LOSS_WEIGHTINGS, OBJECTIVE_ENTRIES, LossWeighting
 from scalegen.diffusion.objective import ModelFunction, Objective
 from scalegen.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
 from scalegen.errors import UserError
 
-LossWeighting = Literal["none", "min-snr"]
-LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min-snr")
 DIFFUSERS_SCHEDULER_CLASS = "DDPMScheduler"
 
 
@@ -37,12 +35,7 @@ class DDPMObjective(Objective):
     snr_gamma: float = 5.0
 
     name = "ddpm"
-    summary = "DDPM ε-prediction with a learned variance (the DiT paper's)"
-    samplers = {
-        "ddpm": "ancestral DDPM on the respaced diffusion (the official sampler)",
-        "ddim": "DDIM with η = 0",
-        "dpm-solver++": "DPM-Solver++ (2M): good samples in 10-25 steps",
-    }
+    summary, samplers = OBJECTIVE_ENTRIES[name].summary, OBJECTIVE_ENTRIES[name].samplers
     fast_sampler = "ddim"
     default_steps, default_cfg = 250, 4.0  # the official sample.py's
     min_steps = 2

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from scalegen.diffusion.math import mean_flat
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES, TIME_SAMPLINGS, TimeSampling
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
 from scalegen.errors import UserError
 
-TimeSampling = Literal["uniform", "logit-normal"]
-TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "logit-normal")
 
 
 def logit_normal_or_uniform(time_sampling: TimeSampling, logit_mean: float, logit_std: float, batch: int,
@@ -55,12 +53,7 @@ class LinearFlow(Objective):
     logit_std: float = 1.0
 
     name = "flow"
-    summary = "SiT's linear flow matching: velocity prediction"
-    samplers = {
-        "euler": "Euler ODE steps (one network call a step)",
-        "heun": "Heun ODE steps (two network calls a step)",
-        "euler-maruyama": "Euler-Maruyama on the reverse SDE with the ODE's marginals",
-    }
+    summary, samplers = OBJECTIVE_ENTRIES[name].summary, OBJECTIVE_ENTRIES[name].samplers
     fast_sampler = "euler"
     default_steps, default_cfg = 50, 4.0
 

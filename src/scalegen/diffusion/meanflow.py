@@ -29,8 +29,9 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from scalegen.diffusion.flow import LinearFlow, TimeSampling, check_time_sampling, logit_normal_or_uniform
-from scalegen.diffusion.objective import TIME_SCALE, GuidanceInterval, ModelFunction, Objective
+from scalegen.diffusion.flow import LinearFlow, check_time_sampling, logit_normal_or_uniform
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES, GuidanceInterval, TimeSampling
+from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
 from scalegen.errors import UserError
 
 INTERVAL_SCALE = 1.0  # the network sees t − r unscaled (see above)
@@ -63,11 +64,7 @@ class MeanFlow(Objective):
     class_dropout: float = 0.1
 
     name = "meanflow"
-    summary = "MeanFlow: the average velocity over [r, t], for one- or few-step sampling"
-    samplers = {
-        "meanflow": "average-velocity jumps z_r = z_t - (t - r)·u: one network call a step (1 or 2 steps)",
-        "euler": "Euler ODE steps on the instantaneous velocity u(z, t, t)",
-    }
+    summary, samplers = OBJECTIVE_ENTRIES[name].summary, OBJECTIVE_ENTRIES[name].samplers
     fast_sampler = "meanflow"
     default_steps, default_cfg = 1, 1.0  # guidance is trained in
     time_inputs = 2

@@ -15,23 +15,12 @@ from typing import ClassVar
 
 import torch
 
+from scalegen.diffusion.names import GuidanceInterval
 from scalegen.errors import UserError
 
 TIME_SCALE = 1000.0  # the network sees t·1000: DDPM's step range, in which its sinusoidal embedding was designed
 # model(x (B, C, H, W), t·TIME_SCALE (B,), **model_kwargs) -> the objective's output (B, C_out, H, W)
 ModelFunction = Callable[..., torch.Tensor]
-GuidanceInterval = tuple[float, float]  # (low, high): guidance applies at noise levels low ≤ t ≤ high
-
-
-def check_guidance_interval(interval: GuidanceInterval | list[float] | None) -> GuidanceInterval | None:
-    """A checked (low, high) with 0 ≤ low < high ≤ 1, or None for guidance at every step."""
-    if interval is None:
-        return None
-    low, high = (float(value) for value in interval)
-    if not 0.0 <= low < high <= 1.0:
-        raise UserError(f"a guidance interval must satisfy 0 <= LOW < HIGH <= 1 in noise level t (1: noise); got "
-                        f"{low},{high}")
-    return low, high
 
 
 def within(interval: GuidanceInterval | None, level: float) -> bool:

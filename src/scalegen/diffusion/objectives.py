@@ -1,5 +1,6 @@
-"""The registry of DiT objectives: each name a DiT's config may hold, the class that owns it, and what the command
-line and the docs list. A new objective is one module defining an `Objective` subclass, plus one entry here.
+"""The registry of DiT objectives: each name a DiT's config may hold and the class that owns it. A new objective is
+one module defining an `Objective` subclass, plus one entry here and one in `scalegen.diffusion.names` (its summary
+and samplers, which the command line lists without importing torch; the class reads them from there).
 """
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from dataclasses import fields
 from scalegen.diffusion.ddpm import DDPMObjective
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import MeanFlow
+from scalegen.diffusion.names import OBJECTIVE_NAMES
 from scalegen.diffusion.objective import Objective
 from scalegen.errors import UserError
 
 OBJECTIVES: dict[str, type[Objective]] = {objective.name: objective for objective in (DDPMObjective, LinearFlow, MeanFlow)}
-OBJECTIVE_NAMES: tuple[str, ...] = tuple(OBJECTIVES)
-# Every sampler name, once, in the objectives' order.
-SAMPLERS: tuple[str, ...] = tuple(dict.fromkeys(name for objective in OBJECTIVES.values() for name in objective.samplers))
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -38,14 +37,3 @@ def training_objective(name: str, settings: dict) -> Objective:
 def setting_owners(setting: str) -> list[str]:
     """The objectives that have a training setting of this name."""
     return [name for name, cls in OBJECTIVES.items() if setting in {field.name for field in fields(cls)}]
-
-
-def objectives_help() -> str:
-    """One line per objective for help texts: its name and summary."""
-    return "; ".join(f"{name}: {cls.summary}" for name, cls in OBJECTIVES.items())
-
-
-def samplers_help() -> str:
-    """The samplers of each objective: "ddpm models: ddpm, ddim, …; flow models: …; the first is each one's default"."""
-    listed = "; ".join(f"{name} models: {', '.join(cls.samplers)}" for name, cls in OBJECTIVES.items())
-    return f"{listed}; the first is each one's default"

@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 
 from scalegen.data import to_unit_range
-from scalegen.diffusion.objective import TIME_SCALE, GuidanceInterval, ModelFunction, Objective, within
+from scalegen.diffusion.names import GuidanceInterval
+from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective, within
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.errors import UserError
-from scalegen.models.dit import MODEL_SIZES, PATCH_SIZES, DiTConfig, preset_config
-from scalegen.models.dit_blocks import ADALN_KINDS, OFFICIAL_BLOCK, BlockOptions
+from scalegen.models.dit import DiTConfig, preset_config
 from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE, swiglu_hidden_size
+from scalegen.models.settings import ADALN_KINDS, MODEL_SIZES, OFFICIAL_BLOCK, PATCH_SIZES, BlockOptions
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 from scalegen.models.var import WIDTH_PER_DEPTH
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256, PATCH_NUMS_512

@@ -8,7 +8,6 @@ does the model draw the class it was asked for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.checkpoint import ASSETS
+from scalegen.checkpoint_names import ASSETS
 from scalegen.files import read_json, read_weights_file
 from scalegen.data import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_PADDED_SIZE, class_names, pad_fashion_mnist, to_model_range,
 )
 from scalegen.errors import UserError
 from scalegen.eval import metrics
+from scalegen.eval.settings import ClassifierConfig
 
 SHIPPED_WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
 REFERENCE_MEAN, REFERENCE_COVARIANCE = "reference.mu", "reference.sigma"  # test-set statistics in the weights file
@@ -32,15 +32,6 @@ GROUP_NORM_GROUPS = 8
 STAGES = 3  # each halves the resolution
 FINAL_RESOLUTION = FASHION_MNIST_PADDED_SIZE // 2**STAGES
 BATCH_SIZE = 500  # images per forward pass when classifying
-
-
-@dataclass
-class ClassifierConfig:
-    """Shape of the CNN (stored in the weights' JSON card so the network can be rebuilt from it)."""
-
-    width: int = 32  # channels of the first stage; twice that in the other two
-    feature_dim: int = 128  # penultimate layer: the FID features
-    num_classes: int = len(FASHION_MNIST_CLASSES)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:

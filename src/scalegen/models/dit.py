@@ -10,26 +10,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.data import label_ids
-from scalegen.distributed import Precision, autocast
-from scalegen.diffusion.objective import GuidanceInterval, Objective, check_guidance_interval
+from scalegen.distributed import autocast
+from scalegen.diffusion.names import GuidanceInterval, check_guidance_interval
+from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
 from scalegen.sampling_settings import FROM_DEFAULT
 from scalegen.errors import UserError
-from scalegen.models.dit_blocks import BLOCK_KINDS, BlockOptions, FinalLayer, make_block
+from scalegen.models.dit_blocks import FinalLayer, make_block
 from scalegen.models.layers import (
     LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,
 )
+from scalegen.models.settings import BLOCK_KINDS, MODEL_SIZES, PATCH_SIZES, PRESETS, BlockOptions
+from scalegen.precision import Precision
 
-# model size -> (depth, hidden size, heads); the number after the slash in a preset name is the patch size.
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-PATCH_SIZES = (2, 4, 8)
-PRESETS: tuple[str, ...] = tuple(f"DiT-{size}/{patch}" for size in MODEL_SIZES for patch in PATCH_SIZES)
 EMBEDDING_INIT_STD = 0.02
 # The official forward_with_cfg guides only the first three ε channels (a GLIDE leftover kept for parity).
 OFFICIAL_GUIDED_CHANNELS = 3
@@ -264,7 +258,7 @@ class DiT(ReferencingModule):
                 default (the official 4.0 for ddpm; 1.0 for meanflow, whose guidance is trained in).
             steps: number of sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); None: the
                 objective's default (ddpm 250 as the official sample.py, flow 50, meanflow 1).
-            sampler: one of the objective's samplers (`scalegen.diffusion.objectives.samplers_help()`): ddpm models
+            sampler: one of the objective's samplers (`scalegen.diffusion.names.samplers_help()`): ddpm models
                 "ddpm" (ancestral, the default), "ddim" (η 0), "dpm-solver++" (2M); flow models "euler" (the
                 default), "heun", "euler-maruyama"; meanflow models "meanflow" (the default), "euler".
             seed: seed the global torch RNG with this first, restoring it afterwards; None draws from it as it is

@@ -2,60 +2,13 @@
 LightningDiT's block options (RMSNorm, SwiGLU, 2-D RoPE, QK-norm) for the adaLN blocks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-from scalegen.errors import UserError
 from scalegen.models.layers import (
-    LAYER_NORM_EPS, ROPE_HEAD_DIVISOR, Attention, CrossAttention, Mlp, SwiGLU, modulate, swiglu_hidden_size,
+    LAYER_NORM_EPS, Attention, CrossAttention, Mlp, SwiGLU, modulate, swiglu_hidden_size,
 )
-
-BlockKind = Literal["adaln_zero", "adaln", "in_context", "cross_attention"]
-BLOCK_KINDS: tuple[str, ...] = ("adaln_zero", "adaln", "in_context", "cross_attention")
-ADALN_KINDS: tuple[str, ...] = ("adaln_zero", "adaln")
-NormKind = Literal["layernorm", "rmsnorm"]
-NORM_KINDS: tuple[str, ...] = ("layernorm", "rmsnorm")
-MlpKind = Literal["gelu", "swiglu"]
-MLP_KINDS: tuple[str, ...] = ("gelu", "swiglu")
-
-
-@dataclass(frozen=True)
-class BlockOptions:
-    """LightningDiT's options for the adaLN blocks; the defaults are the official DiT block, bit for bit.
-
-    Fields:
-        norm: "layernorm" (DiT's) or "rmsnorm" for the blocks' two affine-free norms.
-        mlp: "gelu" (DiT's tanh-GELU MLP) or "swiglu" (LightningDiT's, hidden width 2/3 of the GELU MLP's).
-        rope: rotate queries and keys by their 2-D grid position (the absolute sin-cos embedding stays).
-        qk_norm: RMS-normalise each head's queries and keys (learnable weights) before RoPE and attention.
-    """
-
-    norm: NormKind = "layernorm"
-    mlp: MlpKind = "gelu"
-    rope: bool = False
-    qk_norm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.norm not in NORM_KINDS:
-            raise UserError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
-        if self.mlp not in MLP_KINDS:
-            raise UserError(f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLP_KINDS)}")
-
-    def check(self, kind: str, head_dim: int) -> None:
-        """A one-line error when options other than the official ones meet a block kind without them, or RoPE a
-        head dimension it cannot split into row and column channel pairs."""
-        if kind not in ADALN_KINDS and self != OFFICIAL_BLOCK:
-            raise UserError(f"--norm, --mlp, --rope and --qk-norm apply to the {' and '.join(ADALN_KINDS)} blocks, "
-                            f"not {kind}; drop them or use --block adaln_zero")
-        if self.rope and head_dim % ROPE_HEAD_DIVISOR:
-            raise UserError(f"--rope needs a head dimension (hidden size / heads) divisible by {ROPE_HEAD_DIVISOR}; "
-                            f"got {head_dim}: change --hidden-size or --num-heads")
-
-
-OFFICIAL_BLOCK = BlockOptions()
+from scalegen.models.settings import ADALN_KINDS, BLOCK_KINDS, OFFICIAL_BLOCK, BlockOptions, NormKind
 
 
 def plain_norm(dim: int, kind: NormKind = OFFICIAL_BLOCK.norm) -> nn.Module:

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalegen.models.settings import ROPE_AXES, ROPE_HEAD_DIVISOR
+
 LAYER_NORM_EPS = 1e-6
 TIMESTEP_FREQUENCY_SIZE = 256
 MAX_PERIOD = 10000
 ROPE_BASE = 10000  # θ of the rotary frequencies (EVA / LightningDiT)
-ROPE_AXES = 2  # 2-D RoPE: one half of each head rotates with the token's row, the other with its column
-ROPE_HEAD_DIVISOR = 2 * ROPE_AXES  # each half turns channel pairs
 SWIGLU_HIDDEN_FRACTION = 2 / 3  # SwiGLU's hidden width against the GELU MLP's (about the same parameters and MACs)
 
 

@@ -17,20 +17,21 @@ import torch
 import torch.nn as nn
 
 from scalegen.data import label_ids
-from scalegen.distributed import Precision, autocast
+from scalegen.distributed import autocast
 from scalegen.errors import UserError
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.var_blocks import (
-    ADALN_CHUNKS, ATTENTION_BACKENDS, AdaLNBeforeHead, AdaLNSelfAttn, AttentionBackend, BlockMask, SharedAdaLin,
-    block_causal_block_mask, block_causal_mask, flex_unavailable_reason,
+    ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, BlockMask, SharedAdaLin, block_causal_block_mask, block_causal_mask,
+    flex_unavailable_reason,
 )
 from scalegen.models.var_edit import check_edit_inputs
 from scalegen.models.var_generation import (
-    DEFAULT_REFINED_SCALES, Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, ScaleGuidance, ScaleNetwork,
-    check_refiner,
+    Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, ScaleGuidance, ScaleNetwork, check_refiner,
 )
 from scalegen.models.var_pruning import TokenPruning
-from scalegen.models.var_sampling import CategoricalHead, Draws
+from scalegen.models.settings import ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, AttentionBackend, Draws
+from scalegen.models.var_sampling import CategoricalHead
+from scalegen.precision import Precision
 from scalegen.sampling_settings import FROM_DEFAULT, VAR_DEFAULTS
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -29,10 +28,6 @@ MAX_QUERY_SCALE = 100.0
 PLAIN_ATTENTION_SCALE_FACTOR = 0.25
 # Official AdaLN modulation layout: one (B, 1, 6, C) tensor, chunks in this order.
 ADALN_CHUNKS = 6
-# Teacher-forcing attention: "sdpa" (the official path, a dense additive mask) or "flex" (FlexAttention, a
-# block-sparse mask that skips the blocks above the diagonal).
-AttentionBackend = Literal["sdpa", "flex"]
-ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 # Devices where torch's FlexAttention is inference only (no backward pass).
 FLEX_INFERENCE_ONLY_DEVICES = ("cpu", "mps")
 

@@ -29,8 +29,6 @@ from scalegen.models.var_edit import resize_keep_mask
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning
 from scalegen.models.var_sampling import TokenHead
 
-# CoDe's setting (VAR-d30 drafts 8 of the 10 scales, VAR-d16 refines the last 2).
-DEFAULT_REFINED_SCALES = 2
 
 
 def scale_hidden(

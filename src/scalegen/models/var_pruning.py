@@ -13,16 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from scalegen.errors import UserError
+from scalegen.models.settings import DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS
 
 # FastVAR prunes its two largest scales by 40 % and 50 % (Infinity at 1024 px, `FASTVAR_FRACTIONS`). On the shipped
 # 32-px VAR (16×16 at most) that cost 9 % of FID for 12 % of the time; 30 % of the last scale alone cost 3 %
 # (bench/README.md): the default is the latter.
 DEFAULT_PRUNED_FRACTIONS = (0.3,)
 FASTVAR_FRACTIONS = (0.4, 0.5)
-# FastVAR prunes the later blocks only (Infinity-2B: blocks 3..27 of 32): the first and the last block always see
-# every token.
-DEFAULT_UNPRUNED_FIRST_BLOCKS = 1
-DEFAULT_UNPRUNED_LAST_BLOCKS = 1
 
 
 @dataclass(frozen=True)

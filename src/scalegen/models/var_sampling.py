@@ -5,22 +5,18 @@ seeded `torch.Generator` gives the same tokens as the official `autoregressive_i
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from scalegen.errors import UserError
+from scalegen.models.settings import DRAWS, Draws
 
 # more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
 GUMBEL_START_TEMPERATURE = 0.27
 GUMBEL_TEMPERATURE_DECAY = 0.95
 GUMBEL_MIN_TEMPERATURE = 0.005
-# How a token is drawn from its probabilities: "multinomial" is the official torch.multinomial (one exponential draw per
-# vocabulary entry, so the official tokens for a seed); "inverse-cdf" draws one uniform per position and looks it up
-# in the cumulative probabilities (the same distribution, other tokens for a seed, far fewer random numbers).
-Draws = Literal["multinomial", "inverse-cdf"]
-DRAWS: tuple[str, ...] = get_args(Draws)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:

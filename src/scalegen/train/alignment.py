@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegen.train.repa import PatchEncoder, token_grid_features
+from scalegen.train.task_options import COSINE_MARGIN, DISTANCE_MARGIN
 
-COSINE_MARGIN = 0.5  # VA-VAE's m₁
-DISTANCE_MARGIN = 0.25  # VA-VAE's m₂
 
 
 def margin_cosine_loss(projected: torch.Tensor, features: torch.Tensor, margin: float = COSINE_MARGIN) -> torch.Tensor:

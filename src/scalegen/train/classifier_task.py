@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,11 @@ from scalegen.data import (
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
 from scalegen.eval import metrics
-from scalegen.eval.fmnist import (
-    REFERENCE_COVARIANCE, REFERENCE_MEAN, ClassifierConfig, FashionClassifier, load_classifier, predict,
-)
-from scalegen.train.task import Recipe, TrainingTask
+from scalegen.eval.fmnist import REFERENCE_COVARIANCE, REFERENCE_MEAN, FashionClassifier, load_classifier, predict
+from scalegen.eval.settings import ClassifierConfig
+from scalegen.train.settings import RECIPES
+from scalegen.train.task import TrainingTask
+from scalegen.train.task_options import ClassifierOptions
 from scalegen.train.trainer import TrainConfig, train
 
 SUBSET_SIZE = 10_000  # train images in the FID baseline that matches a 10k-sample evaluation
@@ -36,8 +37,7 @@ class ClassifierTask(TrainingTask):
     """Cross-entropy training of `FashionClassifier`; its "samples" are a confusion matrix on the test split."""
 
     kind = "classifier"
-    recipe = Recipe(batch_size=128, lr=2e-3, weight_decay=5e-4, ema_decay=0.995, lr_decay_to=0.0, warmup_steps=100,
-                    checkpoint_every=1000)
+    recipe = RECIPES[kind]
 
     def __init__(self, config: ClassifierConfig, test_set: FashionMNIST | None = None, extra_config: dict | None = None):
         super().__init__(FashionClassifier(config), extra_config)
@@ -134,25 +134,6 @@ def machine_description(device: str | None) -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-@dataclass
-class ClassifierOptions:
-    """What a classifier run trains besides the loop settings (`TrainConfig`).
-
-    Fields:
-        data: "fashion-mnist" or a folder of its four IDX files (the test split scores the result).
-        width, feature_dim: the network (`ClassifierConfig`).
-        export: after training, write the better of EMA/raw weights (fp16), the test-set statistics and a JSON card
-            to this .safetensors file.
-        command: the command line that ran, recorded on the card.
-    """
-
-    data: str = FASHION_MNIST_NAME
-    width: int = ClassifierConfig.width
-    feature_dim: int = ClassifierConfig.feature_dim
-    export: str | None = None
-    command: str | None = None
 
 
 def train_classifier(options: ClassifierOptions, config: TrainConfig) -> dict | None:

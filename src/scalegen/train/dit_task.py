@@ -7,7 +7,7 @@ tokenizer with the DiT (`--end-to-end`, train/end_to_end.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -15,77 +15,27 @@ from torch import nn
 from torch.func import functional_call
 
 from scalegen.checkpoint import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
+from scalegen.data import limited, open_dataset, run_description
 from scalegen.distributed import DistributedContext, setup_distributed
-from scalegen.diffusion.objective import Objective
-from scalegen.diffusion.objectives import objective_class, setting_owners, training_objective
+from scalegen.diffusion.objectives import objective_class
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
-from scalegen.pretrained import PIXEL_SPACE, load_tokenizer, tokenizer_kind
+from scalegen.pretrained import load_tokenizer, tokenizer_kind
 from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, measure_normalization, tokenizer_codec
 from scalegen.tokenizers.kl_vae import KLVAE
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, cache_path, extract_latents
-from scalegen.train.end_to_end import ALIGNMENT_WEIGHT, EndToEnd
-from scalegen.train.kl_task import KLLosses
+from scalegen.train.end_to_end import EndToEnd
 from scalegen.train.tokenizer_task import first_images
 from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, projector, token_grid_features
+from scalegen.train.settings import RECIPES
 from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask
+from scalegen.train.task_options import DiTOptions, KLLosses, ObjectiveConfig
 from scalegen.train.trainer import TrainConfig, train
-
-REPA_DEFAULT_DEPTH = 2  # the aligned block when an encoder is given (REPA: about a third of the depth)
-# An objective setting's command-line flag where it is not the field's name with dashes.
-SETTING_FLAGS = {"time_sampling": "--t-sampling", "guidance": "--train-cfg"}
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """How the DiT is trained: its objective and that objective's settings, and REPA (stored in every checkpoint's
-    config as "objective"). Each setting belongs to the objectives that have a field of its name
-    (diffusion/ddpm.py, flow.py, meanflow.py); changing one that the chosen objective lacks is a one-line error.
-
-    Fields:
-        name: "ddpm", "flow" or "meanflow" (`scalegen.diffusion.objectives.OBJECTIVES`).
-        time_sampling, logit_mean, logit_std: flow and meanflow: t "uniform" or "logit-normal" (location, scale).
-        loss_weighting, snr_gamma: ddpm: "min-snr" weights the ε loss by min(SNR, γ)/SNR.
-        mean_fraction, weighting_power, weighting_constant: meanflow: the share of examples with r < t and the
-            adaptive weight 1 / (‖Δ‖² + c)^p.
-        guidance: meanflow: the guidance scale ω trained into the model (1: none).
-        repa_depth: REPA's block (1-based; 0: no REPA), repa_weight: λ of its loss.
-    """
-
-    name: str = "ddpm"
-    time_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: str = "none"
-    snr_gamma: float = 5.0
-    mean_fraction: float = 0.25
-    weighting_power: float = 1.0
-    weighting_constant: float = 1e-3
-    guidance: float = 1.0
-    repa_depth: int = 0
-    repa_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        objective_class(self.name)
-        for setting in fields(self):
-            value, owners = getattr(self, setting.name), setting_owners(setting.name)
-            if owners and self.name not in owners and value != setting.default:
-                flag = SETTING_FLAGS.get(setting.name, "--" + setting.name.replace("_", "-"))
-                raise UserError(f"{flag} {value} is a setting of --objective {' or '.join(owners)}, not {self.name}; "
-                                "leave it at its default")
-        self.objective(learn_sigma=False, num_classes=1, class_dropout=0.0)  # checks the settings' values
-
-    def objective(self, learn_sigma: bool, num_classes: int, class_dropout: float,
-                  guidance_interval: tuple[float, float] | None = None) -> Objective:
-        """The training objective for a model of these properties."""
-        return training_objective(self.name, {**asdict(self), "learn_sigma": learn_sigma, "num_classes": num_classes,
-                                              "class_dropout": class_dropout, "guidance_interval": guidance_interval})
 
 
 class DiTTask(TrainingTask):
@@ -98,6 +48,7 @@ class DiTTask(TrainingTask):
     """
 
     kind = "dit"
+    recipe = RECIPES[kind]
 
     def __init__(
         self,
@@ -240,76 +191,6 @@ class DiTTask(TrainingTask):
         guidance (a MeanFlow model's guidance is trained in: cfg 1) with the objective's default sampler."""
         cfg = 1.0 if self.objective.guidance > 1.0 else self.sample_cfg_scale
         return {"cfg": cfg, "steps": self.sample_steps, "sampler": self.model.objective.default_sampler}
-
-
-@dataclass
-class DiTOptions:
-    """What a DiT run trains besides the loop settings (`TrainConfig`): the model, its latent space, its data.
-
-    Fields:
-        model: preset name ("DiT-S/2" … "DiT-XL/8"); depth / hidden_size / num_heads / patch_size override it.
-        data: "fashion-mnist", a folder of its IDX files, or an ImageNet-style folder.
-        image_size: image side in pixels.
-        vae: a local SD-VAE folder or file: diffuse its latents; None (or "none") for pixel space.
-        tokenizer: a `train vqvae` run: diffuse its quantized features instead (not with vae).
-        latent_cache: encode the data set once into RUN/latents/ (every rank encodes its shards).
-        block: the conditioning block ("adaln_zero", the paper's, or an ablation).
-        norm, mlp, rope, qk_norm: LightningDiT's block options for the adaLN blocks ("rmsnorm" norms, a "swiglu"
-            MLP, 2-D RoPE, QK-norm); the defaults are DiT's block (see `BlockOptions`).
-        class_dropout: label dropout for classifier-free guidance.
-        learn_sigma: predict the variance interpolation too (None: where the objective can, i.e. for ddpm).
-        sample_steps, sample_cfg: the periodic sample grid's steps and guidance scale.
-        init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
-        cfg_interval: (low, high) noise levels at which guidance applies, stored as the model's sampling default;
-            a MeanFlow model also trains its guidance in only there. None: every step.
-        objective: the objective and its settings, REPA's block and weight (`ObjectiveConfig`).
-        repa_encoder: REPA's frozen encoder (`train classifier --export` file; None: no REPA); REPA aligns block
-            `objective.repa_depth` (REPA_DEFAULT_DEPTH when that is 0).
-        end_to_end: REPA-E: tune the KL tokenizer with the DiT (needs a `train kl` tokenizer and a REPA encoder).
-        end_to_end_weight: REPA-E: the weight of the REPA loss that reaches the tokenizer.
-        tokenizer_lr: REPA-E: the tokenizer's learning rate (None: the DiT's).
-    """
-
-    model: str = "DiT-S/2"
-    data: str = FASHION_MNIST_NAME
-    image_size: int = 32
-    vae: str | None = None
-    tokenizer: str | None = None
-    latent_cache: bool = False
-    block: str = "adaln_zero"
-    norm: str = DiTConfig.norm
-    mlp: str = DiTConfig.mlp
-    rope: bool = DiTConfig.rope
-    qk_norm: bool = DiTConfig.qk_norm
-    class_dropout: float = 0.1
-    learn_sigma: bool | None = None
-    depth: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    sample_steps: int = 50
-    sample_cfg: float = 4.0
-    init_from: str | None = None
-    cfg_interval: tuple[float, float] | None = None
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    repa_encoder: str | None = None
-    end_to_end: bool = False
-    end_to_end_weight: float = ALIGNMENT_WEIGHT
-    tokenizer_lr: float | None = None
-
-    @property
-    def pixel_space(self) -> bool:
-        return self.vae is None or self.vae.lower() == PIXEL_SPACE
-
-    @property
-    def learns_sigma(self) -> bool:
-        return self.learn_sigma if self.learn_sigma is not None else objective_class(self.objective.name).learns_sigma
-
-    def objective_config(self) -> ObjectiveConfig:
-        """The run's `ObjectiveConfig`: REPA's block is 0 without an encoder, REPA_DEFAULT_DEPTH when unset."""
-        if not self.repa_encoder:
-            return replace(self.objective, repa_depth=0)
-        return replace(self.objective, repa_depth=self.objective.repa_depth or REPA_DEFAULT_DEPTH)
 
 
 def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:

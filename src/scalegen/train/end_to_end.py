@@ -25,10 +25,10 @@ from torch import nn
 from scalegen.distributed import DistributedContext
 from scalegen.tokenizers.codec import KLCodec
 from scalegen.tokenizers.kl_vae import LatentNormalization
-from scalegen.train.kl_task import KLLosses, KLVAETask
+from scalegen.train.kl_task import KLVAETask
 from scalegen.train.optimization import build_optimizer, load_optimizer_state
+from scalegen.train.task_options import ALIGNMENT_WEIGHT, KLLosses
 
-ALIGNMENT_WEIGHT = 1.5  # REPA-E's weight of the REPA loss that reaches the tokenizer (its vae-align-proj-coeff)
 BATCH_NORM_EPS = 1e-4  # REPA-E's latent batch norm
 BATCH_NORM_MOMENTUM = 0.1
 TOKENIZER_BETAS = (0.9, 0.999)

@@ -8,48 +8,31 @@ lr 2e-4, no EMA, as the VQ tokenizer's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from scalegen.checkpoint import guarded_run
-from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
+from scalegen.data import limited, open_dataset, run_description
 from scalegen.errors import UserError
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, kl_divergence
-from scalegen.train.alignment import COSINE_MARGIN, DISTANCE_MARGIN, FoundationAlignment
+from scalegen.train.alignment import FoundationAlignment
 from scalegen.train.gan_losses import adaptive_weight
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.lpips import LPIPS, load_lpips
 from scalegen.train.repa import load_patch_encoder
-from scalegen.train.task import Recipe
-from scalegen.train.tokenizer_task import AutoencoderTask, ReconstructionLosses, first_images
+from scalegen.train.settings import RECIPES
+from scalegen.train.task_options import KLLosses, KLVAEOptions
+from scalegen.train.tokenizer_task import AutoencoderTask, first_images
 from scalegen.train.trainer import TrainConfig, train
-
-
-@dataclass
-class KLLosses(ReconstructionLosses):
-    """The KL tokenizer's loss terms: the shared ones, the KL divergence, VA-VAE's alignment.
-
-    Fields (beyond `ReconstructionLosses`):
-        kl: weight of the mean KL divergence per latent element.
-        alignment: VA-VAE's hyper-weight of the alignment losses (0: no alignment; needs an encoder).
-        adaptive_alignment: scale it by ‖∇L_rec‖ / ‖∇L_align‖ at the encoder's last conv (VA-VAE's adaptive weight).
-        cosine_margin, distance_margin: VA-VAE's m₁ and m₂.
-    """
-
-    kl: float = 1e-6
-    alignment: float = 0.0
-    adaptive_alignment: bool = True
-    cosine_margin: float = COSINE_MARGIN
-    distance_margin: float = DISTANCE_MARGIN
 
 
 class KLVAETask(AutoencoderTask):
     """KL tokenizer training; the sample grid shows fixed inputs (top) over reconstructions from the posterior mean."""
 
     kind = "klvae"
-    recipe = Recipe(lr=2e-4, ema_decay=0.0)
+    recipe = RECIPES[kind]
 
     def __init__(self, model_config: KLVAEConfig, losses: KLLosses, grid_images: torch.Tensor,
                  lpips: LPIPS | None = None, alignment: FoundationAlignment | None = None,
@@ -111,33 +94,11 @@ class KLVAETask(AutoencoderTask):
         return model.decode(model.encode_moments(images)[0])  # (N, C, H, W)
 
 
-@dataclass
-class KLVAEOptions:
-    """What a KL tokenizer run trains besides the loop settings (`TrainConfig`): the tokenizer, its losses, its data.
-
-    The architecture fields are `KLVAEConfig`'s (channels and image size follow the data). `lpips_weights` is a local
-    LPIPS-VGG state dict (the perceptual loss); `align_encoder` a REPA encoder file (`train classifier --export`),
-    VA-VAE's alignment target (weight `losses.alignment`). `init_from` starts from these weights: fine-tuning.
-    """
-
-    data: str = FASHION_MNIST_NAME
-    image_size: int = 32
-    ch: int = 32
-    ch_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    norm_groups: int = 8
-    use_attention: bool = False
-    latent_channels: int = 8
-    lpips_weights: str | None = None
-    align_encoder: str | None = None
-    losses: KLLosses = field(default_factory=KLLosses)
-    init_from: str | None = None
-
-    def model_config(self, in_channels: int) -> KLVAEConfig:
-        """The tokenizer's architecture for images of `in_channels` channels."""
-        return KLVAEConfig(in_channels=in_channels, latent_channels=self.latent_channels, ch=self.ch,
-                           ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks, norm_groups=self.norm_groups,
-                           use_attention=self.use_attention, image_size=self.image_size)
+def kl_model_config(options: KLVAEOptions, in_channels: int) -> KLVAEConfig:
+    """The tokenizer's architecture of a run for images of `in_channels` channels."""
+    return KLVAEConfig(in_channels=in_channels, latent_channels=options.latent_channels, ch=options.ch,
+                       ch_mult=options.ch_mult, num_res_blocks=options.num_res_blocks, norm_groups=options.norm_groups,
+                       use_attention=options.use_attention, image_size=options.image_size)
 
 
 def alignment_for(encoder_path: str | None, latent_channels: int, losses: KLLosses,
@@ -161,7 +122,7 @@ def train_kl(options: KLVAEOptions, config: TrainConfig) -> dict[str, float]:
     """
     with guarded_run(config.out):
         dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
-        model_config = options.model_config(dataset.channels)
+        model_config = kl_model_config(options, dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
         losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)
         alignment = alignment_for(options.align_encoder, options.latent_channels, losses, dataset.channels)

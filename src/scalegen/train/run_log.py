@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -13,9 +12,8 @@ from PIL import Image
 from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
 from scalegen.files import replace_atomically
+from scalegen.train.settings import Logger
 
-Logger = Literal["csv", "tensorboard", "wandb"]
-LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "wandb")
 SAMPLES_TAG = "samples"
 EVALUATION_TAG = "evaluation"
 

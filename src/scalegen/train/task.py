@@ -7,7 +7,6 @@ command line and from Python alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,24 +15,10 @@ from torch import nn
 
 from scalegen.files import json_config
 from scalegen.distributed import DistributedContext
+from scalegen.train.settings import Recipe
 
 GRID_PER_CLASS = 8  # the periodic training grid: 8 samples of each of the first 10 classes
 GRID_MAX_CLASSES = 10
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimizer, schedule and EMA defaults of one kind of model (the base values: DiT's paper recipe)."""
-
-    batch_size: int = 64  # global, over all ranks and accumulation steps
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    ema_decay: float = 0.9999  # 0: no EMA copy at all
-    grad_clip: float = 0.0  # 0 disables clipping
-    warmup_steps: int = 0
-    lr_decay_to: float = 1.0  # final lr as a fraction of lr, reached linearly after warm-up; 1.0 = constant
-    checkpoint_every: int = 500
 
 
 def scale_names(patch_nums: tuple[int, ...]) -> list[str]:

@@ -7,7 +7,7 @@ re-initialised from encoder features. The recipe: AdamW lr 2e-4, no EMA (the off
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scalegen.checkpoint import guarded_run
-from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description, to_unit_range
+from scalegen.data import limited, open_dataset, run_description, to_unit_range
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.images import save_grid
@@ -27,7 +27,9 @@ from scalegen.train.gan_losses import (
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.lpips import LPIPS, load_lpips
 from scalegen.train.optimization import average_gradients
-from scalegen.train.task import Recipe, TrainingTask, scale_names
+from scalegen.train.settings import RECIPES
+from scalegen.train.task import TrainingTask, scale_names
+from scalegen.train.task_options import ReconstructionLosses, TokenizerLosses, VQVAEOptions
 from scalegen.train.trainer import TrainConfig, train
 
 # Official usage margin: a code counts as used at a scale when its EMA hits reach 8% of the hits it would get if
@@ -55,28 +57,6 @@ def reinitialize_dead_codes(codebook: torch.Tensor, features: torch.Tensor, dead
         picks = torch.randint(0, features.shape[0], (count,), device=features.device)  # (n,)
         codebook[dead] = features[picks].to(codebook.dtype)
     return count
-
-
-@dataclass
-class ReconstructionLosses:
-    """Weights and schedule of the loss terms every tokenizer has: reconstruction, perceptual, patch GAN."""
-
-    l1: float = 1.0
-    l2: float = 1.0
-    lpips: float = 1.0  # applies only with an LPIPS network (the options' lpips_weights)
-    gan: float = 0.0
-    gan_start_step: int = 0
-    discriminator_width: int = 64
-    discriminator_layers: int = 3
-    discriminator_lr: float | None = None  # None: the tokenizer's own lr
-
-
-@dataclass
-class TokenizerLosses(ReconstructionLosses):
-    """The VQ tokenizer's loss terms: the shared ones and the quantizer's."""
-
-    quantizer: float = 1.0
-    dead_code_every: int = 100  # re-initialise dead codes every N steps (0: never)
 
 
 class AutoencoderTask(TrainingTask):
@@ -198,7 +178,7 @@ class VQVAETask(AutoencoderTask):
     """Multi-scale VQVAE tokenizer training; the sample grid shows fixed inputs (top) over reconstructions (bottom)."""
 
     kind = "vqvae"
-    recipe = Recipe(lr=2e-4, ema_decay=0.0)
+    recipe = RECIPES[kind]
 
     def __init__(self, model_config: VQVAEConfig, losses: TokenizerLosses, grid_images: torch.Tensor,
                  lpips: LPIPS | None = None, extra_config: dict | None = None):
@@ -257,32 +237,6 @@ class VQVAETask(AutoencoderTask):
 
     def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.tokens_to_img(model.img_to_tokens(images))  # (N, C, H, W)
-
-
-@dataclass
-class VQVAEOptions:
-    """What a tokenizer run trains besides the loop settings (`TrainConfig`): the tokenizer, its losses, its data.
-
-    The architecture fields are `VQVAEConfig`'s (channels follow the data set); `use_attention` switches both the
-    level and the middle attention blocks. `lpips_weights` is a local LPIPS-VGG state dict: it enables the perceptual
-    loss, weighted by `losses.lpips`. `init_from` starts from these weights (a tokenizer run, export or official
-    vae .pth): fine-tuning.
-    """
-
-    data: str = FASHION_MNIST_NAME
-    image_size: int = 32
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-    ch: int = 32
-    ch_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    norm_groups: int = 32
-    use_attention: bool = True
-    vocab_size: int = 512
-    z_channels: int = 16
-    share_quant_resi: int = 4
-    lpips_weights: str | None = None
-    losses: TokenizerLosses = field(default_factory=TokenizerLosses)
-    init_from: str | None = None
 
 
 def tokenizer_config(options: VQVAEOptions, in_channels: int) -> VQVAEConfig:

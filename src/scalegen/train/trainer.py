@@ -13,9 +13,8 @@ import copy
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from scalegen.checkpoint import (
 )
 from scalegen.data import collate
 from scalegen.distributed import (
-    DistributedContext, Precision, autocast, barrier, process_group, resolve_precision,
+    DistributedContext, autocast, barrier, process_group, resolve_precision,
 )
 from scalegen.errors import UserError
 from scalegen.train import sharding
@@ -39,78 +38,14 @@ from scalegen.train.optimization import (
     EMA_WARMUP_OFFSET, build_optimizer, ema_start_share, learning_rate_factor, load_optimizer_state,
 )
 from scalegen.train.rng import restore_rng_state, rng_state
-from scalegen.train.run_log import Logger, RunLog
+from scalegen.train.run_log import RunLog
+from scalegen.train.settings import RECIPE_FIELDS, TrainConfig
 from scalegen.train.stepping import GradientStep, compile_regions, device_figure, mean_figures
 from scalegen.train.stopping import Interrupted, StopSignals, StoppedBySignal, ignore_stop_signals
-from scalegen.train.task import Recipe, TrainingTask, parameter_count
+from scalegen.train.task import TrainingTask, parameter_count
 
-
-# The smallest value each numeric loop setting accepts (the command line checks them at parse time too).
-MINIMUMS = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "grad_accumulation": 1, "log_every": 1,
-            "keep_checkpoints": 1, "max_nonfinite_steps": 1, "max_images": 1, "sample_every": 0, "num_workers": 0, "warmup_steps": 0,
-            "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "ema_decay": 0.0, "lr_decay_to": 0.0, "eval_every": 0,
-            "eval_samples": 2}
 # A sample grid drawn from an EMA that holds more than this share of its starting weights gets a hint.
 EMA_HINT_SHARE = 0.5
-EvaluatedWeights = Literal["ema", "raw"]
-EVALUATED_WEIGHTS: tuple[str, ...] = ("ema", "raw")
-
-
-@dataclass
-class TrainConfig:
-    """Loop settings shared by every `scalegen train` command (model settings live in the task).
-
-    The settings that default to None are the task's recipe (`TrainingTask.recipe`, see task.py): a VAR trains
-    with the official VAR recipe, a DiT with DiT's, unless a value is given here.
-    """
-
-    out: str
-    steps: int
-    batch_size: int | None = None  # global, over all ranks and accumulation steps
-    lr: float | None = None
-    weight_decay: float | None = None
-    betas: tuple[float, float] | None = None
-    ema_decay: float | None = None  # 0: no EMA copy, no ema.safetensors
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n; False: constant (official DiT)
-    grad_clip: float | None = None  # 0 disables clipping
-    warmup_steps: int | None = None
-    lr_decay_to: float | None = None  # final lr as a fraction of lr, reached linearly after warm-up; 1.0 = constant
-    checkpoint_every: int | None = None
-    grad_accumulation: int = 1
-    precision: Precision = "auto"
-    compile: bool = False  # torch.compile each transformer block in place (regional)
-    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of replicating it with DDP
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    num_workers: int = 0
-    logger: Logger = "csv"
-    device: str | None = None
-    flip: bool = True
-    max_nonfinite_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
-    max_images: int | None = None  # train (and cache) on the first N images only: a smoke test
-    data_on_device: bool = False  # hold an in-memory data set on the device and gather whole batches there
-    eval_every: int = 0  # score generated samples every N steps (0: never): FID, and accuracy on Fashion-MNIST
-    eval_samples: int = 1000  # samples of each evaluation, over all ranks
-    eval_weights: EvaluatedWeights = "ema"  # the weights evaluated (the raw ones for a run without EMA)
-    eval_inception: str | None = None  # Inception weights for data other than Fashion-MNIST
-    eval_reference: str | None = None  # reference statistics (ADM .npz or image folder) for data other than Fashion-MNIST
-
-    def __post_init__(self) -> None:
-        for name, smallest in MINIMUMS.items():
-            value = getattr(self, name)
-            if value is not None and not value >= smallest:  # NaN is no value (and compares False)
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} is {value}; it must be at least {smallest}")
-        if self.betas is not None and (len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas)):
-            raise UserError(f"--betas {','.join(map(str, self.betas))}: give two numbers in [0, 1), e.g. 0.9,0.95")
-        if self.ema_decay is not None and self.ema_decay >= 1:
-            raise UserError(f"--ema is {self.ema_decay}; an EMA decay must lie in [0, 1) (0: no EMA)")
-
-
-RECIPE_FIELDS = tuple(field.name for field in fields(Recipe))
 
 
 def schedule_summary(config: TrainConfig) -> str:

@@ -8,7 +8,7 @@ EMA.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,34 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
-from scalegen.data import FASHION_MNIST_NAME, limited, open_dataset, run_description
+from scalegen.data import limited, open_dataset, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
-from scalegen.models.var_blocks import AttentionBackend
 from scalegen.pretrained import load_tokenizer, token_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import TokenCache, cache_path, extract_tokens
-from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, Recipe, TrainingTask, scale_names
+from scalegen.train.settings import (
+    RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
+)
+from scalegen.train.task import GRID_MAX_CLASSES, GRID_PER_CLASS, TrainingTask, scale_names
+from scalegen.train.task_options import VAROptions
 from scalegen.train.trainer import TrainConfig, train
 
 # Official VAR recipe (utils/lr_control.py): no weight decay on these, besides every 1-D tensor and bias.
 NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale_mul")
 SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) distribution
-VAR_BASE_LR = 1e-4
-VAR_BATCH_REFERENCE = 256  # official rule: lr = base_lr · batch / 256
-# The smallest batch the official VAR trained at: below it the lr stays the official one at this batch (3e-4 with the
-# base lr 1e-4) instead of shrinking with the batch. The linear rule keeps the gradient noise per unit of lr fixed as
-# the batch grows; taken below the official batches it leaves AdamW, whose steps are about lr in size whatever the
-# gradient's, with a step of 6.25e-6 at batch 16: a tiny VAR's loss stays at ln(vocab) for hundreds of steps, where
-# 3e-4 lowers it by 0.3 in 60 steps (tests/test_var_learning_rate.py), and the Fashion-MNIST VAR of this project
-# trained at 1e-3 on batch 256 (RECIPE.md). The lrs the official VAR-d16 trains with are kept: 3e-4 to 4e-4.
-VAR_SMALLEST_OFFICIAL_BATCH = 768
-WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training
 
 
 class VARTask(TrainingTask):
@@ -54,9 +47,7 @@ class VARTask(TrainingTask):
     """
 
     kind = "var"
-    recipe = Recipe(weight_decay=0.05, betas=(0.9, 0.95), ema_decay=0.0, grad_clip=2.0, lr_decay_to=0.1)
-    recipe_notes = {"lr": f"base_lr × max(batch, {VAR_SMALLEST_OFFICIAL_BATCH}) / {VAR_BATCH_REFERENCE}",
-                    "warmup_steps": f"steps / {WARMUP_FRACTION}"}
+    recipe, recipe_notes = RECIPES[kind], RECIPE_NOTES[kind]
 
     def __init__(self, model_config: VARConfig, tokenizer: VQVAE, tokenizer_config: dict,
                  label_smoothing: float = 0.0, sample_cfg: float = 4.0, sample_top_p: float = 0.95,
@@ -121,39 +112,6 @@ class VARTask(TrainingTask):
         """The run's sampling settings, its recommended ones (the config's `sampling` section): its guidance and
         nucleus, the official draws, no refiner."""
         return {**VAR_DEFAULTS, "cfg": self.sample_cfg, "top_k": SAMPLE_TOP_K, "top_p": self.sample_top_p}
-
-
-@dataclass
-class VAROptions:
-    """What a VAR run trains besides the loop settings (`TrainConfig`): the transformer, its tokenizer, its data.
-
-    Fields:
-        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run).
-        depth: blocks; width 64·depth and depth heads unless `width` / `num_heads` say otherwise.
-        data, image_size: the data set; image_size None takes the tokenizer's.
-        token_cache: tokenize the data set once into RUN/tokens/ (every rank tokenizes its shards).
-        label_smoothing, label_dropout: the cross-entropy's smoothing and the class dropout for guidance.
-        base_lr: the recipe's lr is base_lr · max(batch, 768) / 256.
-        sample_cfg, sample_top_p: the periodic sample grid's guidance and nucleus.
-        init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
-        attention: teacher forcing through "sdpa" (a dense block-causal mask, the official path) or "flex"
-            (FlexAttention's block-sparse mask; GPU only for training, SDPA with a warning elsewhere).
-    """
-
-    tokenizer: str
-    depth: int = 16
-    width: int | None = None
-    num_heads: int | None = None
-    data: str = FASHION_MNIST_NAME
-    image_size: int | None = None
-    token_cache: bool = False
-    label_smoothing: float = 0.0
-    label_dropout: float = 0.1
-    base_lr: float = VAR_BASE_LR
-    sample_cfg: float = 4.0
-    sample_top_p: float = 0.95
-    init_from: str | None = None
-    attention: AttentionBackend = "sdpa"
 
 
 def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from scalegen.checkpoint import SHIPPED, checkpoint_path
+from scalegen.checkpoint_names import SHIPPED, checkpoint_path
 from scalegen.errors import UserError
 
 

@@ -27,7 +27,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from scalegen.checkpoint import SHIPPED
+from scalegen.checkpoint_names import SHIPPED
 from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops

@@ -6,7 +6,6 @@ fills, or the task's recipe), so `scalegen train var` and `train(VARTask(...), .
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, fields

@@ -23,6 +23,7 @@ from scalegen.cli.main import build_parser, main
 from scalegen.data import ImageFolder
 from scalegen.errors import UserError
 from scalegen.train.task import Recipe
+from scalegen.train.task_options import ObjectiveConfig
 from scalegen.train.trainer import TrainConfig
 from scalegen.train.var_task import VARTask
 from tests_support import user_error
@@ -90,6 +91,14 @@ def test_the_loop_settings_refuse_nan_from_python_too(tmp_path):
         TrainConfig(out=str(tmp_path), steps=1, lr=math.nan)
     with pytest.raises(UserError, match="--batch-size"):
         TrainConfig(out=str(tmp_path), steps=1, batch_size=math.nan)
+
+
+@pytest.mark.parametrize("settings", [dict(name="ddpm", snr_gamma=math.nan), dict(name="meanflow", guidance=math.nan),
+                                      dict(name="flow", logit_std=math.inf), dict(name="meanflow", repa_weight=math.nan)],
+                         ids=["snr gamma", "trained-in guidance", "logit std", "repa weight"])
+def test_the_objective_settings_refuse_nan_and_infinity_from_python_too(settings):
+    with pytest.raises(UserError, match="is (nan|inf)"):
+        ObjectiveConfig(**settings)
 
 
 def printed(argv: list[str], capsys) -> dict:

@@ -45,7 +45,7 @@ class DDPMObjective(Objective):
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise UserError(f"unknown --loss-weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
-        if self.snr_gamma <= 0:
+        if not self.snr_gamma > 0:  # NaN too
             raise UserError(f"--snr-gamma is {self.snr_gamma}; it must be positive")
 
     @cached_property

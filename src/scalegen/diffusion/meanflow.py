@@ -74,7 +74,7 @@ class MeanFlow(Objective):
         check_time_sampling(self.time_sampling, self.logit_std)
         if not 0.0 <= self.mean_fraction <= 1.0:
             raise UserError(f"--mean-fraction is {self.mean_fraction}; it must be in [0, 1]")
-        if self.guidance < 1.0:
+        if not self.guidance >= 1.0:  # NaN too
             raise UserError(f"--train-cfg is {self.guidance}; it must be at least 1 (1: no guidance)")
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ A method that needs the objectives' registry imports it when it is called.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
@@ -61,8 +63,10 @@ class ObjectiveConfig:
         objective_class(self.name)
         for setting in fields(self):
             value, owners = getattr(self, setting.name), setting_owners(setting.name)
+            flag = SETTING_FLAGS.get(setting.name, "--" + setting.name.replace("_", "-"))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag} is {value}; give a finite number")
             if owners and self.name not in owners and value != setting.default:
-                flag = SETTING_FLAGS.get(setting.name, "--" + setting.name.replace("_", "-"))
                 raise UserError(f"{flag} {value} is a setting of --objective {' or '.join(owners)}, not {self.name}; "
                                 "leave it at its default")
         self.objective(learn_sigma=False, num_classes=1, class_dropout=0.0)  # checks the settings' values

@@ -14,7 +14,7 @@ import torch
 
 from scalegen.models.dit import build_dit
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE
-from scalegen.distributed import AUTOCAST_DTYPES
+from scalegen.mixed_precision import AUTOCAST_DTYPES
 
 from timing import peak_memory_gib
 

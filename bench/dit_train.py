@@ -17,7 +17,7 @@ from scalegen.eval.flops import dit_forward_macs
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE
 from scalegen.train.optimization import update_ema
-from scalegen.distributed import AUTOCAST_DTYPES
+from scalegen.mixed_precision import AUTOCAST_DTYPES
 
 from timing import peak_memory_gib, seconds_per_call
 

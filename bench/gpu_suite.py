@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 
 from scalegen.diffusion.respace import create_diffusion
-from scalegen.distributed import autocast
 from scalegen.eval.flops import counted_flops
 from scalegen.files import json_config
+from scalegen.mixed_precision import autocast
 from scalegen.models.dit import build_dit
 from scalegen.models.var import VARConfig
 from scalegen.tokenizers.vqvae import build_vqvae

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from scalegen.diffusion.respace import create_diffusion
-from scalegen.distributed import autocast, resolve_precision
+from scalegen.mixed_precision import autocast, resolve_precision
 from scalegen.models.dit import build_dit
 from scalegen.models.var import VARConfig, VAR
 from scalegen.tokenizers.vqvae import build_vqvae

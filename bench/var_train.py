@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from scalegen.distributed import AUTOCAST_DTYPES
+from scalegen.mixed_precision import AUTOCAST_DTYPES
 from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
 from scalegen.models.var import VARConfig

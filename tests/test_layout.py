@@ -4,6 +4,8 @@ them.)"""
 import ast
 from pathlib import Path
 
+import pytest
+
 import scalegen
 
 PACKAGE = Path(scalegen.__file__).parent
@@ -68,9 +70,27 @@ def test_argparse_and_the_cli_live_only_in_cli():
         assert "add_argument" not in path.read_text(), f"{name} defines command-line options"
 
 
-def test_models_do_no_io_and_no_distributed_work():
-    forbidden = {"os", "pathlib", "shutil", "safetensors", "safetensors.torch", "torch.distributed", "scalegen.files",
-                 "scalegen.checkpoint", "scalegen.pretrained", "scalegen.cache_store", "scalegen.shards"}
+MODEL_IMPORTS_FORBIDDEN = ("scalegen.data", "scalegen.distributed", "scalegen.shards", "scalegen.cache_store",
+                           "scalegen.checkpoint", "torch.distributed")  # models do no data or distributed work
+
+
+def imported_names(name: str) -> set[str]:
+    """Every module name a module's imports reach, scalegen's or not: `from torch import distributed` names torch and
+    torch.distributed, `from .settings import X` scalegen.models.settings and scalegen.models.settings.X."""
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""  # `from ..x` climbs one package
+            module = ".".join(part for part in (base, node.module) if part)
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_models_do_no_io():
+    forbidden = {"os", "pathlib", "shutil", "safetensors", "safetensors.torch", "scalegen.files", "scalegen.pretrained"}
     for name, path in MODULES.items():
         if not name.startswith("scalegen.models"):
             continue
@@ -81,3 +101,28 @@ def test_models_do_no_io_and_no_distributed_work():
         calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                  for node in ast.walk(tree) if isinstance(node, ast.Call)}
         assert not calls & {"open", "load", "save", "save_file", "load_file"}, f"{name} reads or writes files"
+
+
+def test_models_do_no_data_or_distributed_work():
+    for name in MODULES:
+        if not name.startswith("scalegen.models"):
+            continue
+        reached = {module for module in imported_names(name) for forbidden in MODEL_IMPORTS_FORBIDDEN
+                   if module == forbidden or module.startswith(f"{forbidden}.")}
+        assert not reached, f"{name} imports {sorted(reached)}: a model takes tensors, labels and a precision name"
+
+
+@pytest.mark.parametrize("line, reached", [
+    ("import torch.distributed as dist", "torch.distributed"),
+    ("from torch import distributed", "torch.distributed"),
+    ("from torch.distributed.fsdp import FSDPModule", "torch.distributed.fsdp"),
+    ("from scalegen.data import label_ids", "scalegen.data"),
+    ("from scalegen import data", "scalegen.data"),
+    ("from ..distributed import autocast", "scalegen.distributed"),
+    ("from . import var_blocks", "scalegen.models.var_blocks"),
+])
+def test_the_import_walk_sees_every_spelling_of_an_import(tmp_path, monkeypatch, line, reached):
+    probe = tmp_path / "probe.py"
+    probe.write_text(line + "\n")
+    monkeypatch.setitem(MODULES, "scalegen.models.probe", probe)
+    assert reached in imported_names("scalegen.models.probe")

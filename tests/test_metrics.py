@@ -260,7 +260,7 @@ def test_eval_command_needs_samples_or_save_ref():
 def test_fmnist_accuracy_only_for_labels_of_fashion_mnist_classes(tmp_path, capsys):
     """Samples of a 3-class model (its names, or only its class count, in the .npz) get FID and a note, no accuracy;
     Fashion-MNIST's classes (by name, by placeholder names, or a file that says nothing) get their accuracy."""
-    from scalegen.data import FASHION_MNIST_CLASSES
+    from scalegen.classes import FASHION_MNIST_CLASSES
     from scalegen.eval.fmnist import foreign_classes
     from scalegen.images import save_npz
 

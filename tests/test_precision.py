@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from scalegen import distributed
-from scalegen.distributed import autocast, resolve_precision
+from scalegen import mixed_precision
 from scalegen.errors import UserError
+from scalegen.mixed_precision import autocast, resolve_precision
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.var import VAR, VARConfig
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -19,7 +19,7 @@ BF16_LOSS_TOLERANCE = 0.03  # mean relative difference of the per-step losses, b
 
 @pytest.mark.parametrize("has_units, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_means_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch, has_units, expected):
-    monkeypatch.setattr(distributed, "cpu_has_bf16_matrix_units", lambda: has_units)
+    monkeypatch.setattr(mixed_precision, "cpu_has_bf16_matrix_units", lambda: has_units)
     assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     with autocast("auto", CPU):
@@ -32,7 +32,7 @@ def test_auto_means_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch, has_un
 def fresh_detection():
     """`cpu_has_bf16_matrix_units`, asking the hardware anew at each call (it keeps its first answer for the
     process), with the kept answer forgotten after the test too."""
-    detect = distributed.cpu_has_bf16_matrix_units
+    detect = mixed_precision.cpu_has_bf16_matrix_units
     forget = getattr(detect, "cache_clear", lambda: None)
 
     def detect_anew() -> bool:
@@ -64,14 +64,14 @@ def test_without_torch_s_report_detection_reads_proc_cpuinfo(monkeypatch, tmp_pa
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
     cpu_info = tmp_path / "cpuinfo"
     cpu_info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(distributed, "CPU_INFO", cpu_info)
+    monkeypatch.setattr(mixed_precision, "CPU_INFO", cpu_info)
     assert fresh_detection() is expected
-    monkeypatch.setattr(distributed, "CPU_INFO", tmp_path / "absent")
+    monkeypatch.setattr(mixed_precision, "CPU_INFO", tmp_path / "absent")
     assert fresh_detection() is False  # no report and no /proc: fp32, the safe answer
 
 
 def test_torch_s_report_and_the_kernel_s_flags_agree_on_this_machine(monkeypatch, fresh_detection):
-    if not distributed.CPU_INFO.exists() or not hasattr(torch.cpu, "get_capabilities"):
+    if not mixed_precision.CPU_INFO.exists() or not hasattr(torch.cpu, "get_capabilities"):
         pytest.skip("needs both torch's capability report and /proc/cpuinfo")
     from_torch = fresh_detection()
     monkeypatch.delattr(torch.cpu, "get_capabilities")

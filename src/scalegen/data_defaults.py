@@ -3,7 +3,4 @@ the data code (scalegen.data and scalegen.shards import torch)."""
 from __future__ import annotations
 
 FASHION_MNIST_NAME = "fashion-mnist"  # the embedded default data set (`--data fashion-mnist`)
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 DEFAULT_IMAGES_PER_SHARD = 1000  # images in each tar shard `scalegen data pack` writes

@@ -1,27 +1,19 @@
-"""Where a process computes: process-group set-up for torchrun (DDP) that also works as a single plain process, and
-the numeric precision of training and sampling on its device.
-
-Precision: "fp32" (the official numbers, bit for bit), "bf16" or "fp16" autocast, or "auto": bf16 where the hardware
-multiplies bf16 matrices faster than fp32 — a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16 matrix
-instructions (detected, never assumed) — and fp32 everywhere else.
-"""
+"""Where a process computes: process-group set-up for torchrun (DDP) that also works as a single plain process (the
+precision it computes in is `scalegen.mixed_precision`'s)."""
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from scalegen.errors import UserError
-from scalegen.precision import PRECISIONS, Precision
 
 AGENT_STORE_VARIABLE = "TORCHELASTIC_USE_AGENT_STORE"  # torchrun's workers share its agent's store
 GROUP_STORE_KEY = "scalegen/group_store"  # where rank 0 publishes its attempt's store, in the agent's store
@@ -151,43 +143,3 @@ def cleanup(context: DistributedContext, wait: bool = True) -> None:
             dist.barrier()
         dist.destroy_process_group()
 
-
-# ----- precision -----
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU features that make bf16 matrix products fast
-CPU_INFO = Path("/proc/cpuinfo")
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU has AMX-BF16 or AVX512-BF16 instructions (torch's capability report, else /proc/cpuinfo)."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is not None:
-        found = capabilities()
-        return any(bool(found.get(flag)) for flag in BF16_MATRIX_FLAGS)
-    if CPU_INFO.exists():
-        flags = set(CPU_INFO.read_text().split())
-        return any(flag in flags for flag in BF16_MATRIX_FLAGS)
-    return False
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """The concrete precision ("fp32", "bf16" or "fp16") that `precision` means on `device`."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16_matrix_units() else "fp32"
-    return "fp32"
-
-
-def autocast(precision: Precision, device: torch.device) -> AbstractContextManager:
-    """The autocast context of `precision` on `device` (no context at all for fp32: the exact path)."""
-    resolved = resolve_precision(precision, device)
-    if resolved in AUTOCAST_DTYPES:
-        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[resolved])
-    return nullcontext()

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from scalegen.data import center_crop_arr, class_ids
+from scalegen.classes import class_ids
+from scalegen.data import center_crop_arr
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
 from scalegen.eval.npz import (
@@ -55,7 +56,7 @@ def check_output(path: str | Path, num_samples: int) -> None:
 
 
 def parse_classes(classes: str | Sequence[int | str], num_classes: int, names: Sequence[str] | None = None) -> list[int]:
-    """Class ids from "all", "0,1,2", "golden retriever,7" or a sequence of ids and names (see `data.class_ids`)."""
+    """Class ids from "all", "0,1,2", "golden retriever,7" or a sequence of ids and names (see `classes.class_ids`)."""
     return class_ids(classes, names if names is not None else [f"class {index}" for index in range(num_classes)])
 
 

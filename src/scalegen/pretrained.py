@@ -26,7 +26,7 @@ from scalegen.checkpoint_names import (
 )
 from scalegen.files import read_json, read_weights_file
 from scalegen.fingerprint import weights_fingerprint
-from scalegen.data import class_names
+from scalegen.classes import class_names
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers

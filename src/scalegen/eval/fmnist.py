@@ -18,9 +18,8 @@ from torch import nn
 
 from scalegen.checkpoint_names import ASSETS
 from scalegen.files import read_json, read_weights_file
-from scalegen.data import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_PADDED_SIZE, class_names, pad_fashion_mnist, to_model_range,
-)
+from scalegen.classes import FASHION_MNIST_CLASSES, class_names
+from scalegen.data import FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist, to_model_range
 from scalegen.errors import UserError
 from scalegen.eval import metrics
 from scalegen.eval.settings import ClassifierConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from scalegen.data_defaults import FASHION_MNIST_CLASSES
+from scalegen.classes import FASHION_MNIST_CLASSES
 
 DEFAULT_BATCH_SIZE = 64  # ADM's evaluator batch size
 FEATURE_NETWORKS = ("inception", "fmnist")

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scalegen.data import label_ids
-from scalegen.distributed import autocast
+from scalegen.classes import label_ids
 from scalegen.diffusion.names import GuidanceInterval, check_guidance_interval
 from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
 from scalegen.sampling_settings import FROM_DEFAULT
 from scalegen.errors import UserError
+from scalegen.mixed_precision import autocast
 from scalegen.models.dit_blocks import FinalLayer, make_block
 from scalegen.models.layers import (
     LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,

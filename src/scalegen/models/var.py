@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from scalegen.data import label_ids
-from scalegen.distributed import autocast
+from scalegen.classes import label_ids
 from scalegen.errors import UserError
+from scalegen.mixed_precision import autocast
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.var_blocks import (
     ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, BlockMask, SharedAdaLin, block_causal_block_mask, block_causal_mask,

@@ -17,9 +17,8 @@ from torch import nn
 
 from scalegen.checkpoint import RunFolder, guarded_run, halved, load_weights
 from scalegen.files import read_json
-from scalegen.data import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, limited, open_dataset,
-)
+from scalegen.classes import FASHION_MNIST_CLASSES
+from scalegen.data import FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, limited, open_dataset
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
 from scalegen.eval import metrics

@@ -26,10 +26,9 @@ from scalegen.checkpoint import (
     RunFolder, guarded_run, load_training_state, read_checkpoint_weights, save_checkpoint, stored_config,
 )
 from scalegen.data import collate
-from scalegen.distributed import (
-    DistributedContext, autocast, barrier, process_group, resolve_precision,
-)
+from scalegen.distributed import DistributedContext, barrier, process_group
 from scalegen.errors import UserError
+from scalegen.mixed_precision import autocast, resolve_precision
 from scalegen.train import sharding
 from scalegen.train.evaluation import Evaluator
 from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite

@@ -27,8 +27,8 @@ from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, PIPELINE_NULL_CLASS, 
 from scalegen.models.settings import OFFICIAL_BLOCK
 from scalegen.pretrained import (
     DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
-    DIFFUSERS_WEIGHTS, MODEL_NAMES, diffusers_stored_config, diffusers_transformer_folder, dit_decoder, load_dit,
-    load_tokenizer, stored_objective,
+    DIFFUSERS_WEIGHTS, diffusers_stored_config, diffusers_transformer_folder, dit_decoder, load_dit, load_tokenizer,
+    model_name, stored_objective,
 )
 from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.kl_vae import to_autoencoder_kl
@@ -55,7 +55,7 @@ def check_exportable(path: str | Path, stored: dict) -> None:
     """A one-line error, from its stored config, for a model that DiTPipeline cannot run: a VAR or tokenizer, a
     flow-trained DiT, a DiT on a VQ tokenizer or one with LightningDiT's block options."""
     if stored.get("kind", "dit") != "dit":
-        raise UserError(f"{path} holds a {MODEL_NAMES.get(stored['kind'], stored['kind'])} model; diffusers' "
+        raise UserError(f"{path} holds a {model_name(stored['kind'])} model; diffusers' "
                         f"DiTPipeline runs DiTs only; {native_export(path)}")
     objective = stored_objective(stored)
     try:

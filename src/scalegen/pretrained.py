@@ -33,22 +33,18 @@ from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.settings import MODEL_SIZES
 from scalegen.models.var import VAR, VARConfig
 from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
-from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, tokenizer_codec
-from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig
+from scalegen.tokenizers.codec import (
+    DEFAULT_KIND, TOKENIZER_KINDS, TokenizerLatents, kind_of, registered_kind, tokenizer_codec,
+)
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LatentCodec, load_sd_vae
 from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
-MODEL_NAMES = {"dit": "DiT", "var": "VAR", "vqvae": "tokenizer", "klvae": "KL tokenizer", "classifier": "classifier"}
-# The tokenizers of ours, by the kind their checkpoints store: their config class and model class.
-TOKENIZER_MODELS = {"vqvae": (VQVAEConfig, VQVAE), "klvae": (KLVAEConfig, KLVAE)}
+# The models that are not tokenizers (a tokenizer's kind, title and advice are registered with it: tokenizers/codec.py).
+MODEL_NAMES = {"dit": "DiT", "var": "VAR", "classifier": "classifier"}
 # What to do with a file of each kind when it is given to a loader of another kind (real commands and functions only).
 KIND_ADVICE = {
     "dit": "sample it with `scalegen sample dit --ckpt {path}` (scalegen.load_dit in Python)",
     "var": "sample it with `scalegen sample var --ckpt {path}` (scalegen.load_var in Python)",
-    "vqvae": "train a VAR on it with `scalegen train var --tokenizer {path}` (or a DiT in its latent space with "
-             "`scalegen train dit --tokenizer {path}`; scalegen.load_tokenizer loads it in Python)",
-    "klvae": "train a DiT in its latent space with `scalegen train dit --tokenizer {path}` "
-             "(scalegen.load_tokenizer loads it in Python)",
     "classifier": "it scores samples, it draws none: export it with `scalegen train classifier --export "
                   "FILE.safetensors` (scalegen.eval.fmnist.load_classifier loads that file in Python)",
 }
@@ -58,12 +54,26 @@ DIFFUSERS_WEIGHTS, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_INDEX = (
     "diffusion_pytorch_model.safetensors", "scheduler_config.json", "model_index.json")
 
 
+def model_name(kind: str) -> str:
+    """How messages name a stored kind of model (a registered tokenizer's title; an unknown kind as it is)."""
+    if kind in TOKENIZER_KINDS:
+        return TOKENIZER_KINDS[kind].title
+    return MODEL_NAMES.get(kind, kind)
+
+
+def kind_advice(kind: str) -> str | None:
+    """What to do with a file of `kind` given to a loader of another kind (`{path}` to fill in); None when unknown."""
+    if kind in TOKENIZER_KINDS:
+        return TOKENIZER_KINDS[kind].advice
+    return KIND_ADVICE.get(kind)
+
+
 def check_kind(stored: dict | None, kind: str, path: str | Path) -> None:
     """A one-line error when a stored config describes another kind of model than the loader's."""
     if stored is not None and stored.get("kind") != kind:
         found = stored.get("kind")
-        advice = KIND_ADVICE.get(found, f"give a run, checkpoint or export of a {MODEL_NAMES[kind]}")
-        raise UserError(f"{path} holds a {MODEL_NAMES.get(found, found)} model, not a {MODEL_NAMES[kind]}; "
+        advice = kind_advice(found) or f"give a run, checkpoint or export of a {model_name(kind)}"
+        raise UserError(f"{path} holds a {model_name(found)} model, not a {model_name(kind)}; "
                         + advice.format(path=path))
 
 
@@ -87,10 +97,10 @@ def load_strictly(model: nn.Module, weights: dict[str, torch.Tensor], path: str 
 
 # ----- tokenizer -----
 
-def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> VQVAE | KLVAE:
-    """A tokenizer in eval mode — a multi-scale VQVAE (`train vqvae` run, checkpoint, export or official vae .pth) or a
-    KL autoencoder (`train kl`) — or the tokenizer a DiT or VAR run or export was trained on (to train another model
-    in the same latent space).
+def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> nn.Module:
+    """A tokenizer in eval mode, of any registered kind (tokenizers/codec.py) — a multi-scale VQVAE (`train vqvae` run,
+    checkpoint, export or official vae .pth), a KL autoencoder (`train kl`) — or the tokenizer a DiT or VAR run or
+    export was trained on (to train another model in the same latent space).
 
     Args:
         path: the run folder, checkpoint or file.
@@ -106,33 +116,32 @@ def load_tokenizer(path: str | Path, official_patch_nums: tuple[int, ...] = PATC
         return stored_tokenizer(path, stored).eval()
     if stored is None:
         return load_strictly(VQVAE(VQVAEConfig(patch_nums=official_patch_nums)), weights, path)
-    if stored.get("kind") not in TOKENIZER_MODELS:
-        check_kind(stored, "vqvae", path)
-    config_class, model_class = TOKENIZER_MODELS[stored["kind"]]
-    return load_strictly(model_class(stored_model_config(config_class, stored, path)), weights, path)
+    if stored.get("kind") not in TOKENIZER_KINDS:
+        check_kind(stored, DEFAULT_KIND, path)
+    kind = TOKENIZER_KINDS[stored["kind"]]
+    return load_strictly(kind.model_class(stored_model_config(kind.config_class, stored, path)), weights, path)
 
 
-def tokenizer_kind(tokenizer: VQVAE | KLVAE) -> str:
-    """The kind a checkpoint stores for this tokenizer (a key of TOKENIZER_MODELS)."""
-    return next(kind for kind, (_, model_class) in TOKENIZER_MODELS.items() if isinstance(tokenizer, model_class))
-
-
-def token_tokenizer(tokenizer: VQVAE | KLVAE, path: str | Path) -> VQVAE:
-    """`tokenizer` when it has tokens (a VQVAE); a one-line error for a KL one, which only a DiT can use."""
-    if not isinstance(tokenizer, VQVAE):
-        raise UserError(f"the tokenizer {path} is a KL autoencoder, which has no tokens for a VAR; give a `train vqvae` "
-                        "tokenizer (a KL one serves DiTs: `scalegen train dit --tokenizer`)")
+def token_tokenizer(tokenizer: nn.Module, path: str | Path) -> VQVAE:
+    """`tokenizer` when its kind has tokens (a VQVAE); a one-line error for another, which only a DiT can use."""
+    kind = kind_of(tokenizer)
+    if kind is None or not kind.serves_var:
+        title = kind.title if kind is not None else type(tokenizer).__name__
+        with_tokens = ", ".join(name for name, other in TOKENIZER_KINDS.items() if other.serves_var)
+        for_dit = ", only latents for a DiT (`scalegen train dit --tokenizer`)" if kind and kind.codec_class else ""
+        raise UserError(f"the tokenizer {path} is a {title}, which has no tokens for a VAR{for_dit}; give a tokenizer "
+                        f"of a kind with tokens ({with_tokens}; `scalegen train vqvae` trains one)")
     return tokenizer
 
 
-def stored_tokenizer(ckpt: str | Path, stored: dict) -> VQVAE | KLVAE:
+def stored_tokenizer(ckpt: str | Path, stored: dict) -> nn.Module:
     """The tokenizer copied into a VAR (or tokenizer-latent DiT) run, found by `find_tokenizer_copy`, else its source."""
     copy = find_tokenizer_copy(ckpt)
     description = stored["tokenizer"]
     if copy is not None:
-        config_class, model_class = TOKENIZER_MODELS[description.get("kind", "vqvae")]
-        config = stored_model_config(config_class, description, copy)
-        return load_strictly(model_class(config), read_weights_file(copy), copy)
+        kind = registered_kind(description.get("kind", DEFAULT_KIND))
+        config = stored_model_config(kind.config_class, description, copy)
+        return load_strictly(kind.model_class(config), read_weights_file(copy), copy)
     source = description.get("source")
     if source and Path(source).exists():
         return load_tokenizer(source)
@@ -162,7 +171,7 @@ def dit_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> DiTConfig
 
 
 def dit_decoder(ckpt: str | Path, stored: dict | None, config: DiTConfig,
-                vae: str | None = None) -> LatentCodec | TokenizerCodec | KLCodec | None:
+                vae: str | None = None) -> LatentCodec | TokenizerLatents | None:
     """The decoder of a DiT's latents: its run's tokenizer, an SD VAE (`vae` overrides the stored path), or None
     (pixels; `vae="none"` forces it)."""
     stored = stored or {}
@@ -270,7 +279,7 @@ def official_patch_nums(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
                     "use a scalegen run folder, which stores its scales")
 
 
-def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None,
+def load_var(path: str | Path, tokenizer: str | Path | nn.Module | None = None,
              weights: WeightChoice | None = None) -> VAR:
     """A VAR in eval mode, its tokenizer and recommended sampling settings attached, from a run folder, checkpoint,
     export, official var_d*.pth or `shipped:` name.
@@ -284,7 +293,7 @@ def load_var(path: str | Path, tokenizer: str | Path | VQVAE | None = None,
     path = checkpoint_path(path)
     stored, state_dict = load_chosen_weights(path, weights)
     check_kind(stored, "var", path)
-    if isinstance(tokenizer, VQVAE):
+    if isinstance(tokenizer, nn.Module):
         vqvae = tokenizer
     elif tokenizer:
         patch_nums = tuple(stored["model"]["patch_nums"]) if stored else official_patch_nums(state_dict)

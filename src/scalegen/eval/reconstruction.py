@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from scalegen.checkpoint import CONFIG_FILE
@@ -27,15 +28,14 @@ from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Featur
 from scalegen.files import read_json
 from scalegen.images import save_grid
 from scalegen.pretrained import load_tokenizer
-from scalegen.tokenizers.kl_vae import KLVAE
+from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
-from scalegen.tokenizers.vqvae import VQVAE
 
 PAIRS_PER_ROW = 8
 MSE_FLOOR = 1e-10  # a perfect reconstruction reads as 100 dB, not infinity (JSON has no infinity)
 SD_VAE_CLASS = "AutoencoderKL"  # the `_class_name` in a diffusers VAE folder's config.json
 RGB_CHANNELS = 3
-Autoencoder = VQVAE | KLVAE | LatentCodec
+Autoencoder = nn.Module  # a tokenizer of a registered kind (tokenizers/codec.py) or an SD VAE's `LatentCodec`
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:
@@ -49,18 +49,18 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
 
 
 def data_image_size(autoencoder: Autoencoder, requested: int | None = None) -> int:
-    """The image side to open data at: `requested`, else the one a VQVAE encodes (an SD VAE takes any multiple of 8,
-    so it needs one)."""
+    """The image side to open data at: `requested`, else the one a tokenizer of ours encodes (an SD VAE takes any
+    multiple of 8, so it needs one)."""
     if requested is not None:
         return requested
-    if isinstance(autoencoder, (VQVAE, KLVAE)):
+    if kind_of(autoencoder) is not None:
         return autoencoder.image_size
     raise UserError(f"an SD VAE takes any image size: give --image-size (a multiple of {LATENT_DOWNSAMPLE})")
 
 
 def check_images(autoencoder: Autoencoder, images: torch.Tensor) -> None:
     """A one-line error when a batch (B, C, H, W) does not fit the autoencoder."""
-    if isinstance(autoencoder, (VQVAE, KLVAE)):
+    if kind_of(autoencoder) is not None:
         expected = (autoencoder.config.in_channels, autoencoder.image_size, autoencoder.image_size)
         if tuple(images.shape[1:]) != expected:
             raise UserError(f"the data's images are (C, H, W) {tuple(images.shape[1:])} but the tokenizer encodes "
@@ -71,13 +71,12 @@ def check_images(autoencoder: Autoencoder, images: torch.Tensor) -> None:
 
 
 def round_trip(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] through the latent space and back -> (B, C, H, W) in [-1, 1]: a VQVAE's tokens,
-    a KL tokenizer's or an SD VAE's posterior mean (grayscale images go through an SD VAE as gray RGB and come back
-    averaged)."""
-    if isinstance(autoencoder, VQVAE):
-        return autoencoder.tokens_to_img(autoencoder.img_to_tokens(images))
-    if isinstance(autoencoder, KLVAE):
-        return autoencoder.decode(autoencoder.encode_moments(images)[0]).clamp(-1, 1)
+    """Images (B, C, H, W) in [-1, 1] through the latent space and back -> (B, C, H, W) in [-1, 1]: as a tokenizer's
+    kind goes (a VQVAE's tokens, a KL tokenizer's posterior mean), or an SD VAE's posterior mean (grayscale images go
+    through an SD VAE as gray RGB and come back averaged)."""
+    kind = kind_of(autoencoder)
+    if kind is not None:
+        return kind.round_trip(autoencoder, images)
     channels = images.shape[1]
     colour = images.expand(-1, RGB_CHANNELS, -1, -1) if channels == 1 else images  # (B, 3, H, W)
     decoded = autoencoder.decode(autoencoder.encode_distribution(colour)[0]).clamp(-1, 1)  # (B, 3, H, W)
@@ -90,7 +89,7 @@ def reconstruct(autoencoder: Autoencoder, dataset: Dataset, count: int,
     """Encode and decode the first `count` images of a data set (unflipped), on the autoencoder's device.
 
     Args:
-        autoencoder: a VQVAE tokenizer or an SD VAE (`load_autoencoder`), in eval mode.
+        autoencoder: a tokenizer of ours or an SD VAE (`load_autoencoder`), in eval mode.
         dataset: an image data set at an image size the autoencoder takes (`scalegen.data.open_dataset`).
         count: how many images (fewer when the data set is smaller).
         batch_size: images per pass.

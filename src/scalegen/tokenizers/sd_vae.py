@@ -38,6 +38,12 @@ class LatentCodec(nn.Module):
                                        and float(settings.get("scaling_factor", 0.0)) == LATENT_SCALE)
 
     @property
+    def latent_network(self) -> nn.Module:
+        """The network whose weights decide the latents (a latent cache records their digest): the codec whole, its
+        scale being the VAE config's."""
+        return self
+
+    @property
     def latent_channels(self) -> int:
         return self.autoencoder.config["latent_channels"]
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from scalegen.cache_store import CACHE_SHARD_SIZE, INDICES, LABELS, CachedArrays, build_cache, weights_digest
 from scalegen.data import data_identity
 from scalegen.distributed import DistributedContext
-from scalegen.tokenizers.codec import KLCodec, TokenizerCodec
+from scalegen.tokenizers.codec import TokenizerLatents
 from scalegen.tokenizers.sd_vae import LatentCodec
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.loading import OnDevice
@@ -40,13 +40,6 @@ def cache_path(folder: Path, earlier_file: Path) -> Path:
 def cache_source(dataset: Dataset, encoder: nn.Module) -> dict:
     """What a cache records of its making: the data set's identity and a digest of the encoder's weights."""
     return {"data": data_identity(dataset), "encoder": weights_digest(encoder)}
-
-
-def codec_encoder(codec: LatentCodec | TokenizerCodec | KLCodec) -> nn.Module:
-    """The network whose weights decide a codec's latents: a tokenizer codec's tokenizer (its scale is measured from
-    the tokenizer and the data, so it follows from them, up to the rounding of the machine that measured it), an
-    SD-VAE codec whole (its scale comes from the VAE's config)."""
-    return codec.tokenizer if isinstance(codec, (TokenizerCodec, KLCodec)) else codec
 
 
 def source_shard_sizes(arrays: CachedArrays, shard_sizes: list[int]) -> list[int]:
@@ -103,7 +96,7 @@ class LatentCache(Dataset):
 
 
 def extract_latents(
-    codec: LatentCodec | TokenizerCodec, dataset: Dataset, path: str | Path, batch_size: int = LATENT_BATCH_SIZE,
+    codec: LatentCodec | TokenizerLatents, dataset: Dataset, path: str | Path, batch_size: int = LATENT_BATCH_SIZE,
     device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
     num_workers: int = 0,
 ) -> Path:
@@ -115,7 +108,7 @@ def extract_latents(
         mean, std = codec.encode_distribution(images)  # (2B, C_latent, h, w) ×2
         return {"mean": mean.half(), "std": std.half()}
 
-    source = cache_source(dataset, codec_encoder(codec))
+    source = cache_source(dataset, codec.latent_network)
     return build_cache(dataset, encode, path, batch_size, device, "extracting latents", source, context, shard_size,
                        num_workers)
 

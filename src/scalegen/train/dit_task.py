@@ -22,10 +22,9 @@ from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
-from scalegen.pretrained import load_tokenizer, tokenizer_kind
+from scalegen.pretrained import load_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY
-from scalegen.tokenizers.codec import KLCodec, TokenizerCodec, measure_normalization, tokenizer_codec
-from scalegen.tokenizers.kl_vae import KLVAE
+from scalegen.tokenizers.codec import TokenizerLatents, kind_of, measure_normalization, tokenizer_codec
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, cache_path, extract_latents
@@ -53,7 +52,7 @@ class DiTTask(TrainingTask):
     def __init__(
         self,
         model_config: DiTConfig,
-        codec: LatentCodec | TokenizerCodec | KLCodec | None = None,
+        codec: LatentCodec | TokenizerLatents | None = None,
         vae: str | None = None,
         sample_steps: int = 50,
         sample_cfg_scale: float = 4.0,
@@ -209,20 +208,25 @@ def dit_model_config(options: DiTOptions, input_size: int, in_channels: int, num
 
 
 def tokenizer_latents(options: DiTOptions, dataset, run: RunFolder,
-                      device: str | None) -> tuple[TokenizerCodec | KLCodec, dict]:
-    """The codec of `options.tokenizer` and its stored description; its weights are copied into the run folder."""
+                      device: str | None) -> tuple[TokenizerLatents, dict]:
+    """The codec of `options.tokenizer` (as its registered kind makes it) and its stored description; its weights
+    are copied into the run folder."""
     tokenizer = load_tokenizer(options.tokenizer)
+    kind = kind_of(tokenizer)
+    if kind.codec_class is None:
+        raise UserError(f"the tokenizer {options.tokenizer} is a {kind.title}, which has no latent space for a DiT; "
+                        "give a tokenizer of a kind with one (`scalegen train kl` or `train vqvae`)")
     if tokenizer.image_size != options.image_size or tokenizer.config.in_channels != dataset.channels:
         raise UserError(f"the tokenizer encodes {tokenizer.image_size}px images of {tokenizer.config.in_channels} "
                         f"channel(s), the data are {options.image_size}px with {dataset.channels}; match --image-size "
                         "or train a tokenizer on this data")
-    if options.end_to_end and not isinstance(tokenizer, KLVAE):
+    if options.end_to_end and not kind.end_to_end:
         raise UserError("--end-to-end tunes a KL tokenizer (`scalegen train kl`); a VQ tokenizer's codes have no "
                         "gradient to tune through")
     context = setup_distributed(device)
     if context.is_main and not options.end_to_end:  # an end-to-end run keeps its tokenizer with each checkpoint
         keep_tokenizer_copy(tokenizer.state_dict(), run.root)
-    description = {"kind": tokenizer_kind(tokenizer), "model": json_config(tokenizer.config),
+    description = {"kind": kind.name, "model": json_config(tokenizer.config),
                    "source": str(Path(options.tokenizer).resolve()),
                    **measure_normalization(tokenizer, dataset, context.device)}
     return tokenizer_codec(tokenizer, description), description

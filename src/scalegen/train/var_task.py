@@ -24,6 +24,7 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.pretrained import load_tokenizer, token_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
+from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import TokenCache, cache_path, extract_tokens
@@ -154,7 +155,8 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
                                num_workers=config.num_workers)
             dataset = TokenCache(cache)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        tokenizer_info = {"model": json_config(tokenizer.config), "source": str(Path(options.tokenizer).resolve())}
+        tokenizer_info = {"kind": kind_of(tokenizer).name, "model": json_config(tokenizer.config),
+                          "source": str(Path(options.tokenizer).resolve())}
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
                        options.sample_top_p, extra_config=description,
                        base_lr=options.base_lr)

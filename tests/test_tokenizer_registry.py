@@ -21,7 +21,7 @@ from scalegen.errors import UserError
 from scalegen.eval.reconstruction import data_image_size, reconstruct
 from scalegen.pretrained import check_kind, load_dit, token_tokenizer
 from scalegen.tokenizers.codec import (
-    TOKENIZER_KINDS, TokenizerKind, TokenizerLatents, encoded, kind_of, register_tokenizer,
+    TOKENIZER_KINDS, TokenizerKind, TokenizerLatents, encoded, kind_of, register_tokenizer, tokenizer_codec,
 )
 from scalegen.train.dit_task import train_dit
 from scalegen.train.task_options import DiTOptions
@@ -192,4 +192,6 @@ def test_a_dit_refuses_a_kind_without_a_latent_space_in_one_line(toy_run, tmp_pa
                          hidden_size=32, num_heads=2, patch_size=1)
     with pytest.raises(UserError, match="plain tokenizer, which has no latent space for a DiT") as refused:
         train_dit(options, TrainConfig(out=str(tmp_path / "dit"), steps=1, batch_size=16, device="cpu"))
-    assert "\n" not in str(refused.value)
+    assert "\n" not in str(refused.value) and f"the tokenizer {tmp_path / 'plain'} is" in str(refused.value)
+    with pytest.raises(UserError, match="Identity, of no registered tokenizer kind; register its kind"):
+        tokenizer_codec(nn.Identity(), {"latent_scale": 1.0})

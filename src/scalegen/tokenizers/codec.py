@@ -226,9 +226,23 @@ def kind_of(tokenizer: nn.Module) -> TokenizerKind | None:
     return next((kinds[cls] for cls in type(tokenizer).__mro__ if cls in kinds), None)
 
 
+def latent_codec_class(tokenizer: nn.Module, named: str = "the tokenizer") -> type[TokenizerLatents]:
+    """The codec class of the tokenizer's kind; a one-line error (naming it as `named`) for a module of no registered
+    kind or a kind without a latent space for a DiT."""
+    kind = kind_of(tokenizer)
+    if kind is None:
+        raise UserError(f"{named} is a {type(tokenizer).__name__}, of no registered tokenizer kind; register its kind "
+                        "with scalegen.tokenizers.codec.register_tokenizer")
+    if kind.codec_class is None:
+        with_latents = ", ".join(name for name, other in TOKENIZER_KINDS.items() if other.codec_class is not None)
+        raise UserError(f"{named} is a {kind.title}, which has no latent space for a DiT; give a tokenizer of a kind "
+                        f"with one ({with_latents})")
+    return kind.codec_class
+
+
 def tokenizer_codec(tokenizer: nn.Module, description: dict) -> TokenizerLatents:
     """The codec of a DiT's tokenizer from its stored description (its kind's normalisation entries)."""
-    return kind_of(tokenizer).codec_class.from_description(tokenizer, description)
+    return latent_codec_class(tokenizer).from_description(tokenizer, description)
 
 
 @torch.no_grad()
@@ -237,7 +251,7 @@ def measure_normalization(tokenizer: nn.Module, dataset: Dataset, device: torch.
     """How a DiT should scale the tokenizer's latents, measured over the first `count` images of `dataset`: the
     description `tokenizer_codec` reads ({"latent_scale"} for a VQ tokenizer; per-channel {"latent_shift",
     "latent_scale"} of the latent samples for a KL one)."""
-    return kind_of(tokenizer).codec_class.measure(tokenizer, dataset, device, count)
+    return latent_codec_class(tokenizer).measure(tokenizer, dataset, device, count)
 
 
 @torch.no_grad()

@@ -24,7 +24,9 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.pretrained import load_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY
-from scalegen.tokenizers.codec import TokenizerLatents, kind_of, measure_normalization, tokenizer_codec
+from scalegen.tokenizers.codec import (
+    TokenizerLatents, kind_of, latent_codec_class, measure_normalization, tokenizer_codec,
+)
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.caches import LatentCache, cache_path, extract_latents
@@ -212,10 +214,8 @@ def tokenizer_latents(options: DiTOptions, dataset, run: RunFolder,
     """The codec of `options.tokenizer` (as its registered kind makes it) and its stored description; its weights
     are copied into the run folder."""
     tokenizer = load_tokenizer(options.tokenizer)
+    latent_codec_class(tokenizer, f"the tokenizer {options.tokenizer}")  # a one-line error for a kind without one
     kind = kind_of(tokenizer)
-    if kind.codec_class is None:
-        raise UserError(f"the tokenizer {options.tokenizer} is a {kind.title}, which has no latent space for a DiT; "
-                        "give a tokenizer of a kind with one (`scalegen train kl` or `train vqvae`)")
     if tokenizer.image_size != options.image_size or tokenizer.config.in_channels != dataset.channels:
         raise UserError(f"the tokenizer encodes {tokenizer.image_size}px images of {tokenizer.config.in_channels} "
                         f"channel(s), the data are {options.image_size}px with {dataset.channels}; match --image-size "

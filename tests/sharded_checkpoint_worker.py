@@ -74,7 +74,7 @@ def run(name: str, steps: int, fsdp: bool, asynchronous: bool = True, **override
     config = TrainConfig(out=str(root / name), steps=steps, fsdp=fsdp, **{**train_settings(), **overrides})
     trainer = Trainer(DiTTask(TINY, sample_steps=2), tiny_fashion(), config, context)
     if fsdp:
-        trainer.sharded_writer.asynchronous = asynchronous
+        trainer.parallel.writer.asynchronous = asynchronous
     current.update(trainer=trainer, out=config.out)
     trainer.run()
     return trainer

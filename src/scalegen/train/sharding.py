@@ -1,8 +1,8 @@
-"""FSDP2 for the trainer (`--fsdp`): each transformer block, then the root model, is sharded over the ranks with
-`fully_shard`, and so are its checkpoints: every rank writes its shards of the model, the EMA and the optimizer with
-torch.distributed.checkpoint (DCP), in the background while training goes on, and rank 0 the rest beside them (see
-checkpoint.py's layout). A run resumes from them at any world size, sharded or not (DCP reshards), and from a
-one-file checkpoint too; `checkpoint.load_weights` reads them as full tensors in one process.
+"""FSDP2's mechanics for the `Shard` strategy (parallel.py, `--fsdp`): each transformer block, then the root model,
+is sharded over the ranks with `fully_shard`, and so are its checkpoints: every rank writes its shards of the model,
+the EMA and the optimizer with torch.distributed.checkpoint (DCP), in the background while training goes on, and rank
+0 the rest beside them (see checkpoint.py's layout). A run resumes from them at any world size, sharded or not (DCP
+reshards), and from a one-file checkpoint too; `checkpoint.load_weights` reads them as full tensors in one process.
 
 The EMA copy is sharded like the model and updated shard by shard. No rank keeps a full copy of the model: a sample
 grid is drawn by rank 0 from the gathered weights put into a parameter-free skeleton of the model, then freed.

@@ -1,7 +1,8 @@
-"""The one trainer every model uses: AdamW, EMA, mixed precision, accumulation, DDP or FSDP, logs, samples, resume.
+"""The one trainer every model uses: AdamW, EMA, mixed precision, accumulation, logs, samples, resume.
 
 A model plugs in through a `TrainingTask` (see task.py): it owns the model, its loss, its sample grid and its
-recipe; the trainer owns the loop and everything that must survive a crash.
+recipe; the trainer owns the loop and everything that must survive a crash. How the model is spread over the ranks
+(DDP, FSDP), and so the checkpoint format, is a `Parallelism` (see parallel.py) the trainer calls without knowing which.
 
 The hot loop does not wait for the device: losses and figures stay on it as 0-dim tensors, a non-finite step is
 skipped there (fused AdamW's `found_inf`, a masked EMA update), and the host reads figures and counts only at log and
@@ -12,33 +13,29 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scalegen.checkpoint import (
-    RunFolder, guarded_run, load_training_state, read_checkpoint_weights, save_checkpoint, stored_config,
+    RunFolder, guarded_run, load_training_state, read_checkpoint_weights, stored_config,
 )
 from scalegen.data import collate
 from scalegen.distributed import DistributedContext, barrier, process_group
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast, resolve_precision
-from scalegen.train import sharding
 from scalegen.train.evaluation import Evaluator
 from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite
 from scalegen.train.loading import OnDevice, epoch_sampler
-from scalegen.train.optimization import (
-    EMA_WARMUP_OFFSET, build_optimizer, ema_start_share, learning_rate_factor, load_optimizer_state,
-)
+from scalegen.train.optimization import EMA_WARMUP_OFFSET, build_optimizer, ema_start_share, learning_rate_factor
+from scalegen.train.parallel import ParallelismFactory, default_parallelism
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.run_log import RunLog
 from scalegen.train.settings import RECIPE_FIELDS, TrainConfig
+from scalegen.train.sharding import parameters_are_finite
 from scalegen.train.stepping import GradientStep, compile_regions, device_figure, mean_figures
 from scalegen.train.stopping import Interrupted, StopSignals, StoppedBySignal, ignore_stop_signals
 from scalegen.train.task import TrainingTask, parameter_count
@@ -64,9 +61,15 @@ def resolved_config(config: TrainConfig, task: TrainingTask) -> TrainConfig:
 
 
 class Trainer:
-    """Runs `task` on `dataset` for `config.steps` optimizer steps, resuming from `config.out` when possible."""
+    """Runs `task` on `dataset` for `config.steps` optimizer steps, resuming from `config.out` when possible.
 
-    def __init__(self, task: TrainingTask, dataset: Dataset, config: TrainConfig, context: DistributedContext):
+    Args:
+        parallelism: makes the run's `Parallelism` from (context, run folder, checkpoints to keep); None: FSDP's
+            `Shard` for `config.fsdp` under torchrun, DDP's `Replicate` otherwise.
+    """
+
+    def __init__(self, task: TrainingTask, dataset: Dataset, config: TrainConfig, context: DistributedContext,
+                 parallelism: ParallelismFactory | None = None):
         config = resolved_config(config, task)
         if config.data_on_device:
             dataset = OnDevice(dataset, context.device)
@@ -84,24 +87,14 @@ class Trainer:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing = True
         self.precision = resolve_precision(config.precision, context.device)
-        self.sharded = config.fsdp and context.enabled  # a single process has nothing to shard
-        if self.sharded:
-            sharding.broadcast_from_main(self.model)
+        make_parallel = parallelism or default_parallelism(config.fsdp, context)
+        self.parallel = make_parallel(context, self.folder, config.keep_checkpoints)
         # Without EMA (decay 0, as the VAR and tokenizer recipes) there is no copy to keep, update or save.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if config.ema_decay > 0 else None
-        self.skeleton: nn.Module | None = None  # FSDP: rank 0's parameter-free model that sample grids are drawn with
-        self.sharded_writer: sharding.ShardedWriter | None = None  # FSDP: writes the sharded checkpoints
-        if self.sharded:
-            if context.is_main:
-                self.skeleton = sharding.parameter_free_copy(self.model)
-            policy = sharding.mixed_precision(self.precision, context.device)
-            for module in [self.model] + ([self.ema] if self.ema is not None else []):
-                sharding.shard(module, policy)
-            self.sharded_writer = sharding.ShardedWriter(self.folder, config.keep_checkpoints, context)
+        self.network = self.parallel.wrap(self.model, self.ema, self.precision)  # what the loss is computed through
         self.optimizer = build_optimizer(task.parameter_groups(config.weight_decay), config.lr, config.betas,
                                          context.device)
-        if self.sharded:
-            sharding.parameter_names(self.model, self.optimizer)  # refuses parameters trained beside the model
+        self.parallel.check_optimizer(self.model, self.optimizer)
         self.gradient_step = GradientStep(self.model, self.ema, self.optimizer, self.precision, config.grad_clip,
                                           config.ema_decay, context, config.ema_warmup, task.extra_optimizers())
         self.scaler = self.gradient_step.scaler
@@ -114,9 +107,7 @@ class Trainer:
                                      config.flip)
         self.evaluator: Evaluator | None = None
         if config.eval_every:
-            if self.sharded:
-                raise UserError("--eval-every samples with every rank's whole model, and --fsdp shards it; evaluate "
-                                "the checkpoints afterwards (scalegen sample … --num-samples, scalegen eval)")
+            self.parallel.check_evaluation()
             self.evaluator = Evaluator(task, config.eval_samples, self.folder.root, context, config.eval_inception,
                                        config.eval_reference)
 
@@ -161,21 +152,10 @@ class Trainer:
             tqdm.write(f"skipping checkpoint {folder.name if folder else 'pointer'}: {error}")
 
     def load_state(self, folder: Path, weights: dict | None, ema_weights: dict | None, state: dict) -> None:
-        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place: a sharded checkpoint's from
-        its folder (resharded to this run, or gathered for a run that shards nothing), a one-file checkpoint's from
-        `weights` and `state` (sharded under FSDP: every rank holds the full checkpoint)."""
-        if weights is None:
-            sharding.load_sharded_checkpoint(folder, self.model, self.ema, self.optimizer)
-        elif self.sharded:
-            sharding.load_weights(self.model, weights)
-            if self.ema is not None:
-                sharding.load_weights(self.ema, ema_weights)
-            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            self.model.load_state_dict(weights)
-            if self.ema is not None:
-                self.ema.load_state_dict(ema_weights)
-            load_optimizer_state(self.optimizer, state["optimizer"])
+        """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place: the weights, EMA and optimizer
+        state through the parallelism (`Parallelism.load`: from `weights` and `state` for a one-file checkpoint,
+        from the folder for a sharded one), the rest from `state`."""
+        self.parallel.load(folder, weights, ema_weights, state, self.model, self.ema, self.optimizer)
         if state["scaler"]:  # empty: saved without a scaler (not fp16, or fp16 on a CPU before it had one)
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -188,20 +168,19 @@ class Trainer:
         parameters = parameter_count(self.model)
         data = self.task.extra_config.get("data", type(self.dataset).__name__)
         return (f"train {self.task.kind}: {type(self.model).__name__} with {parameters / 1e6:.2f} M parameters on "
-                f"{context.device}, {self.precision}, {context.world_size} process(es){' with FSDP' * self.sharded}; "
+                f"{context.device}, {self.precision}, {context.world_size} process(es){self.parallel.summary_words}; "
                 f"data {data} ({len(self.dataset):,} items); batch {config.batch_size} = {self.micro_batch} per micro-batch × "
                 f"{config.grad_accumulation} accumulation × {context.world_size} rank(s); steps {self.step} → "
                 f"{config.steps}; {schedule_summary(config)}; out {self.folder.root}")
 
     def save(self) -> None:
         """Checkpoint if the weights are finite; every rank contributes its RNG state so each resumes its own stream.
-        DDP and single-process runs: rank 0 writes the one-file format. FSDP runs: each rank writes its shards, in
-        the background (`sharding.ShardedWriter`), and rank 0 the rest."""
+        The parallelism writes it in its format (`Parallelism.save`)."""
         # Every tensor written must be finite: the model's and EMA's (this rank's shards under FSDP), the task's
         # weight files and state (REPA-E's tokenizer and its optimizer; identical on every rank, checked by rank 0).
         task_weights = self.task.checkpoint_weights()
         task_state = self.task.extra_state() if self.context.is_main else {}
-        finite = (sharding.parameters_are_finite([self.model, self.ema])
+        finite = (parameters_are_finite([self.model, self.ema])
                   and tensors_are_finite([task_weights, task_state]))
         states = [(rng_state(), finite)]
         if self.context.enabled:
@@ -218,26 +197,13 @@ class Trainer:
             "train_config": asdict(self.config),
             "task": task_state,
         }
-        if self.sharded:  # the optimizer state is sharded with the weights
-            shards = sharding.sharded_state(self.model, self.ema, self.optimizer)
-            self.sharded_writer.save(self.step, self.task.config(), training_state, shards)
-            return
-        if self.context.is_main:
-            save_checkpoint(
-                self.folder.root, self.step, self.task.config(), self.model.state_dict(),
-                self.ema.state_dict() if self.ema is not None else None,
-                {**training_state, "optimizer": self.optimizer.state_dict()}, self.config.keep_checkpoints,
-                task_weights,
-            )
-        barrier(self.context)
+        self.parallel.save(self.step, self.task.config(), self.model, self.ema, self.optimizer, training_state,
+                           task_weights)
 
     def samples(self) -> None:
         """Sample grid from the EMA weights (the weights themselves without EMA) into RUN/samples/ (rank 0 only)."""
-        model = self.ema if self.ema is not None else self.model
-        if self.sharded:  # every rank takes part in gathering the weights; rank 0 draws with them, then frees them
-            weights = sharding.gathered_weights(model)
-            model = sharding.filled_copy(self.skeleton, weights, self.context.device) if self.context.is_main else None
-            del weights
+        # Every rank takes part in gathering the weights (FSDP); rank 0 draws with them, then frees them.
+        model = self.parallel.gathered(self.ema if self.ema is not None else self.model)
         if self.context.is_main:
             path = self.folder.sample_grid(self.step)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,10 +248,6 @@ class Trainer:
         )
         if config.compile:
             compile_regions(self.model)
-        network = self.model
-        if context.enabled and not self.sharded:
-            network = DistributedDataParallel(network, device_ids=[context.local_rank] if context.device.type == "cuda"
-                                              else None, gradient_as_bucket_view=True)
         self.log = log = RunLog(self.folder, config.logger, enabled=context.is_main)
         log.forget_after(self.step)  # rows a crashed run logged past its last checkpoint are logged again
         batches = iter(loader)
@@ -301,15 +263,14 @@ class Trainer:
         try:
             try:
                 with stop:  # SIGTERM, SIGINT and SIGUSR1 stop the loop at a step boundary that every rank agrees on
-                    self.train_steps(batches, network, log, progress, interactive, stop)
+                    self.train_steps(batches, log, progress, interactive, stop)
                 if self.step > start_step or not resumed:  # a finished run re-run has nothing new to save
                     self.save()
                 if stop.signal_number is None:  # a stopped run has no time to spare for a sample grid
                     self.samples()  # while an FSDP run's last checkpoint is written
             finally:
                 progress.close()  # an error's message starts on a line of its own
-                if self.sharded_writer is not None:  # a checkpoint being written is finished, even if training stopped
-                    self.sharded_writer.close()
+                self.parallel.close()  # a checkpoint being written is finished, even if training stopped
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: say what is on disk
             raise Interrupted(self.step, self.folder) from None
         log.close()
@@ -322,8 +283,7 @@ class Trainer:
                   f"{loss if loss is None else f'{loss:.4f}'}; checkpoint {self.folder.pointed_checkpoint()}")
         return self.figures
 
-    def train_steps(self, batches, network: nn.Module, log: RunLog, progress: tqdm, interactive: bool,
-                    stop: StopSignals) -> None:
+    def train_steps(self, batches, log: RunLog, progress: tqdm, interactive: bool, stop: StopSignals) -> None:
         """The loop: optimizer steps up to `config.steps`, with logging, sample grids and checkpoints on the way; it
         returns early, before the step's checkpoint (the caller writes it), where `stop` says to."""
         config, context = self.config, self.context
@@ -338,9 +298,9 @@ class Trainer:
                 batch = next(batches)
                 skipped += batch.pop("skipped")
                 batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
-                with self.gradient_sync(network, micro_step == config.grad_accumulation - 1), \
+                with self.parallel.gradient_sync(self.network, micro_step == config.grad_accumulation - 1), \
                         autocast(self.precision, context.device):
-                    loss, extra = self.task.loss(network, batch)
+                    loss, extra = self.task.loss(self.network, batch)
                 self.scaler.scale(loss / config.grad_accumulation).backward()
                 for name, value in {"loss": loss, **(extra if logging else {})}.items():  # the loss: for the guard
                     share = device_figure(value, context.device) / config.grad_accumulation  # ()
@@ -379,8 +339,7 @@ class Trainer:
                 window_start += self.evaluate(log)  # the evaluation's time is no training time
             if checkpointing and not nonfinite.in_a_row:
                 self.save()  # not in the middle of skipped steps: the last checkpoint stays the last good one
-            if self.sharded_writer is not None:
-                self.sharded_writer.poll()  # a checkpoint written in the background moves into place once done
+            self.parallel.poll()  # a checkpoint written in the background moves into place once done
 
     def evaluate(self, log: RunLog) -> float:
         """Score samples of the evaluated weights (`--eval-every`; every rank draws its share), logged by rank 0 to
@@ -395,20 +354,14 @@ class Trainer:
                        + ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
         return seconds
 
-    def gradient_sync(self, network: nn.Module, last_micro: bool) -> AbstractContextManager:
-        """Gradients are reduced over the ranks on a step's last micro-batch only (DDP's no_sync, FSDP's switch)."""
-        if self.sharded:
-            network.set_requires_gradient_sync(last_micro)
-            return nullcontext()
-        return network.no_sync() if self.context.enabled and not last_micro else nullcontext()
 
-
-def train(task: TrainingTask, dataset: Dataset, config: TrainConfig) -> dict[str, float]:
+def train(task: TrainingTask, dataset: Dataset, config: TrainConfig,
+          parallelism: ParallelismFactory | None = None) -> dict[str, float]:
     """Set up (torchrun-aware) distribution, train, and tear down. Returns the last logged figures.
 
     The run folder is locked while training (rank 0 of a launch holds it); a full disk or an unwritable folder is a
-    one-line error that names the intact checkpoint.
+    one-line error that names the intact checkpoint. `parallelism`: as `Trainer`'s.
     """
     with process_group(config.device) as context, guarded_run(config.out):
-        return Trainer(task, dataset, config, context).run()
+        return Trainer(task, dataset, config, context, parallelism).run()
 

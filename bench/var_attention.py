@@ -68,7 +68,8 @@ def time_generation(
     var_generation.KVCache = cache_class  # the generation loop looks the cache class up by this name
     try:
         def run() -> torch.Tensor:
-            return model.generate(labels, CFG, TOP_K, TOP_P, generator=torch.Generator(device).manual_seed(0))
+            return model.generate(labels, cfg=CFG, top_k=TOP_K, top_p=TOP_P,
+                                  generator=torch.Generator(device).manual_seed(0))
 
         return seconds_per_call(run, repeats, 1, device), run()
     finally:

@@ -76,7 +76,8 @@ def main() -> None:
     for batch_size in (int(size) for size in args.batch_size.split(",")):
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
         runs = {
-            "kv cache": lambda generator: model.generate(labels, CFG, TOP_K, TOP_P, generator=generator),
+            "kv cache": lambda generator: model.generate(labels, cfg=CFG, top_k=TOP_K, top_p=TOP_P,
+                                                         generator=generator),
             "no cache": lambda generator: generate_without_cache(model, labels, generator)[0],
         }
         for name, run in runs.items():
@@ -90,7 +91,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - started) / args.repeats
             print(f"batch {batch_size:3d}  {name}: {batch_size / seconds:8.2f} images/s ({seconds * 1000:.0f} ms/batch)")
-        cached = model.generate_tokens(labels, CFG, TOP_K, TOP_P, generator=torch.Generator(device).manual_seed(0))
+        cached = model.generate_tokens(labels, cfg=CFG, top_k=TOP_K, top_p=TOP_P,
+                                       generator=torch.Generator(device).manual_seed(0))
         _, uncached = generate_without_cache(model, labels, torch.Generator(device).manual_seed(0))
         agreement = (torch.cat(cached.tokens, 1) == torch.cat(uncached, 1)).float().mean().item()
         print(f"batch {batch_size:3d}  tokens equal with and without cache: {agreement * 100:.1f}%")

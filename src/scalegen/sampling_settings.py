@@ -5,7 +5,8 @@ its config.json, written by training (from the run's --sample-* options) and kep
     "sampling": {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "draws": "multinomial", "refiner": null}     # a VAR's
 
 The loaders give a model its settings (`model.sampling`, `model.sampling_origin`); `DiT.generate` and `VAR.generate`
-use them for every argument left None, and `scalegen sample` prints each value it uses and where it came from (a
+use them for every argument left None (a VAR's generation takes all it samples with as one `VARSampling`, which the
+command line, the web page and Python's keyword arguments each build once), and `scalegen sample` prints each value it uses and where it came from (a
 flag, the model's config, the paper's settings, the code's default). A DiT's guidance interval is not repeated here:
 it is its model config's `cfg_interval` (MeanFlow trains its guidance in there). A VAR's `refiner` names the
 checkpoint of its CoDe refiner (a path or a `shipped:` name; null: none), which the command line loads beside it.
@@ -14,13 +15,77 @@ section existed gets none, so the model's own defaults apply.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
+
+from scalegen.models.settings import DEFAULT_REFINED_SCALES, Draws
+from scalegen.precision import Precision
 
 SAMPLING_KEY = "sampling"  # the config.json section
 DIT_SETTINGS = ("cfg", "steps", "sampler")
-VAR_SETTINGS = ("cfg", "top_k", "top_p", "draws", "refiner")
+# The settings a VAR applies itself; its `refiner` names a checkpoint, which the command line loads beside it.
+VAR_TOKEN_SETTINGS = ("cfg", "top_k", "top_p", "draws")
+VAR_SETTINGS = (*VAR_TOKEN_SETTINGS, "refiner")
+
+
+@dataclass(frozen=True)
+class VARSampling:
+    """Everything a VAR generation (`VAR.generate`, `generate_frames`, `edit`, `generate_tokens`) samples with, built
+    once by each entry point (the command line from its flags and the model's recommended settings, the web page
+    from its widgets, Python from keyword arguments: `VAR.sampling_settings`). The defaults are the official
+    `autoregressive_infer_cfg`'s: the official tokens for a seed.
+
+    Fields:
+        cfg: guidance strength; at scale index k of K it ramps linearly as t = cfg·k/(K-1) and the logits are
+            (1 + t)·conditional - t·unconditional.
+        top_k: keep the k most likely tokens (0, or the vocabulary size or more, keeps all).
+        top_p: nucleus sampling threshold (0 = off).
+        draws: how tokens are drawn: "multinomial" (the official draws, so the official tokens for a seed) or
+            "inverse-cdf" (one uniform per position: the same distribution, faster, other tokens for a seed).
+        more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens (visualisation
+            only, not for FID).
+        precision: the transformer's autocast ("fp32" is the official computation; "bf16" or "auto" are faster where
+            the hardware has bf16 units).
+        cuda_graphs: replay each scale's network step from CUDA graphs (captured on the first call for this batch
+            size and precision): the same tokens, fewer launches. CUDA only.
+        pruning: FastVAR's cached token pruning at the finest scales (`TokenPruning`), or None (every token); a
+            refiner with no block to prune computes every token.
+        refiner: collaborative decoding (CoDe): another VAR on the same tokenizer (usually a smaller one) that
+            generates the last `refined_scales` scales after the model drafted the others; None: the model alone.
+        refined_scales: how many of the finest scales the refiner generates.
+    """
+
+    cfg: float = 1.5
+    top_k: int = 0
+    top_p: float = 0.0
+    draws: Draws = "multinomial"
+    more_smooth: bool = False
+    precision: Precision = "fp32"
+    cuda_graphs: bool = False
+    # The models import torch and these settings: they are carried, not imported (a `TokenPruning`, a `VAR`).
+    pruning: Any = None
+    refiner: Any = None
+    refined_scales: int = DEFAULT_REFINED_SCALES
+
+    @classmethod
+    def recommended(cls, sampling: dict) -> VARSampling:
+        """The defaults with a model's recommended settings (`model.sampling`) over them (its refiner, a checkpoint
+        name, is the command line's to load)."""
+        return cls(**{name: sampling[name] for name in VAR_TOKEN_SETTINGS if name in sampling})
+
+    def with_given(self, **given: Any) -> VARSampling:
+        """These settings with each given value that is not None (None: not given); a TypeError names an unknown
+        setting."""
+        names = {field.name for field in fields(self)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise TypeError(f"unknown VAR sampling setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(sorted(names))}")
+        return replace(self, **{name: value for name, value in given.items() if value is not None})
+
+
 # What a bare VAR samples with (the official autoregressive_infer_cfg's defaults), for a setting no one gives.
-VAR_DEFAULTS = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "draws": "multinomial", "refiner": None}
+VAR_DEFAULTS = {name: getattr(VARSampling, name) for name in VAR_SETTINGS}
 # The papers' FID-50K settings, for the official checkpoints (spec/DIT.md: sample_ddp.py; spec/VAR.md).
 OFFICIAL_DIT_SAMPLING = {"cfg": 1.5, "steps": 250, "sampler": "ddpm"}
 OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "multinomial", "refiner": None}

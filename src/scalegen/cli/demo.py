@@ -65,12 +65,11 @@ def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
     from scalegen.pretrained import load_refiner, load_var
 
     model = load_var(path)
-    fast = {}
-    if refiner is not None:
-        fast = dict(refiner=load_refiner(refiner, model), precision="auto", draws="inverse-cdf")
+    fast = {} if refiner is None else dict(refiner=load_refiner(refiner, model), precision="auto", draws="inverse-cdf")
+    settings = model.sampling_settings(**fast)
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, seed=seed, **fast)
+        return model.generate(labels, settings=settings, seed=seed)
 
     return draw
 

@@ -21,7 +21,7 @@ from scalegen.errors import UserError
 from scalegen.models.settings import (
     ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS,
 )
-from scalegen.sampling_settings import settings_line, values
+from scalegen.sampling_settings import VARSampling, settings_line, values
 from scalegen.train.task_options import TokenizerLosses, VAROptions, VQVAEOptions
 
 if TYPE_CHECKING:  # the models import torch: the handlers import them when they run
@@ -152,9 +152,10 @@ def run_train_var(args: argparse.Namespace) -> None:
     train_var(dataclass_from_args(VAROptions, args, data=training_data(args, say=True)), train_config_from_args(args))
 
 
-def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) -> dict:
-    """The VAR sampling settings of `sample var` / `edit var` for `model`, printed (`show`) with where each came from
-    (a refiner is loaded beside it, on its tokenizer and device)."""
+def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) -> VARSampling:
+    """The VAR sampling settings of `sample var` / `edit var` for `model`: their flags, else the model's recommended
+    settings, else the official code's defaults, printed (`show`) with where each came from (a refiner is loaded beside
+    it, on its tokenizer and device)."""
     from scalegen.models.var_pruning import TokenPruning
     from scalegen.pretrained import load_refiner
 
@@ -168,8 +169,8 @@ def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) ->
     refiner = options.pop("refiner")
     if refiner is not None and refiner != NO_REFINER:
         options["refiner"] = load_refiner(refiner, model, args.refiner_any_tokenizer)
-    return {**options, "more_smooth": args.more_smooth, "precision": args.precision, "cuda_graphs": args.cuda_graphs,
-            "pruning": pruning, "refined_scales": args.refined_scales}
+    return VARSampling(**options, more_smooth=args.more_smooth, precision=args.precision,
+                       cuda_graphs=args.cuda_graphs, pruning=pruning, refined_scales=args.refined_scales)
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -184,10 +185,10 @@ def run_sample(args: argparse.Namespace) -> None:
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_var(args.ckpt, args.tokenizer, args.weights).to(context.device)
-        options = sampling_options(args, model, context.is_main)
+        settings = sampling_options(args, model, context.is_main)
         if args.num_samples:
             # sample_to_npz seeds the global RNG per rank, which `generate` draws from without a generator.
-            path = sample_to_npz(lambda labels: model.generate(labels, **options),
+            path = sample_to_npz(lambda labels: model.generate(labels, settings=settings),
                                  model.config.num_classes, args.num_samples, args.batch_size, args.seed, args.out, context,
                                  model.class_names, args.labels)
             if path is not None:
@@ -196,7 +197,7 @@ def run_sample(args: argparse.Namespace) -> None:
             classes = parse_classes(args.classes, model.config.num_classes, model.class_names)
             generator = torch.Generator(context.device).manual_seed(args.seed)
             labels = grid_labels(classes, args.per_class).to(context.device)
-            images = torch.cat([model.generate(chunk, generator=generator, **options)
+            images = torch.cat([model.generate(chunk, settings=settings, generator=generator)
                                 for chunk in labels.split(args.batch_size)])  # (N, C, H, W) in [0, 1]
             names = [model.class_names[label] for label in classes] if args.label_grid else None
             print(f"wrote {save_grid(images, len(classes), args.out, names)}")
@@ -218,8 +219,8 @@ def run_edit(args: argparse.Namespace) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     class_id = None if args.class_id is None else parse_classes(args.class_id, model.config.num_classes,
                                                                   model.class_names)[0]
-    edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, class_id, generator=generator,
-                                   **sampling_options(args, model))
+    edited, regenerated = edit_box(model, image, parse_box(args.box), args.mode, class_id,
+                                   settings=sampling_options(args, model), generator=generator)
     out = Path(args.out)
     save_grid(edited, 1, out)
     save_grid(image, 1, out.with_name(f"{out.stem}_input.png"))

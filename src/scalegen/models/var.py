@@ -28,11 +28,9 @@ from scalegen.models.var_edit import check_edit_inputs
 from scalegen.models.var_generation import (
     Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, ScaleGuidance, ScaleNetwork, check_refiner,
 )
-from scalegen.models.var_pruning import TokenPruning
-from scalegen.models.settings import ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, AttentionBackend, Draws
+from scalegen.models.settings import ATTENTION_BACKENDS, AttentionBackend
 from scalegen.models.var_sampling import CategoricalHead
-from scalegen.precision import Precision
-from scalegen.sampling_settings import FROM_DEFAULT, VAR_DEFAULTS
+from scalegen.sampling_settings import FROM_DEFAULT, VARSampling
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -150,8 +148,8 @@ class VAR(ReferencingModule):
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
-        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: generation takes
-        # cfg, top_k, top_p and draws left None from here, else the official code's defaults.
+        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: generation starts
+        # from them (`sampling_settings`), over the official code's defaults.
         self.sampling: dict = {}
         self.sampling_origin = FROM_DEFAULT
         self.scale_graphs: ScaleGraphs | None = None  # generation's CUDA graphs, captured on first use
@@ -287,128 +285,109 @@ class VAR(ReferencingModule):
             self._block_masks[x.device] = block_causal_block_mask(self.lvl_1L[0])
         return self._block_masks[x.device]
 
+    def sampling_settings(self, settings: VARSampling | None = None, **given: Any) -> VARSampling:
+        """What a generation samples with: `settings` (None: the model's recommended ones, `sampling`, set by the
+        loaders, over the official code's defaults) with each given setting that is not None.
+
+        Args:
+            settings: the settings to start from.
+            **given: any `VARSampling` field (cfg, top_k, top_p, draws, more_smooth, precision, cuda_graphs, pruning,
+                refiner, refined_scales); None leaves it as it is.
+
+        Returns:
+            The settings (`settings` itself when nothing is given).
+        """
+        return (VARSampling.recommended(self.sampling) if settings is None else settings).with_given(**given)
+
     @torch.no_grad()
     def generate_tokens(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        *,
+        settings: VARSampling | None = None,
         seed: int | None = None,
-        more_smooth: bool = False,
         generator: torch.Generator | None = None,
         source_tokens: Sequence[torch.Tensor] | None = None,
         keep_mask: torch.Tensor | None = None,
-        cuda_graphs: bool = False,
-        pruning: TokenPruning | None = None,
-        refiner: VAR | None = None,
-        refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws | None = None,
+        **given: Any,
     ) -> SampledTokens:
         """Sample tokens scale by scale with a KV cache and classifier-free guidance (`var_generation`).
 
         Args:
             labels: (B,) class ids (num_classes = unconditional).
-            cfg: guidance strength; at scale index k of K it ramps linearly as t = cfg·k/(K-1) and the logits
-                are (1 + t)·conditional - t·unconditional.
-            top_k: keep the k most likely tokens (0, or the vocabulary size or more, keeps all).
-            top_p: nucleus sampling threshold (0 = off).
-            cfg, top_k, top_p, draws: None takes the model's recommended setting (`sampling`, set by the loaders),
-                else the official code's default (cfg 1.5, top-k and top-p off, multinomial draws).
+            settings: what to sample with (`VARSampling`: guidance, top-k, top-p, draws, precision, speed-ups);
+                None: the model's recommended settings (`sampling_settings`).
             seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
-            more_smooth: feed a Gumbel-softmax mixture of codebook vectors instead of the sampled tokens
-                (visualisation only, not for FID).
             generator: random generator to draw from (overrides `seed`).
             source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
             keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
-            cuda_graphs: replay each scale's network step from CUDA graphs (`ScaleGraphs`, captured on the first call
-                for this batch size and precision): the same tokens, fewer launches. CUDA only.
-            pruning: FastVAR's cached token pruning at the finest scales (`TokenPruning`), or None (every token); a
-                refiner with no block to prune computes every token.
-            refiner: collaborative decoding (CoDe): another VAR on the same tokenizer (usually a smaller one) that
-                generates the last `refined_scales` scales after this one drafted the others; None: this one alone.
-            refined_scales: how many of the finest scales the refiner generates.
-            draws: how tokens are drawn: "multinomial" (the official draws, so the official tokens for a seed) or
-                "inverse-cdf" (one uniform per position: the same distribution, faster, other tokens for a seed).
+            **given: single settings over `settings` (`VARSampling`'s fields, e.g. cfg=1.5, top_k=900; None: not
+                given).
 
         Returns:
             SampledTokens(tokens, logits, features); when editing, the tokens at kept positions are the source's.
         """
-        labels = self.labels_tensor(labels)
-        settings = {**VAR_DEFAULTS, **self.sampling}
-        cfg, top_k, top_p, draws = (settings[name] if value is None else value for name, value in
-                                    (("cfg", cfg), ("top_k", top_k), ("top_p", top_p), ("draws", draws)))
-        editing = None
-        if check_edit_inputs(source_tokens, keep_mask, self.patch_nums, labels.shape[0]):
-            editing = Editing(source_tokens, keep_mask, labels.device)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=labels.device).manual_seed(seed)
-        head = CategoricalHead(self.tokenizer.quantize.embedding, top_k, top_p, more_smooth, generator, draws)
-        networks = [(0, ScaleNetwork(self, labels, cuda_graphs, pruning))]
-        if refiner is not None:
-            check_refiner(self, refiner, refined_scales)
-            if cuda_graphs:
-                raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off with "
-                                "a refiner")
-            # A refiner too shallow for the unpruned first and last blocks computes every token.
-            refiner_pruning = pruning if pruning is not None and pruning.pruned_blocks(refiner.config.depth) else None
-            networks.append((self.num_scales - refined_scales, ScaleNetwork(refiner, labels, pruning=refiner_pruning)))
-        guidance = ScaleGuidance(cfg, self.num_scales)
-        return ScaleByScaleGeneration(self.tokenizer.quantize, networks, head, guidance, editing).run()
+        settings = self.sampling_settings(settings, **given)
+        with autocast(settings.precision, self.pos_1LC.device):  # the whole generation, as the graphs capture it
+            labels = self.labels_tensor(labels)
+            editing = None
+            if check_edit_inputs(source_tokens, keep_mask, self.patch_nums, labels.shape[0]):
+                editing = Editing(source_tokens, keep_mask, labels.device)
+            if generator is None and seed is not None:
+                generator = torch.Generator(device=labels.device).manual_seed(seed)
+            head = CategoricalHead(self.tokenizer.quantize.embedding, settings.top_k, settings.top_p,
+                                   settings.more_smooth, generator, settings.draws)
+            pruning, refiner = settings.pruning, settings.refiner
+            networks = [(0, ScaleNetwork(self, labels, settings.cuda_graphs, pruning))]
+            if refiner is not None:
+                check_refiner(self, refiner, settings.refined_scales)
+                if settings.cuda_graphs:
+                    raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off "
+                                    "with a refiner")
+                # A refiner too shallow for the unpruned first and last blocks computes every token.
+                refiner_pruning = (pruning if pruning is not None and pruning.pruned_blocks(refiner.config.depth)
+                                   else None)
+                networks.append((self.num_scales - settings.refined_scales,
+                                 ScaleNetwork(refiner, labels, pruning=refiner_pruning)))
+            guidance = ScaleGuidance(settings.cfg, self.num_scales)
+            return ScaleByScaleGeneration(self.tokenizer.quantize, networks, head, guidance, editing).run()
 
     @torch.no_grad()
     def generate(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        *,
+        settings: VARSampling | None = None,
         seed: int | None = None,
-        more_smooth: bool = False,
         generator: torch.Generator | None = None,
-        precision: Precision = "fp32",
-        cuda_graphs: bool = False,
-        pruning: TokenPruning | None = None,
-        refiner: VAR | None = None,
-        refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws | None = None,
+        **given: Any,
     ) -> torch.Tensor:
-        """Generate images; see `generate_tokens` for the arguments. `precision`: the transformer's autocast ("fp32",
-        the default, is the official computation; "bf16" or "auto" are faster where the hardware has bf16 units).
+        """Generate images, e.g. `generate(labels, cfg=1.5, top_k=900, top_p=0.96, seed=0)`; the arguments as in
+        `generate_tokens`.
 
         Returns:
             (B, C, H, W) images (C: the tokenizer's image channels) in [0, 1].
         """
-        with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
+        sampled = self.generate_tokens(labels, settings=settings, seed=seed, generator=generator, **given)
         return self._decode(sampled.features)
 
     @torch.no_grad()
     def generate_frames(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        *,
+        settings: VARSampling | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        precision: Precision = "fp32",
-        cuda_graphs: bool = False,
-        pruning: TokenPruning | None = None,
-        refiner: VAR | None = None,
-        refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws | None = None,
+        **given: Any,
     ) -> list[torch.Tensor]:
         """Watch a sample form: the image decoded from the tokens of scales 1..k, for every k (arguments as
-        `generate`; the last frame is `generate`'s image for the same seed).
+        `generate_tokens`; the last frame is `generate`'s image for the same seed).
 
         Returns:
             One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
         """
-        with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, False, generator, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
+        sampled = self.generate_tokens(labels, settings=settings, seed=seed, generator=generator, **given)
         frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
         return [self._decode(features) for features in frames]
 
@@ -418,18 +397,11 @@ class VAR(ReferencingModule):
         labels: torch.Tensor | Sequence[int],
         source_tokens: Sequence[torch.Tensor],
         keep_mask: torch.Tensor,
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        *,
+        settings: VARSampling | None = None,
         seed: int | None = None,
-        more_smooth: bool = False,
         generator: torch.Generator | None = None,
-        precision: Precision = "fp32",
-        cuda_graphs: bool = False,
-        pruning: TokenPruning | None = None,
-        refiner: VAR | None = None,
-        refined_scales: int = DEFAULT_REFINED_SCALES,
-        draws: Draws | None = None,
+        **given: Any,
     ) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked-out region of a tokenized image.
 
@@ -438,16 +410,13 @@ class VAR(ReferencingModule):
                 for class-conditional editing.
             source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
-            cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs, pruning, refiner,
-                refined_scales, draws: as in `generate`.
+            settings, seed, generator, **given: as in `generate_tokens`.
 
         Returns:
             (B, C, H, W) edited images in [0, 1].
         """
-        with autocast(precision, self.pos_1LC.device):
-            sampled = self.generate_tokens(labels, cfg, top_k, top_p, seed, more_smooth, generator,
-                                           source_tokens=source_tokens, keep_mask=keep_mask, cuda_graphs=cuda_graphs,
-                                           pruning=pruning, refiner=refiner, refined_scales=refined_scales, draws=draws)
+        sampled = self.generate_tokens(labels, settings=settings, seed=seed, generator=generator,
+                                       source_tokens=source_tokens, keep_mask=keep_mask, **given)
         return self._decode(sampled.features)
 
     def _decode(self, features: torch.Tensor) -> torch.Tensor:

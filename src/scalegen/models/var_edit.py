@@ -136,7 +136,7 @@ def edit_box(
         box: (x0, y0, x1, y1) in pixels of `image`.
         mode: "inpaint" or "outpaint".
         class_id: the class to draw the new content as; None is unconditional (the null class).
-        **sampling: cfg, top_k, top_p, seed, more_smooth, generator, precision, cuda_graphs (as `VAR.generate`).
+        **sampling: settings, seed, generator and single settings (cfg, top_k, ...), as `VAR.edit` takes them.
     Returns:
         (edited (1, C, S, S) in [0, 1], mask (1, 1, S, S): 1 where content was regenerated).
     """

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import torch
@@ -40,7 +41,7 @@ from scalegen.models.var_pruning import TokenPruning
 from scalegen.pretrained import (
     SHIPPED_MEANFLOW_DIT, load_dit, load_refiner, load_var,
 )
-from scalegen.sampling_settings import VAR_DEFAULTS
+from scalegen.sampling_settings import VARSampling
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
@@ -103,7 +104,7 @@ class Models:
     def var_setting(self, name: str) -> float | int:
         """The page's starting value of a VAR sampling setting ("cfg", "top_k", "top_p"): the loaded VAR's
         recommended one, else the official code's."""
-        return {**VAR_DEFAULTS, **(self.var.sampling if self.var is not None else {})}[name]
+        return getattr(VARSampling.recommended(self.var.sampling if self.var is not None else {}), name)
 
     def class_names(self) -> list[str]:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
@@ -116,13 +117,16 @@ def refiner_words(refiner: VAR) -> str:
     return f"a depth-{refiner.config.depth} VAR"
 
 
-def var_speed_ups(models: Models, prune: bool, refine: bool) -> tuple[dict, list[str]]:
-    """The VAR speed-ups checked: (their keyword arguments for `generate`, `generate_frames` and `edit`; each in
-    words); a one-line error for the refiner checked with none loaded."""
+def var_settings(models: Models, prune: bool, refine: bool, **widgets: Any) -> tuple[VARSampling, list[str]]:
+    """What the page's VAR samples and edits with: (the loaded VAR's recommended settings with the widgets' values
+    (`VARSampling` fields) and the speed-ups checked; the speed-ups in words); a one-line error for the refiner checked
+    with none loaded."""
     if refine and models.refiner is None:
         raise UserError("no VAR refiner is loaded: give its path under Models, or uncheck the CoDe refiner")
     words = (["pruned"] if prune else []) + ([f"refined by {refiner_words(models.refiner)}"] if refine else [])
-    return {"pruning": TokenPruning() if prune else None, "refiner": models.refiner if refine else None}, words
+    settings = models.var.sampling_settings(pruning=TokenPruning() if prune else None,
+                                            refiner=models.refiner if refine else None, **widgets)
+    return settings, words
 
 
 def selected_labels(model: DiT | VAR, classes: list[str] | None) -> list[int]:
@@ -184,38 +188,37 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
               sampler: str, steps: int, top_k: float | None, top_p: float, label_rows: bool, prune: bool,
               refine: bool) -> tuple[Image.Image, Image.Image, str]:
     """Sample one model: (grid, with each row's class name on its left when `label_rows`; strip of a sample forming;
-    a line of figures). `prune` and `refine` turn on the VAR's speed-ups (`var_speed_ups`); the DiT ignores them."""
+    a line of figures). `prune` and `refine` turn on the VAR's speed-ups (`var_settings`); the DiT ignores them."""
     model = models.dit if name == "DiT" else models.var
     if model is None:
         raise UserError(f"no {name} is loaded: give its path under Models")
     class_ids = selected_labels(model, classes)
     seed = checked_seed(seed)
-    speed_ups, speed_up_words = {}, []
+    speed_up_words = []
     if name == "VAR":
-        top_k = checked_top_k(top_k, model.config.vocab_size)
-        speed_ups, speed_up_words = var_speed_ups(models, prune, refine)
+        var_sampling, speed_up_words = var_settings(models, prune, refine, cfg=cfg, top_p=top_p,
+                                                    top_k=checked_top_k(top_k, model.config.vocab_size))
     labels = grid_labels(class_ids, int(per_class))
     if name == "DiT":
         def draw(batch: torch.Tensor) -> torch.Tensor:
             return model.generate(batch, cfg=cfg, steps=int(steps), sampler=sampler, seed=int(seed))
         frames = lambda: model.generate_frames(labels[:1], cfg=cfg, steps=int(steps), sampler=sampler,  # noqa: E731
                                                seed=int(seed), frames=STRIP_FRAMES)
-        settings = (name, cfg, int(steps), sampler)
+        flops_key = (name, cfg, int(steps), sampler)
     else:
         def draw(batch: torch.Tensor) -> torch.Tensor:
-            return model.generate(batch, cfg=cfg, top_k=int(top_k), top_p=top_p, seed=int(seed), **speed_ups)
-        frames = lambda: model.generate_frames(labels[:1], cfg=cfg, top_k=int(top_k), top_p=top_p,  # noqa: E731
-                                               seed=int(seed), **speed_ups)
-        settings = (name, cfg, int(top_k), top_p, *speed_up_words)
+            return model.generate(batch, settings=var_sampling, seed=int(seed))
+        frames = lambda: model.generate_frames(labels[:1], settings=var_sampling, seed=int(seed))  # noqa: E731
+        flops_key = (name, var_sampling.cfg, var_sampling.top_k, var_sampling.top_p, *speed_up_words)
     with models.locks[name], torch.no_grad():
         started = time.perf_counter()
         images = draw(labels)  # (N, C, H, W) in [0, 1]
         seconds = time.perf_counter() - started
-        if settings not in models.flops:
-            models.flops[settings] = counted_flops(lambda: draw(labels[:1])) / GIGA
+        if flops_key not in models.flops:
+            models.flops[flops_key] = counted_flops(lambda: draw(labels[:1])) / GIGA
         forming = strip(frames())
     ran = f" ({', '.join(speed_up_words)})" if speed_up_words else ""
-    figures = (f"**{name}**{ran}: {len(labels)} images in {seconds:.2f} s, {models.flops[settings]:.2f} GFLOPs/image "
+    figures = (f"**{name}**{ran}: {len(labels)} images in {seconds:.2f} s, {models.flops[flops_key]:.2f} GFLOPs/image "
                "(2 per multiply-add)")
     if name == "DiT":
         calls = model.objective.network_calls(sampler, int(steps), cfg, model.config.cfg_interval)
@@ -228,7 +231,7 @@ def sample(models: Models, choice: str, classes: list[str] | None, per_class: in
            dit_cfg: float, var_cfg: float, sampler: str, steps: int, top_k: float | None, top_p: float,
            label_rows: bool, prune: bool, refine: bool):
     """Handler of Generate: each chosen model's grid and strip, the figures, and the PNG to download (shown only once
-    there is one). `prune`, `refine`: the VAR's speed-ups (`var_speed_ups`)."""
+    there is one). `prune`, `refine`: the VAR's speed-ups (`var_settings`)."""
     outputs: dict[str, tuple] = {}
     try:
         per_class = checked_count(per_class, "samples per class", MAX_PER_CLASS)
@@ -272,7 +275,7 @@ def data_set_image(models: Models, class_name: str | None, seed: int) -> tuple[I
 def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: str, seed: float | None, cfg: float,
          prune: bool, refine: bool):
     """Handler of Edit, given the raw inputs (Gradio's preprocessing skipped, see `uploaded_picture`): (input as the
-    model sees it, mask, result, message). `prune`, `refine`: the VAR's speed-ups (`var_speed_ups`)."""
+    model sees it, mask, result, message). `prune`, `refine`: the VAR's speed-ups (`var_settings`)."""
     try:
         if models.var is None:
             raise UserError("no VAR is loaded: give its path under Models")
@@ -281,10 +284,10 @@ def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: s
         tokenizer = models.var.tokenizer
         image = picture_tensor(picture, tokenizer.image_size, tokenizer.config.in_channels)  # (1, C, S, S) in [0, 1]
         class_id = None if class_name in (None, "", UNCONDITIONAL) else selected_labels(models.var, [class_name])[0]
-        speed_ups, speed_up_words = var_speed_ups(models, prune, refine)
+        settings, speed_up_words = var_settings(models, prune, refine, cfg=cfg)
         with models.locks["VAR"]:
-            edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, cfg=cfg, seed=int(seed),
-                                           **speed_ups)
+            edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, settings=settings,
+                                           seed=int(seed))
     except (UserError, ValueError) as error:
         return None, None, None, WARNING + str(error)
     ran = f" ({', '.join(speed_up_words)})" if speed_up_words else ""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from scalegen.cli.eval import add_labels_option
 from scalegen.cli.options import (
@@ -12,11 +13,14 @@ from scalegen.cli.options import (
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
 from scalegen.cli.sampling import add_weights_option, checkpoint_help, chosen_dit_settings
 from scalegen.diffusion.names import (
-    LOSS_WEIGHTINGS, OBJECTIVE_NAMES, SAMPLERS, TIME_SAMPLINGS, check_guidance_interval, objectives_help, samplers_help,
+    OBJECTIVE_ENTRIES, SAMPLERS, ObjectiveSetting, check_guidance_interval, objective_settings, objectives_help,
+    samplers_help,
 )
 from scalegen.errors import UserError
 from scalegen.models.settings import BLOCK_KINDS, MLP_KINDS, NORM_KINDS, PRESETS
-from scalegen.train.task_options import REPA_DEFAULT_DEPTH, DiTOptions, KLLosses, KLVAEOptions, ObjectiveConfig
+from scalegen.train.task_options import (
+    DEFAULT_OBJECTIVE, REPA_DEFAULT_DEPTH, REPA_WEIGHT, DiTOptions, KLLosses, KLVAEOptions, ObjectiveConfig,
+)
 
 SAMPLE_PER_CLASS, SAMPLE_BATCH_SIZE = 8, 32  # the official sample.py's
 ALIGN_WEIGHT = 0.1  # VA-VAE's hyper-weight of `train kl --align-encoder` when --align-weight is not given
@@ -34,6 +38,33 @@ def guidance_interval(text: str) -> tuple[float, float]:
         return check_guidance_interval([finite_float(part) for part in parts])
     except (ValueError, UserError, argparse.ArgumentTypeError) as error:
         raise argparse.ArgumentTypeError(f"{text!r} is no interval LOW,HIGH with 0 <= LOW < HIGH <= 1 ({error})")
+
+
+def setting_type(setting: ObjectiveSetting) -> Callable[[str], object] | None:
+    """The argparse type of an objective setting's flag: none for a choice, else a number (an integer where the default
+    is one; a float: finite) in the setting's range: [0, 1] (`fraction`), at least its minimum, or any."""
+    if setting.choices is not None:
+        return None
+    kind = int if isinstance(setting.default, int) else float
+    if setting.maximum is not None:
+        if (setting.minimum, setting.maximum, kind) != (0.0, 1.0, float):
+            raise ValueError(f"{setting.flag}: a setting's flag bounds a number above only as a fraction in [0, 1]")
+        return fraction
+    if setting.minimum is not None:
+        return at_least(setting.minimum, kind)
+    return finite_float if kind is float else int
+
+
+def setting_dest(setting: ObjectiveSetting) -> str:
+    """The attribute of a parsed command that holds an objective setting's value (its flag with underscores)."""
+    return setting.flag.lstrip("-").replace("-", "_")
+
+
+def add_objective_settings(parser: argparse.ArgumentParser) -> None:
+    """A flag for every registered objective's training setting (`objective_settings`), as its dataclass declares it."""
+    for setting in objective_settings().values():
+        parser.add_argument(setting.flag, type=setting_type(setting), choices=setting.choices, default=setting.default,
+                            help=setting.help)
 
 
 def register(train_parsers, sample_parsers) -> None:
@@ -73,31 +104,16 @@ def register(train_parsers, sample_parsers) -> None:
                         help="steps of the periodic sample grid")
     parser.add_argument("--sample-cfg", type=DIT_GUIDANCE, default=DiTOptions.sample_cfg,
                         help="guidance scale of the periodic sample grid")
-    parser.add_argument("--objective", choices=OBJECTIVE_NAMES, default=ObjectiveConfig.name, help=objectives_help())
-    parser.add_argument("--t-sampling", choices=TIME_SAMPLINGS, default=ObjectiveConfig.time_sampling,
-                        help="flow, meanflow: how training draws t in [0, 1]")
-    parser.add_argument("--logit-mean", type=finite_float, default=ObjectiveConfig.logit_mean,
-                        help="flow, meanflow: the logit-normal's location (MeanFlow's paper: -0.4)")
-    parser.add_argument("--logit-std", type=finite_float, default=ObjectiveConfig.logit_std,
-                        help="flow, meanflow: the logit-normal's scale")
-    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=ObjectiveConfig.loss_weighting,
-                        help="ddpm: min-snr weights the ε loss by min(SNR, γ)/SNR")
-    parser.add_argument("--snr-gamma", type=finite_float, default=ObjectiveConfig.snr_gamma, help="ddpm: γ of min-SNR weighting")
-    parser.add_argument("--mean-fraction", type=fraction, default=ObjectiveConfig.mean_fraction,
-                        help="meanflow: the share of examples trained with r < t (the rest: r = t)")
-    parser.add_argument("--weighting-power", type=finite_float, default=ObjectiveConfig.weighting_power,
-                        help="meanflow: p of the adaptive loss weight 1 / (‖Δ‖² + c)^p")
-    parser.add_argument("--weighting-constant", type=finite_float, default=ObjectiveConfig.weighting_constant,
-                        help="meanflow: c of the adaptive loss weight")
-    parser.add_argument("--train-cfg", type=DIT_GUIDANCE, default=ObjectiveConfig.guidance,
-                        help="meanflow: the guidance scale trained into the model (it then samples with cfg 1)")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVE_ENTRIES), default=DEFAULT_OBJECTIVE,
+                        help=objectives_help())
+    add_objective_settings(parser)
     parser.add_argument("--cfg-interval", type=guidance_interval, default=DiTOptions.cfg_interval, metavar="LOW,HIGH",
                         help=CFG_INTERVAL_HELP + "; stored as the model's sampling default (meanflow: where "
                              "--train-cfg is trained in)")
     parser.add_argument("--repa-encoder", default=DiTOptions.repa_encoder, metavar="FILE.safetensors",
                         help="REPA: align a block with this frozen encoder's features (`train classifier --export`)")
     parser.add_argument("--repa-depth", type=POSITIVE, default=REPA_DEFAULT_DEPTH, help="REPA: the aligned block (1-based)")
-    parser.add_argument("--repa-weight", type=finite_float, default=ObjectiveConfig.repa_weight,
+    parser.add_argument("--repa-weight", type=finite_float, default=REPA_WEIGHT,
                         help="REPA: λ of the alignment loss")
     parser.add_argument("--end-to-end", action="store_true",
                         help="REPA-E: tune the --tokenizer (a `train kl` run) with the DiT through REPA's loss; the "
@@ -182,8 +198,9 @@ def run_train(args: argparse.Namespace) -> None:
     """Handler of `scalegen train dit`."""
     from scalegen.train.dit_task import train_dit
 
-    objective = dataclass_from_args(ObjectiveConfig, args, name=args.objective, time_sampling=args.t_sampling,
-                                    guidance=args.train_cfg)
+    settings = {name: getattr(args, setting_dest(setting)) for name, setting in objective_settings().items()}
+    objective = ObjectiveConfig(name=args.objective, repa_depth=args.repa_depth, repa_weight=args.repa_weight,
+                                **settings)
     train_dit(dataclass_from_args(DiTOptions, args, objective=objective, data=training_data(args, say=True)),
               train_config_from_args(args))
 

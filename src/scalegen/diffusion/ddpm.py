@@ -12,9 +12,10 @@ import torch
 
 from scalegen.diffusion.dpm_solver import dpm_solver_sample_loop_progressive
 from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENCE_NUM_STEPS, schedule_on_device
-from scalegen.diffusion.names import LOSS_WEIGHTINGS, OBJECTIVE_ENTRIES, LossWeighting
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES
 from scalegen.diffusion.objective import ModelFunction, Objective
 from scalegen.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
+from scalegen.diffusion.settings import LOSS_WEIGHTINGS, LossWeighting
 from scalegen.errors import UserError
 
 DIFFUSERS_SCHEDULER_CLASS = "DDPMScheduler"

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scalegen.diffusion.math import mean_flat
-from scalegen.diffusion.names import OBJECTIVE_ENTRIES, TIME_SAMPLINGS, TimeSampling
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
+from scalegen.diffusion.settings import TIME_SAMPLINGS, TimeSampling
 from scalegen.errors import UserError
-
 
 
 def logit_normal_or_uniform(time_sampling: TimeSampling, logit_mean: float, logit_std: float, batch: int,

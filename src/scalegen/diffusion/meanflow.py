@@ -30,8 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from scalegen.diffusion.flow import LinearFlow, check_time_sampling, logit_normal_or_uniform
-from scalegen.diffusion.names import OBJECTIVE_ENTRIES, GuidanceInterval, TimeSampling
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES, GuidanceInterval
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
+from scalegen.diffusion.settings import TimeSampling
 from scalegen.errors import UserError
 
 INTERVAL_SCALE = 1.0  # the network sees t − r unscaled (see above)
@@ -146,6 +147,10 @@ class MeanFlow(Objective):
         squared_norm = error.sum(dim=1)  # (B,): ‖Δ‖², as the paper's weight sees it
         weight = 1.0 / (squared_norm.detach() + self.weighting_constant) ** self.weighting_power  # (B,)
         return {"loss": weight * squared_norm, "mse": error.mean(dim=1)}
+
+    def sampling_cfg(self, cfg: float) -> float:
+        """1 for a model with guidance trained in (ω > 1: it is already in the model), else `cfg`."""
+        return 1.0 if self.guidance > 1.0 else cfg
 
     def sample_loop(self, model: ModelFunction, noise: torch.Tensor, steps: int, sampler: str, model_kwargs: dict,
                     clip_denoised: bool, learn_sigma: bool, progress: bool) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,12 +1,13 @@
 """The DiT objectives and their settings as the command line shows them, free of torch: each objective's name,
-summary and samplers (the registry's classes, `scalegen.diffusion.objectives`, read theirs from here), the choices of
-their training settings, and the guidance interval.
+summary, samplers and settings dataclass (the registry's classes, `scalegen.diffusion.objectives`, read theirs from
+here), the training settings' one table over all objectives (the flags of `train dit`), and the guidance interval.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, fields
+from typing import Any
 
+from scalegen.diffusion.settings import DDPMSettings, FlowSettings, MeanFlowSettings, setting_flag
 from scalegen.errors import UserError
 
 
@@ -17,10 +18,12 @@ class ObjectiveEntry:
     Fields:
         summary: one line for help texts and docs.
         samplers: sampler name -> one-line description; the first is the default.
+        settings: the frozen dataclass of its training settings (`scalegen.diffusion.settings.setting` fields).
     """
 
     summary: str
     samplers: dict[str, str]
+    settings: type
 
 
 OBJECTIVE_ENTRIES: dict[str, ObjectiveEntry] = {
@@ -28,25 +31,61 @@ OBJECTIVE_ENTRIES: dict[str, ObjectiveEntry] = {
         "ddpm": "ancestral DDPM on the respaced diffusion (the official sampler)",
         "ddim": "DDIM with η = 0",
         "dpm-solver++": "DPM-Solver++ (2M): good samples in 10-25 steps",
-    }),
+    }, DDPMSettings),
     "flow": ObjectiveEntry("SiT's linear flow matching: velocity prediction", {
         "euler": "Euler ODE steps (one network call a step)",
         "heun": "Heun ODE steps (two network calls a step)",
         "euler-maruyama": "Euler-Maruyama on the reverse SDE with the ODE's marginals",
-    }),
+    }, FlowSettings),
     "meanflow": ObjectiveEntry("MeanFlow: the average velocity over [r, t], for one- or few-step sampling", {
         "meanflow": "average-velocity jumps z_r = z_t - (t - r)·u: one network call a step (1 or 2 steps)",
         "euler": "Euler ODE steps on the instantaneous velocity u(z, t, t)",
-    }),
+    }, MeanFlowSettings),
 }
 OBJECTIVE_NAMES: tuple[str, ...] = tuple(OBJECTIVE_ENTRIES)
 # Every sampler name, once, in the objectives' order.
 SAMPLERS: tuple[str, ...] = tuple(dict.fromkeys(name for entry in OBJECTIVE_ENTRIES.values() for name in entry.samplers))
-LossWeighting = Literal["none", "min-snr"]  # ddpm: min-SNR-γ weighting of the ε loss, or none
-LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
-TimeSampling = Literal["uniform", "logit-normal"]  # flow, meanflow: how training draws t
-TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
 GuidanceInterval = tuple[float, float]  # (low, high): guidance applies at noise levels low ≤ t ≤ high
+
+
+@dataclass(frozen=True)
+class ObjectiveSetting:
+    """One training setting as `train dit` and a run configuration show it, over every objective that has it.
+
+    Fields:
+        name: the field's name in its objectives' settings dataclasses (and the key of a DiT run's stored config).
+        flag: its command-line flag; its run-configuration key is the flag with underscores.
+        default, choices, minimum, maximum: its default and the values its flag accepts (`setting`'s).
+        help: the owners' names, then the setting's help line.
+        owners: the objectives that have it, in the registry's order.
+    """
+
+    name: str
+    flag: str
+    default: Any
+    choices: tuple[str, ...] | None
+    minimum: float | None
+    maximum: float | None
+    help: str
+    owners: tuple[str, ...]
+
+
+def objective_settings() -> dict[str, ObjectiveSetting]:
+    """Every registered objective's settings by name: those several objectives share first (one flag each, declared
+    once in a shared settings dataclass), then each objective's own, in the registry's order."""
+    declared, owners = {}, {}
+    for name, entry in OBJECTIVE_ENTRIES.items():
+        for field in fields(entry.settings):
+            declared.setdefault(field.name, field)
+            owners.setdefault(field.name, []).append(name)
+    order = sorted(declared, key=lambda setting: len(owners[setting]) == 1)  # stable: shared ones first
+    table = {}
+    for setting in order:
+        field, metadata = declared[setting], declared[setting].metadata
+        table[setting] = ObjectiveSetting(setting, setting_flag(field), field.default, metadata["choices"],
+                                          metadata["minimum"], metadata["maximum"],
+                                          f"{', '.join(owners[setting])}: {metadata['help']}", tuple(owners[setting]))
+    return table
 
 
 def objectives_help() -> str:

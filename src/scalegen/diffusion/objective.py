@@ -1,9 +1,11 @@
 """What every DiT objective provides: the protocol that the registry (`diffusion/objectives.py`) holds one of per
 objective, and the time convention they share.
 
-An objective says what the network's output means. It owns its training loss (drawing its own times), its samplers
-and their defaults, how guidance combines the two halves of a guided batch, how many network calls a sample costs,
-and how it is exported to diffusers. The network always receives its time as t·TIME_SCALE, where t ∈ [0, 1] is the
+An objective says what the network's output means. It owns its training loss (drawing its own times), its training
+settings (a torch-free dataclass in `scalegen.diffusion.settings`, named by its registry entry in
+`scalegen.diffusion.names`, whose fields are fields of the objective's class), its samplers and their defaults, the
+guidance a model trained with its settings samples with, how guidance combines the two halves of a guided batch, how
+many network calls a sample costs, and how it is exported to diffusers. The network always receives its time as t·TIME_SCALE, where t ∈ [0, 1] is the
 noise level (1: pure noise, 0: data): a DDPM step index is t·1000 as it is, a flow time t is scaled to the same range.
 A guidance interval is stated in that t.
 """
@@ -92,6 +94,10 @@ class Objective(ABC):
     @abstractmethod
     def call_levels(self, sampler: str, steps: int) -> list[float]:
         """The noise level t of each network call a sample of `steps` steps makes (without guidance's doubling)."""
+
+    def sampling_cfg(self, cfg: float) -> float:
+        """The guidance scale a model trained with these settings samples with when a run asks for `cfg`."""
+        return cfg
 
     def network_calls(self, sampler: str, steps: int, cfg: float, interval: GuidanceInterval | None) -> int:
         """Network evaluations per image: each call counts twice where guidance (cfg > 1) doubles the batch."""

@@ -1,6 +1,7 @@
 """The registry of DiT objectives: each name a DiT's config may hold and the class that owns it. A new objective is
-one module defining an `Objective` subclass, plus one entry here and one in `scalegen.diffusion.names` (its summary
-and samplers, which the command line lists without importing torch; the class reads them from there).
+one module defining an `Objective` subclass, plus one entry here and one in `scalegen.diffusion.names` (its summary,
+samplers and settings dataclass, which the command line reads without importing torch; the class reads its summary
+and samplers from there, and is built from its settings' values).
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import fields
 from scalegen.diffusion.ddpm import DDPMObjective
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import MeanFlow
-from scalegen.diffusion.names import OBJECTIVE_NAMES
 from scalegen.diffusion.objective import Objective
 from scalegen.errors import UserError
 
@@ -19,7 +19,7 @@ OBJECTIVES: dict[str, type[Objective]] = {objective.name: objective for objectiv
 def objective_class(name: str) -> type[Objective]:
     """The class of the objective `name`; a one-line error naming the known ones."""
     if name not in OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVE_NAMES)}")
+        raise UserError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
@@ -29,11 +29,8 @@ def sampling_objective(name: str) -> Objective:
 
 
 def training_objective(name: str, settings: dict) -> Objective:
-    """The objective `name` built from the entries of `settings` that are its fields (the rest are ignored)."""
+    """The objective `name` built from the entries of `settings` that are its fields (its settings' values and the
+    properties of the model it trains: learn_sigma, num_classes, class_dropout, guidance_interval; the rest are
+    ignored)."""
     cls = objective_class(name)
     return cls(**{field.name: settings[field.name] for field in fields(cls) if field.name in settings})
-
-
-def setting_owners(setting: str) -> list[str]:
-    """The objectives that have a training setting of this name."""
-    return [name for name, cls in OBJECTIVES.items() if setting in {field.name for field in fields(cls)}]

@@ -7,7 +7,7 @@ tokenizer with the DiT (`--end-to-end`, train/end_to_end.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ class DiTTask(TrainingTask):
         return modules + (self.end_to_end.modules() if self.end_to_end is not None else [])
 
     def config(self) -> dict:
-        config = {**super().config(), "vae": self.vae, "objective": asdict(self.objective),
+        config = {**super().config(), "vae": self.vae, "objective": self.objective.stored(),
                   SAMPLING_KEY: self.sampling()}
         if self.end_to_end is not None:  # the tokenizer's latents as the batch norm normalises them now
             config["tokenizer"] = {**config["tokenizer"], **self.end_to_end.normalization().description(),
@@ -181,16 +181,16 @@ class DiTTask(TrainingTask):
         save_grid(images, len(classes), path)
 
     def generate(self, model: nn.Module, labels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """With the run's sample steps and guidance (a MeanFlow model's guidance is trained in: it samples with
-        cfg 1), and the objective's default sampler."""
+        """With the run's sampling settings (`sampling`)."""
         if self.end_to_end is not None:
             self.end_to_end.sync_codec()
         return model.generate(labels, **self.sampling(), seed=seed)  # (B, C, H, W)
 
     def sampling(self) -> dict:
         """The run's sampling settings, its recommended ones (the config's `sampling` section): its sample steps and
-        guidance (a MeanFlow model's guidance is trained in: cfg 1) with the objective's default sampler."""
-        cfg = 1.0 if self.objective.guidance > 1.0 else self.sample_cfg_scale
+        guidance as its objective samples with it (`Objective.sampling_cfg`: a MeanFlow model with guidance trained in
+        takes cfg 1) with the objective's default sampler."""
+        cfg = self.training_objective.sampling_cfg(self.sample_cfg_scale)
         return {"cfg": cfg, "steps": self.sample_steps, "sampler": self.model.objective.default_sampler}
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scalegen.checkpoint_names import PIXEL_SPACE
 from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.diffusion.names import OBJECTIVE_ENTRIES, objective_settings
 from scalegen.errors import UserError
 from scalegen.eval.settings import ClassifierConfig
 from scalegen.models.settings import OFFICIAL_BLOCK, AttentionBackend
@@ -20,64 +21,81 @@ from scalegen.train.settings import VAR_BASE_LR
 if TYPE_CHECKING:
     from scalegen.diffusion.objective import Objective
 
+DEFAULT_OBJECTIVE = "ddpm"  # the DiT paper's
+REPA_WEIGHT = 0.5  # REPA's λ
 REPA_DEFAULT_DEPTH = 2  # the aligned block when an encoder is given (REPA: about a third of the depth)
-# An objective setting's command-line flag where it is not the field's name with dashes.
-SETTING_FLAGS = {"time_sampling": "--t-sampling", "guidance": "--train-cfg"}
 ALIGNMENT_WEIGHT = 1.5  # REPA-E's weight of the REPA loss that reaches the tokenizer (its vae-align-proj-coeff)
 COSINE_MARGIN = 0.5  # VA-VAE's m₁
 DISTANCE_MARGIN = 0.25  # VA-VAE's m₂
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ObjectiveConfig:
-    """How the DiT is trained: its objective and that objective's settings, and REPA (stored in every checkpoint's
-    config as "objective"). Each setting belongs to the objectives that have a field of its name
-    (diffusion/ddpm.py, flow.py, meanflow.py); changing one that the chosen objective lacks is a one-line error.
+    """How the DiT is trained: its objective and that objective's settings, and REPA. Stored in every checkpoint's
+    config as "objective" (`stored`), with every registered objective's settings (those of the others at their
+    defaults).
+
+    Built as `ObjectiveConfig(name="meanflow", guidance=2.0, repa_depth=2)`: each setting keyword belongs to the
+    objectives whose settings dataclass has a field of its name (`scalegen.diffusion.settings`); giving one that the
+    chosen objective lacks a value other than its default is a one-line error.
 
     Fields:
-        name: "ddpm", "flow" or "meanflow" (`scalegen.diffusion.objectives.OBJECTIVES`).
-        time_sampling, logit_mean, logit_std: flow and meanflow: t "uniform" or "logit-normal" (location, scale).
-        loss_weighting, snr_gamma: ddpm: "min-snr" weights the ε loss by min(SNR, γ)/SNR.
-        mean_fraction, weighting_power, weighting_constant: meanflow: the share of examples with r < t and the
-            adaptive weight 1 / (‖Δ‖² + c)^p.
-        guidance: meanflow: the guidance scale ω trained into the model (1: none).
+        name: a registered objective ("ddpm", "flow", "meanflow": `scalegen.diffusion.names.OBJECTIVE_ENTRIES`).
+        settings: its settings dataclass, e.g. `MeanFlowSettings(guidance=2.0)`.
         repa_depth: REPA's block (1-based; 0: no REPA), repa_weight: λ of its loss.
     """
 
-    name: str = "ddpm"
-    time_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: str = "none"
-    snr_gamma: float = 5.0
-    mean_fraction: float = 0.25
-    weighting_power: float = 1.0
-    weighting_constant: float = 1e-3
-    guidance: float = 1.0
-    repa_depth: int = 0
-    repa_weight: float = 0.5
+    name: str
+    settings: Any
+    repa_depth: int
+    repa_weight: float
 
-    def __post_init__(self) -> None:
-        from scalegen.diffusion.objectives import objective_class, setting_owners  # torch: not for the parsers
+    def __init__(self, name: str = DEFAULT_OBJECTIVE, repa_depth: int = 0, repa_weight: float = REPA_WEIGHT,
+                 settings: Any = None, **values: Any) -> None:
+        """Args:
+            name, repa_depth, repa_weight: the fields.
+            settings: the objective's settings dataclass (None: from `values`).
+            values: settings by name (the objective's, or another's left at its default, as the command line gives).
+        """
+        from scalegen.diffusion.objectives import objective_class  # torch: not for the parsers
 
-        objective_class(self.name)
-        for setting in fields(self):
-            value, owners = getattr(self, setting.name), setting_owners(setting.name)
-            flag = SETTING_FLAGS.get(setting.name, "--" + setting.name.replace("_", "-"))
+        objective_class(name)
+        table, own = objective_settings(), OBJECTIVE_ENTRIES[name].settings
+        values = {**(asdict(settings) if settings is not None else {}), **values}
+        unknown = [key for key in values if key not in table]
+        if unknown:
+            raise UserError(f"{unknown[0]!r} is no setting of any objective; the settings are {', '.join(table)}")
+        numbers = [*((table[key].flag, value) for key, value in values.items()), ("--repa-weight", repa_weight)]
+        for flag, value in numbers:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{flag} is {value}; give a finite number")
-            if owners and self.name not in owners and value != setting.default:
-                raise UserError(f"{flag} {value} is a setting of --objective {' or '.join(owners)}, not {self.name}; "
-                                "leave it at its default")
+        for key, value in values.items():
+            setting = table[key]
+            if name not in setting.owners and value != setting.default:
+                raise UserError(f"{setting.flag} {value} is a setting of --objective {' or '.join(setting.owners)}, "
+                                f"not {name}; leave it at its default")
+        own_names = {field.name for field in fields(own)}
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "settings", own(**{key: value for key, value in values.items() if key in own_names}))
+        object.__setattr__(self, "repa_depth", repa_depth)
+        object.__setattr__(self, "repa_weight", repa_weight)
         self.objective(learn_sigma=False, num_classes=1, class_dropout=0.0)  # checks the settings' values
+
+    def stored(self) -> dict:
+        """The config's "objective" entry: the name, every registered setting (this objective's values, the others'
+        defaults) and REPA's."""
+        own = asdict(self.settings)
+        settings = {key: own.get(key, setting.default) for key, setting in objective_settings().items()}
+        return {"name": self.name, **settings, "repa_depth": self.repa_depth, "repa_weight": self.repa_weight}
 
     def objective(self, learn_sigma: bool, num_classes: int, class_dropout: float,
                   guidance_interval: tuple[float, float] | None = None) -> Objective:
         """The training objective for a model of these properties."""
         from scalegen.diffusion.objectives import training_objective  # torch: not for the parsers
 
-        return training_objective(self.name, {**asdict(self), "learn_sigma": learn_sigma, "num_classes": num_classes,
-                                              "class_dropout": class_dropout, "guidance_interval": guidance_interval})
+        return training_objective(self.name, {**asdict(self.settings), "learn_sigma": learn_sigma,
+                                              "num_classes": num_classes, "class_dropout": class_dropout,
+                                              "guidance_interval": guidance_interval})
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 
 from scalegen.eval import fmnist as classifier, metrics
 from scalegen.cli.main import main
-from scalegen.data import load_fashion_mnist, to_model_range, write_fashion_mnist_subset
+from scalegen.data import load_fashion_mnist, write_fashion_mnist_subset
+from scalegen.pixels import to_model_range
 from scalegen.errors import UserError
 from scalegen.train.run_log import read_log
 from scalegen.images import save_npz

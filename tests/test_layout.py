@@ -2,6 +2,8 @@
 the `cli` package only under cli/. (Module length and import depth are guides, not tests: the before-stop hook prints
 them.)"""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,17 @@ def test_models_do_no_data_or_distributed_work():
         reached = {module for module in imported_names(name) for forbidden in MODEL_IMPORTS_FORBIDDEN
                    if module == forbidden or module.startswith(f"{forbidden}.")}
         assert not reached, f"{name} imports {sorted(reached)}: a model takes tensors, labels and a precision name"
+
+
+def test_loading_the_models_loads_no_data_or_distributed_code_behind_them():
+    """Not only the models' own imports: nothing they import in turn (the objectives, their sampling) pulls in the
+    data readers, the run folders or torch.distributed's scalegen side."""
+    code = ("import sys, scalegen.models.dit, scalegen.models.var; "
+            "print(' '.join(sorted(name for name in sys.modules if name.startswith('scalegen.'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    reached = {name for name in loaded for forbidden in MODEL_IMPORTS_FORBIDDEN
+               if forbidden.startswith("scalegen.") and (name == forbidden or name.startswith(f"{forbidden}."))}
+    assert not reached, f"importing the models loads {sorted(reached)}"
 
 
 @pytest.mark.parametrize("line, reached", [

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from scalegen.classes import FASHION_MNIST_CLASSES
 from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.errors import InputWarning, UserError
+from scalegen.pixels import to_model_range
 from scalegen.shards import DEFAULT_IMAGES_PER_SHARD, INDEX_SUFFIX, TarSamples, write_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -31,16 +32,6 @@ FASHION_MNIST_PADDED_SIZE = 32  # 28×28 digits-style images are zero-padded to 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 SHARD_SOURCE_SUFFIXES = (".tar", INDEX_SUFFIX)  # `--data` names tar shards: one shard, or their JSON index
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Images in the networks' [-1, 1] -> float in [0, 1], the range scalegen's sampling calls return (clamped)."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def pad_fashion_mnist(images: torch.Tensor, fill: float) -> torch.Tensor:

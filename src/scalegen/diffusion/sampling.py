@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from scalegen.data import to_unit_range
+from scalegen.pixels import to_unit_range
 from scalegen.diffusion.names import GuidanceInterval
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective, within
 

@@ -21,9 +21,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from scalegen.checkpoint import CONFIG_FILE
-from scalegen.data import to_unit_range, unflipped_loader
+from scalegen.data import unflipped_loader
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics
+from scalegen.pixels import to_unit_range
 from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 from scalegen.files import read_json
 from scalegen.images import save_grid

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 import scalegen
-from scalegen.checkpoint import RunFolder, save_checkpoint
 from scalegen.distributed import DistributedContext
+from scalegen.runs.folder import RunFolder, save_checkpoint
 from scalegen.train import sharding
 
 PRESET, INPUT_SIZE = "DiT-XL/2", 32  # DiT-XL/2 on 256px images' 32×32 latents: 675 M parameters

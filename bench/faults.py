@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scalegen.checkpoint import last_checkpoint, load_weights
 from scalegen.data import write_fashion_mnist_subset
+from scalegen.runs.folder import last_checkpoint
+from scalegen.runs.weights import load_weights
 
 SUBSET = 256
 STEPS = 12

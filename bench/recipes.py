@@ -26,11 +26,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from scalegen import load_dit  # noqa: E402
-from scalegen.checkpoint import load_training_state, stored_config  # noqa: E402
 from scalegen.eval.flops import counted_flops  # noqa: E402
 from scalegen.eval.fmnist import fmnist_report  # noqa: E402
 from scalegen.images import to_uint8  # noqa: E402
-from scalegen.pretrained import stored_dit_config  # noqa: E402
+from scalegen.runs.folder import load_training_state  # noqa: E402
+from scalegen.runs.loading import stored_dit_config  # noqa: E402
+from scalegen.runs.weights import stored_config  # noqa: E402
 from scalegen.tokenizers.codec import tokenizer_codec  # noqa: E402
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig  # noqa: E402
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig  # noqa: E402

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from scalegen.checkpoint import RunFolder, is_complete, load_training_state
 from scalegen.distributed import cleanup, setup_distributed
+from scalegen.runs.folder import RunFolder, is_complete, load_training_state
 from scalegen.train import sharding
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log

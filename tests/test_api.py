@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import scalegen
-from scalegen.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, RunFolder, load_training_state
 from scalegen.cli.main import build_parser, main
 from scalegen.classes import class_ids, imagenet_names
 from scalegen.models.dit import DiTConfig
 from scalegen.models.var import VARConfig
+from scalegen.runs.folder import CONFIG_FILE, EMA_FILE, MODEL_FILE, RunFolder, load_training_state
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.trainer import TrainConfig, train
 from scalegen.train.var_task import VARTask

@@ -12,15 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from scalegen import checkpoint as checkpoint_module
-from scalegen.checkpoint import last_checkpoint, load_weights, save_checkpoint
 from scalegen.cli.main import main
+from scalegen.runs import folder as folder_module
+from scalegen.runs.folder import last_checkpoint, save_checkpoint
+from scalegen.runs.weights import load_weights
 from tests_support import user_error, without_progress_bars
 from scalegen.errors import UserError
 from scalegen.data import FashionMNIST, ImageFolder, center_crop_arr, collate
 from scalegen.train.loading import ResumableSampler
 from scalegen.models.dit import DiT, DiTConfig
-from scalegen.pretrained import dit_config_from_state_dict, load_dit
+from scalegen.runs.loading import dit_config_from_state_dict, load_dit
 
 TINY_PIXEL_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 
@@ -71,7 +72,7 @@ def test_checkpoints_are_atomic_and_last_always_loads(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    monkeypatch.setattr(folder_module, "save_file", crash)
     with pytest.raises(UserError, match="disk full while writing checkpoint step 2.*step-0000001 is intact"):
         write_run(tmp_path, step=2)
     assert last_checkpoint(tmp_path) == first
@@ -206,7 +207,7 @@ def test_a_model_of_another_kind_gets_advice_that_names_real_commands_and_functi
     import importlib
     import re
 
-    from scalegen.pretrained import KIND_ADVICE
+    from scalegen.runs.loading import KIND_ADVICE
 
     weights = DiT(TINY_PIXEL_DIT).state_dict()
     save_checkpoint(tmp_path / "tokenizer", 1, {"kind": "vqvae", "model": {}}, weights, None, {"step": 1})

@@ -18,10 +18,10 @@ import yaml
 from PIL import Image
 
 from scalegen.cache_store import build_cache
-from scalegen.checkpoint import OPTIONS_FILE
 from scalegen.cli.main import build_parser, main
 from scalegen.data import ImageFolder
 from scalegen.errors import UserError
+from scalegen.runs.folder import OPTIONS_FILE
 from scalegen.train.task import Recipe
 from scalegen.train.task_options import ObjectiveConfig
 from scalegen.train.trainer import TrainConfig

@@ -13,11 +13,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DiTPipeline, DiTTransformer2DModel  # noqa: E402
 
 import scalegen  # noqa: E402
-from scalegen.checkpoint import save_checkpoint  # noqa: E402
 from scalegen.cli.main import main  # noqa: E402
 from scalegen.classes import class_ids  # noqa: E402
 from scalegen.models.dit import DiT, DiTConfig  # noqa: E402
 from scalegen.models.dit_diffusers import PIPELINE_NULL_CLASS, padded_class_table  # noqa: E402
+from scalegen.runs.folder import save_checkpoint  # noqa: E402
 from scalegen.tokenizers.sd_vae import LATENT_SCALE  # noqa: E402
 from tests_support import save_tiny_vae, user_error  # noqa: E402
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from scalegen import load_dit
-from scalegen.checkpoint import save_checkpoint
 from scalegen.cli.main import build_parser
 from scalegen.errors import UserError
 from scalegen.eval.flops import counted_flops, dit_config_macs, dit_forward_macs
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.dit_blocks import OFFICIAL_BLOCK, AdaLNBlock, BlockOptions
 from scalegen.models.layers import Attention, Mlp, RotaryEmbedding2d, SwiGLU, modulate, swiglu_hidden_size
+from scalegen.runs.folder import save_checkpoint
 from scalegen.train.dit_task import DiTOptions, DiTTask, dit_model_config
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train

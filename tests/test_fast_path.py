@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from scalegen.checkpoint import is_sharded, last_checkpoint, load_weights
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.var import VAR, VARConfig
+from scalegen.runs.folder import is_sharded, last_checkpoint
+from scalegen.runs.weights import load_weights
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train import optimization
 from scalegen.train.dit_task import DiTTask

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from scalegen import checkpoint as checkpoint_module
-from scalegen.checkpoint import RunFolder, last_checkpoint, load_training_state, load_weights, save_checkpoint
 from scalegen.errors import UserError
 from scalegen.eval.metrics import frechet_distance
 from scalegen.files import current_umask
 from scalegen.models.dit import DiTConfig
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_VAR
+from scalegen.runs import folder as folder_module
+from scalegen.runs.folder import RunFolder, last_checkpoint, load_training_state, save_checkpoint
+from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_VAR
+from scalegen.runs.weights import load_weights
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
@@ -75,7 +76,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path):
 
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom scalegen.run_lock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom scalegen.runs.lock import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)", str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -90,7 +91,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, capsys):
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_removes_the_partial_one(tmp_path, monkeypatch, capsys):
-    real_save = checkpoint_module.save_file
+    real_save = folder_module.save_file
     writes = []
 
     def fills_up(tensors, path, *args, **kwargs):
@@ -99,7 +100,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_removes_the_partial_one(t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", fills_up)
+    monkeypatch.setattr(folder_module, "save_file", fills_up)
     data = write_fashion_subset(tmp_path)
     message = training_error(["train", "dit", *TINY_DIT, "--data", str(data), "--steps", "3", "--checkpoint-every", "1",
                               "--out", str(tmp_path / "run")], capsys)
@@ -120,9 +121,9 @@ def test_a_crash_at_any_moment_of_a_re_save_leaves_a_resumable_run(tmp_path, mon
     train(DiTTask(TINY, sample_steps=2), tiny_fashion(), run_config(tmp_path, 2))
     config, weights = load_weights(tmp_path)
     state = load_training_state(last_checkpoint(tmp_path))
-    targets = {"before the rename": (checkpoint_module.os, "replace"),
-               "before the pointer": (checkpoint_module, "write_json_atomic"),
-               "before pruning": (checkpoint_module, "prune")}
+    targets = {"before the rename": (folder_module.os, "replace"),
+               "before the pointer": (folder_module, "write_json_atomic"),
+               "before pruning": (folder_module, "prune")}
     module, name = targets[moment]
 
     def kill(*args, **kwargs):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from scalegen.checkpoint import CONFIG_FILE, last_checkpoint, load_weights
 from scalegen.cli.main import main
 from scalegen.data import load_fashion_mnist
+from scalegen.runs.folder import CONFIG_FILE, last_checkpoint
+from scalegen.runs.weights import load_weights
 from scalegen.train.run_log import read_log
 from tests_support import user_error
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import CONFIG_FILE, TOKENIZER_FILE, last_checkpoint
 from scalegen.cli.main import main
 from scalegen.models.dit import DiTConfig
-from scalegen.pretrained import load_dit, load_tokenizer
+from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, last_checkpoint
+from scalegen.runs.loading import load_dit, load_tokenizer
 from scalegen.tokenizers.codec import KLCodec, measure_normalization
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, LatentNormalization, kl_divergence, to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae

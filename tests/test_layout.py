@@ -11,7 +11,10 @@ import pytest
 import scalegen
 
 PACKAGE = Path(scalegen.__file__).parent
-SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli"}
+SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli", "runs"}
+# The runs wing: a run folder's layout, lock, readers, loaders and exports, once top-level modules of these names.
+RUN_MODULES = {"folder", "lock", "weights", "loading", "export", "diffusers_export", "names"}
+MOVED_TO_RUNS = {"checkpoint", "checkpoint_names", "run_lock", "pretrained", "diffusers_export"}
 
 
 def module_name(path: Path) -> str:
@@ -52,7 +55,13 @@ def floors() -> dict[str, int]:
 def test_modules_sit_in_subpackages_by_role():
     top_level = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
     assert SUBPACKAGES <= top_level
-    assert {"__main__", "errors", "checkpoint", "pretrained", "data", "distributed", "images"} <= top_level
+    assert {"__main__", "errors", "data", "distributed", "images"} <= top_level
+
+
+def test_the_run_modules_live_in_the_runs_wing_alone():
+    """No module, nor a re-export shim, is left at the old top-level names of the runs wing's modules."""
+    assert {f"scalegen.runs.{name}" for name in RUN_MODULES} <= set(MODULES)
+    assert not {f"scalegen.{name}" for name in MOVED_TO_RUNS} & set(MODULES)
 
 
 def test_no_import_circles():
@@ -73,7 +82,7 @@ def test_argparse_and_the_cli_live_only_in_cli():
 
 
 MODEL_IMPORTS_FORBIDDEN = ("scalegen.data", "scalegen.distributed", "scalegen.shards", "scalegen.cache_store",
-                           "scalegen.checkpoint", "torch.distributed")  # models do no data or distributed work
+                           "scalegen.runs", "torch.distributed")  # models do no data or distributed work
 
 
 def imported_names(name: str) -> set[str]:
@@ -92,7 +101,8 @@ def imported_names(name: str) -> set[str]:
 
 
 def test_models_do_no_io():
-    forbidden = {"os", "pathlib", "shutil", "safetensors", "safetensors.torch", "scalegen.files", "scalegen.pretrained"}
+    forbidden = {"os", "pathlib", "shutil", "safetensors", "safetensors.torch", "scalegen.files",
+                 "scalegen.runs.loading"}
     for name, path in MODULES.items():
         if not name.startswith("scalegen.models"):
             continue

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from scalegen.checkpoint import stored_config
 from scalegen.cli.main import build_parser, main
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import MeanFlow
@@ -17,7 +16,8 @@ from scalegen.diffusion.objectives import OBJECTIVES
 from scalegen.diffusion.settings import setting
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
+from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
+from scalegen.runs.weights import stored_config
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.task_options import ObjectiveConfig
 from tests_support import write_fashion_subset

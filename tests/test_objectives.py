@@ -7,7 +7,6 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from scalegen.checkpoint import save_checkpoint
 from scalegen.cli.main import build_parser
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import INTERVAL_SCALE, MeanFlow
@@ -16,7 +15,8 @@ from scalegen.diffusion.names import OBJECTIVE_NAMES, SAMPLERS
 from scalegen.diffusion.objectives import OBJECTIVES, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
-from scalegen.pretrained import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
+from scalegen.runs.folder import save_checkpoint
+from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.init_from import initialize_from
 from scalegen.train.trainer import TrainConfig, train

@@ -9,10 +9,10 @@ import torch.distributed as dist
 from torch import nn
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import RunFolder, last_checkpoint
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig
+from scalegen.runs.folder import RunFolder, last_checkpoint
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.parallel import Replicate, Shard, default_parallelism
 from scalegen.train.run_log import read_log

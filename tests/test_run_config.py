@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-from scalegen.checkpoint import OPTIONS_FILE
 from scalegen.cli.main import build_parser, main
 from scalegen.cli.parsing import DefaultsFormatter
+from scalegen.runs.folder import OPTIONS_FILE
 from scalegen.train.dit_task import DiTOptions, DiTTask
 from scalegen.train.guards import changed_settings
 from scalegen.train.tokenizer_task import VQVAETask

@@ -1,4 +1,4 @@
-"""The run lock (scalegen.run_lock): one trainer at a time in a run folder, also across machines that share it.
+"""The run lock (scalegen.runs.lock): one trainer at a time in a run folder, also across machines that share it.
 Records are planted as another holder would have written them (of this machine or another, dead or alive, of a
 torchrun job or none); a holder on another machine is alive while a thread touches its record, stamped on that
 machine's own clock, as a client-stamped filesystem (Lustre, CephFS) would."""
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from scalegen import run_lock as run_lock_module
 from scalegen.errors import UserError
-from scalegen.run_lock import (LEASE_SECONDS, LOCK_FILE, LockRecord, own_record, process_start, read_record, run_lock,
-                               take_over)
+from scalegen.runs import lock as lock_module
+from scalegen.runs.lock import (LEASE_SECONDS, LOCK_FILE, LockRecord, own_record, process_start, read_record, run_lock,
+                                take_over)
 
 OTHER_MACHINE = dict(host="another-node", machine="elsewhere", pid=1)
 STATIC_RENDEZVOUS = {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -33,9 +33,9 @@ CLOCK_SKEW = 600.0  # seconds: another machine's clock ten minutes off ours
 @pytest.fixture(autouse=True)
 def quick_lock(monkeypatch):
     """Heartbeats and polls in tens of milliseconds, and a lease long enough that a live holder always beats."""
-    monkeypatch.setattr(run_lock_module, "HEARTBEAT_SECONDS", BEAT_SECONDS)
-    monkeypatch.setattr(run_lock_module, "POLL_SECONDS", BEAT_SECONDS / 2)
-    monkeypatch.setattr(run_lock_module, "LEASE_SECONDS", LONG_LEASE)
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", BEAT_SECONDS)
+    monkeypatch.setattr(lock_module, "POLL_SECONDS", BEAT_SECONDS / 2)
+    monkeypatch.setattr(lock_module, "LEASE_SECONDS", LONG_LEASE)
 
 
 def plant(run: Path, **fields) -> LockRecord:
@@ -104,7 +104,7 @@ def test_a_live_holder_on_this_machine_is_refused_and_a_dead_or_replaced_one_is_
 
 def test_a_killed_holder_process_leaves_a_record_that_the_next_trainer_takes_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom scalegen.run_lock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom scalegen.runs.lock import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -147,7 +147,7 @@ def test_a_torchrun_restart_takes_over_its_dead_holder_at_once_and_a_moved_rank_
         assert holder_inside(tmp_path).pid == os.getpid()
     assert time.monotonic() - started < LONG_LEASE / 2  # at once: nothing to watch
     # Rank 0 moved to another node: its old record is taken over once its heartbeat has not moved for a lease.
-    monkeypatch.setattr(run_lock_module, "LEASE_SECONDS", SHORT_LEASE)
+    monkeypatch.setattr(lock_module, "LEASE_SECONDS", SHORT_LEASE)
     plant(tmp_path, **OTHER_MACHINE)
     started = time.monotonic()
     with run_lock(tmp_path):
@@ -164,7 +164,7 @@ def test_another_machines_holder_is_kept_while_its_heartbeat_moves_and_taken_ove
             with run_lock(tmp_path):
                 pass
         assert holder_inside(tmp_path).token == "planted"
-    monkeypatch.setattr(run_lock_module, "LEASE_SECONDS", SHORT_LEASE)  # that machine crashed
+    monkeypatch.setattr(lock_module, "LEASE_SECONDS", SHORT_LEASE)  # that machine crashed
     started = time.monotonic()
     with run_lock(tmp_path):
         assert holder_inside(tmp_path).pid == os.getpid()
@@ -176,7 +176,7 @@ def test_an_unreadable_record_is_refused_while_it_changes_and_taken_over_once_it
     with beating(tmp_path / LOCK_FILE), pytest.raises(UserError, match="unreadable"):
         with run_lock(tmp_path):
             pass
-    monkeypatch.setattr(run_lock_module, "LEASE_SECONDS", SHORT_LEASE)
+    monkeypatch.setattr(lock_module, "LEASE_SECONDS", SHORT_LEASE)
     with run_lock(tmp_path):
         assert holder_inside(tmp_path).pid == os.getpid()
 

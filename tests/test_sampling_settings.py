@@ -13,14 +13,14 @@ from safetensors.torch import save_file
 
 import scalegen
 import scalegen.models.dit as dit_module
-from scalegen.checkpoint import (
-    CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, export_weights, save_checkpoint, stored_config,
-)
 from scalegen.cli.main import main
 from scalegen.files import read_weights_file
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.var import VARConfig
-from scalegen.pretrained import SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var
+from scalegen.runs.export import export_weights
+from scalegen.runs.folder import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, save_checkpoint
+from scalegen.runs.loading import SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var
+from scalegen.runs.weights import stored_config
 from scalegen.sampling_settings import (
     FROM_CONFIG, FROM_FLAG, FROM_PAPER, OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, SAMPLING_KEY,
 )

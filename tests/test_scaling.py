@@ -7,7 +7,7 @@ import pytest
 from scalegen.cli.main import main
 from scalegen.errors import UserError
 from scalegen.eval.scaling import fit_power_law, read_runs, read_table, scaling_report
-from scalegen.pretrained import load_dit
+from scalegen.runs.loading import load_dit
 from scalegen.train.run_log import read_log
 from scalegen.train.task import parameter_count
 from tests_support import write_fashion_subset

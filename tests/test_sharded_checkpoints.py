@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import (
-    MODEL_FILE, SHARDED_DIR, SHARDED_INDEX, STAGING_PREFIX, RunFolder, export_weights, is_sharded, last_checkpoint,
-    load_weights,
-)
 from scalegen.cli.main import main
 from scalegen.models.dit import DiT, DiTConfig
-from scalegen.pretrained import load_dit
+from scalegen.runs.export import export_weights
+from scalegen.runs.folder import (
+    MODEL_FILE, SHARDED_DIR, SHARDED_INDEX, STAGING_PREFIX, RunFolder, is_sharded, last_checkpoint,
+)
+from scalegen.runs.loading import load_dit
+from scalegen.runs.weights import load_weights
 from scalegen.train import sharding
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from scalegen.checkpoint import RunFolder, last_checkpoint, load_weights
 from scalegen.cli.main import main
 from scalegen.distributed import DistributedContext
+from scalegen.runs.folder import RunFolder, last_checkpoint
+from scalegen.runs.weights import load_weights
 from scalegen.train.stopping import AGREEMENT_EVERY, SIGNAL_EXIT_BASE, STOP_SIGNALS, Interrupted, StopSignals
 from tests_support import write_fashion_subset
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from scalegen.checkpoint import TOKENIZER_FILE, last_checkpoint
 from scalegen.distributed import DistributedContext
+from scalegen.runs.folder import TOKENIZER_FILE, last_checkpoint
 from scalegen.train.kl_task import KLLosses
 from scalegen.train import optimization
 from scalegen.train.run_log import read_log

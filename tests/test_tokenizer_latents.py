@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_weights
 from scalegen.cli.main import main
-from scalegen.pretrained import load_dit, load_tokenizer
+from scalegen.runs.folder import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from scalegen.runs.loading import load_dit, load_tokenizer
+from scalegen.runs.weights import load_weights
 from scalegen.tokenizers.codec import TokenizerCodec, measure_latent_scale
 from tests_support import tiny_fashion, user_error
 from test_var_training import var_cli_run  # noqa: F401  (a module fixture: a tiny `train vqvae` run and its data)

@@ -15,11 +15,11 @@ from torch.utils.data import Dataset
 
 import scalegen
 from scalegen.cache_store import MANIFEST_FILE, weights_digest
-from scalegen.checkpoint import CONFIG_FILE, TOKENIZER_FILE, RunFolder, last_checkpoint, save_checkpoint
 from scalegen.cli.main import main
 from scalegen.errors import UserError
 from scalegen.eval.reconstruction import data_image_size, reconstruct
-from scalegen.pretrained import check_kind, load_dit, token_tokenizer
+from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, RunFolder, last_checkpoint, save_checkpoint
+from scalegen.runs.loading import check_kind, load_dit, token_tokenizer
 from scalegen.tokenizers.codec import (
     TOKENIZER_KINDS, TokenizerKind, TokenizerLatents, encoded, kind_of, register_tokenizer, tokenizer_codec,
 )

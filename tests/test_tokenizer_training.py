@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import last_checkpoint, load_training_state
 from scalegen.cli.main import main
 from scalegen.errors import UserError
+from scalegen.runs.folder import last_checkpoint, load_training_state
 from scalegen.train.gan_losses import PatchDiscriminator, adaptive_weight
 from scalegen.train.lpips import LPIPS, load_lpips
 from scalegen.train.run_log import read_log

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scalegen.checkpoint import last_checkpoint
 from scalegen.distributed import DistributedContext
 from scalegen.eval.fmnist import ClassifierConfig
 from scalegen.models.dit import DiTConfig
+from scalegen.runs.folder import last_checkpoint
 from scalegen.train.classifier_task import ClassifierTask
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from scalegen.checkpoint import last_checkpoint
-from scalegen.run_lock import LOCK_FILE
+from scalegen.runs.folder import last_checkpoint
+from scalegen.runs.lock import LOCK_FILE
 from tests_support import without_progress_bars, write_fashion_subset
 
 TESTS = Path(__file__).parent

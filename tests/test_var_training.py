@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from scalegen.checkpoint import load_weights, save_checkpoint
 from scalegen.cli.main import main
+from scalegen.runs.folder import TOKENIZER_FILE, save_checkpoint
+from scalegen.runs.loading import load_tokenizer, load_var
+from scalegen.runs.weights import load_weights
 from scalegen.train.run_log import read_log
 from scalegen.errors import UserError
 from scalegen.train.trainer import TrainConfig, train
 from scalegen.models.var import VAR, VARConfig
-from scalegen.checkpoint import TOKENIZER_FILE
-from scalegen.pretrained import load_tokenizer, load_var
 from scalegen.models.var_edit import box_mask
 from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
@@ -160,7 +160,7 @@ def test_a_var_run_without_its_tokenizer_copy_asks_for_one(var_cli_run, tmp_path
 
 
 def test_official_scales_are_read_off_the_number_of_positions():
-    from scalegen.pretrained import official_patch_nums
+    from scalegen.runs.loading import official_patch_nums
     from scalegen.tokenizers.vqvae import PATCH_NUMS_256, PATCH_NUMS_512
 
     assert official_patch_nums({"pos_1LC": torch.zeros(1, 680, 1)}) == PATCH_NUMS_256

@@ -17,10 +17,10 @@ HOMES = {
     "VQVAE": "scalegen.tokenizers.vqvae", "VQVAEConfig": "scalegen.tokenizers.vqvae",
     "build_vqvae": "scalegen.tokenizers.vqvae",
     "VAR": "scalegen.models.var", "VARConfig": "scalegen.models.var", "build_var": "scalegen.models.var",
-    "load_dit": "scalegen.pretrained", "load_var": "scalegen.pretrained", "load_tokenizer": "scalegen.pretrained",
-    "load_refiner": "scalegen.pretrained",
-    "SHIPPED_DIT": "scalegen.pretrained", "SHIPPED_MEANFLOW_DIT": "scalegen.pretrained",
-    "SHIPPED_VAR": "scalegen.pretrained", "SHIPPED_VAR_REFINER": "scalegen.pretrained",
+    "load_dit": "scalegen.runs.loading", "load_var": "scalegen.runs.loading",
+    "load_tokenizer": "scalegen.runs.loading", "load_refiner": "scalegen.runs.loading",
+    "SHIPPED_DIT": "scalegen.runs.loading", "SHIPPED_MEANFLOW_DIT": "scalegen.runs.loading",
+    "SHIPPED_VAR": "scalegen.runs.loading", "SHIPPED_VAR_REFINER": "scalegen.runs.loading",
     "to_pil": "scalegen.images", "image_grid": "scalegen.images", "UserError": "scalegen.errors",
 }
 __all__ = list(HOMES)

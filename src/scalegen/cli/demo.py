@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scalegen.checkpoint_names import SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.cli.parsing import POSITIVE
 from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.runs.names import SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 
 if TYPE_CHECKING:  # the models and the evaluation import torch: each function imports what it uses when it runs
     import torch
@@ -49,7 +49,7 @@ def register(commands) -> None:
 def dit_drawer(path: str | Path) -> Draw:
     """Sampling function of a DiT folder (with its tokenizer or VAE) at its recommended settings (its config's
     `sampling` section: the shipped DiT's 50 Euler steps at cfg 2.5, the MeanFlow DiT's one jump)."""
-    from scalegen.pretrained import load_dit
+    from scalegen.runs.loading import load_dit
 
     model = load_dit(path)
 
@@ -62,7 +62,7 @@ def dit_drawer(path: str | Path) -> Draw:
 def var_drawer(path: str | Path, refiner: str | Path | None = None) -> Draw:
     """Sampling function of a VAR folder (tokenizer inside) at its recommended settings: the official computation,
     or with a refiner (CoDe) its speed-ups — bf16 where the hardware has bf16 units and inverse-CDF draws too."""
-    from scalegen.pretrained import load_refiner, load_var
+    from scalegen.runs.loading import load_refiner, load_var
 
     model = load_var(path)
     fast = {} if refiner is None else dict(refiner=load_refiner(refiner, model), precision="auto", draws="inverse-cdf")

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from scalegen.checkpoint_names import WEIGHT_CHOICES
 from scalegen.errors import UserError
+from scalegen.runs.names import WEIGHT_CHOICES
 
 FORMATS = ("scalegen", "diffusers")
 
 
 def run_export(args: argparse.Namespace) -> None:
     """Handler of `scalegen export`."""
-    from scalegen.checkpoint import export_weights
-    from scalegen.diffusers_export import README_FILE, export_diffusers
+    from scalegen.runs.diffusers_export import README_FILE, export_diffusers
+    from scalegen.runs.export import export_weights
 
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:

@@ -88,7 +88,7 @@ TOKENIZER_DATA_HELP = f"{DATA_HELP}; default: the data the --tokenizer run was t
 def tokenizer_data(tokenizer: str | None) -> str | None:
     """The data a `--tokenizer` run (or its export) was trained on, as its config records them; None for an official
     file or none given."""
-    from scalegen.checkpoint import stored_config
+    from scalegen.runs.weights import stored_config
 
     if tokenizer is None or not Path(tokenizer).is_dir():
         return None
@@ -240,8 +240,8 @@ def options_in_run_folder(args: argparse.Namespace) -> Iterator[None]:
     """While a parsed `scalegen train` command runs, keep its options in its run folder (RUN/options.yaml, written by
     rank 0), where `--config` reads them back; a command refused as bad input (a UserError: another model in RUN, a
     broken data set) puts back what was there before."""
-    from scalegen.checkpoint import OPTIONS_FILE
     from scalegen.distributed import launched_as_main
+    from scalegen.runs.folder import OPTIONS_FILE
 
     if not launched_as_main():
         yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from scalegen.checkpoint_names import WEIGHT_CHOICES, shipped_names
+from scalegen.runs.names import WEIGHT_CHOICES, shipped_names
 from scalegen.sampling_settings import (
     FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
 )

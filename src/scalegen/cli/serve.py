@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scalegen.checkpoint_names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.cli.parsing import at_least
 from scalegen.errors import UserError
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 PORT = at_least(1)

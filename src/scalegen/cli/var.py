@@ -157,7 +157,7 @@ def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) ->
     settings, else the official code's defaults, printed (`show`) with where each came from (a refiner is loaded beside
     it, on its tokenizer and device)."""
     from scalegen.models.var_pruning import TokenPruning
-    from scalegen.pretrained import load_refiner
+    from scalegen.runs.loading import load_refiner
 
     if len(args.unpruned_blocks) != 2:
         raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
@@ -180,7 +180,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
     from scalegen.distributed import process_group
     from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
-    from scalegen.pretrained import load_var
+    from scalegen.runs.loading import load_var
 
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
@@ -209,7 +209,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
     from scalegen.images import check_image_output, load_image, parse_classes, save_grid
     from scalegen.models.var_edit import edit_box, parse_box
-    from scalegen.pretrained import load_var
+    from scalegen.runs.loading import load_var
 
     check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

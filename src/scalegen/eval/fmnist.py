@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.checkpoint_names import ASSETS
 from scalegen.files import read_json, read_weights_file
 from scalegen.classes import FASHION_MNIST_CLASSES, class_names
 from scalegen.data import FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist
@@ -24,6 +23,7 @@ from scalegen.errors import UserError
 from scalegen.eval import metrics
 from scalegen.eval.settings import ClassifierConfig
 from scalegen.pixels import to_model_range
+from scalegen.runs.names import ASSETS
 
 SHIPPED_WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
 REFERENCE_MEAN, REFERENCE_COVARIANCE = "reference.mu", "reference.sigma"  # test-set statistics in the weights file

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from scalegen.checkpoint import CONFIG_FILE
 from scalegen.data import unflipped_loader
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics
@@ -28,7 +27,8 @@ from scalegen.pixels import to_unit_range
 from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 from scalegen.files import read_json
 from scalegen.images import save_grid
-from scalegen.pretrained import load_tokenizer
+from scalegen.runs.folder import CONFIG_FILE
+from scalegen.runs.loading import load_tokenizer
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
 
@@ -41,7 +41,7 @@ Autoencoder = nn.Module  # a tokenizer of a registered kind (tokenizers/codec.py
 
 def load_autoencoder(path: str | Path) -> Autoencoder:
     """What `scalegen reconstruct --tokenizer` names: a local SD-VAE folder (diffusers AutoencoderKL), else any
-    tokenizer `scalegen.pretrained.load_tokenizer` loads (a `train vqvae` or `train kl` run or export, a DiT or VAR
+    tokenizer `scalegen.runs.loading.load_tokenizer` loads (a `train vqvae` or `train kl` run or export, a DiT or VAR
     run holding one, an official vae .pth)."""
     config = Path(path) / CONFIG_FILE
     if config.is_file() and read_json(config).get("_class_name") == SD_VAE_CLASS:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scalegen.checkpoint import CONFIG_FILE, LOG_FILE, RunFolder, stored_config
 from scalegen.errors import UserError
+from scalegen.runs.folder import CONFIG_FILE, LOG_FILE, RunFolder
+from scalegen.runs.weights import stored_config
 
 NAME_COLUMN = "name"
 MIN_POINTS_FOR_CORRELATION = 3  # any two points lie on a line: their Pearson r is ±1 and says nothing

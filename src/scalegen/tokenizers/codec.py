@@ -2,7 +2,7 @@
 
 A tokenizer kind (`TokenizerKind`) is registered once, with `register_tokenizer`: the kind its checkpoints store, its
 config and model classes, the codec that makes it a DiT's latent space (or none), whether it has tokens for a VAR,
-and how a reconstruction goes through it. Loading (`scalegen.pretrained`), training a DiT or VAR on it, caching its
+and how a reconstruction goes through it. Loading (`scalegen.runs.loading`), training a DiT or VAR on it, caching its
 latents and `scalegen reconstruct` ask the registry (`registered_kind`, `kind_of`) instead of naming classes.
 
 A codec (`TokenizerLatents`) is the protocol a DiT trains and samples through: encode (images -> latents, or the

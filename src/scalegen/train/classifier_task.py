@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, guarded_run, halved, load_weights
 from scalegen.files import read_json
 from scalegen.classes import FASHION_MNIST_CLASSES
 from scalegen.data import FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, limited, open_dataset
@@ -24,6 +23,9 @@ from scalegen.errors import UserError
 from scalegen.eval import metrics
 from scalegen.eval.fmnist import REFERENCE_COVARIANCE, REFERENCE_MEAN, FashionClassifier, load_classifier, predict
 from scalegen.eval.settings import ClassifierConfig
+from scalegen.runs.export import halved
+from scalegen.runs.folder import RunFolder, guarded_run
+from scalegen.runs.weights import load_weights
 from scalegen.train.settings import RECIPES
 from scalegen.train.task import TrainingTask
 from scalegen.train.task_options import ClassifierOptions

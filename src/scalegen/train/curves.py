@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scalegen.checkpoint import LOG_FILE, STATE_FILE, RunFolder, load_training_state
 from scalegen.errors import UserError
+from scalegen.runs.folder import LOG_FILE, STATE_FILE, RunFolder, load_training_state
 from scalegen.train.curve_axes import STEP, PanelBy, XAxis
 from scalegen.train.run_log import read_log
 

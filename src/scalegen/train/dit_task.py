@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from scalegen.checkpoint import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import limited, open_dataset, run_description
 from scalegen.distributed import DistributedContext, setup_distributed
 from scalegen.diffusion.objectives import objective_class
@@ -22,7 +21,8 @@ from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
-from scalegen.pretrained import load_tokenizer
+from scalegen.runs.folder import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
+from scalegen.runs.loading import load_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.codec import (
     TokenizerLatents, kind_of, latent_codec_class, measure_normalization, tokenizer_codec,

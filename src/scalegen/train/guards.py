@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
+from scalegen.runs.folder import RunFolder
 
 
 # What a task's stored config holds that no option of a resumed run changes: the model (a run refuses another one),

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, load_weights, stored_config
 from scalegen.errors import UserError
+from scalegen.runs.folder import RunFolder
+from scalegen.runs.weights import load_weights, stored_config
 
 # The class embeddings of the two class-conditional transformers (the last row is the null class).
 CLASS_EMBEDDINGS = ("y_embedder.embedding_table.weight", "class_emb.weight")

@@ -13,9 +13,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from scalegen.checkpoint import guarded_run
 from scalegen.data import limited, open_dataset, run_description
 from scalegen.errors import UserError
+from scalegen.runs.folder import guarded_run
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, kl_divergence
 from scalegen.train.alignment import FoundationAlignment
 from scalegen.train.gan_losses import adaptive_weight

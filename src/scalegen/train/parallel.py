@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scalegen.checkpoint import RunFolder, save_checkpoint
 from scalegen.distributed import DistributedContext, barrier
 from scalegen.errors import UserError
+from scalegen.runs.folder import RunFolder, save_checkpoint
 from scalegen.train import sharding
 from scalegen.train.optimization import load_optimizer_state
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scalegen.checkpoint import RunFolder
 from scalegen.errors import UserError
 from scalegen.files import replace_atomically
+from scalegen.runs.folder import RunFolder
 from scalegen.train.settings import Logger
 
 SAMPLES_TAG = "samples"

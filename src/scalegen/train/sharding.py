@@ -1,8 +1,8 @@
 """FSDP2's mechanics for the `Shard` strategy (parallel.py, `--fsdp`): each transformer block, then the root model,
 is sharded over the ranks with `fully_shard`, and so are its checkpoints: every rank writes its shards of the model,
 the EMA and the optimizer with torch.distributed.checkpoint (DCP), in the background while training goes on, and rank
-0 the rest beside them (see checkpoint.py's layout). A run resumes from them at any world size, sharded or not (DCP
-reshards), and from a one-file checkpoint too; `checkpoint.load_weights` reads them as full tensors in one process.
+0 the rest beside them (see runs/folder.py's layout). A run resumes from them at any world size, sharded or not (DCP
+reshards), and from a one-file checkpoint too; `runs.weights.load_weights` reads them as full tensors in one process.
 
 The EMA copy is sharded like the model and updated shard by shard. No rank keeps a full copy of the model: a sample
 grid is drawn by rank 0 from the gathered weights put into a parameter-free skeleton of the model, then freed.
@@ -26,13 +26,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from scalegen.checkpoint import (
-    SHARDED_DIR, SHARDED_EMA, SHARDED_MODEL, SINGLE_PROCESS_WARNING, RunFolder, failed_checkpoint, holds_ema,
-    move_into_place, prune, staging_folder, write_state_files,
-)
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.files import fsync_path
+from scalegen.runs.folder import (
+    SHARDED_DIR, SHARDED_EMA, SHARDED_MODEL, SINGLE_PROCESS_WARNING, RunFolder, failed_checkpoint, move_into_place,
+    prune, staging_folder, write_state_files,
+)
+from scalegen.runs.weights import holds_ema
 from scalegen.train.optimization import IMPLEMENTATION_KEYS, local
 
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only

@@ -23,8 +23,8 @@ from types import FrameType, TracebackType
 import torch
 import torch.distributed as dist
 
-from scalegen.checkpoint import RunFolder
 from scalegen.distributed import DistributedContext
+from scalegen.runs.folder import RunFolder
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 AGREEMENT_EVERY = 10  # steps between the ranks' agreements on stopping under torchrun (a single process: every step)

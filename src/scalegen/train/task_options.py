@@ -10,12 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from scalegen.checkpoint_names import PIXEL_SPACE
 from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES, objective_settings
 from scalegen.errors import UserError
 from scalegen.eval.settings import ClassifierConfig
 from scalegen.models.settings import OFFICIAL_BLOCK, AttentionBackend
+from scalegen.runs.names import PIXEL_SPACE
 from scalegen.train.settings import VAR_BASE_LR
 
 if TYPE_CHECKING:

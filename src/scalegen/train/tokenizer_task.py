@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scalegen.checkpoint import guarded_run
 from scalegen.data import limited, open_dataset, run_description
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.images import save_grid
 from scalegen.pixels import to_unit_range
+from scalegen.runs.folder import guarded_run
 from scalegen.tokenizers.quantizer import phi_indices
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
 from scalegen.train.gan_losses import (

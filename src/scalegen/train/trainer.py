@@ -20,13 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scalegen.checkpoint import (
-    RunFolder, guarded_run, load_training_state, read_checkpoint_weights, stored_config,
-)
 from scalegen.data import collate
 from scalegen.distributed import DistributedContext, barrier, process_group
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast, resolve_precision
+from scalegen.runs.folder import RunFolder, guarded_run, load_training_state
+from scalegen.runs.weights import read_checkpoint_weights, stored_config
 from scalegen.train.evaluation import Evaluator
 from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite
 from scalegen.train.loading import OnDevice, epoch_sampler

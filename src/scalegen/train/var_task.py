@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.checkpoint import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.data import limited, open_dataset, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
-from scalegen.pretrained import load_tokenizer, token_tokenizer
+from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
+from scalegen.runs.loading import load_tokenizer, token_tokenizer
 from scalegen.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.vqvae import VQVAE

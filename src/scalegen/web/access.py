@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from scalegen.checkpoint_names import SHIPPED, checkpoint_path
 from scalegen.errors import UserError
+from scalegen.runs.names import SHIPPED, checkpoint_path
 
 
 def model_folders(paths: list[str | None]) -> tuple[Path, ...]:

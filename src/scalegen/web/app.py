@@ -28,7 +28,6 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from scalegen.checkpoint_names import SHIPPED
 from scalegen.data import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
@@ -38,9 +37,10 @@ from scalegen.models.dit import DiT
 from scalegen.models.var import VAR
 from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_pruning import TokenPruning
-from scalegen.pretrained import (
+from scalegen.runs.loading import (
     SHIPPED_MEANFLOW_DIT, load_dit, load_refiner, load_var,
 )
+from scalegen.runs.names import SHIPPED
 from scalegen.sampling_settings import VARSampling
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 

@@ -17,21 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.checkpoint import (
-    CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy, load_chosen_weights, load_weights, stored_config,
-)
-from scalegen.checkpoint_names import (
-    PIXEL_SPACE, SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, WeightChoice,
-    checkpoint_path,
-)
-from scalegen.files import read_json, read_weights_file
-from scalegen.fingerprint import weights_fingerprint
 from scalegen.classes import class_names
 from scalegen.errors import UserError
+from scalegen.files import read_json, read_weights_file
+from scalegen.fingerprint import weights_fingerprint
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.settings import MODEL_SIZES
 from scalegen.models.var import VAR, VARConfig
+from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy
+from scalegen.runs.names import (
+    PIXEL_SPACE, SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, WeightChoice,
+    checkpoint_path,
+)
+from scalegen.runs.weights import load_chosen_weights, load_weights, stored_config
 from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
 from scalegen.tokenizers.codec import (
     DEFAULT_KIND, TOKENIZER_KINDS, TokenizerLatents, kind_of, registered_kind, tokenizer_codec,

@@ -17,19 +17,20 @@ from pathlib import Path
 
 from torch import nn
 
-from scalegen.checkpoint import CONFIG_FILE, load_weights, stored_config
-from scalegen.checkpoint_names import PIXEL_SPACE, checkpoint_path
 from scalegen.diffusion.objectives import sampling_objective
 from scalegen.errors import UserError
 from scalegen.files import first_line, replace_atomically, save_weights_atomic, write_json_atomic
 from scalegen.models.dit import DiT
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, PIPELINE_NULL_CLASS, diffusers_config, to_diffusers
 from scalegen.models.settings import OFFICIAL_BLOCK
-from scalegen.pretrained import (
+from scalegen.runs.folder import CONFIG_FILE
+from scalegen.runs.loading import (
     DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
     DIFFUSERS_WEIGHTS, diffusers_stored_config, diffusers_transformer_folder, dit_decoder, load_dit, load_tokenizer,
     model_name, stored_objective,
 )
+from scalegen.runs.names import PIXEL_SPACE, checkpoint_path
+from scalegen.runs.weights import load_weights, stored_config
 from scalegen.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.kl_vae import to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae

@@ -13,22 +13,17 @@ A run folder (`scalegen train … --out RUN`) looks like:
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
     RUN/latents/, RUN/tokens/          the optional latent / token caches (scalegen.cache_store: shards and a
                                        manifest; RUN/latents.safetensors, RUN/tokens.safetensors in the earlier format)
-    RUN/.lock                          the record of the process training in RUN (scalegen.run_lock)
+    RUN/.lock                          the record of the process training in RUN (scalegen.runs.lock)
 A checkpoint is written complete and fsync'ed in a staging folder, renamed into place under a name no live folder
 has (a re-saved step gets `step-0000300.1`), and only then does `last.json` move; older folders are removed last.
-An exported folder (`scalegen export`) holds model.safetensors, config.json and the tokenizer copy side by side;
-`load_weights` and `export_weights` read a sharded checkpoint into the same full tensors in one process.
 """
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
-import pickle
 import shutil
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -37,13 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from scalegen.distributed import launched_as_main
-from scalegen.checkpoint_names import WEIGHT_CHOICES, WeightChoice, checkpoint_path
 from scalegen.errors import UserError
 from scalegen.files import (
-    contiguous_copy, first_line, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json,
-    read_weights_file, safe_torch_load, save_weights_atomic, write_failure, write_json_atomic,
+    contiguous_copy, follow_umask, fsync_path, is_disk_full, make_temporary_folder, read_json, safe_torch_load,
+    save_weights_atomic, write_failure, write_json_atomic,
 )
-from scalegen.run_lock import LOCK_FILE, run_lock
+from scalegen.runs.lock import LOCK_FILE, run_lock
 
 LAST_POINTER = "last.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -307,61 +301,6 @@ def find_tokenizer_copy(checkpoint: str | Path) -> Path | None:
     return next((folder / TOKENIZER_FILE for folder in folders if (folder / TOKENIZER_FILE).exists()), None)
 
 
-def halved(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The floating-point tensors of a state dict in fp16; integer ones unchanged."""
-    return {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
-
-
-def portable_config(stored: dict, tokenizer_copied: bool) -> dict:
-    """A run's config without the training machine's paths, as an export writes it: the training data, the REPA
-    (or VA-VAE alignment) encoder's file and the fine-tuning origin keep their names only (provenance; no loader reads their paths), and
-    with `tokenizer_copied` the tokenizer's source is dropped (the copy beside the model is the source). An SD-VAE's
-    path stays: the loaders read it (`--vae` overrides it)."""
-    portable = dict(stored)
-    for key in ("data", "repa_encoder", "align_encoder"):
-        if portable.get(key):
-            portable[key] = Path(portable[key]).name
-    if isinstance(portable.get("init_from"), dict) and portable["init_from"].get("path"):
-        portable["init_from"] = {**portable["init_from"], "path": Path(portable["init_from"]["path"]).name}
-    if tokenizer_copied:
-        portable["tokenizer"] = {**portable.get("tokenizer", {}), "source": None}
-    return portable
-
-
-def export_weights(run: str | Path, destination: str | Path, half: bool = True, prefer_ema: bool = True) -> Path:
-    """Copy a run's final weights into a self-contained folder that every loader accepts as `--ckpt`.
-
-    Args:
-        run: a run or checkpoint folder (its EMA weights are taken when it has them).
-        destination: the folder to write: model.safetensors, config.json (the run's, which keeps its recommended
-            sampling settings, and says which weights the export holds), and the run's tokenizer.safetensors when it
-            has one.
-        half: store floating-point weights, the tokenizer's too, as fp16 (the loaders cast them back to the
-            model's precision).
-        prefer_ema: take the EMA weights when the run has them; False takes the raw (last optimizer step) weights.
-    Returns:
-        The destination folder.
-    """
-    run = checkpoint_path(run)
-    stored, weights = load_weights(run, prefer_ema)
-    if stored is None:
-        raise UserError(f"{run} is not a scalegen run or checkpoint folder; export needs its config.json")
-    held = held_weights(run, "ema" if prefer_ema else "raw", stored)
-    tokenizer = find_tokenizer_copy(run)
-    tokenizer_weights = read_weights_file(tokenizer) if tokenizer is not None else None
-    destination = Path(destination)
-    try:
-        destination.mkdir(parents=True, exist_ok=True)
-        save_weights_atomic(halved(weights) if half else weights, destination / MODEL_FILE)
-        if tokenizer_weights is not None:
-            save_weights_atomic(halved(tokenizer_weights) if half else tokenizer_weights, destination / TOKENIZER_FILE)
-        config = {**portable_config(stored, tokenizer_weights is not None), EXPORTED_WEIGHTS_KEY: held}
-        write_json_atomic(destination / CONFIG_FILE, config)
-    except (OSError, RuntimeError, SafetensorError) as error:
-        raise UserError(f"{write_failure(error)} while exporting to {destination}; choose another --out") from None
-    return destination
-
-
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint folder a run's `last.json` points at, or None for a run without checkpoints."""
     return RunFolder(run_dir).last_checkpoint()
@@ -370,149 +309,3 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
 def load_training_state(folder: Path) -> dict:
     """The optimizer / step / sampler / RNG state saved beside a checkpoint."""
     return safe_torch_load(folder / STATE_FILE)
-
-
-def weights_folder(path: Path) -> Path:
-    """The folder holding the weights of a run folder (its last checkpoint), a checkpoint folder or an export."""
-    folder = last_checkpoint(path) or path
-    if not is_complete(folder):
-        raise UserError(f"{path} holds no checkpoint yet ({MODEL_FILE}, {SHARDED_DIR}/ or {LAST_POINTER} missing)")
-    return folder
-
-
-def stored_config(path: str | Path) -> dict:
-    """The JSON config of a run folder (its last checkpoint's), a checkpoint folder or an exported folder."""
-    folder = weights_folder(checkpoint_path(path))
-    config_path = folder / CONFIG_FILE
-    if not config_path.exists():
-        raise UserError(f"{folder} has weights but no {CONFIG_FILE}; it is not a scalegen run or export")
-    return read_json(config_path)
-
-
-def weights_file(folder: Path, prefer_ema: bool = True) -> Path:
-    """A one-file checkpoint's weights: its EMA's when it has them and they are preferred, else the model's."""
-    return folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
-
-
-def holds_ema(keys: Iterable[str]) -> bool:
-    """Whether a sharded checkpoint's keys (its DCP index's) hold EMA weights beside the model's."""
-    return any(key.startswith(f"{SHARDED_EMA}.") for key in keys)
-
-
-def read_checkpoint_weights(folder: Path, with_ema: bool) -> tuple[dict | None, dict | None]:
-    """A one-file checkpoint's (weights, EMA weights) to resume from: the EMA's are the weights themselves for a run
-    checkpointed without EMA, None when `with_ema` is false; (None, None) for a sharded checkpoint, whose weights
-    the trainer reads straight into its (sharded) modules."""
-    if is_sharded(folder):
-        return None, None
-    return read_weights_file(folder / MODEL_FILE), read_weights_file(weights_file(folder)) if with_ema else None
-
-
-def sharded_entries(folder: Path) -> dict:
-    """The entries (key -> metadata) of a sharded checkpoint folder's DCP index."""
-    import torch.distributed.checkpoint as dcp  # imported here, as in `read_sharded_weights`
-
-    try:
-        return dcp.FileSystemReader(folder / SHARDED_DIR).read_metadata().state_dict_metadata
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise UserError(f"cannot read the shard index of {folder} ({first_line(error)}); resume or export an "
-                        "earlier checkpoint") from None
-
-
-def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The full model (or EMA) tensors of a sharded checkpoint folder, read in this process alone.
-
-    Args:
-        folder: a checkpoint folder holding SHARDED_DIR (written by any number of ranks).
-        prefer_ema: take the EMA weights when the checkpoint has them.
-    Returns:
-        A plain state dict (the model's own key names), as a one-file checkpoint's model.safetensors holds.
-    """
-    # Imported here: torch.distributed.checkpoint takes 0.7 s to import, and only sharded checkpoints need it.
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(folder / SHARDED_DIR)
-    entries = sharded_entries(folder)
-    prefix = f"{SHARDED_EMA if prefer_ema and holds_ema(entries) else SHARDED_MODEL}."
-    # Full tensors allocated from the index; DCP fills them from whichever ranks' files hold their pieces.
-    weights = {key.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
-               for key, entry in entries.items()
-               if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
-    single_process = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}  # torch ≥ 2.7
-    try:
-        with warnings.catch_warnings():  # a single process is the intent, and torch says it assumes so
-            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-            dcp.load({prefix.rstrip("."): weights}, storage_reader=reader, **single_process)
-    except (dcp.api.CheckpointException, OSError, RuntimeError) as error:
-        raise UserError(f"cannot read the shards of {folder} ({first_line(error)}); resume or export an earlier "
-                        "checkpoint") from None
-    return weights
-
-
-def load_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """Resolve a run folder, a checkpoint folder, a .safetensors file, an official .pt/.pth or a `shipped:` name into
-    weights.
-
-    Returns:
-        (config, state_dict): config is the stored JSON config (None for an official checkpoint, whose config
-        the caller infers from the weights); the EMA weights are preferred when present.
-    """
-    path = checkpoint_path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass a run folder, a checkpoint folder or a .pt file")
-    if path.is_dir():
-        folder = weights_folder(path)
-        if is_sharded(folder):
-            return stored_config(folder), read_sharded_weights(folder, prefer_ema)
-        return stored_config(folder), read_weights_file(weights_file(folder, prefer_ema))
-    if path.suffix == ".safetensors":
-        config_path = path.parent / CONFIG_FILE
-        config = read_json(config_path) if config_path.exists() else None
-        return config, read_weights_file(path)
-    loaded = safe_torch_load(path)
-    if isinstance(loaded, dict) and prefer_ema and isinstance(loaded.get("ema"), dict):
-        loaded = loaded["ema"]
-    elif isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]
-    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
-        raise UserError(f"{path} is not a state dict (nor a dict with 'ema' or 'model'); cannot load it")
-    return None, loaded
-
-
-def held_weights(path: str | Path, choice: WeightChoice, stored: dict | None) -> WeightChoice | None:
-    """Which weights `load_weights(path, prefer_ema=choice == "ema")` reads: `choice` where a checkpoint holds both
-    kinds, "raw" for a run checkpoint without EMA, what an export's config says it holds; None where nothing says
-    (an official file, an export written before exports said it)."""
-    path = Path(path)
-    if not path.is_dir():
-        return stored.get(EXPORTED_WEIGHTS_KEY) if stored else None
-    folder = weights_folder(path)
-    if is_sharded(folder):
-        return choice if holds_ema(sharded_entries(folder)) else "raw"
-    if (folder / EMA_FILE).exists():
-        return choice
-    if (folder / STATE_FILE).exists():  # a run's checkpoint, written without EMA
-        return "raw"
-    return (stored or {}).get(EXPORTED_WEIGHTS_KEY)
-
-
-def load_chosen_weights(path: str | Path, choice: WeightChoice | None = None) -> tuple[dict | None, dict]:
-    """`load_weights` with the weights a user chose: "ema", "raw", or None (the EMA's where there are some, else the
-    raw ones); a one-line error when `path` holds only the other kind.
-
-    Returns:
-        (config, state_dict) as `load_weights`.
-    """
-    if choice is not None and choice not in WEIGHT_CHOICES:
-        raise UserError(f"unknown weights {choice!r}: use one of {', '.join(WEIGHT_CHOICES)}")
-    path = checkpoint_path(path)
-    stored, weights = load_weights(path, prefer_ema=choice != "raw")
-    held = held_weights(path, choice or "ema", stored)
-    if choice is not None and held is not None and held != choice:
-        if choice == "ema":
-            raise UserError(f"{path} holds no EMA weights (a run trained without EMA, or an export of the raw "
-                            "weights); drop --weights ema (weights= in Python)")
-        raise UserError(f"{path} is an export of the EMA weights alone; export the raw ones from its run with "
-                        "`scalegen export --weights raw`, or drop --weights raw (weights= in Python)")
-    return stored, weights

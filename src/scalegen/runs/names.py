@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 from scalegen.errors import UserError
 
-ASSETS = Path(__file__).parent / "assets"  # weights shipped inside the package
+ASSETS = Path(__file__).parent.parent / "assets"  # weights shipped inside the package
 # The shipped Fashion-MNIST models (see their RECIPE.md): `shipped:NAME` names one wherever a checkpoint is taken.
 SHIPPED = ASSETS / "fashion_mnist"
 SHIPPED_PREFIX = "shipped:"

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from recipes import training_flops_per_image
 from scalegen.cli.demo import dit_drawer, flops_per_image, var_drawer
 from scalegen.eval.flops import GIGA, counted_flops
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_VAR, load_var
+from scalegen.runs.loading import load_var
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_VAR
 
 BATCH = 4
 

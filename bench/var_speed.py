@@ -38,7 +38,7 @@ from scalegen import load_var
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.images import to_uint8
 from scalegen.models.var_pruning import FASTVAR_FRACTIONS, TokenPruning
-from scalegen.runs.loading import SHIPPED_VAR
+from scalegen.runs.names import SHIPPED_VAR
 
 from side_by_side import import_from_clone
 

@@ -19,7 +19,7 @@ from scalegen.files import current_umask
 from scalegen.models.dit import DiTConfig
 from scalegen.runs import folder as folder_module
 from scalegen.runs.folder import RunFolder, last_checkpoint, load_training_state, save_checkpoint
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_VAR
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_VAR
 from scalegen.runs.weights import load_weights
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log

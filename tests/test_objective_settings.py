@@ -16,7 +16,8 @@ from scalegen.diffusion.objectives import OBJECTIVES
 from scalegen.diffusion.settings import setting
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
+from scalegen.runs.loading import load_dit
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT
 from scalegen.runs.weights import stored_config
 from scalegen.train.dit_task import DiTTask
 from scalegen.train.task_options import ObjectiveConfig

@@ -16,7 +16,8 @@ from scalegen.diffusion.objectives import OBJECTIVES, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.runs.folder import save_checkpoint
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, load_dit
+from scalegen.runs.loading import load_dit
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT
 from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.init_from import initialize_from
 from scalegen.train.trainer import TrainConfig, train

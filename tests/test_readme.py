@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR
 from scalegen.sampling_settings import SAMPLING_KEY
 
 ROOT = Path(__file__).parents[1]

@@ -19,7 +19,8 @@ from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.var import VARConfig
 from scalegen.runs.export import export_weights
 from scalegen.runs.folder import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, save_checkpoint
-from scalegen.runs.loading import SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var
+from scalegen.runs.loading import load_dit, load_refiner, load_var
+from scalegen.runs.names import SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.runs.weights import stored_config
 from scalegen.sampling_settings import (
     FROM_CONFIG, FROM_FLAG, FROM_PAPER, OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, SAMPLING_KEY,

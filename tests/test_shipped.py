@@ -10,9 +10,8 @@ from scalegen.cli.main import main
 from scalegen.cli.demo import dit_drawer, grid_file, var_drawer
 from scalegen.eval.flops import counted_flops
 from scalegen.eval.fmnist import load_classifier, predict
-from scalegen.runs.loading import (
-    SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, load_dit, load_refiner, load_var,
-)
+from scalegen.runs.loading import load_dit, load_refiner, load_var
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.sampling_settings import FROM_CONFIG
 from scalegen.tokenizers.codec import KLCodec
 

@@ -17,7 +17,8 @@ from scalegen.models.var_edit import box_mask
 from scalegen.models.var_generation import ScaleNetwork
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning, pivotal_tokens
 from scalegen.models.var_sampling import CategoricalHead, inverse_cdf_tokens
-from scalegen.runs.loading import SHIPPED_VAR, load_var
+from scalegen.runs.loading import load_var
+from scalegen.runs.names import SHIPPED_VAR
 
 from test_var import PATCH_NUMS, VOCAB, tiny_tokenizer
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from scalegen.runs.loading import SHIPPED_DIT, SHIPPED_VAR  # noqa: E402
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_VAR  # noqa: E402
 from scalegen.runs.weights import stored_config  # noqa: E402
 from scalegen.sampling_settings import SAMPLING_KEY  # noqa: E402
 from scalegen.web.app import WARNING, Models, edit, load, sample, serve  # noqa: E402

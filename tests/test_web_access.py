@@ -5,7 +5,7 @@ import pytest
 
 from scalegen.cli.serve import read_logins
 from scalegen.errors import UserError
-from scalegen.runs.loading import SHIPPED, SHIPPED_DIT
+from scalegen.runs.names import SHIPPED, SHIPPED_DIT
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 

@@ -19,8 +19,8 @@ HOMES = {
     "VAR": "scalegen.models.var", "VARConfig": "scalegen.models.var", "build_var": "scalegen.models.var",
     "load_dit": "scalegen.runs.loading", "load_var": "scalegen.runs.loading",
     "load_tokenizer": "scalegen.runs.loading", "load_refiner": "scalegen.runs.loading",
-    "SHIPPED_DIT": "scalegen.runs.loading", "SHIPPED_MEANFLOW_DIT": "scalegen.runs.loading",
-    "SHIPPED_VAR": "scalegen.runs.loading", "SHIPPED_VAR_REFINER": "scalegen.runs.loading",
+    "SHIPPED_DIT": "scalegen.runs.names", "SHIPPED_MEANFLOW_DIT": "scalegen.runs.names",
+    "SHIPPED_VAR": "scalegen.runs.names", "SHIPPED_VAR_REFINER": "scalegen.runs.names",
     "to_pil": "scalegen.images", "image_grid": "scalegen.images", "UserError": "scalegen.errors",
 }
 __all__ = list(HOMES)

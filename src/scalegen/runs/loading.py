@@ -26,10 +26,7 @@ from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.settings import MODEL_SIZES
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy
-from scalegen.runs.names import (
-    PIXEL_SPACE, SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, WeightChoice,
-    checkpoint_path,
-)
+from scalegen.runs.names import PIXEL_SPACE, WeightChoice, checkpoint_path
 from scalegen.runs.weights import load_chosen_weights, load_weights, stored_config
 from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
 from scalegen.tokenizers.codec import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR
-from scalegen.sampling_settings import SAMPLING_KEY
+from scalegen.models.sampling_settings import SAMPLING_KEY
 
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"

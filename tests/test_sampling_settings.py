@@ -1,4 +1,4 @@
-"""A model's recommended sampling settings (`scalegen.sampling_settings`): written by training, kept by export, read
+"""A model's recommended sampling settings (`scalegen.models.sampling_settings`): written by training, kept by export, read
 by the loaders, `generate` and `scalegen sample` (flags override, the line printed says where each value came from);
 `--weights ema|raw`; the `shipped:` names; a CoDe refiner of another tokenizer refused."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scalegen.runs.folder import CONFIG_FILE, SHARDED_DIR, TOKENIZER_FILE, save_
 from scalegen.runs.loading import load_dit, load_refiner, load_var
 from scalegen.runs.names import SHIPPED_VAR, SHIPPED_VAR_REFINER
 from scalegen.runs.weights import stored_config
-from scalegen.sampling_settings import (
+from scalegen.models.sampling_settings import (
     FROM_CONFIG, FROM_FLAG, FROM_PAPER, OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, SAMPLING_KEY,
 )
 from scalegen.train.var_task import VARTask

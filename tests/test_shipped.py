@@ -12,7 +12,7 @@ from scalegen.eval.flops import counted_flops
 from scalegen.eval.fmnist import load_classifier, predict
 from scalegen.runs.loading import load_dit, load_refiner, load_var
 from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
-from scalegen.sampling_settings import FROM_CONFIG
+from scalegen.models.sampling_settings import FROM_CONFIG
 from scalegen.tokenizers.codec import KLCodec
 
 SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024  # each shipped model, tokenizer included

@@ -12,7 +12,7 @@ import torch
 from scalegen.cli.main import build_parser
 from scalegen.cli.var import sampling_options
 from scalegen.models.var_pruning import TokenPruning
-from scalegen.sampling_settings import FROM_CONFIG, FROM_FLAG, VAR_DEFAULTS, VARSampling
+from scalegen.models.sampling_settings import FROM_CONFIG, FROM_FLAG, VAR_DEFAULTS, VARSampling
 
 from test_var import tiny_var
 
@@ -92,6 +92,6 @@ def test_settings_given_are_what_generation_uses(var, monkeypatch) -> None:
 def test_the_settings_module_imports_no_torch() -> None:
     import subprocess
 
-    code = "import sys, scalegen.sampling_settings; print('torch' in sys.modules)"
+    code = "import sys, scalegen.models.sampling_settings; print('torch' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "False"

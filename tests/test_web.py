@@ -22,7 +22,7 @@ pytest.importorskip("gradio")
 
 from scalegen.runs.names import SHIPPED_DIT, SHIPPED_VAR  # noqa: E402
 from scalegen.runs.weights import stored_config  # noqa: E402
-from scalegen.sampling_settings import SAMPLING_KEY  # noqa: E402
+from scalegen.models.sampling_settings import SAMPLING_KEY  # noqa: E402
 from scalegen.web.app import WARNING, Models, edit, load, sample, serve  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

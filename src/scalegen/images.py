@@ -23,7 +23,7 @@ from scalegen.eval.npz import (
     CLASS_NAMES_KEY, IMAGES_KEY, LABELS_KEY, NUM_CLASSES_KEY, PROTOCOL_KEY, NpzWriter, write_npz,
 )
 from scalegen.files import replace_atomically
-from scalegen.sampling_settings import LABEL_DRAWS, LabelDraw
+from scalegen.models.sampling_settings import LABEL_DRAWS, LabelDraw
 
 UINT8_MAX = 255
 LABEL_PADDING = 4  # pixels around a grid row's name

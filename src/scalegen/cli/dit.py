@@ -213,7 +213,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from scalegen.distributed import process_group
     from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
     from scalegen.runs.loading import load_dit
-    from scalegen.sampling_settings import settings_line, values
+    from scalegen.models.sampling_settings import settings_line, values
 
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:

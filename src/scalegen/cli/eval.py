@@ -10,7 +10,7 @@ from pathlib import Path
 from scalegen.cli.parsing import POSITIVE, module_docstring
 from scalegen.errors import UserError
 from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
-from scalegen.sampling_settings import LABEL_DRAWS
+from scalegen.models.sampling_settings import LABEL_DRAWS
 
 EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored

@@ -1,12 +1,12 @@
 """What `sample dit`, `sample var` and `edit var` share about loading and sampling settings: `--weights`, the help
 of `--ckpt`, and the settings each run uses, chosen from its flags, the model's recommended settings
-(`scalegen.sampling_settings`) and the defaults, printed with where each came from."""
+(`scalegen.models.sampling_settings`) and the defaults, printed with where each came from."""
 from __future__ import annotations
 
 import argparse
 
 from scalegen.runs.names import WEIGHT_CHOICES, shipped_names
-from scalegen.sampling_settings import (
+from scalegen.models.sampling_settings import (
     FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
 )
 

@@ -21,7 +21,7 @@ from scalegen.errors import UserError
 from scalegen.models.settings import (
     ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS,
 )
-from scalegen.sampling_settings import VARSampling, settings_line, values
+from scalegen.models.sampling_settings import VARSampling, settings_line, values
 from scalegen.train.task_options import TokenizerLosses, VAROptions, VQVAEOptions
 
 if TYPE_CHECKING:  # the models import torch: the handlers import them when they run

@@ -14,7 +14,7 @@ from scalegen.diffusion.names import GuidanceInterval, check_guidance_interval
 from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
-from scalegen.sampling_settings import FROM_DEFAULT
+from scalegen.models.sampling_settings import FROM_DEFAULT
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
 from scalegen.models.dit_blocks import FinalLayer, make_block
@@ -128,7 +128,7 @@ class DiT(ReferencingModule):
         self.initialize_weights()
         self._decoder = ReferencedModule(decoder)
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
-        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: `generate` takes
+        # The recommended sampling settings (`scalegen.models.sampling_settings`), set by the loaders: `generate` takes
         # each argument left None from here, else from the objective.
         self.sampling: dict = {}
         self.sampling_origin = FROM_DEFAULT

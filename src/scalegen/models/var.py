@@ -30,7 +30,7 @@ from scalegen.models.var_generation import (
 )
 from scalegen.models.settings import ATTENTION_BACKENDS, AttentionBackend
 from scalegen.models.var_sampling import CategoricalHead
-from scalegen.sampling_settings import FROM_DEFAULT, VARSampling
+from scalegen.models.sampling_settings import FROM_DEFAULT, VARSampling
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
@@ -148,7 +148,7 @@ class VAR(ReferencingModule):
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
-        # The recommended sampling settings (`scalegen.sampling_settings`), set by the loaders: generation starts
+        # The recommended sampling settings (`scalegen.models.sampling_settings`), set by the loaders: generation starts
         # from them (`sampling_settings`), over the official code's defaults.
         self.sampling: dict = {}
         self.sampling_origin = FROM_DEFAULT

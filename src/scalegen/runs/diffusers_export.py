@@ -31,7 +31,7 @@ from scalegen.runs.loading import (
 )
 from scalegen.runs.names import PIXEL_SPACE, checkpoint_path
 from scalegen.runs.weights import load_weights, stored_config
-from scalegen.sampling_settings import SAMPLING_KEY
+from scalegen.models.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.kl_vae import to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
 

@@ -6,7 +6,7 @@ ready model in eval mode, with the tokenizer or decoder it samples through attac
 
 Official files store no config: it is read off the weight shapes. Every bad file is a one-line `UserError`.
 A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST's, or ImageNet-1k's; and
-`sampling`: its recommended sampling settings (`scalegen.sampling_settings`), which `generate` uses for what it is
+`sampling`: its recommended sampling settings (`scalegen.models.sampling_settings`), which `generate` uses for what it is
 not given.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, find_tokenizer_copy
 from scalegen.runs.names import PIXEL_SPACE, WeightChoice, checkpoint_path
 from scalegen.runs.weights import load_chosen_weights, load_weights, stored_config
-from scalegen.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
+from scalegen.models.sampling_settings import OFFICIAL_DIT_SAMPLING, OFFICIAL_VAR_SAMPLING, stored_sampling
 from scalegen.tokenizers.codec import (
     DEFAULT_KIND, TOKENIZER_KINDS, TokenizerLatents, kind_of, registered_kind, tokenizer_codec,
 )

@@ -23,7 +23,7 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.dit import DiT, DiTConfig, preset_config
 from scalegen.runs.folder import TOKENIZER_FILE, RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer
-from scalegen.sampling_settings import SAMPLING_KEY
+from scalegen.models.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.codec import (
     TokenizerLatents, kind_of, latent_codec_class, measure_normalization, tokenizer_codec,
 )

@@ -23,7 +23,7 @@ from scalegen.images import grid_labels, save_grid
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
-from scalegen.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
+from scalegen.models.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin

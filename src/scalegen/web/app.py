@@ -39,7 +39,7 @@ from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.runs.loading import load_dit, load_refiner, load_var
 from scalegen.runs.names import SHIPPED, SHIPPED_MEANFLOW_DIT
-from scalegen.sampling_settings import VARSampling
+from scalegen.models.sampling_settings import VARSampling
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 MODEL_CHOICES = ("DiT", "VAR", "both")

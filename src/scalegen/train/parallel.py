@@ -177,9 +177,11 @@ class Shard(Parallelism):
     def wrap(self, model: nn.Module, ema: nn.Module | None, precision: str) -> nn.Module:
         """Give every rank rank 0's weights (DDP does so when it wraps; FSDP does not), keep rank 0's skeleton, and
         shard `model` and `ema` in place; returns `model`."""
-        modules = [model] + ([ema] if ema is not None else [])
-        for module in modules:
-            sharding.broadcast_from_main(module)
+        sharding.broadcast_from_main(model)
+        modules = [model]
+        if ema is not None:  # a copy of the model made before the broadcast: take rank 0's weights locally
+            ema.load_state_dict(model.state_dict())
+            modules.append(ema)
         if self.context.is_main:
             self.skeleton = sharding.parameter_free_copy(model)
         policy = sharding.mixed_precision(precision, self.context.device)

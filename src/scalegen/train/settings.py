@@ -120,5 +120,3 @@ class TrainConfig:
         if self.ema_decay is not None and self.ema_decay >= 1:
             raise UserError(f"--ema is {self.ema_decay}; an EMA decay must lie in [0, 1) (0: no EMA)")
 
-
-RECIPE_FIELDS = tuple(field.name for field in fields(Recipe))

@@ -80,8 +80,7 @@ class GradientStep:
         """
         context = self.context
         applied = torch.isfinite(step_figures["loss"])  # ()
-        if context.enabled:
-            average_gradients(self.outside_parameters, context)
+        average_gradients(self.outside_parameters, context)  # nothing in a single process
         for index, optimizer in enumerate(self.optimizers):
             self.scaler.unscale_(optimizer)  # nothing without fp16
             parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]

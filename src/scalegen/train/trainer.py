@@ -124,8 +124,9 @@ class Trainer:
             except UserError as error:
                 self.skipping(folder, error)
                 continue
-            if stored.get("model") != self.task.config().get("model"):
-                changed = changed_settings(stored.get("model") or {}, self.task.config().get("model") or {})
+            current = self.task.config()
+            if stored.get("model") != current.get("model"):
+                changed = changed_settings(stored.get("model") or {}, current.get("model") or {})
                 raise UserError(f"{self.folder.root} holds a different model: {changed}; use another --out or the "
                                 "same options")
             try:
@@ -135,8 +136,7 @@ class Trainer:
                 continue
             if self.context.is_main:
                 print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
-                changed = changed_options(state.get("train_config", {}), asdict(self.config), stored,
-                                          self.task.config())
+                changed = changed_options(state.get("train_config", {}), asdict(self.config), stored, current)
                 if changed:
                     print(f"options changed since the run was checkpointed (the new values are used): {changed}")
             return True
@@ -177,7 +177,7 @@ class Trainer:
         The parallelism writes it in its format (`Parallelism.save`)."""
         # Every tensor written must be finite: the model's and EMA's (this rank's shards under FSDP), the task's
         # weight files and state (REPA-E's tokenizer and its optimizer; identical on every rank, checked by rank 0).
-        task_weights = self.task.checkpoint_weights()
+        task_weights = self.task.checkpoint_weights() if self.context.is_main else {}
         task_state = self.task.extra_state() if self.context.is_main else {}
         finite = (parameters_are_finite([self.model, self.ema])
                   and tensors_are_finite([task_weights, task_state]))

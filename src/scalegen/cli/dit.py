@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from scalegen.cli.eval import add_labels_option
 from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
     add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
-from scalegen.cli.sampling import add_weights_option, checkpoint_help, chosen_dit_settings
+from scalegen.cli.sampling import add_labels_option, add_weights_option, checkpoint_help, chosen_dit_settings
 from scalegen.diffusion.names import (
     OBJECTIVE_ENTRIES, SAMPLERS, ObjectiveSetting, check_guidance_interval, objective_settings, objectives_help,
     samplers_help,

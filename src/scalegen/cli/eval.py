@@ -10,7 +10,6 @@ from pathlib import Path
 from scalegen.cli.parsing import POSITIVE, module_docstring
 from scalegen.errors import UserError
 from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
-from scalegen.models.sampling_settings import LABEL_DRAWS
 
 EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
@@ -18,13 +17,6 @@ reference statistics take precedence over ones computed from arr_0, as in ADM. W
 shipped Fashion-MNIST classifier's features (against the real test set unless --ref is given) and, when the samples
 carry labels of Fashion-MNIST's classes, how often the classifier sees the asked class (samples of a model with
 other classes get an "accuracy_note" instead)."""
-
-
-def add_labels_option(parser: argparse.ArgumentParser) -> None:
-    """`--labels`, how `sample dit|var --num-samples` draws the classes (the FID protocol `eval` prints)."""
-    parser.add_argument("--labels", choices=LABEL_DRAWS, default=LABEL_DRAWS[0],
-                        help="with --num-samples: balanced draws each class N/K times, shuffled with --seed (ADM's FID "
-                             "protocol; the same labels for any number of ranks); random draws each class uniformly")
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -1,13 +1,14 @@
 """What `sample dit`, `sample var` and `edit var` share about loading and sampling settings: `--weights`, the help
-of `--ckpt`, and the settings each run uses, chosen from its flags, the model's recommended settings
-(`scalegen.models.sampling_settings`) and the defaults, printed with where each came from."""
+of `--ckpt`, `--labels` (how `--num-samples` draws the classes), and the settings each run uses, chosen from its
+flags, the model's recommended settings (`scalegen.models.sampling_settings`) and the defaults, printed with where
+each came from."""
 from __future__ import annotations
 
 import argparse
 
 from scalegen.runs.names import WEIGHT_CHOICES, shipped_names
 from scalegen.models.sampling_settings import (
-    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
+    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, LABEL_DRAWS, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
 )
 
 NO_REFINER = "none"  # `--refiner none`: sample without the refiner a VAR's settings name
@@ -23,6 +24,13 @@ def add_weights_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
                         help="a run's EMA weights (ema.safetensors) or raw ones (model.safetensors; e.g. when the EMA "
                              "barely moved); default: the EMA's where there are some (an export holds one kind)")
+
+
+def add_labels_option(parser: argparse.ArgumentParser) -> None:
+    """`--labels`, how `sample dit|var --num-samples` draws the classes (the FID protocol `eval` prints)."""
+    parser.add_argument("--labels", choices=LABEL_DRAWS, default=LABEL_DRAWS[0],
+                        help="with --num-samples: balanced draws each class N/K times, shuffled with --seed (ADM's FID "
+                             "protocol; the same labels for any number of ranks); random draws each class uniformly")
 
 
 def chosen_dit_settings(args: argparse.Namespace, model) -> Chosen:

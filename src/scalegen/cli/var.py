@@ -9,14 +9,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scalegen.cli.eval import add_labels_option
 from scalegen.cli.options import (
     COMPILE_WHOLE_MODEL_HELP, TOKENIZER_DATA_HELP, add_autoencoder_options, add_init_from, add_precision_option,
     add_reconstruction_loss_options, add_training_options, dataclass_from_args, training_data,
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, floats, fraction, integers
-from scalegen.cli.sampling import NO_REFINER, add_weights_option, checkpoint_help, chosen_var_settings
+from scalegen.cli.sampling import (
+    NO_REFINER, add_labels_option, add_weights_option, checkpoint_help, chosen_var_settings,
+)
 from scalegen.errors import UserError
 from scalegen.models.settings import (
     ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS,

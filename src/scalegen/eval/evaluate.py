@@ -16,7 +16,7 @@ import torch
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics, npz
 from scalegen.eval.inception import load_inception
-from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
+from scalegen.eval.settings import DEFAULT_BATCH_SIZE
 
 FEATURE_WORDS = {"inception": "ADM's 2015-12-05 Inception (pool for FID, spatial for sFID)",
                  "fmnist": "the shipped Fashion-MNIST classifier's penultimate layer"}

@@ -30,7 +30,7 @@ from scalegen.images import save_grid
 from scalegen.runs.folder import CONFIG_FILE
 from scalegen.runs.loading import load_tokenizer
 from scalegen.tokenizers.codec import kind_of
-from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, LatentCodec, load_sd_vae
+from scalegen.tokenizers.sd_vae import LATENT_DOWNSAMPLE, load_sd_vae
 
 PAIRS_PER_ROW = 8
 MSE_FLOOR = 1e-10  # a perfect reconstruction reads as 100 dB, not infinity (JSON has no infinity)

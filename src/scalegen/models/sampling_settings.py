@@ -22,7 +22,6 @@ from scalegen.models.settings import DEFAULT_REFINED_SCALES, Draws
 from scalegen.precision import Precision
 
 SAMPLING_KEY = "sampling"  # the config.json section
-DIT_SETTINGS = ("cfg", "steps", "sampler")
 # The settings a VAR applies itself; its `refiner` names a checkpoint, which the command line loads beside it.
 VAR_TOKEN_SETTINGS = ("cfg", "top_k", "top_p", "draws")
 VAR_SETTINGS = (*VAR_TOKEN_SETTINGS, "refiner")

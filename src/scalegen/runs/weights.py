@@ -158,8 +158,10 @@ def load_chosen_weights(path: str | Path, choice: WeightChoice | None = None) ->
         raise UserError(f"unknown weights {choice!r}: use one of {', '.join(WEIGHT_CHOICES)}")
     path = checkpoint_path(path)
     stored, weights = load_weights(path, prefer_ema=choice != "raw")
-    held = held_weights(path, choice or "ema", stored)
-    if choice is not None and held is not None and held != choice:
+    if choice is None:  # the EMA's where there are some: load_weights chose
+        return stored, weights
+    held = held_weights(path, choice, stored)
+    if held is not None and held != choice:
         if choice == "ema":
             raise UserError(f"{path} holds no EMA weights (a run trained without EMA, or an export of the raw "
                             "weights); drop --weights ema (weights= in Python)")

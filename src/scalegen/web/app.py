@@ -137,30 +137,24 @@ def selected_labels(model: DiT | VAR, classes: list[str] | None) -> list[int]:
     return [model.class_names.index(name) for name in classes]
 
 
-def checked_seed(seed: float | None) -> int:
-    """The seed field's value as an int; a one-line error for an empty field, a fraction or one out of range."""
-    if seed is None or not float(seed).is_integer() or not 0 <= seed <= MAX_SEED:
-        given = "an empty field" if seed is None else f"{seed:g}"
-        raise UserError(f"the seed must be a whole number from 0 to {MAX_SEED}, not {given}")
-    return int(seed)
-
-
-def checked_count(value: float | None, name: str, maximum: int) -> int:
-    """A slider's whole number from 1 to `maximum` (the page's bound on the work of a request); a one-line error
-    otherwise (a request that skips the page can send any number)."""
-    if value is None or not float(value).is_integer() or not 1 <= value <= maximum:
+def checked_whole(value: float | None, name: str, low: int, high: int, low_note: str = "",
+                  high_note: str = "") -> int:
+    """A field's whole number from `low` to `high` as an int (the page's bound on a request: one that skips the page
+    can send any number); a one-line error for an empty field, a fraction or one out of range."""
+    if value is None or not float(value).is_integer() or not low <= value <= high:
         given = "an empty field" if value is None else f"{value:g}"
-        raise UserError(f"{name} must be a whole number from 1 to {maximum}, not {given}")
+        raise UserError(f"{name} must be a whole number from {low}{low_note} to {high}{high_note}, not {given}")
     return int(value)
 
 
+def checked_seed(seed: float | None) -> int:
+    """The seed field's value as an int, from 0 to MAX_SEED."""
+    return checked_whole(seed, "the seed", 0, MAX_SEED)
+
+
 def checked_top_k(top_k: float | None, vocab_size: int) -> int:
-    """The VAR's top-k field as an int; a one-line error outside 0 (all tokens) .. the VAR's vocabulary size."""
-    if top_k is None or not float(top_k).is_integer() or not 0 <= top_k <= vocab_size:
-        given = "an empty field" if top_k is None else f"{top_k:g}"
-        raise UserError(f"VAR top-k must be a whole number from 0 (all tokens) to {vocab_size} (this VAR's "
-                        f"vocabulary), not {given}")
-    return int(top_k)
+    """The VAR's top-k field as an int, from 0 (all tokens) to the VAR's vocabulary size."""
+    return checked_whole(top_k, "VAR top-k", 0, vocab_size, " (all tokens)", " (this VAR's vocabulary)")
 
 
 def uploaded_picture(upload: dict | None) -> Image.Image:
@@ -196,17 +190,17 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
     if name == "VAR":
         var_sampling, speed_up_words = var_settings(models, prune, refine, cfg=cfg, top_p=top_p,
                                                     top_k=checked_top_k(top_k, model.config.vocab_size))
-    labels = grid_labels(class_ids, int(per_class))
+    labels = grid_labels(class_ids, per_class)
     if name == "DiT":
         def draw(batch: torch.Tensor) -> torch.Tensor:
-            return model.generate(batch, cfg=cfg, steps=int(steps), sampler=sampler, seed=int(seed))
-        frames = lambda: model.generate_frames(labels[:1], cfg=cfg, steps=int(steps), sampler=sampler,  # noqa: E731
-                                               seed=int(seed), frames=STRIP_FRAMES)
-        flops_key = (name, cfg, int(steps), sampler)
+            return model.generate(batch, cfg=cfg, steps=steps, sampler=sampler, seed=seed)
+        frames = lambda: model.generate_frames(labels[:1], cfg=cfg, steps=steps, sampler=sampler,  # noqa: E731
+                                               seed=seed, frames=STRIP_FRAMES)
+        flops_key = (name, cfg, steps, sampler)
     else:
         def draw(batch: torch.Tensor) -> torch.Tensor:
-            return model.generate(batch, settings=var_sampling, seed=int(seed))
-        frames = lambda: model.generate_frames(labels[:1], settings=var_sampling, seed=int(seed))  # noqa: E731
+            return model.generate(batch, settings=var_sampling, seed=seed)
+        frames = lambda: model.generate_frames(labels[:1], settings=var_sampling, seed=seed)  # noqa: E731
         flops_key = (name, var_sampling.cfg, var_sampling.top_k, var_sampling.top_p, *speed_up_words)
     with models.locks[name], torch.no_grad():
         started = time.perf_counter()
@@ -219,7 +213,7 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
     figures = (f"**{name}**{ran}: {len(labels)} images in {seconds:.2f} s, {models.flops[flops_key]:.2f} GFLOPs/image "
                "(2 per multiply-add)")
     if name == "DiT":
-        calls = model.objective.network_calls(sampler, int(steps), cfg, model.config.cfg_interval)
+        calls = model.objective.network_calls(sampler, steps, cfg, model.config.cfg_interval)
         figures += f", {calls} network calls/image"
     grid = image_grid(images, rows=len(class_ids))
     return labelled(grid, [model.class_names[index] for index in class_ids]) if label_rows else grid, forming, figures
@@ -232,8 +226,8 @@ def sample(models: Models, choice: str, classes: list[str] | None, per_class: in
     there is one). `prune`, `refine`: the VAR's speed-ups (`var_settings`)."""
     outputs: dict[str, tuple] = {}
     try:
-        per_class = checked_count(per_class, "samples per class", MAX_PER_CLASS)
-        steps = checked_count(steps, "DiT steps", MAX_STEPS)
+        per_class = checked_whole(per_class, "samples per class", 1, MAX_PER_CLASS)
+        steps = checked_whole(steps, "DiT steps", 1, MAX_STEPS)
         chosen = [name for name in ("DiT", "VAR") if choice in (name, "both")]
         images = len(classes or []) * per_class * len(chosen)
         if images > MAX_SAMPLES_PER_REQUEST:
@@ -285,7 +279,7 @@ def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: s
         settings, speed_up_words = var_settings(models, prune, refine, cfg=cfg)
         with models.locks["VAR"]:
             edited, regenerated = edit_box(models.var, image, parse_box(box), mode, class_id, settings=settings,
-                                           seed=int(seed))
+                                           seed=seed)
     except (UserError, ValueError) as error:
         return None, None, None, WARNING + str(error)
     ran = f" ({', '.join(speed_up_words)})" if speed_up_words else ""
@@ -344,7 +338,7 @@ def build_app(models: Models) -> gr.Blocks:
                                     elem_id="var-cfg")
             with gr.Row():
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
-                steps = gr.Slider(1, 250, value=default_steps, step=1, label="DiT steps", elem_id="steps")
+                steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="DiT steps", elem_id="steps")
                 top_k = gr.Number(models.var_setting("top_k"), precision=0, label="VAR top-k (0: all)", elem_id="top-k")
                 top_p = gr.Slider(0.0, 1.0, value=models.var_setting("top_p"), step=0.01, label="VAR top-p (0: off)",
                                   elem_id="top-p")

@@ -15,7 +15,7 @@ from scalegen.diffusion.math import LINEAR_BETA_END, LINEAR_BETA_START, REFERENC
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES
 from scalegen.diffusion.objective import ModelFunction, Objective
 from scalegen.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
-from scalegen.diffusion.settings import LOSS_WEIGHTINGS, LossWeighting
+from scalegen.diffusion.settings import LOSS_WEIGHTINGS, DDPMSettings, LossWeighting
 from scalegen.errors import UserError
 
 DIFFUSERS_SCHEDULER_CLASS = "DDPMScheduler"
@@ -32,8 +32,8 @@ class DDPMObjective(Objective):
     """
 
     learn_sigma: bool = True
-    loss_weighting: LossWeighting = "none"
-    snr_gamma: float = 5.0
+    loss_weighting: LossWeighting = DDPMSettings.loss_weighting  # the defaults are the settings' (one source)
+    snr_gamma: float = DDPMSettings.snr_gamma
 
     name = "ddpm"
     summary, samplers = OBJECTIVE_ENTRIES[name].summary, OBJECTIVE_ENTRIES[name].samplers

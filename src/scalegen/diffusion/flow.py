@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from scalegen.diffusion.math import mean_flat
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
-from scalegen.diffusion.settings import TIME_SAMPLINGS, TimeSampling
+from scalegen.diffusion.settings import TIME_SAMPLINGS, FlowSettings, TimeSampling
 from scalegen.errors import UserError
 
 
@@ -48,9 +48,9 @@ class LinearFlow(Objective):
         logit_mean, logit_std: the logit-normal's location and scale (SD3's defaults 0 and 1).
     """
 
-    time_sampling: TimeSampling = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    time_sampling: TimeSampling = FlowSettings.time_sampling  # the defaults are the settings' (one source)
+    logit_mean: float = FlowSettings.logit_mean
+    logit_std: float = FlowSettings.logit_std
 
     name = "flow"
     summary, samplers = OBJECTIVE_ENTRIES[name].summary, OBJECTIVE_ENTRIES[name].samplers

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from scalegen.diffusion.flow import LinearFlow, check_time_sampling, logit_normal_or_uniform
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES, GuidanceInterval
 from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
-from scalegen.diffusion.settings import TimeSampling
+from scalegen.diffusion.settings import MeanFlowSettings, TimeSampling
 from scalegen.errors import UserError
 
 INTERVAL_SCALE = 1.0  # the network sees t − r unscaled (see above)
@@ -53,13 +53,15 @@ class MeanFlow(Objective):
         class_dropout: the share of labels replaced by the null class in training.
     """
 
+    # The paper's time sampling for a Python user; the command line's default is MeanFlowSettings' (uniform, as every
+    # flow-type objective's), so `--objective meanflow` alone differs from `MeanFlow()` here, as it always has.
     time_sampling: TimeSampling = "logit-normal"
     logit_mean: float = -0.4
-    logit_std: float = 1.0
-    mean_fraction: float = 0.25
-    weighting_power: float = 1.0
-    weighting_constant: float = 1e-3
-    guidance: float = 1.0
+    logit_std: float = MeanFlowSettings.logit_std
+    mean_fraction: float = MeanFlowSettings.mean_fraction
+    weighting_power: float = MeanFlowSettings.weighting_power
+    weighting_constant: float = MeanFlowSettings.weighting_constant
+    guidance: float = MeanFlowSettings.guidance
     guidance_interval: GuidanceInterval | None = None
     num_classes: int = 1000
     class_dropout: float = 0.1

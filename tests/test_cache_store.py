@@ -17,9 +17,8 @@ from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
 from scalegen.train.caches import LatentCache, cache_path, extract_latents  # noqa: E402
-from tests_support import save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
+from tests_support import TESTS, save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
 
-TESTS = Path(__file__).parent
 SHARD_SIZE = 4  # 15 images: shards of 4, 4, 4 and 3
 IMAGE_SIZE = 16
 

@@ -6,14 +6,14 @@ from safetensors.torch import load_file
 import scalegen
 from scalegen.models.dit import PRESETS, preset_config
 from scalegen.errors import UserError
+from tests_support import GOLDEN
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 # Official parameter counts at 256px (latent 32), computed from the presets as the official models.py builds them.
 OFFICIAL_XL2_PARAMETERS = 675_129_632
 
 
 def tiny_dit(**overrides) -> scalegen.DiT:
-    """The configuration of tests/data/dit_tiny_official.safetensors (hidden 32, depth 2, 2 heads, patch 2)."""
+    """The configuration of tests/golden/dit_tiny_official.safetensors (hidden 32, depth 2, 2 heads, patch 2)."""
     options = dict(input_size=8, num_classes=10, hidden_size=32, depth=2, num_heads=2)
     options.update(overrides)
     return scalegen.build_dit("DiT-S/2", **options)
@@ -26,7 +26,7 @@ def parameter_count(preset: str, input_size: int = 32) -> int:
 
 
 def test_xl2_state_dict_matches_the_official_key_list():
-    rows = [line.rstrip("\n").split("\t") for line in open(DATA / "dit_xl2_256.tsv") if not line.startswith("#")]
+    rows = [line.rstrip("\n").split("\t") for line in open(GOLDEN / "dit_xl2_256.tsv") if not line.startswith("#")]
     expected = {name: shape for name, shape, _ in rows}
     with torch.device("meta"):
         model = scalegen.build_dit("DiT-XL/2", input_size=32, num_classes=1000)
@@ -50,9 +50,9 @@ def test_every_preset_has_the_expected_shapes(preset):
 
 
 def test_forward_and_cfg_equal_the_official_model():
-    golden = load_file(DATA / "dit_tiny_golden.safetensors")
+    golden = load_file(GOLDEN / "dit_tiny_golden.safetensors")
     model = tiny_dit()
-    model.load_state_dict(load_file(DATA / "dit_tiny_official.safetensors"), strict=True)
+    model.load_state_dict(load_file(GOLDEN / "dit_tiny_official.safetensors"), strict=True)
     model.eval()
     with torch.no_grad():
         output = model(golden["x"], golden["t"], golden["y"])

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +27,8 @@ from scalegen.train.trainer import TrainConfig, Trainer, train
 from scalegen.train.var_task import VARTask
 from test_tokenizer_training import TINY_TOKENIZER
 from test_var_training import TINY_VAR
-from tests_support import tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, without_progress_bars
 
-TESTS = Path(__file__).parent
 TINY_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")  # each waits for the device
 FSDP_TOLERANCE = 1e-5  # |loss(FSDP) - loss(DDP)| per step, and |weight difference| at the end

@@ -6,7 +6,6 @@ They skip on a machine without CUDA (CI) and run on the lent GPU: `.venv/bin/pyt
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,9 @@ from scalegen.train.trainer import TrainConfig, train
 from test_dit import tiny_dit
 from test_train import tiny_task
 from test_var import PATCH_NUMS, tiny_var
-from tests_support import tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, without_progress_bars
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TESTS = Path(__file__).parent
 CUDA = torch.device("cuda")
 BF16_TOLERANCE = 0.05  # bf16 keeps 8 bits of mantissa: a few per cent of the output's spread
 

@@ -1,9 +1,8 @@
 """The FID Inception: official key layout, output shapes, TF1 resize and features equal to torch-fidelity's.
 
-Golden data: tests/data/inception_golden.npz, made by tests/data/make_inception_golden.py with torch-fidelity 0.4.0
+Golden data: tests/golden/inception_golden.npz, made by tests/golden/make_inception_golden.py with torch-fidelity 0.4.0
 in a scratch venv (command in that file), from the seeded random weights of tests/inception_testing.py.
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,14 @@ import torch
 from inception_testing import seeded_inception, weight_checksum
 from scalegen.errors import UserError
 from scalegen.eval.inception import WEIGHTS_FILE_NAME, FIDInception, load_inception, resize_bilinear_tf1
+from tests_support import GOLDEN
 
-DATA = Path(__file__).parent / "data"
 FEATURE_TOLERANCE = 1e-4  # absolute, on features of order one; measured difference is 0 on CPU
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(DATA / "inception_golden.npz") as archive:
+    with np.load(GOLDEN / "inception_golden.npz") as archive:
         return {key: archive[key] for key in archive.files}
 
 
@@ -29,7 +28,7 @@ def network():
 
 
 def test_state_dict_matches_official_layout():
-    rows = [line.rstrip("\n").split("\t") for line in open(DATA / "inception_keys.tsv") if not line.startswith("#")]
+    rows = [line.rstrip("\n").split("\t") for line in open(GOLDEN / "inception_keys.tsv") if not line.startswith("#")]
     expected = {key: tuple(int(n) for n in shape.split(",")) for key, shape in rows}
     ours = {key: tuple(value.shape) for key, value in FIDInception().state_dict().items()}
     assert ours == expected

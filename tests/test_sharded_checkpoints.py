@@ -26,9 +26,8 @@ from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
 from test_fast_path import FSDP_TOLERANCE, dit_task, var_task
-from tests_support import tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, without_progress_bars
 
-TESTS = Path(__file__).parent
 TINY = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 HALF_STEPS, STEPS = 2, 4  # the 2-rank runs stop at HALF_STEPS; the resumed ones go on to STEPS
 FULL_WEIGHTS = "full_weights.safetensors"  # the worker's gathered weights of the FSDP run, "model." and "ema." keys

@@ -20,9 +20,8 @@ from scalegen.train import optimization
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, Trainer
 from test_kl_tokenizer import tiny_end_to_end_task, tiny_images
-from tests_support import tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, without_progress_bars
 
-TESTS = Path(__file__).parent
 
 
 def end_to_end_trainer(tmp_path: Path, precision: str, steps: int = 3) -> Trainer:

@@ -17,9 +17,8 @@ from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
 from scalegen.train.optimization import learning_rate_factor
 from scalegen.train.trainer import TrainConfig, Trainer, train
-from tests_support import tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, without_progress_bars
 
-TESTS = Path(__file__).parent
 
 
 def tiny_task(seed: int = 0) -> DiTTask:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from scalegen.runs.folder import last_checkpoint
 from scalegen.runs.lock import LOCK_FILE
-from tests_support import without_progress_bars, write_fashion_subset
+from tests_support import TESTS, without_progress_bars, write_fashion_subset
 
-TESTS = Path(__file__).parent
 SOURCES = TESTS.parent / "src"
 TINY_DIT = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
             "--image-size", "8", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",

@@ -1,13 +1,13 @@
 """Tests of the VAR transformer: official layout, masking, KV-cached generation, label dropout, editing, and
 parity with the official FoundationVision/VAR code.
 
-Golden data `tests/data/var_golden.safetensors` (two tiny official VARs — width 16, depth 2, 2 heads, 10 classes,
+Golden data `tests/golden/var_golden.safetensors` (two tiny official VARs — width 16, depth 2, 2 heads, 10 classes,
 patch_nums (1,2,3,4), vocab 64, z_channels 8; one plain with attn_l2_norm, one shared-AdaLN without — with random
 weights, the official quantizer's weights, logits for a fixed input, and the tokens / final f̂ of official
 `autoregressive_infer_cfg` greedy, seeded top-k/top-p and more_smooth runs, plus the notebook's greedy in-painting)
 was produced by:
     PYTHONPATH=/tmp/official/VAR /tmp/offvenv/bin/python /tmp/var_golden/make_golden.py \
-        /work/main/tests/data/var_golden.safetensors
+        /work/main/tests/golden/var_golden.safetensors
 (official code at FoundationVision/VAR, torch 2.14.1 CPU). `var_d16.tsv` and `var_d4_shared_aln.tsv` are copies
 of the official key lists in shared/spec/keys.
 """
@@ -26,8 +26,8 @@ from scalegen.models.var_blocks import block_causal_mask
 from scalegen.models.var_edit import box_mask, resize_keep_mask
 from scalegen.models.var_sampling import filter_logits
 from scalegen.tokenizers.vqvae import build_vqvae
+from tests_support import GOLDEN
 
-DATA = Path(__file__).parent / "data"
 PATCH_NUMS = (1, 2, 3, 4)
 VOCAB = 64
 Z_CHANNELS = 8
@@ -65,7 +65,7 @@ def layout(module: torch.nn.Module) -> list[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, torch.Tensor]:
-    return load_file(DATA / "var_golden.safetensors")
+    return load_file(GOLDEN / "var_golden.safetensors")
 
 
 def golden_var(golden: dict[str, torch.Tensor], name: str) -> VAR:
@@ -86,13 +86,13 @@ def golden_var(golden: dict[str, torch.Tensor], name: str) -> VAR:
 def test_d16_layout_matches_official():
     with torch.device("meta"):
         var = VAR(VARConfig.for_depth(16))
-    assert layout(var) == read_tsv(DATA / "var_d16.tsv")
+    assert layout(var) == read_tsv(GOLDEN / "var_d16.tsv")
 
 
 def test_shared_adaln_layout_matches_official():
     with torch.device("meta"):
         var = VAR(VARConfig.for_depth(4, shared_aln=True))
-    assert layout(var) == read_tsv(DATA / "var_d4_shared_aln.tsv")
+    assert layout(var) == read_tsv(GOLDEN / "var_d4_shared_aln.tsv")
 
 
 @pytest.mark.parametrize("depth, millions", [(16, 310.28), (20, 600.92), (24, 1033.40), (30, 2010.02)])

@@ -1,11 +1,11 @@
 """Tests of the VAR multi-scale VQVAE tokenizer (scalegen.vqvae, scalegen.quantizer, scalegen.vqvae_layers).
 
-Golden data in tests/data/vqvae_official_tiny_{weights,golden}.safetensors comes from the official VAR code
+Golden data in tests/golden/vqvae_official_tiny_{weights,golden}.safetensors comes from the official VAR code
 (github.com/FoundationVision/VAR, models/{basic_vae,quant,vqvae}.py) with a tiny config: the official VQVAE with
 vocab 64, z_channels 8, ch 8, patch_nums (1,2,3,4,6,8), its Encoder/Decoder swapped for official ones with
 ch_mult (1,2), num_res_blocks 1, GroupNorm default groups set to 4, weights rounded to float16. Produced by
     cd /tmp/official/VAR && PYTHONPATH=/tmp/official/VAR /tmp/offvenv/bin/python \
-        /tmp/golden_vqvae/make_golden.py /work/main/tests/data
+        /tmp/golden_vqvae/make_golden.py /work/main/tests/golden
 (the generating script is kept outside the repository).
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from scalegen.errors import UserError
 from scalegen.tokenizers.quantizer import MultiScaleQuantizer, phi_indices
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig, build_vqvae
+from tests_support import GOLDEN
 
-DATA = Path(__file__).parent / "data"
 OFFICIAL_PARAMETERS = 108_948_355  # "108.95M": parameters only, the ema_vocab_hit_SV buffer is not counted
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 GOLDEN_TOLERANCE = dict(rtol=0, atol=1e-5)
@@ -32,7 +32,7 @@ def official_tiny() -> VQVAE:
     """Our model in the configuration of the golden data, holding the official random weights."""
     model = build_vqvae(vocab_size=64, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1,
                         patch_nums=TINY_PATCH_NUMS, norm_groups=4)
-    weights = {k: v.float() for k, v in load_file(DATA / "vqvae_official_tiny_weights.safetensors").items()}
+    weights = {k: v.float() for k, v in load_file(GOLDEN / "vqvae_official_tiny_weights.safetensors").items()}
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
@@ -46,7 +46,7 @@ def tiny(**overrides) -> VQVAE:
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, torch.Tensor]:
-    return load_file(DATA / "vqvae_official_tiny_golden.safetensors")
+    return load_file(GOLDEN / "vqvae_official_tiny_golden.safetensors")
 
 
 def read_key_table(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -63,7 +63,7 @@ def test_full_size_state_dict_matches_official_keys_and_parameter_count():
     with torch.device("meta"):
         model = build_vqvae()
     ours = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
-    assert ours == read_key_table(DATA / "var_tokenizer_vae_ch160v4096z32.tsv")
+    assert ours == read_key_table(GOLDEN / "var_tokenizer_vae_ch160v4096z32.tsv")
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMETERS
     assert (model.patch_nums, model.vocab_size, model.z_channels, model.downsample_ratio) == (
         (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 4096, 32, 16)

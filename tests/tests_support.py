@@ -8,6 +8,8 @@ import pytest
 from scalegen.cli.main import main
 from scalegen.data import FashionMNIST, Subset, write_fashion_mnist_subset
 
+TESTS = Path(__file__).parent  # the worker scripts tests start in subprocesses
+GOLDEN = TESTS / "golden"  # golden outputs of the official code and the files they were made from
 FASHION_SUBSET = 512
 SUBSET_IMAGES = 256
 

@@ -42,7 +42,7 @@ def generate_without_cache(model: VAR, labels: torch.Tensor, generator: torch.Ge
         mask = model.attn_bias_for_masking[..., :length, :length]  # (1, 1, length, length)
         for block in model.blocks:
             x = block(x, block_cond, attn_mask=mask)  # (2B, length, C)
-        both_logits = model.head_logits(x[:, -patch * patch :], cond)  # (2B, p², V)
+        both_logits = model.token_head.output(model, x[:, -patch * patch :], cond)  # (2B, p², V)
         guidance = CFG * scale_index / max(model.num_scales - 1, 1)
         logits = (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, p², V)
         tokens = sample_tokens(filter_logits(logits, TOP_K, TOP_P), generator)  # (B, p²)

@@ -18,6 +18,8 @@ from scalegen.cache_store import MANIFEST_FILE, CachedArrays  # noqa: E402
 from scalegen.data import FashionMNIST, ImageFolder, TarShards, data_identity, pack_folder  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json, write_json_atomic  # noqa: E402
+from scalegen.models.token_heads import build_token_head  # noqa: E402
+from scalegen.models.var import VARConfig  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
 from scalegen.train.caches import extract_latents, extract_tokens  # noqa: E402
 from scalegen.train.dit_task import DiTOptions, train_dit  # noqa: E402
@@ -121,11 +123,12 @@ def tiny_tokenizer(seed: int):
 
 
 def test_a_token_cache_of_another_tokenizer_of_the_same_shapes_is_refused(sources, tmp_path):
-    images = ImageFolder(sources["images"], 8)
-    cache = extract_tokens(tiny_tokenizer(0), images, tmp_path / "tokens", batch_size=4, shard_size=SHARD_SIZE)
-    assert extract_tokens(tiny_tokenizer(0), images, cache, shard_size=SHARD_SIZE) == cache  # the same one: kept
+    images, head = ImageFolder(sources["images"], 8), build_token_head(VARConfig())  # VAR's head: integer ids
+    cache = extract_tokens(tiny_tokenizer(0), images, tmp_path / "tokens", batch_size=4, shard_size=SHARD_SIZE,
+                           head=head)
+    assert extract_tokens(tiny_tokenizer(0), images, cache, shard_size=SHARD_SIZE, head=head) == cache  # kept
     with pytest.raises(UserError, match="encoder"):
-        extract_tokens(tiny_tokenizer(1), images, cache, shard_size=SHARD_SIZE)
+        extract_tokens(tiny_tokenizer(1), images, cache, shard_size=SHARD_SIZE, head=head)
 
 
 def dit_run(sources, out: Path, vae: str, steps: int, latent_cache: bool) -> None:

@@ -16,7 +16,8 @@ from scalegen.models.var import VAR, build_var
 from scalegen.models.var_edit import box_mask
 from scalegen.models.var_generation import ScaleNetwork
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning, pivotal_tokens
-from scalegen.models.var_sampling import CategoricalHead, inverse_cdf_tokens
+from scalegen.models.token_heads import CategoricalSampler, ScaleGuidance
+from scalegen.models.var_sampling import inverse_cdf_tokens
 from scalegen.runs.loading import load_var
 from scalegen.runs.names import SHIPPED_VAR
 
@@ -101,7 +102,7 @@ def test_pruning_changes_only_the_pruned_scales_and_their_keys_stay_out_of_the_c
     network = ScaleNetwork(drafter, labels, pruning=TokenPruning((0.5,)))
     inputs = [None] + [torch.randn(len(LABELS), patch * patch, drafter.config.z_channels) for patch in PATCH_NUMS[1:]]
     for scale_index, word_input in enumerate(inputs):
-        assert network.logits(scale_index, word_input).shape == (2 * len(LABELS), PATCH_NUMS[scale_index] ** 2, VOCAB)
+        assert network.output(scale_index, word_input).shape == (2 * len(LABELS), PATCH_NUMS[scale_index] ** 2, VOCAB)
     full, pruned_length = sum(patch * patch for patch in PATCH_NUMS), sum(patch * patch for patch in PATCH_NUMS) - 8
     assert [cache.length for cache in network.caches] == [full, pruned_length, full]  # the middle block is pruned
 
@@ -142,8 +143,9 @@ def test_top_k_at_or_above_the_vocabulary_keeps_every_token(pair) -> None:
     plain = drafter.generate_tokens(LABELS, seed=3)
     assert all(same_tokens(plain, drafter.generate_tokens(LABELS, seed=3, top_k=VOCAB)))
     assert all(same_tokens(plain, drafter.generate_tokens(LABELS, seed=3, top_k=900)))
-    head = CategoricalHead(drafter.tokenizer.quantize.embedding, top_k=3)
-    tokens, embedded = head.sample(torch.arange(VOCAB, dtype=torch.float).expand(2, 5, VOCAB), 0.5)
+    sampler = CategoricalSampler(drafter.tokenizer.quantize.embedding, top_k=3)
+    guidance = ScaleGuidance(0.0, len(PATCH_NUMS), drafter.token_head)  # cfg 0: the conditional half
+    tokens, embedded, _ = sampler.sample(torch.arange(VOCAB, dtype=torch.float).expand(4, 5, VOCAB), guidance, 1)
     assert bool((tokens >= VOCAB - 3).all()) and embedded.shape == (2, 5, drafter.config.z_channels)
 
 
@@ -200,23 +202,23 @@ def test_inverse_cdf_draws_reach_generation_and_keep_the_seed_s_tokens(pair) -> 
 
 class ScaleSpy:
     """Records, for each scale a network computes, which model computed it and how many of its blocks' token sets
-    were pruned (wraps `ScaleNetwork.logits` and `PrunedGeneration.block_tokens`)."""
+    were pruned (wraps `ScaleNetwork.output` and `PrunedGeneration.block_tokens`)."""
 
     def __init__(self, monkeypatch) -> None:
         self.scales: list[tuple[int, int]] = []  # (id of the model, scale index)
         self.pruned_blocks = 0
-        logits, block_tokens = ScaleNetwork.logits, PrunedGeneration.block_tokens
+        output, block_tokens = ScaleNetwork.output, PrunedGeneration.block_tokens
 
-        def spied_logits(network, scale_index, word_input):
+        def spied_output(network, scale_index, word_input):
             self.scales.append((id(network.model), scale_index))
-            return logits(network, scale_index, word_input)
+            return output(network, scale_index, word_input)
 
         def spied_block_tokens(pruned, scale_index, block_index):
             tokens = block_tokens(pruned, scale_index, block_index)
             self.pruned_blocks += tokens is not None
             return tokens
 
-        monkeypatch.setattr(ScaleNetwork, "logits", spied_logits)
+        monkeypatch.setattr(ScaleNetwork, "output", spied_output)
         monkeypatch.setattr(PrunedGeneration, "block_tokens", spied_block_tokens)
 
     def models_by_scale(self) -> list[int]:

@@ -78,9 +78,9 @@ def test_settings_given_are_what_generation_uses(var, monkeypatch) -> None:
     seen = []
 
     class GuidanceSpy(var_module.ScaleGuidance):
-        def __init__(self, cfg: float, num_scales: int) -> None:
+        def __init__(self, cfg: float, *schedule_and_head) -> None:
             seen.append(cfg)
-            super().__init__(cfg, num_scales)
+            super().__init__(cfg, *schedule_and_head)
 
     monkeypatch.setattr(var_module, "ScaleGuidance", GuidanceSpy)
     source = var.tokenizer.img_to_tokens(torch.zeros(len(LABELS), 3, 8, 8))

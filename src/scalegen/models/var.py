@@ -20,26 +20,22 @@ from scalegen.classes import label_ids
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
 from scalegen.models.layers import ReferencedModule, ReferencingModule
+from scalegen.models.token_heads import ADALN_INIT_GAIN, ScaleGuidance, build_token_head
 from scalegen.models.var_blocks import (
-    ADALN_CHUNKS, AdaLNBeforeHead, AdaLNSelfAttn, BlockMask, SharedAdaLin, block_causal_block_mask, block_causal_mask,
+    ADALN_CHUNKS, AdaLNSelfAttn, BlockMask, SharedAdaLin, block_causal_block_mask, block_causal_mask,
     flex_unavailable_reason,
 )
 from scalegen.models.var_edit import check_edit_inputs
-from scalegen.models.var_generation import (
-    Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, ScaleGuidance, ScaleNetwork, check_refiner,
-)
-from scalegen.models.settings import ATTENTION_BACKENDS, AttentionBackend
-from scalegen.models.var_sampling import CategoricalHead
+from scalegen.models.var_generation import Editing, SampledTokens, ScaleByScaleGeneration, ScaleGraphs, scale_networks
+from scalegen.models.settings import ATTENTION_BACKENDS, CATEGORICAL_HEAD, AttentionBackend
 from scalegen.models.sampling_settings import FROM_DEFAULT, VARSampling
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256
 
 # Official width rule: width = 64·depth, one head per 64 channels, drop-path growing to 0.1 at depth 24.
 WIDTH_PER_DEPTH = 64
 DROP_PATH_PER_DEPTH = 0.1 / 24
-# Official init (models/var.py init_weights): std = sqrt(1 / (3·width)); the head starts 50× smaller, the
+# Official init (models/var.py init_weights): std = sqrt(1 / (3·width)), the head's own scaling (`token_heads`), the
 # AdaLN scale/shift rows at half, and the residual gains γ tiny so every block starts close to identity.
-HEAD_INIT_GAIN = 0.02
-ADALN_INIT_GAIN = 0.5
 # Official γ multipliers from the README training commands, as (largest depth, multiplier); deeper models
 # get smaller γ. Depths between the released ones use the next larger released depth's value.
 ADALN_GAMMA_BY_DEPTH = ((20, 1e-3), (24, 1e-4), (30, 1e-5))
@@ -63,6 +59,7 @@ class VARConfig:
     label_dropout: float = 0.1
     norm_eps: float = 1e-6
     mlp_ratio: float = 4.0
+    token_head: str = CATEGORICAL_HEAD  # what the positions predict (`token_heads`); a config without it: VAR's head
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(self.patch_nums)  # a list from a saved config compares unequal to a tuple
@@ -142,8 +139,9 @@ class VAR(ReferencingModule):
             )
             for rate in drop_path_rates
         )
-        self.head_nm = AdaLNBeforeHead(width, config.norm_eps)
-        self.head = nn.Linear(width, config.vocab_size)
+        self.token_head = build_token_head(config)
+        for name, layer in self.token_head.layers().items():  # VAR's: head_nm and head, the official keys
+            self.add_module(name, layer)
 
         self.initialize_weights(adaln_gamma)
         self._tokenizer = ReferencedModule()
@@ -158,7 +156,7 @@ class VAR(ReferencingModule):
 
     @torch.no_grad()
     def initialize_weights(self, adaln_gamma: float | None = None) -> None:
-        """Official VAR init: truncated normals, a small head, near-identity blocks.
+        """Official VAR init: truncated normals, the head's own scaling (a small head for VAR's), near-identity blocks.
 
         Args:
             adaln_gamma: multiplier of the AdaLN γ rows; None picks the official value for this depth.
@@ -173,8 +171,7 @@ class VAR(ReferencingModule):
                 module.bias.zero_()
         nn.init.trunc_normal_(self.pos_start, std=std)
         nn.init.trunc_normal_(self.pos_1LC, std=std)
-        self.head.weight.mul_(HEAD_INIT_GAIN)
-        self.head_nm.ada_lin[-1].weight.mul_(ADALN_INIT_GAIN)
+        self.token_head.initialize(self)
         residual_gain = 1 / math.sqrt(2 * config.depth)  # keeps the residual stream's variance depth-independent
         gamma_rows = 2 * config.width  # γ1 and γ2 come first in the AdaLN chunk order
         for block in self.blocks:
@@ -235,20 +232,19 @@ class VAR(ReferencingModule):
         """What the blocks' AdaLN reads: the class embedding (B, C), or its shared projection (B, 1, 6, C)."""
         return cond if self.shared_ada_lin is None else self.shared_ada_lin(cond)  # (B, C) or (B, 1, 6, C)
 
-    def head_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Token logits (B, l, V) of hidden states (B, l, C) under the class condition, in float32."""
-        return self.head(self.head_nm(x.float(), cond).float()).float()  # (B, l, V)
-
-    def forward(self, labels: torch.Tensor, var_input: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits for all scales.
+    def forward(self, labels: torch.Tensor, var_input: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Teacher-forced head output for all scales (logits for VAR's head).
 
         Args:
             labels: (B,) class ids (num_classes = unconditional). In training mode each is replaced by the null
                 class with probability `config.label_dropout`; never in eval mode.
             var_input: (B, L - p_0², z_channels) tokenizer features of scales 2..K (`tokens_to_var_input`).
+            targets: all scales' training targets (B, L, ...), for a head that needs them (`TokenHead.output`).
 
         Returns:
-            (B, L, vocab_size) float32 logits; the positions of scale k predict the tokens of scale k.
+            (B, L, ...) float32 head output ((B, L, vocab_size) logits for VAR's head); the positions of scale k
+            predict the tokens of scale k.
         """
         labels = self.checked_labels(labels)  # (B,)
         batch = var_input.shape[0]
@@ -266,7 +262,7 @@ class VAR(ReferencingModule):
         attn_mask = self.teacher_forcing_mask(x)
         for block in self.blocks:
             x = block(x, block_cond, attn_mask=attn_mask)  # (B, L, C)
-        return self.head_logits(x, cond)  # (B, L, V)
+        return self.token_head.output(self, x, cond, targets)  # (B, L, V) for VAR's head
 
     def teacher_forcing_mask(self, x: torch.Tensor) -> torch.Tensor | BlockMask:
         """The block-causal mask `forward` attends with: the dense (1, 1, L, L) buffer for "sdpa", the cached
@@ -335,22 +331,10 @@ class VAR(ReferencingModule):
                 editing = Editing(source_tokens, keep_mask, labels.device)
             if generator is None and seed is not None:
                 generator = torch.Generator(device=labels.device).manual_seed(seed)
-            head = CategoricalHead(self.tokenizer.quantize.embedding, settings.top_k, settings.top_p,
-                                   settings.more_smooth, generator, settings.draws)
-            pruning, refiner = settings.pruning, settings.refiner
-            networks = [(0, ScaleNetwork(self, labels, settings.cuda_graphs, pruning))]
-            if refiner is not None:
-                check_refiner(self, refiner, settings.refined_scales)
-                if settings.cuda_graphs:
-                    raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off "
-                                    "with a refiner")
-                # A refiner too shallow for the unpruned first and last blocks computes every token.
-                refiner_pruning = (pruning if pruning is not None and pruning.pruned_blocks(refiner.config.depth)
-                                   else None)
-                networks.append((self.num_scales - settings.refined_scales,
-                                 ScaleNetwork(refiner, labels, pruning=refiner_pruning)))
-            guidance = ScaleGuidance(settings.cfg, self.num_scales)
-            return ScaleByScaleGeneration(self.tokenizer.quantize, networks, head, guidance, editing).run()
+            sampler = self.token_head.sampler(self, settings, generator)
+            networks = scale_networks(self, labels, settings)
+            guidance = ScaleGuidance(settings.cfg, self.num_scales, self.token_head)
+            return ScaleByScaleGeneration(self.tokenizer.quantize, networks, sampler, guidance, editing).run()
 
     @torch.no_grad()
     def generate(
@@ -388,7 +372,7 @@ class VAR(ReferencingModule):
             One (B, C, H, W) tensor in [0, 1] per scale, coarse (1×1) to fine.
         """
         sampled = self.generate_tokens(labels, settings=settings, seed=seed, generator=generator, **given)
-        frames = self.tokenizer.quantize.tokens_to_features(sampled.tokens, all_scales=True)
+        frames = self.token_head.features_per_scale(self.tokenizer, sampled.tokens)
         return [self._decode(features) for features in frames]
 
     @torch.no_grad()

@@ -151,7 +151,7 @@ def edit_box(
         raise UserError(f"the box {box} covers {inside} of the {grid}×{grid} tokens ({size / grid:g} px each), so "
                         f"{mode} would change {'nothing' if inside == 0 else 'everything'}; make the box cover at "
                         "least one token and leave at least one out")
-    source_tokens = tokenizer.img_to_tokens(image.to(model.class_emb.weight.device) * 2 - 1)  # K × (1, p²)
+    source_tokens = model.token_head.targets(tokenizer, image.to(model.class_emb.weight.device) * 2 - 1)  # K × (1, p²)
     edited = model.edit([num_classes if class_id is None else class_id], source_tokens, keep, **sampling)
     regenerated = F.interpolate((1 - keep)[None, None], size=(size, size), mode="nearest")  # (1, 1, S, S)
     return edited, regenerated

@@ -4,8 +4,9 @@ one choice:
 - `ScaleNetwork`: one VAR's side of a generation — its class condition for both guidance halves, its static KV
   caches, its network step per scale (eager, or replayed from CUDA graphs: `ScaleGraphs`) and which tokens each
   block computes (every one, or FastVAR's pruned set: `var_pruning`);
-- `ScaleGuidance`: classifier-free guidance, ramping linearly with the scale index as in the official code;
-- the token head (`var_sampling.TokenHead`): guided logits -> tokens and their tokenizer features;
+- `ScaleGuidance` (`token_heads`): classifier-free guidance, ramping linearly with the scale index as in the official
+  code, the halves combined by the model's token head;
+- the token head's sampler (`token_heads.TokenSampler`): a scale's head output -> tokens and their tokenizer features;
 - `Editing`: zero-shot editing, the source's tokens kept where the mask says;
 - collaborative decoding (CoDe, Chen et al. 2025): a drafter VAR generates the coarse scales, a refiner VAR (any VAR
   on the same tokenizer, usually a smaller one) reads the drafted scales into its own KV caches and generates the
@@ -27,8 +28,8 @@ from scalegen.fingerprint import weights_fingerprint
 from scalegen.models.var_blocks import KVCache
 from scalegen.models.var_edit import resize_keep_mask
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning
-from scalegen.models.var_sampling import TokenHead
-
+from scalegen.models.sampling_settings import VARSampling
+from scalegen.models.token_heads import ScaleGuidance, TokenSampler
 
 
 def scale_hidden(
@@ -53,13 +54,14 @@ def scale_hidden(
     return x
 
 
-def scale_logits(
+def scale_output(
     model: nn.Module, x: torch.Tensor, block_cond: torch.Tensor, cond: torch.Tensor, caches: Sequence[KVCache],
     pruned: PrunedGeneration | None = None, scale_index: int = 0,
 ) -> torch.Tensor:
-    """The network part of one scale's generation step: `scale_hidden`, then the head; (2B, p², V) float32 logits
-    (`cond`: the (2B, C) class embeddings the head's AdaLN reads)."""
-    return model.head_logits(scale_hidden(model, x, block_cond, caches, pruned, scale_index), cond)  # (2B, p², V)
+    """The network part of one scale's generation step: `scale_hidden`, then the token head's output (2B, p², ...)
+    in float32, logits (2B, p², V) for VAR's head (`cond`: the (2B, C) class embeddings the head reads)."""
+    hidden = scale_hidden(model, x, block_cond, caches, pruned, scale_index)  # (2B, p², C)
+    return model.token_head.output(model, hidden, cond)  # (2B, p², ...)
 
 
 def graph_key(model: nn.Module, cond: torch.Tensor) -> tuple:
@@ -80,7 +82,7 @@ def uncached_autocast(device: torch.device) -> AbstractContextManager:
 
 
 class ScaleGraphs:
-    """Every scale's network step (`scale_logits`) captured once as a CUDA graph, for one batch size and autocast
+    """Every scale's network step (`scale_output`) captured once as a CUDA graph, for one batch size and autocast
     state, and replayed by generation: one launch per scale instead of one per kernel, with no Python in between.
 
     Inputs are copied into static buffers. The KV caches are static too: replaying the scales in order refills them
@@ -96,14 +98,14 @@ class ScaleGraphs:
         self.inputs = [cond.new_zeros(cond.shape[0], patch * patch, width) for patch in model.patch_nums]
         self.caches = [KVCache(model.sequence_length) for _ in model.blocks]
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.outputs: list[torch.Tensor] = []  # per scale (2B, p², V), written by each replay
+        self.outputs: list[torch.Tensor] = []  # per scale (2B, p², ...), written by each replay
         with uncached_autocast(device):
             # Warm-up on a side stream (as torch's capture guide asks); it also allocates the caches outside the pool.
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for x in self.inputs:
-                    scale_logits(model, x, self.block_cond, self.cond, self.caches)
+                    scale_output(model, x, self.block_cond, self.cond, self.caches)
             torch.cuda.current_stream(device).wait_stream(side)
             for cache in self.caches:
                 cache.length = 0
@@ -111,12 +113,12 @@ class ScaleGraphs:
             for x in self.inputs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs.append(scale_logits(model, x, self.block_cond, self.cond, self.caches))
+                    self.outputs.append(scale_output(model, x, self.block_cond, self.cond, self.caches))
                 self.graphs.append(graph)
 
     def start(self, cond: torch.Tensor, block_cond: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """Load a generation's class condition; returns its step: (scale index, (2B, p², C) input) -> (2B, p², V)
-        logits (a static buffer, overwritten by the next generation)."""
+        """Load a generation's class condition; returns its step: (scale index, (2B, p², C) input) -> (2B, p², ...)
+        head output (a static buffer, overwritten by the next generation)."""
         self.cond.copy_(cond)
         self.block_cond.copy_(block_cond)
 
@@ -182,12 +184,13 @@ class ScaleNetwork:
         x = model.word_embed(word_input) + self.level_and_position[:, start:end]  # (B, p², C)
         return x.repeat(2, 1, 1)  # (2B, p², C)
 
-    def logits(self, scale_index: int, word_input: torch.Tensor | None) -> torch.Tensor:
-        """One scale's network step: (2B, p², V) float32 logits of both halves (a static buffer under CUDA graphs)."""
+    def output(self, scale_index: int, word_input: torch.Tensor | None) -> torch.Tensor:
+        """One scale's network step: (2B, p², ...) float32 head output of both halves (logits (2B, p², V) for VAR's
+        head; a static buffer under CUDA graphs)."""
         x = self.inputs(scale_index, word_input)  # (2B, p², C)
         if self.graph_step is not None:
             return self.graph_step(scale_index, x)
-        return scale_logits(self.model, x, self.block_cond, self.cond, self.caches, self.pruned, scale_index)
+        return scale_output(self.model, x, self.block_cond, self.cond, self.caches, self.pruned, scale_index)
 
     def prefill(self, word_inputs: Sequence[torch.Tensor | None]) -> None:
         """Read the scales another network generated into this one's KV caches (no head).
@@ -201,25 +204,6 @@ class ScaleNetwork:
         for scale_index, word_input in enumerate(word_inputs):
             scale_hidden(self.model, self.inputs(scale_index, word_input), self.block_cond, self.caches, self.pruned,
                          scale_index)
-
-
-class ScaleGuidance:
-    """Classifier-free guidance ramping with the scale: at scale index k of K, t = cfg·k/(K-1) and the logits are
-    (1 + t)·conditional - t·unconditional."""
-
-    def __init__(self, cfg: float, num_scales: int) -> None:
-        self.cfg = cfg
-        self.num_scales = num_scales
-
-    def progress(self, scale_index: int) -> float:
-        """How far generation is: scale index / (scales - 1), in [0, 1]."""
-        return scale_index / max(self.num_scales - 1, 1)
-
-    def combine(self, both_logits: torch.Tensor, scale_index: int) -> torch.Tensor:
-        """(B, l, V) guided logits of the (2B, l, V) logits of both halves."""
-        batch = both_logits.shape[0] // 2
-        guidance = self.cfg * self.progress(scale_index)
-        return (1 + guidance) * both_logits[:batch] - guidance * both_logits[batch:]  # (B, l, V)
 
 
 class Editing:
@@ -237,43 +221,43 @@ class Editing:
         self.keep_mask = keep_mask.to(device)
 
     def apply(self, scale_index: int, patch: int, tokens: torch.Tensor, embedded: torch.Tensor,
-              head: TokenHead) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scale's tokens (B, p²) and features (B, p², Cvae) with the kept positions the source's."""
+              sampler: TokenSampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale's tokens (B, p², ...) and features (B, p², Cvae) with the kept positions the source's."""
         keep = resize_keep_mask(self.keep_mask, patch, tokens.shape[0])  # (B, p²)
-        source = self.source_tokens[scale_index]  # (B, p²)
-        tokens = torch.where(keep, source, tokens)  # (B, p²)
-        embedded = torch.where(keep.unsqueeze(-1), head.embed(source), embedded)  # (B, p², Cvae)
+        source = self.source_tokens[scale_index]  # (B, p², ...)
+        tokens = torch.where(keep.view(*keep.shape, *[1] * (tokens.ndim - 2)), source, tokens)  # (B, p², ...)
+        embedded = torch.where(keep.unsqueeze(-1), sampler.embed(source), embedded)  # (B, p², Cvae)
         return tokens, embedded
 
 
 class SampledTokens(NamedTuple):
     """Result of `VAR.generate_tokens`."""
 
-    tokens: list[torch.Tensor]  # per scale (B, p*p) token ids, row-major
-    logits: list[torch.Tensor]  # per scale (B, p*p, V) guided logits, before top-k / top-p
+    tokens: list[torch.Tensor]  # per scale (B, p*p, ...) tokens, row-major: ids (B, p*p) for VAR's head
+    logits: list[torch.Tensor]  # per scale (B, p*p, ...) guided head output: logits before top-k / top-p for VAR's
     features: torch.Tensor  # (B, z_channels, p_last, p_last) accumulated tokenizer features f̂
 
 
 class ScaleByScaleGeneration:
-    """One generation: scale after scale, the network step, guidance, the token head, editing, and the tokenizer's
-    accumulated features that make the next scale's input."""
+    """One generation: scale after scale, the network step, the token head's guidance and sampling, editing, and the
+    tokenizer's accumulated features that make the next scale's input."""
 
-    def __init__(self, quantizer: nn.Module, networks: Sequence[tuple[int, ScaleNetwork]], head: TokenHead,
+    def __init__(self, quantizer: nn.Module, networks: Sequence[tuple[int, ScaleNetwork]], sampler: TokenSampler,
                  guidance: ScaleGuidance, editing: Editing | None = None) -> None:
         """
         Args:
             quantizer: the tokenizer's multi-scale quantizer (its scales are the generation's).
             networks: (first scale, network) pairs in order of their first scales, the first at scale 0; each network
                 generates from its first scale up to the next one's, reading the scales before into its KV caches.
-            head: the token head.
-            guidance: the classifier-free guidance.
+            sampler: the token head's sampling step.
+            guidance: the classifier-free guidance (its schedule; the head combines the halves).
             editing: zero-shot editing, or None.
         """
         if not networks or networks[0][0] != 0:
             raise ValueError("the first network must start at scale 0")
         self.quantizer = quantizer
         self.networks = list(networks)
-        self.head = head
+        self.sampler = sampler
         self.guidance = guidance
         self.editing = editing
 
@@ -288,27 +272,51 @@ class ScaleByScaleGeneration:
         return current
 
     def run(self) -> SampledTokens:
-        """Generate every scale; returns the tokens, the guided logits and the accumulated features."""
+        """Generate every scale; returns the tokens, the guided head outputs and the accumulated features."""
         patch_nums = self.quantizer.patch_nums
         batch = self.networks[0][1].batch
         finest = patch_nums[-1]
         features = self.networks[0][1].cond.new_zeros(batch, self.quantizer.channels, finest, finest)  # (B, Cvae, p_K, p_K)
         word_inputs: list[torch.Tensor | None] = [None]  # per scale (B, p², Cvae); the first scale has the start token
         all_tokens: list[torch.Tensor] = []
-        all_logits: list[torch.Tensor] = []
+        all_guided: list[torch.Tensor] = []
         for scale_index, patch in enumerate(patch_nums):
             network = self.network_at(scale_index, word_inputs)
-            logits = self.guidance.combine(network.logits(scale_index, word_inputs[scale_index]), scale_index)  # (B, p², V)
-            tokens, embedded = self.head.sample(logits, self.guidance.progress(scale_index))  # (B, p²), (B, p², Cvae)
+            both = network.output(scale_index, word_inputs[scale_index])  # (2B, p², ...)
+            # (B, p², ...) tokens, (B, p², Cvae) their features, (B, p², ...) the guided output they were drawn from
+            tokens, embedded, guided = self.sampler.sample(both, self.guidance, scale_index)
             if self.editing is not None:
-                tokens, embedded = self.editing.apply(scale_index, patch, tokens, embedded, self.head)
+                tokens, embedded = self.editing.apply(scale_index, patch, tokens, embedded, self.sampler)
             all_tokens.append(tokens)
-            all_logits.append(logits)
+            all_guided.append(guided)
             scale_features = embedded.transpose(1, 2).reshape(batch, -1, patch, patch)  # (B, Cvae, p, p)
             features, next_input = self.quantizer.next_autoregressive_input(scale_index, features, scale_features)
             if scale_index + 1 < len(patch_nums):
                 word_inputs.append(next_input.flatten(2).transpose(1, 2))  # (B, p_next², Cvae)
-        return SampledTokens(all_tokens, all_logits, features)
+        return SampledTokens(all_tokens, all_guided, features)
+
+
+def scale_networks(model: nn.Module, labels: torch.Tensor, settings: VARSampling) -> list[tuple[int, ScaleNetwork]]:
+    """The networks of a generation, as `ScaleByScaleGeneration` takes them: the model's from the first scale, and
+    with a refiner (CoDe) the refiner's from its first refined scale.
+
+    Args:
+        model: the VAR (the drafter, with a refiner).
+        labels: (B,) class ids on the model's device.
+        settings: the generation's settings (CUDA graphs, pruning, refiner, refined scales).
+    """
+    pruning, refiner = settings.pruning, settings.refiner
+    networks = [(0, ScaleNetwork(model, labels, settings.cuda_graphs, pruning))]
+    if refiner is not None:
+        check_refiner(model, refiner, settings.refined_scales)
+        if settings.cuda_graphs:
+            raise UserError("CUDA graphs (--cuda-graphs) replay one model's full generation: leave them off with a "
+                            "refiner")
+        # A refiner too shallow for the unpruned first and last blocks computes every token.
+        refiner_pruning = pruning if pruning is not None and pruning.pruned_blocks(refiner.config.depth) else None
+        networks.append((model.num_scales - settings.refined_scales,
+                         ScaleNetwork(refiner, labels, pruning=refiner_pruning)))
+    return networks
 
 
 def check_refiner(drafter: nn.Module, refiner: nn.Module, refined_scales: int) -> None:
@@ -318,6 +326,9 @@ def check_refiner(drafter: nn.Module, refiner: nn.Module, refined_scales: int) -
     if drafted != refined:
         raise UserError(f"the refiner has (patch_nums, vocab_size, z_channels, num_classes) = {refined} but the drafter "
                         f"{drafted}: give a refiner trained on the drafter's tokenizer and classes")
+    if refiner.config.token_head != drafter.config.token_head:
+        raise UserError(f"the refiner has the {refiner.config.token_head!r} token head but the drafter the "
+                        f"{drafter.config.token_head!r} one: give a refiner with the drafter's token head")
     if refiner.tokenizer is not drafter.tokenizer and (weights_fingerprint(refiner.tokenizer.state_dict())
                                                        != weights_fingerprint(drafter.tokenizer.state_dict())):
         raise UserError("the refiner's tokenizer has other weights than the drafter's (its tokens mean other images): "

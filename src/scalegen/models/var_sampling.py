@@ -1,17 +1,10 @@
-"""VAR's token head at generation: what turns a scale's guided logits into tokens and into the tokenizer features the
-next scale builds on (`TokenHead`; `CategoricalHead` is VAR's): top-k / top-p filtering, multinomial draws and the
-Gumbel-softmax smoothing used for visualisation. Each piece reproduces the official VAR code draw for draw, so a
-seeded `torch.Generator` gives the same tokens as the official `autoregressive_infer_cfg`.
+"""The draws of VAR's categorical token head (`token_heads.CategoricalSampler`): top-k / top-p filtering, multinomial
+or inverse-CDF draws and the Gumbel-softmax smoothing used for visualisation. Each piece reproduces the official VAR
+code draw for draw, so a seeded `torch.Generator` gives the same tokens as the official `autoregressive_infer_cfg`.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-from torch import nn
-
-from scalegen.errors import UserError
-from scalegen.models.settings import DRAWS, Draws
 
 # more_smooth sampling (visualisation only): Gumbel temperature falls from 0.27 to 0.27·0.05, never below 0.005.
 GUMBEL_START_TEMPERATURE = 0.27
@@ -108,44 +101,3 @@ def smooth_embedding(filtered_logits: torch.Tensor, progress: float, codebook: t
     temperature = max(GUMBEL_START_TEMPERATURE * (1 - GUMBEL_TEMPERATURE_DECAY * progress), GUMBEL_MIN_TEMPERATURE)
     mixture = gumbel_softmax(filtered_logits * (1 + progress), temperature, generator)  # (B, l, V)
     return mixture @ codebook  # (B, l, Cvae)
-
-
-class TokenHead(Protocol):
-    """Turns one scale's guided head output into tokens and their tokenizer features (a continuous-token head, as
-    FlowAR's or xAR's, would return features it drew itself)."""
-
-    def sample(self, logits: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, l) and their embedded features (B, l, Cvae) of guided logits (B, l, V) at `progress` (scale index
-        / (scales - 1))."""
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Features (B, l, Cvae) of given tokens (B, l), as editing's kept source tokens."""
-
-
-class CategoricalHead:
-    """VAR's head: top-k / top-p filtered draws from the logits (`draws`: the official multinomial ones, or inverse-CDF
-    ones), embedded by the tokenizer's codebook (or, with `more_smooth`, a Gumbel-softmax mixture of codebook vectors:
-    visualisation only, not for FID)."""
-
-    def __init__(self, codebook: nn.Embedding, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 generator: torch.Generator | None = None, draws: Draws = "multinomial") -> None:
-        if draws not in DRAWS:
-            raise UserError(f"unknown token draws {draws!r}: use one of {', '.join(DRAWS)}")
-        self.codebook = codebook
-        self.draw = sample_tokens if draws == "multinomial" else inverse_cdf_tokens
-        self.top_k = top_k
-        self.top_p = top_p
-        self.more_smooth = more_smooth
-        self.generator = generator
-
-    def sample(self, logits: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """See `TokenHead.sample`."""
-        filtered = filter_logits(logits, self.top_k, self.top_p)  # (B, l, V)
-        tokens = self.draw(filtered, self.generator)  # (B, l)
-        if self.more_smooth:
-            return tokens, smooth_embedding(filtered, progress, self.codebook.weight, self.generator)  # (B, l, Cvae)
-        return tokens, self.codebook(tokens)  # (B, l, Cvae)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """See `TokenHead.embed`."""
-        return self.codebook(tokens)  # (B, l, Cvae)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from itertools import accumulate
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -136,18 +137,27 @@ class TokenCache(Dataset):
         return {"tokens": self.arrays.rows("tokens", indices, flips).long(), "label": self.arrays.rows(LABELS, indices)}
 
 
+class TokenTargets(Protocol):
+    """What a VAR token head says a cached token is (`scalegen.models.token_heads.TokenHead`)."""
+
+    def targets(self, tokenizer: nn.Module, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype: ...
+
+
 def extract_tokens(
     tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,
     device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
-    num_workers: int = 0,
+    num_workers: int = 0, *, head: TokenTargets,
 ) -> Path:
-    """Tokenize every image and its mirror once into the sharded cache `path` (int16 when the vocabulary fits), split
-    over the ranks of `context` (see `build_cache`); a cache of other data or of another tokenizer is refused."""
-    storage = torch.int16 if tokenizer.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
+    """Tokenize every image and its mirror once into the sharded cache `path` (the token head's targets, as its
+    `cache_dtype`: VAR's integer ids in int16 when the vocabulary fits), split over the ranks of `context` (see
+    `build_cache`); a cache of other data or of another tokenizer is refused."""
+    storage = head.cache_dtype(tokenizer)
     tokenizer = tokenizer.to(device).eval()
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"tokens": torch.cat(tokenizer.img_to_tokens(images), dim=1).to(storage)}  # (2B, L)
+        return {"tokens": torch.cat(head.targets(tokenizer, images), dim=1).to(storage)}  # (2B, L, ...)
 
     return build_cache(dataset, encode, path, batch_size, device, "extracting tokens", cache_source(dataset, tokenizer),
                        context, shard_size, num_workers)

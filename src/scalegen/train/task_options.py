@@ -14,7 +14,7 @@ from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES, objective_settings
 from scalegen.errors import UserError
 from scalegen.eval.settings import ClassifierConfig
-from scalegen.models.settings import OFFICIAL_BLOCK, AttentionBackend
+from scalegen.models.settings import CATEGORICAL_HEAD, OFFICIAL_BLOCK, AttentionBackend
 from scalegen.runs.names import PIXEL_SPACE
 from scalegen.train.settings import VAR_BASE_LR
 
@@ -274,6 +274,7 @@ class VAROptions:
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
         attention: teacher forcing through "sdpa" (a dense block-causal mask, the official path) or "flex"
             (FlexAttention's block-sparse mask; GPU only for training, SDPA with a warning elsewhere).
+        token_head: what the positions predict, a registered token head (`scalegen.models.token_heads`).
     """
 
     tokenizer: str
@@ -290,6 +291,7 @@ class VAROptions:
     sample_top_p: float = 0.95
     init_from: str | None = None
     attention: AttentionBackend = "sdpa"
+    token_head: str = CATEGORICAL_HEAD
 
 
 @dataclass

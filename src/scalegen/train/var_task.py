@@ -1,4 +1,5 @@
-"""Training a VAR on a frozen tokenizer: the task (teacher-forced cross-entropy over all scales, sample grid) and
+"""Training a VAR on a frozen tokenizer: the task (teacher forcing over all scales with its token head's loss, the
+cross-entropy for VAR's head; sample grid) and
 `train_var`, which builds a run from `VAROptions`.
 
 The recipe is the official VAR one: AdamW (0.9, 0.95), weight decay 0.05 (not on norms, biases, embeddings and
@@ -12,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scalegen.data import limited, open_dataset, run_description
@@ -20,6 +20,7 @@ from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
+from scalegen.models.token_heads import build_token_head
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
@@ -43,7 +44,7 @@ SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) di
 class VARTask(TrainingTask):
     """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
 
-    Batches hold "image" (tokenized here) or "tokens" (B, L) from a `TokenCache`. `base_lr` sets the recipe's lr
+    Batches hold "image" (tokenized here, into the token head's targets) or "tokens" (B, L, ...) from a `TokenCache`. `base_lr` sets the recipe's lr
     (base_lr · max(batch, 768) / 256).
     """
 
@@ -71,24 +72,24 @@ class VARTask(TrainingTask):
         return replace(self.recipe, batch_size=batch_size, lr=lr, warmup_steps=steps // WARMUP_FRACTION)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        head = self.model.token_head
         with torch.no_grad():
             if "tokens" in batch:
-                tokens = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p²)
+                scale_targets = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p², ...)
             else:
-                tokens = self.tokenizer.img_to_tokens(batch["image"])  # K × (B, p²)
-            var_input = self.tokenizer.tokens_to_var_input(tokens)  # (B, L - 1, Cvae)
-        targets = torch.cat(tokens, dim=1)  # (B, L)
-        logits = model(batch["label"], var_input)  # (B, L, V)
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=self.label_smoothing,
-                                    reduction="none")  # (B, L)
-        correct = (logits.argmax(-1) == targets).float()  # (B, L)
-        figures = {"accuracy": correct.mean()}  # () each, left on the device
+                scale_targets = head.targets(self.tokenizer, batch["image"])  # K × (B, p², ...)
+            var_input = head.var_input(self.tokenizer, scale_targets)  # (B, L - 1, Cvae)
+        targets = torch.cat(scale_targets, dim=1)  # (B, L, ...)
+        output = model(batch["label"], var_input, targets)  # (B, L, ...), logits (B, L, V) for VAR's head
+        per_position, per_position_figures = head.loss(self.model, output, targets, self.label_smoothing)  # (B, L) each
+        figures = {name: values.mean() for name, values in per_position_figures.items()}  # () each, left on the device
         names = scale_names(self.model.config.patch_nums)
-        for name, scale_loss, scale_correct in zip(names, per_token.detach().split(self.scale_lengths, dim=1),
-                                                   correct.split(self.scale_lengths, dim=1)):
+        by_scale = {name: values.split(self.scale_lengths, dim=1) for name, values in per_position_figures.items()}
+        for index, (name, scale_loss) in enumerate(zip(names, per_position.detach().split(self.scale_lengths, dim=1))):
             figures[f"loss_{name}"] = scale_loss.mean()
-            figures[f"accuracy_{name}"] = scale_correct.mean()
-        return per_token.mean(), figures
+            for figure, scale_values in by_scale.items():
+                figures[f"{figure}_{name}"] = scale_values[index].mean()
+        return per_position.mean(), figures
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         decay, no_decay = [], []
@@ -139,8 +140,9 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         model_config = VARConfig.for_depth(
             options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
             vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
-            **overrides,
+            token_head=options.token_head, **overrides,
         )
+        head = build_token_head(model_config)  # what a token is, for the cache; refuses an unknown head at once
         if model_config.width % model_config.num_heads:
             raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
                             "change --width or --num-heads")
@@ -152,7 +154,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
             cache = cache_path(run.token_cache, run.earlier_token_cache)
             if cache == run.token_cache:  # every rank tokenizes its shards of it (a complete cache is kept as it is)
                 extract_tokens(tokenizer, dataset, cache, device=context.device, context=context,
-                               num_workers=config.num_workers)
+                               num_workers=config.num_workers, head=head)
             dataset = TokenCache(cache)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         tokenizer_info = {"kind": kind_of(tokenizer).name, "model": json_config(tokenizer.config),

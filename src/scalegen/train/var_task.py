@@ -1,6 +1,5 @@
-"""Training a VAR on a frozen tokenizer: the task (teacher forcing over all scales with its token head's loss, the
-cross-entropy for VAR's head; sample grid) and
-`train_var`, which builds a run from `VAROptions`.
+"""Training a VAR on a frozen tokenizer: the task (teacher forcing over all scales with its token head's loss, VAR's
+head's cross-entropy; sample grid) and `train_var`, which builds a run from `VAROptions`.
 
 The recipe is the official VAR one: AdamW (0.9, 0.95), weight decay 0.05 (not on norms, biases, embeddings and
 positions), gradient clipping at 2, lr = base_lr · batch / 256 at the official batch sizes (768 to 1024) and
@@ -44,8 +43,8 @@ SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) di
 class VARTask(TrainingTask):
     """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
 
-    Batches hold "image" (tokenized here, into the token head's targets) or "tokens" (B, L, ...) from a `TokenCache`. `base_lr` sets the recipe's lr
-    (base_lr · max(batch, 768) / 256).
+    Batches hold "image" (made into the token head's targets here) or "tokens" (B, L, ...) from a `TokenCache`.
+    `base_lr` sets the recipe's lr (base_lr · max(batch, 768) / 256).
     """
 
     kind = "var"

@@ -1,5 +1,5 @@
 """The training stall of a checkpoint (a benchmark, not a test): a DiT-XL/2-sized model and its EMA copy (AdamW's
-state too with --optimizer) checkpointed on the CPU the way an FSDP run does it (`sharding.ShardedWriter`, one
+state too with --optimizer) checkpointed on the CPU the way an FSDP run does it (`runs.sharded.ShardedFormat`, one
 process in a gloo group), synchronously (`dcp.save`: training waits for the whole write) against asynchronously
 (`dcp.async_save`: training waits only for the host copy of the shards, a thread writes them), with today's one-file
 `save_checkpoint` (what DDP runs write) for reference. Prints a table and writes a JSON.
@@ -24,6 +24,7 @@ import torch.distributed as dist
 import scalegen
 from scalegen.distributed import DistributedContext
 from scalegen.runs.folder import RunFolder, save_checkpoint
+from scalegen.runs.sharded import ShardedFormat
 from scalegen.train import sharding
 
 PRESET, INPUT_SIZE = "DiT-XL/2", 32  # DiT-XL/2 on 256px images' 32×32 latents: 675 M parameters
@@ -56,12 +57,12 @@ def state_bytes(state: dict) -> int:
 def timed_sharded_saves(run: RunFolder, state: dict, asynchronous: bool, saves: int) -> list[tuple[float, float]]:
     """(stall, total) seconds of each of `saves` sharded checkpoints written one after the other by one writer, as a
     run writes them: until `save` returns (training goes on), and until the folder is in place."""
-    writer = sharding.ShardedWriter(run, keep=1, context=DistributedContext(), asynchronous=asynchronous)
+    writer = ShardedFormat(run, keep=1, context=DistributedContext(), asynchronous=asynchronous)
     times = []
     try:
         for step in range(1, saves + 1):
             started = time.perf_counter()
-            writer.save(step, {"model": PRESET}, {"step": step}, state)
+            writer.write(step, {"model": PRESET}, state, {"step": step}, {})
             returned = time.perf_counter()
             writer.wait()
             times.append((returned - started, time.perf_counter() - started))

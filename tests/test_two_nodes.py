@@ -1,6 +1,6 @@
 """Two nodes and a shared run folder: two torchrun agents rendezvous on localhost, train, checkpoint, and carry on
 from the last checkpoint after torchrun restarts a killed worker, the restarted rank 0 taking over the run lock its
-killed predecessor left (the lock across machines: tests/test_run_lock.py)."""
+killed predecessor left (the lock across machines: tests/runs/test_run_lock.py)."""
 import os
 import signal
 import socket

@@ -3,9 +3,11 @@ after symlinks and `..` are resolved, the warning for a page served beyond this 
 `serve --auth/--auth-file`, and the bounds on the work of one request."""
 import pytest
 
+from scalegen.cli.main import main
 from scalegen.cli.serve import read_logins
 from scalegen.errors import UserError
-from scalegen.runs.names import SHIPPED, SHIPPED_DIT
+from scalegen.runs.names import SHIPPED, SHIPPED_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
+from scalegen.web import app
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 
@@ -96,3 +98,12 @@ def test_the_work_of_one_request_is_bounded_with_a_one_line_message():
     refused = load(models, "/etc", "", "")[0]
     assert refused == WARNING + "/etc is outside the folders this page loads models from: start `scalegen serve` " \
                                 "with --models-dir naming its folder"
+
+
+@pytest.mark.parametrize("var", [str(SHIPPED_VAR), "shipped:var"], ids=["path", "shipped-name"])
+def test_serve_gives_the_shipped_var_its_refiner_however_the_var_is_named(monkeypatch, var):
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda dit, var, host, port, **options: served.update(options))
+    main(["serve", "--var", var])
+    assert served["refiner"] == str(SHIPPED_VAR_REFINER)
+

@@ -34,13 +34,9 @@ def add_labels_option(parser: argparse.ArgumentParser) -> None:
 
 
 def chosen_dit_settings(args: argparse.Namespace, model) -> Chosen:
-    """The settings `sample dit` uses: its flags, else the model's recommended ones, else the objective's defaults;
-    the guidance interval from its flag, else the model config's (none: every step)."""
-    objective = model.objective
-    chosen = chosen_settings({"cfg": args.cfg_scale, "steps": args.steps, "sampler": args.sampler},
-                             model.sampling, model.sampling_origin,
-                             {"cfg": objective.default_cfg, "steps": objective.default_steps,
-                              "sampler": objective.default_sampler})
+    """The settings `sample dit` uses: its flags, else the model's recommended ones, else the objective's defaults
+    (`DiT.chosen_sampling`); the guidance interval from its flag, else the model config's (none: every step)."""
+    chosen = model.chosen_sampling(args.cfg_scale, args.steps, args.sampler)
     if args.cfg_interval is not None:
         chosen["cfg_interval"] = (args.cfg_interval, FROM_FLAG)
     else:

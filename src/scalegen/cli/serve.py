@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scalegen.cli.parsing import at_least
 from scalegen.errors import UserError
-from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
+from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER, checkpoint_path
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 PORT = at_least(1)
@@ -46,7 +46,7 @@ def run_serve(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise UserError(f"the web page needs Gradio ({error}): pip install 'scalegen[web]'") from None
     refiner = args.refiner
-    if refiner is None and Path(args.var).resolve() == SHIPPED_VAR.resolve():
+    if refiner is None and checkpoint_path(args.var).resolve() == SHIPPED_VAR.resolve():  # a path or shipped:var
         refiner = str(SHIPPED_VAR_REFINER)  # made for the shipped VAR only
     serve(args.dit, args.var, args.host, args.port, refiner=refiner, auth=read_logins(args.auth, args.auth_file),
           models_dirs=args.models_dir)

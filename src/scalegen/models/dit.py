@@ -14,7 +14,7 @@ from scalegen.diffusion.names import GuidanceInterval, check_guidance_interval
 from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
-from scalegen.models.sampling_settings import FROM_DEFAULT
+from scalegen.models.sampling_settings import FROM_DEFAULT, Chosen, chosen_settings
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
 from scalegen.models.dit_blocks import FinalLayer, make_block
@@ -320,12 +320,25 @@ class DiT(ReferencingModule):
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
         objective = self.objective
-        steps = objective.check_steps(self.sampling.get("steps") if steps is None else steps)
-        sampler = self.sampling.get("sampler") if sampler is None else sampler
-        cfg = self.sampling.get("cfg", objective.default_cfg) if cfg is None else cfg
+        chosen = self.chosen_sampling(cfg, steps, sampler)
+        steps = objective.check_steps(chosen["steps"][0])
         interval = check_guidance_interval(cfg_interval if cfg_interval is not None else self.config.cfg_interval)
-        plan = SamplingPlan(objective, objective.check_sampler(sampler), steps, interval)
-        return labels, plan, cfg
+        plan = SamplingPlan(objective, objective.check_sampler(chosen["sampler"][0]), steps, interval)
+        return labels, plan, chosen["cfg"][0]
+
+    def chosen_sampling(self, cfg: float | None = None, steps: int | None = None,
+                        sampler: str | None = None) -> Chosen:
+        """The one rule of a DiT's sampling settings: each given value (not None), else the model's recommended one
+        (`sampling`), else its objective's default; `generate`, `scalegen sample dit` and the diffusers export's
+        model card all take theirs from here.
+
+        Returns:
+            "cfg", "steps", "sampler" -> (value, where it came from).
+        """
+        objective = self.objective
+        return chosen_settings({"cfg": cfg, "steps": steps, "sampler": sampler}, self.sampling, self.sampling_origin,
+                               {"cfg": objective.default_cfg, "steps": objective.default_steps,
+                                "sampler": objective.default_sampler})
 
 
 @contextmanager

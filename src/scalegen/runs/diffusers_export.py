@@ -26,11 +26,9 @@ from scalegen.models.settings import OFFICIAL_BLOCK
 from scalegen.runs.folder import CONFIG_FILE
 from scalegen.runs.loading import (
     DIFFUSERS_INDEX, DIFFUSERS_SCHEDULER, DIFFUSERS_SCHEDULER_FILE, DIFFUSERS_TRANSFORMER, DIFFUSERS_VAE,
-    DIFFUSERS_WEIGHTS, diffusers_stored_config, diffusers_transformer_folder, dit_decoder, load_dit, load_tokenizer,
-    model_name, stored_objective,
+    DIFFUSERS_WEIGHTS, dit_decoder, load_dit, load_tokenizer, model_name, source_config, stored_objective,
 )
 from scalegen.runs.names import PIXEL_SPACE, checkpoint_path
-from scalegen.runs.weights import load_weights, stored_config
 from scalegen.models.sampling_settings import SAMPLING_KEY
 from scalegen.tokenizers.kl_vae import to_autoencoder_kl
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_vae
@@ -42,14 +40,6 @@ README_FILE = "README.md"
 def native_export(path: str | Path) -> str:
     """The advice for what diffusers cannot run: scalegen's own export format, which every scalegen command loads."""
     return f"export it in scalegen's format instead: scalegen export --run {path} --out FOLDER"
-
-
-def source_config(path: str | Path) -> dict:
-    """The stored config of what is exported (a run, checkpoint, export, diffusers folder); {} for an official file."""
-    transformer = diffusers_transformer_folder(path)
-    if transformer is not None:
-        return diffusers_stored_config(transformer)
-    return (stored_config(path) if Path(path).is_dir() else load_weights(path)[0]) or {}
 
 
 def check_exportable(path: str | Path, stored: dict) -> None:
@@ -124,8 +114,9 @@ def scheduler(model: DiT) -> dict:
 def pipeline_arguments(model: DiT) -> str:
     """DiTPipeline's arguments for the model's recommended sampling settings (`model.sampling`; guidance 1 for a
     DiT whose null class the pipeline cannot reach; without settings, the objective's defaults)."""
-    cfg = model.sampling.get("cfg", model.objective.default_cfg) if guides(model) else 1.0
-    steps = model.sampling.get("steps", model.objective.default_steps)
+    chosen = model.chosen_sampling()
+    cfg = chosen["cfg"][0] if guides(model) else 1.0
+    steps = chosen["steps"][0]
     return f"guidance_scale={float(cfg)}, num_inference_steps={int(steps)}"
 
 

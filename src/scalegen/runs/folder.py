@@ -23,7 +23,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -47,7 +47,9 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's torch.distributed.checkpoint folder
 SHARDED_INDEX = ".metadata"  # the index DCP writes last, once every rank's shards are written
-SHARDED_MODEL, SHARDED_EMA = "model", "ema"  # the top-level keys (key prefixes) of the weights in a DCP folder
+# A run's state to save by part (`Parallelism.state_to_save`): a DCP folder's top-level keys (its weights' key
+# prefixes); the optimizer's is also its key in a one-file checkpoint's training_state.pt.
+MODEL_STATE, EMA_STATE, OPTIMIZER_STATE = "model", "ema", "optimizer"
 SINGLE_PROCESS_WARNING = ".*in a single process"  # what DCP warns when it reads without a process group, as meant
 TOKENIZER_FILE = "tokenizer.safetensors"
 LOG_FILE = "log.csv"
@@ -79,6 +81,24 @@ def is_sharded(folder: Path) -> bool:
 def is_complete(folder: Path) -> bool:
     """Whether a checkpoint or exported folder holds weights: one-file (model.safetensors) or sharded."""
     return (folder / MODEL_FILE).exists() or is_sharded(folder)
+
+
+def folder_config(folder: Path) -> dict:
+    """The JSON config of a folder holding weights (a checkpoint or exported folder)."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.exists():
+        raise UserError(f"{folder} has weights but no {CONFIG_FILE}; it is not a scalegen run or export")
+    return read_json(config_path)
+
+
+def weights_file(folder: Path, prefer_ema: bool = True) -> Path:
+    """A one-file checkpoint's weights: its EMA's when it has them and they are preferred, else the model's."""
+    return folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
+
+
+def holds_ema(keys: Iterable[str]) -> bool:
+    """Whether a sharded checkpoint's keys (its DCP index's) hold EMA weights beside the model's."""
+    return any(key.startswith(f"{EMA_STATE}.") for key in keys)
 
 
 class RunFolder:

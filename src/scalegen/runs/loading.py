@@ -3,6 +3,7 @@ ready model in eval mode, with the tokenizer or decoder it samples through attac
 
     model = load_var("shipped:var")                  # the shipped Fashion-MNIST VAR (SHIPPED_VAR), tokenizer inside
     images = model.generate([0, 7], seed=0)          # (2, 1, 32, 32) in [0, 1], at its recommended settings
+    run = load_run("shipped:dit")                    # kind, config, model, tokenizer and sampling settings at once
 
 Official files store no config: it is read off the weight shapes. Every bad file is a one-line `UserError`.
 A loaded DiT or VAR carries `class_names`: its run's folder names, Fashion-MNIST's, or ImageNet-1k's; and
@@ -12,6 +13,7 @@ not given.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -182,7 +184,7 @@ def dit_decoder(ckpt: str | Path, stored: dict | None, config: DiTConfig,
 
 def load_dit(path: str | Path, vae: str | None = None, weights: WeightChoice | None = None) -> DiT:
     """A DiT in eval mode, its decoder and recommended sampling settings attached, from a run folder, checkpoint,
-    export, official .pt or `shipped:` name.
+    export, official .pt or `shipped:` name (`load_run(path, "dit", ...).model`).
 
     Args:
         path: where the weights are.
@@ -190,7 +192,11 @@ def load_dit(path: str | Path, vae: str | None = None, weights: WeightChoice | N
             "none" loads the bare network without a decoder.
         weights: "ema" or "raw" (a run's model.safetensors); None: the EMA weights when there are some.
     """
-    path = checkpoint_path(path)
+    return load_run(path, "dit", vae=vae, weights=weights).model
+
+
+def stored_dit(path: Path, vae: str | None, weights: WeightChoice | None) -> tuple[dict | None, DiT]:
+    """The stored config (None: an official file) and the ready DiT of `path`, as `load_dit` describes."""
     transformer = diffusers_transformer_folder(path)
     if transformer is not None:
         state_dict, fields = from_diffusers(read_weights_file(transformer / DIFFUSERS_WEIGHTS),
@@ -206,7 +212,7 @@ def load_dit(path: str | Path, vae: str | None = None, weights: WeightChoice | N
     model.attach_decoder(dit_decoder(path, stored, config, vae))
     model.class_names = class_names(config.num_classes, stored)
     model.sampling, model.sampling_origin = stored_sampling(stored, OFFICIAL_DIT_SAMPLING)
-    return model
+    return stored, model
 
 
 def stored_objective(stored: dict) -> str:
@@ -278,7 +284,7 @@ def official_patch_nums(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
 def load_var(path: str | Path, tokenizer: str | Path | nn.Module | None = None,
              weights: WeightChoice | None = None) -> VAR:
     """A VAR in eval mode, its tokenizer and recommended sampling settings attached, from a run folder, checkpoint,
-    export, official var_d*.pth or `shipped:` name.
+    export, official var_d*.pth or `shipped:` name (`load_run(path, "var", ...).model`).
 
     Args:
         path: where the weights are.
@@ -286,7 +292,12 @@ def load_var(path: str | Path, tokenizer: str | Path | nn.Module | None = None,
             for an official checkpoint, which holds the transformer alone.
         weights: "ema" or "raw" (a run's model.safetensors); None: the EMA weights when there are some.
     """
-    path = checkpoint_path(path)
+    return load_run(path, "var", tokenizer=tokenizer, weights=weights).model
+
+
+def stored_var(path: Path, tokenizer: str | Path | nn.Module | None,
+               weights: WeightChoice | None) -> tuple[dict | None, VAR]:
+    """The stored config (None: an official file) and the ready VAR of `path`, as `load_var` describes."""
     stored, state_dict = load_chosen_weights(path, weights)
     check_kind(stored, "var", path)
     if isinstance(tokenizer, nn.Module):
@@ -305,7 +316,7 @@ def load_var(path: str | Path, tokenizer: str | Path | nn.Module | None = None,
     model.attach_tokenizer(vqvae)
     model.class_names = class_names(config.num_classes, stored)
     model.sampling, model.sampling_origin = stored_sampling(stored, OFFICIAL_VAR_SAMPLING)
-    return model
+    return stored, model
 
 
 def load_refiner(path: str | Path, drafter: VAR, any_tokenizer: bool = False,
@@ -333,9 +344,73 @@ def load_refiner(path: str | Path, drafter: VAR, any_tokenizer: bool = False,
 
 def own_tokenizer_weights(path: Path) -> dict[str, torch.Tensor] | None:
     """The weights of the tokenizer a VAR run, checkpoint or export was trained on (its copy, else its source); None
-    for a file without a config (an official checkpoint holds no tokenizer) or a VAR of another kind."""
-    stored = stored_config(path) if path.is_dir() else load_weights(path)[0]
-    if stored is None or stored.get("kind") != "var":
+    for a file without a config (an official checkpoint holds no tokenizer) or a model of another kind."""
+    stored = source_config(path)
+    if stored.get("kind") != "var":
         return None
     copy = find_tokenizer_copy(path)
     return read_weights_file(copy) if copy is not None else stored_tokenizer(path, stored).state_dict()
+
+
+# ----- any run -----
+
+def source_config(path: str | Path) -> dict:
+    """The stored config of a run, checkpoint, export or weights file (a diffusers folder's as `diffusers_stored_config`
+    says it); {} for an official file, which stores none."""
+    transformer = diffusers_transformer_folder(path)
+    if transformer is not None:
+        return diffusers_stored_config(transformer)
+    return (stored_config(path) if Path(path).is_dir() else load_weights(path)[0]) or {}
+
+
+@dataclass
+class LoadedRun:
+    """What a run, checkpoint, export, official file or `shipped:` name holds, ready to sample.
+
+    Fields:
+        kind: "dit" or "var".
+        config: the stored JSON config; None for an official file (its config is read off the weight shapes).
+        model: the model in eval mode, with its tokenizer or decoder, class names and sampling settings attached.
+        tokenizer: what the model samples through: a VAR's tokenizer, a DiT's decoder (None: pixels).
+        sampling: the model's recommended sampling settings (`scalegen.models.sampling_settings`), by name.
+        sampling_origin: where they come from (its config, the paper's for an official file, or the defaults).
+    """
+
+    kind: str
+    config: dict | None
+    model: DiT | VAR
+    tokenizer: nn.Module | None
+    sampling: dict
+    sampling_origin: str
+
+
+def load_run(path: str | Path, kind: str | None = None, *, vae: str | None = None,
+             tokenizer: str | Path | nn.Module | None = None, weights: WeightChoice | None = None) -> LoadedRun:
+    """Everything needed to sample from a DiT or VAR: its config, weights, tokenizer and sampling settings, in one
+    call (`load_dit` and `load_var` are this call's model).
+
+    Args:
+        path: a run folder, checkpoint, export, diffusers folder, official file or `shipped:` name.
+        kind: "dit" or "var"; None: the kind its stored config names (an official file stores none: give it).
+        vae: a DiT's decoder, as `load_dit`'s.
+        tokenizer: a VAR's tokenizer, as `load_var`'s.
+        weights: "ema" or "raw"; None: the EMA weights when there are some.
+    Raises:
+        UserError: `path` holds another kind of model, or nothing that says its kind.
+    """
+    path = checkpoint_path(path)
+    if kind is None:
+        kind = "dit" if diffusers_transformer_folder(path) is not None else source_config(path).get("kind")
+    if kind == "dit":
+        stored, model = stored_dit(path, vae, weights)
+        attached = model.decoder
+    elif kind == "var":
+        stored, model = stored_var(path, tokenizer, weights)
+        attached = model.tokenizer
+    elif kind is None:
+        raise UserError(f"{path} stores no config that names its kind of model (an official checkpoint); give the "
+                        "kind: load_run(path, 'dit') or load_run(path, 'var')")
+    else:
+        raise UserError(f"{path} holds a {model_name(kind)} model, which has no sampling to load; "
+                        + (kind_advice(kind) or "give a run, checkpoint or export of a DiT or VAR").format(path=path))
+    return LoadedRun(kind, stored, model, attached, model.sampling, model.sampling_origin)

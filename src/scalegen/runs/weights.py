@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import pickle
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,8 +15,9 @@ import torch
 from scalegen.errors import UserError
 from scalegen.files import first_line, read_json, read_weights_file, safe_torch_load
 from scalegen.runs.folder import (
-    CONFIG_FILE, EMA_FILE, EXPORTED_WEIGHTS_KEY, LAST_POINTER, MODEL_FILE, SHARDED_DIR, SHARDED_EMA, SHARDED_MODEL,
-    SINGLE_PROCESS_WARNING, STATE_FILE, is_complete, is_sharded, last_checkpoint,
+    CONFIG_FILE, EMA_FILE, EMA_STATE, EXPORTED_WEIGHTS_KEY, LAST_POINTER, MODEL_FILE, MODEL_STATE, SHARDED_DIR,
+    SINGLE_PROCESS_WARNING, STATE_FILE, folder_config, holds_ema, is_complete, is_sharded, last_checkpoint,
+    weights_file,
 )
 from scalegen.runs.names import WEIGHT_CHOICES, WeightChoice, checkpoint_path
 
@@ -32,30 +32,7 @@ def weights_folder(path: Path) -> Path:
 
 def stored_config(path: str | Path) -> dict:
     """The JSON config of a run folder (its last checkpoint's), a checkpoint folder or an exported folder."""
-    folder = weights_folder(checkpoint_path(path))
-    config_path = folder / CONFIG_FILE
-    if not config_path.exists():
-        raise UserError(f"{folder} has weights but no {CONFIG_FILE}; it is not a scalegen run or export")
-    return read_json(config_path)
-
-
-def weights_file(folder: Path, prefer_ema: bool = True) -> Path:
-    """A one-file checkpoint's weights: its EMA's when it has them and they are preferred, else the model's."""
-    return folder / EMA_FILE if prefer_ema and (folder / EMA_FILE).exists() else folder / MODEL_FILE
-
-
-def holds_ema(keys: Iterable[str]) -> bool:
-    """Whether a sharded checkpoint's keys (its DCP index's) hold EMA weights beside the model's."""
-    return any(key.startswith(f"{SHARDED_EMA}.") for key in keys)
-
-
-def read_checkpoint_weights(folder: Path, with_ema: bool) -> tuple[dict | None, dict | None]:
-    """A one-file checkpoint's (weights, EMA weights) to resume from: the EMA's are the weights themselves for a run
-    checkpointed without EMA, None when `with_ema` is false; (None, None) for a sharded checkpoint, whose weights
-    the trainer reads straight into its (sharded) modules."""
-    if is_sharded(folder):
-        return None, None
-    return read_weights_file(folder / MODEL_FILE), read_weights_file(weights_file(folder)) if with_ema else None
+    return folder_config(weights_folder(checkpoint_path(path)))
 
 
 def sharded_entries(folder: Path) -> dict:
@@ -84,7 +61,7 @@ def read_sharded_weights(folder: Path, prefer_ema: bool = True) -> dict[str, tor
 
     reader = dcp.FileSystemReader(folder / SHARDED_DIR)
     entries = sharded_entries(folder)
-    prefix = f"{SHARDED_EMA if prefer_ema and holds_ema(entries) else SHARDED_MODEL}."
+    prefix = f"{EMA_STATE if prefer_ema and holds_ema(entries) else MODEL_STATE}."
     # Full tensors allocated from the index; DCP fills them from whichever ranks' files hold their pieces.
     weights = {key.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
                for key, entry in entries.items()

@@ -1,13 +1,15 @@
 """How a run spreads its model over the ranks, as a strategy the trainer calls without knowing which it is: a
-`Parallelism` wraps the model for training, switches the gradient reduction per micro-batch, writes checkpoints in
-its format and reads either format, and gives rank 0 the whole model to draw sample grids with.
+`Parallelism` wraps the model for training, switches the gradient reduction per micro-batch, gives
+the state its checkpoint format writes (`state_to_save`) and loads a checkpoint's state into its modules, and gives
+rank 0 the whole model to draw sample grids with. The checkpoints themselves are the run's `CheckpointManager`'s
+(runs/checkpoints.py): it writes them in the format the strategy names and reads whichever format is on disk.
 
 - `Replicate` (DDP; a single process is its world of one): every rank holds the whole model and optimizer state;
-  rank 0 writes the one-file checkpoint format.
-- `Shard` (FSDP2: `--fsdp` under torchrun): each rank holds its shards of the model, the EMA and the optimizer state
-  and writes them with DCP, in the background (sharding.py has the mechanics).
+  its checkpoints are one-file ones (rank 0 writes them).
+- `Shard` (FSDP2: `--fsdp` under torchrun): each rank holds its shards of the model, the EMA and the optimizer state;
+  its checkpoints are sharded ones (DCP, every rank in the background; sharding.py has the FSDP mechanics).
 
-Either reads a one-file or a sharded checkpoint written at any world size. Another strategy is a subclass given to
+Either resumes from a checkpoint of any format written at any world size. Another strategy is a subclass given to
 `Trainer` or `train` as `parallelism=` (any callable of (context, run folder, checkpoints to keep)).
 """
 from __future__ import annotations
@@ -15,15 +17,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scalegen.distributed import DistributedContext, barrier
+from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
-from scalegen.runs.folder import RunFolder, save_checkpoint
+from scalegen.runs.checkpoints import CheckpointManager
+from scalegen.runs.folder import EMA_STATE, MODEL_STATE, OPTIMIZER_STATE, RunFolder
+from scalegen.runs.one_file import OneFileFormat
+from scalegen.runs.sharded import ShardedFormat
 from scalegen.train import sharding
 from scalegen.train.optimization import load_optimizer_state
 
@@ -38,9 +45,11 @@ class Parallelism(ABC):
     """
 
     summary_words = ""  # what the run's summary line says after its number of processes
+    checkpoint_format: ClassVar[str]  # the name of the registered checkpoint format it writes (runs/checkpoints.py)
 
     def __init__(self, context: DistributedContext, run: RunFolder, keep: int):
         self.context, self.run, self.keep = context, run, keep
+        self.checkpoints = CheckpointManager(run, keep, context, self.checkpoint_format)
 
     @abstractmethod
     def wrap(self, model: nn.Module, ema: nn.Module | None, precision: str) -> nn.Module:
@@ -70,10 +79,14 @@ class Parallelism(ABC):
         """
 
     @abstractmethod
+    def state_to_save(self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's state as its checkpoint format writes it: MODEL_STATE, OPTIMIZER_STATE and EMA_STATE (absent
+        without EMA)."""
+
     def save(self, step: int, config: dict, model: nn.Module, ema: nn.Module | None,
              optimizer: torch.optim.Optimizer, training_state: dict,
              task_weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Write checkpoint `step`; every rank calls this, with finite weights.
+        """Write checkpoint `step` through the run's checkpoint manager; every rank calls this, with finite weights.
 
         Args:
             config: the JSON config that rebuilds the model.
@@ -82,23 +95,19 @@ class Parallelism(ABC):
         Raises:
             UserError: the checkpoint could not be written; the previous one is intact.
         """
+        self.checkpoints.save(step, config, self.state_to_save(model, ema, optimizer), training_state, task_weights)
 
-    def load(self, folder: Path, weights: dict | None, ema_weights: dict | None, state: dict, model: nn.Module,
-             ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> None:
-        """Put a checkpoint's weights, EMA and optimizer state into this run's modules (every rank calls this).
+    def load(self, folder: Path, state: dict, model: nn.Module, ema: nn.Module | None,
+             optimizer: torch.optim.Optimizer) -> None:
+        """Put checkpoint `folder`'s weights, EMA and optimizer state, of whichever format, into this run's modules
+        (every rank calls this).
 
         Args:
-            folder: the checkpoint folder.
-            weights, ema_weights: a one-file checkpoint's full tensors (the EMA's None without EMA here); None for a
-                sharded checkpoint, which is read from `folder`, resharded to this run or gathered for whole modules.
-            state: the checkpoint's training state (a one-file checkpoint's holds the optimizer's, by index).
+            state: the checkpoint's training state.
         Raises:
-            UserError: the shards cannot be read.
+            UserError: the checkpoint cannot be read.
         """
-        if weights is None:
-            sharding.load_sharded_checkpoint(folder, model, ema, optimizer)
-        else:
-            self.load_full(weights, ema_weights, state["optimizer"], model, ema, optimizer)
+        self.checkpoints.load(folder, state, HeldModules(self, model, ema, optimizer))
 
     @abstractmethod
     def load_full(self, weights: dict, ema_weights: dict | None, optimizer_state: dict, model: nn.Module,
@@ -115,10 +124,36 @@ class Parallelism(ABC):
 
     def poll(self) -> None:
         """Finish a checkpoint written in the background if its write is done (called every step: no collective)."""
+        self.checkpoints.poll()
 
     def close(self) -> None:
         """Finish a checkpoint being written and free what writing it holds (at the end of training, even a failed
         one)."""
+        self.checkpoints.close()
+
+
+@dataclass
+class HeldModules:
+    """A run's modules as `strategy` holds them: what a checkpoint format reads into (`runs.checkpoints.
+    CheckpointTarget`). DCP's state-dict API serves plain and sharded modules alike."""
+
+    strategy: Parallelism
+    model: nn.Module
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ema is not None
+
+    def load_full(self, weights: dict, ema_weights: dict | None, optimizer_state: dict) -> None:
+        self.strategy.load_full(weights, ema_weights, optimizer_state, self.model, self.ema, self.optimizer)
+
+    def distributed_state(self, with_ema: bool) -> dict:
+        return sharding.sharded_state(self.model, self.ema if with_ema else None, self.optimizer)
+
+    def load_distributed(self, state: dict, with_ema: bool) -> None:
+        sharding.load_sharded_state(self.model, self.ema, self.optimizer, state, with_ema)
 
 
 ParallelismFactory = Callable[[DistributedContext, RunFolder, int], Parallelism]
@@ -126,7 +161,9 @@ ParallelismFactory = Callable[[DistributedContext, RunFolder, int], Parallelism]
 
 class Replicate(Parallelism):
     """Every rank holds the whole model and optimizer state, and DDP averages the gradients (a single process trains
-    the model as it is); rank 0 writes the one-file checkpoint format."""
+    the model as it is); its checkpoints are one-file ones."""
+
+    checkpoint_format = OneFileFormat.name
 
     def wrap(self, model: nn.Module, ema: nn.Module | None, precision: str) -> nn.Module:
         """DDP's wrapper around `model` (which gives every rank rank 0's weights), or `model` in a single process."""
@@ -139,15 +176,12 @@ class Replicate(Parallelism):
         """DDP's `no_sync` on all but a step's last micro-batch."""
         return network.no_sync() if self.context.enabled and not last_micro_batch else nullcontext()
 
-    def save(self, step: int, config: dict, model: nn.Module, ema: nn.Module | None,
-             optimizer: torch.optim.Optimizer, training_state: dict,
-             task_weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Rank 0 writes the one-file checkpoint (the optimizer state with the training state); the others wait."""
-        if self.context.is_main:
-            save_checkpoint(self.run.root, step, config, model.state_dict(),
-                            ema.state_dict() if ema is not None else None,
-                            {**training_state, "optimizer": optimizer.state_dict()}, self.keep, task_weights)
-        barrier(self.context)
+    def state_to_save(self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
+        """The whole model's, EMA's and optimizer's state dicts (rank 0's are written)."""
+        state = {MODEL_STATE: model.state_dict(), OPTIMIZER_STATE: optimizer.state_dict()}
+        if ema is not None:
+            state[EMA_STATE] = ema.state_dict()
+        return state
 
     def load_full(self, weights: dict, ema_weights: dict | None, optimizer_state: dict, model: nn.Module,
                   ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> None:
@@ -163,15 +197,14 @@ class Replicate(Parallelism):
 
 class Shard(Parallelism):
     """FSDP2: each transformer block, then the root, of the model and of its EMA is sharded over the ranks, and so is
-    the optimizer state; every rank writes its shards with DCP in the background (`sharding.ShardedWriter`), rank 0
-    the rest. No rank keeps the whole model: rank 0 draws sample grids from gathered weights put into a
-    parameter-free skeleton."""
+    the optimizer state; its checkpoints are sharded ones, every rank writing its shards. No rank keeps the whole
+    model: rank 0 draws sample grids from gathered weights put into a parameter-free skeleton."""
 
     summary_words = " with FSDP"
+    checkpoint_format = ShardedFormat.name
 
     def __init__(self, context: DistributedContext, run: RunFolder, keep: int):
         super().__init__(context, run, keep)
-        self.writer = sharding.ShardedWriter(run, keep, context)
         self.skeleton: nn.Module | None = None  # rank 0's parameter-free model that sample grids are drawn with
 
     def wrap(self, model: nn.Module, ema: nn.Module | None, precision: str) -> nn.Module:
@@ -202,12 +235,9 @@ class Shard(Parallelism):
         network.set_requires_gradient_sync(last_micro_batch)
         return nullcontext()
 
-    def save(self, step: int, config: dict, model: nn.Module, ema: nn.Module | None,
-             optimizer: torch.optim.Optimizer, training_state: dict,
-             task_weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Each rank starts writing its shards (the optimizer state's among them); rank 0 writes the training state
-        beside them. (`task_weights` is empty: the tasks refuse end-to-end training with --fsdp.)"""
-        self.writer.save(step, config, training_state, sharding.sharded_state(model, ema, optimizer))
+    def state_to_save(self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's shards of the model, the EMA and the optimizer state."""
+        return sharding.sharded_state(model, ema, optimizer)
 
     def load_full(self, weights: dict, ema_weights: dict | None, optimizer_state: dict, model: nn.Module,
                   ema: nn.Module | None, optimizer: torch.optim.Optimizer) -> None:
@@ -221,12 +251,6 @@ class Shard(Parallelism):
         """Every rank takes part in gathering the weights; rank 0 puts them into a copy of its skeleton."""
         weights = sharding.gathered_weights(module)
         return sharding.filled_copy(self.skeleton, weights, self.context.device) if self.context.is_main else None
-
-    def poll(self) -> None:
-        self.writer.poll()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def default_parallelism(fsdp: bool, context: DistributedContext) -> type[Parallelism]:

@@ -24,8 +24,7 @@ from scalegen.data import collate
 from scalegen.distributed import DistributedContext, barrier, process_group
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast, resolve_precision
-from scalegen.runs.folder import RunFolder, guarded_run, load_training_state
-from scalegen.runs.weights import read_checkpoint_weights, stored_config
+from scalegen.runs.folder import RunFolder, guarded_run
 from scalegen.train.evaluation import Evaluator
 from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite
 from scalegen.train.loading import OnDevice, epoch_sampler
@@ -88,6 +87,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, context.device)
         make_parallel = parallelism or default_parallelism(config.fsdp, context)
         self.parallel = make_parallel(context, self.folder, config.keep_checkpoints)
+        self.checkpoints = self.parallel.checkpoints  # writes the strategy's format, reads any format on disk
         # Without EMA (decay 0, as the VAR and tokenizer recipes) there is no copy to keep, update or save.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if config.ema_decay > 0 else None
         self.network = self.parallel.wrap(self.model, self.ema, self.precision)  # what the loss is computed through
@@ -111,50 +111,33 @@ class Trainer:
                                        config.eval_reference)
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint (the one `last.json` names unless it is broken): weights, EMA,
-        optimizer, step, data position, RNG. A checkpoint that cannot be read is skipped, saying why."""
-        candidates = self.folder.resume_candidates()
-        for folder, problem in candidates:
-            try:
-                if problem is not None:
-                    raise UserError(problem)
-                stored = stored_config(folder)
-                weights, ema_weights = read_checkpoint_weights(folder, self.ema is not None)  # None: sharded
-                state = load_training_state(folder)
-            except UserError as error:
-                self.skipping(folder, error)
-                continue
-            current = self.task.config()
+        """Continue from the newest complete checkpoint (the one `last.json` names unless it is broken), of whichever
+        format: weights, EMA, optimizer, step, data position, RNG. A checkpoint that cannot be read is skipped,
+        saying why (`CheckpointManager.resume`); one of another model is refused."""
+        current = self.task.config()
+
+        def same_model(stored: dict) -> None:
             if stored.get("model") != current.get("model"):
                 changed = changed_settings(stored.get("model") or {}, current.get("model") or {})
                 raise UserError(f"{self.folder.root} holds a different model: {changed}; use another --out or the "
                                 "same options")
-            try:
-                self.load_state(folder, weights, ema_weights, state)
-            except UserError as error:  # unreadable shards (every rank fails alike)
-                self.skipping(folder, error)
-                continue
-            if self.context.is_main:
-                print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
-                changed = changed_options(state.get("train_config", {}), asdict(self.config), stored, current)
-                if changed:
-                    print(f"options changed since the run was checkpointed (the new values are used): {changed}")
-            return True
-        if candidates:
-            raise UserError(f"{self.folder.root} holds checkpoints but none is complete; move the folder away to "
-                            "start afresh")
-        return False
 
-    def skipping(self, folder: Path | None, error: UserError) -> None:
-        """Say (rank 0) that a checkpoint is skipped on resume, and why."""
+        resumed = self.checkpoints.resume(same_model, self.load_state)
+        if resumed is None:
+            return False
+        folder, stored, state = resumed
         if self.context.is_main:
-            tqdm.write(f"skipping checkpoint {folder.name if folder else 'pointer'}: {error}")
+            print(f"resuming {self.folder.root} from step {self.step} ({folder.name})")
+            changed = changed_options(state.get("train_config", {}), asdict(self.config), stored, current)
+            if changed:
+                print(f"options changed since the run was checkpointed (the new values are used): {changed}")
+        return True
 
-    def load_state(self, folder: Path, weights: dict | None, ema_weights: dict | None, state: dict) -> None:
+    def load_state(self, folder: Path, state: dict) -> None:
         """Put a checkpoint's weights, EMA, optimizer, step, task and RNG state in place: the weights, EMA and optimizer
-        state through the parallelism (`Parallelism.load`: from `weights` and `state` for a one-file checkpoint,
-        from the folder for a sharded one), the rest from `state`."""
-        self.parallel.load(folder, weights, ema_weights, state, self.model, self.ema, self.optimizer)
+        state through the parallelism (`Parallelism.load`, with the format found in `folder`), the rest from
+        `state`, the checkpoint's training state."""
+        self.parallel.load(folder, state, self.model, self.ema, self.optimizer)
         if state["scaler"]:  # empty: saved without a scaler (not fp16, or fp16 on a CPU before it had one)
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -174,7 +157,8 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint if the weights are finite; every rank contributes its RNG state so each resumes its own stream.
-        The parallelism writes it in its format (`Parallelism.save`)."""
+        The parallelism gives its state to the checkpoint manager, which writes it in the parallelism's format
+        (`Parallelism.save`)."""
         # Every tensor written must be finite: the model's and EMA's (this rank's shards under FSDP), the task's
         # weight files and state (REPA-E's tokenizer and its optimizer; identical on every rank, checked by rank 0).
         task_weights = self.task.checkpoint_weights() if self.context.is_main else {}

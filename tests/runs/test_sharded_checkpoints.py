@@ -1,7 +1,7 @@
 """Sharded, asynchronous checkpoints of FSDP runs: every rank writes its shards with torch.distributed.checkpoint while
 training goes on, the folder appears whole or not at all, and it resumes at another world size (2 ranks → 1, 1 → 2)
 and exports to the one-file format with equal weights. The 2-rank runs are launched once
-(tests/sharded_checkpoint_worker.py)."""
+(tests/runs/sharded_checkpoint_worker.py)."""
 import json
 import os
 import shutil
@@ -53,7 +53,7 @@ def launch(scenario: str, root: Path) -> tuple[subprocess.CompletedProcess, Path
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "sharded_checkpoint_worker.py"), scenario, str(result), str(root)]
+               str(Path(__file__).parent / "sharded_checkpoint_worker.py"), scenario, str(result), str(root)]
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600), result
 
 

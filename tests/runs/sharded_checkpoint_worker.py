@@ -1,6 +1,6 @@
-"""Launched by tests/test_sharded_checkpoints.py under torchrun (2 ranks, gloo): FSDP runs of a tiny DiT that write
-sharded checkpoints, and the DDP runs they are compared with. Arguments: the scenario ("runs" or "killed"), the JSON
-file rank 0 writes what it saw to, and the folder the runs go under.
+"""Launched by tests/runs/test_sharded_checkpoints.py under torchrun (2 ranks, gloo): FSDP runs of a tiny DiT that
+write sharded checkpoints, and the DDP runs they are compared with. Arguments: the scenario ("runs" or "killed"), the
+JSON file rank 0 writes what it saw to, and the folder the runs go under.
 
 runs: DDP to step 2; FSDP to step 2 checkpointing every step in the background, while a hook in the shard writer
 records what the run folder looked like as each write went on (and holds step 1's write until training has moved
@@ -74,7 +74,7 @@ def run(name: str, steps: int, fsdp: bool, asynchronous: bool = True, **override
     config = TrainConfig(out=str(root / name), steps=steps, fsdp=fsdp, **{**train_settings(), **overrides})
     trainer = Trainer(DiTTask(TINY, sample_steps=2), tiny_fashion(), config, context)
     if fsdp:
-        trainer.parallel.writer.asynchronous = asynchronous
+        trainer.parallel.checkpoints.format.asynchronous = asynchronous
     current.update(trainer=trainer, out=config.out)
     trainer.run()
     return trainer

@@ -250,7 +250,7 @@ def test_more_bad_files_and_boxes_are_one_line_errors(tmp_path, capsys):
     assert "truncated" in user_error(["sample", "dit", "--ckpt", str(tmp_path / "run"), "--out",
                                       str(tmp_path / "g.png")], capsys)
     assert "covers 0 of the 16×16 tokens" in user_error(
-        ["edit", "var", "--ckpt", str(SHIPPED_VAR), "--image", str(Path(__file__).parents[1] / "docs" / "var_grid.png"),
+        ["edit", "var", "--ckpt", str(SHIPPED_VAR), "--image", str(Path(__file__).parents[2] / "docs" / "var_grid.png"),
          "--box", "0,0,1,1", "--out", str(tmp_path / "e.png")], capsys)
     if not torch.cuda.is_available():
         assert "sees none" in user_error(["train", "dit", *TINY_DIT[:-2], "--device", "cuda", "--steps", "1", "--out",

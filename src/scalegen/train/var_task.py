@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalegen.data import limited, open_dataset, run_description
+from scalegen.data.batch import Batch
+from scalegen.data.caches import TokenCache, cache_path, extract_tokens
+from scalegen.data.names import TOKENS
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
@@ -27,7 +31,6 @@ from scalegen.models.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
-from scalegen.train.caches import TokenCache, cache_path, extract_tokens
 from scalegen.train.settings import (
     RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
 )
@@ -43,7 +46,7 @@ SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) di
 class VARTask(TrainingTask):
     """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
 
-    Batches hold "image" (tokenized here) or "tokens" (B, L) from a `TokenCache`. `base_lr` sets the recipe's lr
+    Batches are images (tokenized here) or tokens (B, L) from a `TokenCache`, as their source's form says. `base_lr` sets the recipe's lr
     (base_lr · max(batch, 768) / 256).
     """
 
@@ -70,15 +73,15 @@ class VARTask(TrainingTask):
         lr = self.base_lr * max(batch_size, VAR_SMALLEST_OFFICIAL_BATCH) / VAR_BATCH_REFERENCE
         return replace(self.recipe, batch_size=batch_size, lr=lr, warmup_steps=steps // WARMUP_FRACTION)
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            if "tokens" in batch:
-                tokens = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p²)
+            if batch.form == TOKENS:
+                tokens = list(batch.tokens.split(self.scale_lengths, dim=1))  # K × (B, p²)
             else:
-                tokens = self.tokenizer.img_to_tokens(batch["image"])  # K × (B, p²)
+                tokens = self.tokenizer.img_to_tokens(batch.image)  # K × (B, p²)
             var_input = self.tokenizer.tokens_to_var_input(tokens)  # (B, L - 1, Cvae)
         targets = torch.cat(tokens, dim=1)  # (B, L)
-        logits = model(batch["label"], var_input)  # (B, L, V)
+        logits = model(batch.label, var_input)  # (B, L, V)
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=self.label_smoothing,
                                     reduction="none")  # (B, L)
         correct = (logits.argmax(-1) == targets).float()  # (B, L)
@@ -130,7 +133,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         if image_size != tokenizer.image_size:
             raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
                             f"--image-size {tokenizer.image_size}")
-        dataset = limited(open_dataset(options.data, image_size), config.max_images)
+        dataset = limited(open_source(options.data, image_size), config.max_images)
         description = run_description(options.data, image_size, dataset)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "

@@ -1,6 +1,6 @@
-"""Launched by tests/data/test_cache_store.py under torchrun: every rank extracts its shards of a latent cache of an image
-folder through a tiny SD-VAE, and records which shards it encoded in ENCODED/rank-R.json. Arguments: the VAE folder,
-the image folder, the cache folder, the shard size, the folder ENCODED."""
+"""Launched by tests/data/test_cache_store.py under torchrun: every rank extracts its shards of a latent cache of an
+image folder through a tiny SD-VAE, and records which shards it encoded in ENCODED/rank-R.json. Arguments: the VAE
+folder, the image folder, the cache folder, the shard size, the folder ENCODED."""
 import json
 import sys
 from pathlib import Path

@@ -1,8 +1,8 @@
 """Reading REPA's images beside a latent cache made from tar shards (a benchmark, not a test): the items of an epoch's
 order read through the cached path (`LatentCache` with its images, as a `--latent-cache --repa-encoder` run on shards
 reads them), in a global permutation of the cache (the trainer's order before the cache had `shard_sizes`) against the
-shard-aware order the trainer now deals it (`loading.epoch_sampler` -> `ShardSampler`), with the images alone through
-the uncached path for reference. Prints items/s and tar shards opened per 1,000 items, best of the rounds.
+shard-aware order the trainer now deals it (`data.sampling.epoch_sampler` -> `ShardSampler`), with the images alone
+through the uncached path for reference. Prints items/s and tar shards opened per 1,000 items, best of the rounds.
 
     .venv/bin/python bench/cache_locality.py [--work /tmp/cache_locality] [--shards 300] [--per-shard 20]
 
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scalegen import shards as shard_module
-from scalegen.cache_store import build_cache
-from scalegen.data import TarShards, data_identity, pack_folder
-from scalegen.shards import OPEN_SHARDS
-from scalegen.train.caches import LatentCache
-from scalegen.train.loading import ResumableSampler, epoch_sampler
+from scalegen.data import shards as shard_module
+from scalegen.data.caches import LatentCache
+from scalegen.data.sampling import ResumableSampler, epoch_sampler
+from scalegen.data.shards import TarShards, pack_folder
+from scalegen.data.shards import OPEN_SHARDS
+from scalegen.data.store import build_cache
 
 CLASSES = 10
 BATCH_SIZE = 32  # one rank's micro-batch: what the samplers deal in
@@ -81,7 +81,7 @@ def main() -> None:
     if not index.exists():
         pack_folder(args.work / "images", index.with_suffix(""), args.per_shard)
     images = TarShards(index, args.image_size)
-    cache = build_cache(images, pooled, args.work / "latents", 64, "cpu", "pooling", {"data": data_identity(images)})
+    cache = build_cache(images, pooled, args.work / "latents", 64, "cpu", "pooling", {"data": images.identity()})
 
     def cached():
         return LatentCache(cache, images=TarShards(index, args.image_size))  # fresh: no shard open yet

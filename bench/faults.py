@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scalegen.data import write_fashion_mnist_subset
+from scalegen.data.fashion_mnist import write_fashion_mnist_subset
 from scalegen.runs.folder import last_checkpoint
 from scalegen.runs.weights import load_weights
 

@@ -13,8 +13,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from scalegen.data.fashion_mnist import load_fashion_mnist
 from scalegen.eval.fmnist import fmnist_report
-from scalegen.data import load_fashion_mnist
 
 NOISE_LEVELS = (2, 5, 10)  # standard deviation in 0..255 pixel units
 BLUR_MIXES = (0.1, 0.25, 0.5)  # weight of the blurred image in the mix

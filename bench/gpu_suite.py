@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from scalegen.data.batch import Batch
+from scalegen.data.names import TOKENS
 from scalegen.diffusion.respace import create_diffusion
 from scalegen.eval.flops import counted_flops
 from scalegen.files import json_config
@@ -131,7 +133,7 @@ def var_training(settings: dict, device: torch.device, steps: int) -> dict:
     images = torch.rand(batch, 3, settings["var_image"], settings["var_image"], device=device) * 2 - 1
     with torch.no_grad():
         tokens = torch.cat(task.tokenizer.img_to_tokens(images), dim=1)  # (B, L)
-    batch_data = {"tokens": tokens, "label": torch.randint(0, NUM_CLASSES, (batch,), device=device)}
+    batch_data = Batch(TOKENS, label=torch.randint(0, NUM_CLASSES, (batch,), device=device), tokens=tokens)
     optimizer = torch.optim.AdamW(task.parameter_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def step() -> None:
@@ -143,7 +145,7 @@ def var_training(settings: dict, device: torch.device, steps: int) -> dict:
 
     seconds = seconds_per_call(step, steps, 2, device)
     var_input = task.tokenizer.tokens_to_var_input(list(tokens[:1].split(task.scale_lengths, dim=1)))
-    forward = counted_flops(lambda: model(batch_data["label"][:1], var_input))
+    forward = counted_flops(lambda: model(batch_data.label[:1], var_input))
     per_second = TRAINING_TO_FORWARD * forward * batch / seconds
     return {"row": f"VAR-d{settings['var_depth']} training, batch {batch}, bf16, token cache",
             "images_per_second": batch / seconds, "tflops": per_second / 1e12,

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from scalegen.data import FASHION_MNIST_NAME, open_dataset, unflipped_loader
+from scalegen.classes import FASHION_MNIST_NAME
+from scalegen.data.registry import open_source
+from scalegen.data.source import unflipped_loader
 from scalegen.eval.fmnist import fmnist_report
 from scalegen.eval.reconstruction import load_autoencoder, reconstruct, reconstruction_report
 
@@ -29,16 +31,16 @@ REAL = "real images"
 
 def labels_of(dataset, count: int) -> torch.Tensor:
     """The labels of the first `count` images, in `reconstruct`'s order."""
-    return torch.cat([batch["label"] for batch in unflipped_loader(dataset, 1000, count)])  # (N,)
+    return torch.cat([batch.label for batch in unflipped_loader(dataset, 1000, count)])  # (N,)
 
 
 def score(name: str, path: str | None, count: int) -> dict:
     """The figures of one tokenizer (or of the real images, path None)."""
-    dataset = open_dataset(FASHION_MNIST_NAME, IMAGE_SIZE)
+    dataset = open_source(FASHION_MNIST_NAME, IMAGE_SIZE)
     labels = labels_of(dataset, count)
     start = time.perf_counter()
     if path is None:
-        originals = torch.cat([batch["image"] for batch in unflipped_loader(dataset, 1000, count)]) * 0.5 + 0.5
+        originals = torch.cat([batch.image for batch in unflipped_loader(dataset, 1000, count)]) * 0.5 + 0.5
         reconstructions, figures = originals, {}
     else:
         autoencoder = load_autoencoder(path).eval()

@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from scalegen import load_dit  # noqa: E402
+from scalegen.data.batch import Batch  # noqa: E402
+from scalegen.data.names import IMAGES, LATENTS  # noqa: E402
 from scalegen.eval.flops import counted_flops  # noqa: E402
 from scalegen.eval.fmnist import fmnist_report  # noqa: E402
 from scalegen.images import to_uint8  # noqa: E402
@@ -64,11 +66,11 @@ def training_flops_per_image(run: Path, repa_encoder: str | None = None) -> floa
         task = DiTTask(config, codec, objective=objective, repa_encoder=encoder,
                        end_to_end=EndToEnd(codec, KLLosses(), images))
         task.prepare(1e-4)
-        batch = {"label": torch.arange(FLOP_BATCH), "image": images}
+        batch = Batch(IMAGES, label=torch.arange(FLOP_BATCH), image=images)
     else:
         task = DiTTask(config, objective=objective, repa_encoder=encoder)
-        batch = {"latent": torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size),
-                 "label": torch.arange(FLOP_BATCH), "image": images}
+        latent = torch.randn(FLOP_BATCH, config.in_channels, config.input_size, config.input_size)
+        batch = Batch(LATENTS, label=torch.arange(FLOP_BATCH), latent=latent, image=images)
     task.model.train()
     return counted_flops(lambda: task.loss(task.model, batch)[0].backward()) / FLOP_BATCH
 

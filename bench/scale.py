@@ -126,13 +126,13 @@ class PeakMemory:
 
 def extract_worker(data: str, vae: str, cache: str, image_size: int, result: str) -> None:
     """Every rank extracts its shards of the latent cache; rank 0 writes the images/s."""
-    from scalegen.data import open_dataset
+    from scalegen.data.caches import extract_latents
+    from scalegen.data.registry import open_source
     from scalegen.distributed import barrier, cleanup, setup_distributed
     from scalegen.tokenizers.sd_vae import load_sd_vae
-    from scalegen.train.caches import extract_latents
 
     context = setup_distributed("cpu")
-    dataset, codec = open_dataset(data, image_size), load_sd_vae(vae)
+    dataset, codec = open_source(data, image_size), load_sd_vae(vae)
     barrier(context)
     started = time.perf_counter()
     extract_latents(codec, dataset, cache, batch_size=16, context=context, shard_size=SHARD_IMAGES)
@@ -147,10 +147,10 @@ def train_worker(cache: str, vae: str, steps: int, in_memory: bool, result: str,
     """Train a small DiT on the cache for `steps` steps; every rank reports its peak resident memory."""
     import torch.distributed as dist
 
+    from scalegen.data.caches import LatentCache
     from scalegen.distributed import setup_distributed
     from scalegen.models.dit import DiTConfig
     from scalegen.tokenizers.sd_vae import load_sd_vae
-    from scalegen.train.caches import LatentCache
     from scalegen.train.dit_task import DiTTask
     from scalegen.train.trainer import TrainConfig, train
 
@@ -186,9 +186,10 @@ def train_worker(cache: str, vae: str, steps: int, in_memory: bool, result: str,
 def write_cache(folder: Path, count: int) -> int:
     """A latent cache of `count` images at 256 px with random latents (what training reads does not depend on the
     encoder), written by `build_cache`; returns its size in bytes."""
-    from scalegen.cache_store import build_cache
+    from scalegen.data.source import DataSource
+    from scalegen.data.store import build_cache
 
-    class Placeholders(torch.utils.data.Dataset):
+    class Placeholders(DataSource):
         def __len__(self):
             return count
 
@@ -227,7 +228,7 @@ def cold_reads(cache: Path, stride: int = 97) -> dict:
 
     from safetensors import safe_open
 
-    from scalegen.cache_store import CachedArrays
+    from scalegen.data.store import CachedArrays
 
     def safetensors_rows(cache: Path) -> CachedArrays:
         arrays = CachedArrays(cache)
@@ -277,7 +278,7 @@ def mib(count: float) -> str:
 def extraction(work: Path, images: int, image_size: int, repeats: int) -> list[dict]:
     """Images/s of latent extraction from the folder and the shards, with 1 and 2 ranks: the best of `repeats`
     interleaved rounds (the machine is shared; the best round is the least disturbed)."""
-    from scalegen.data import pack_folder
+    from scalegen.data.shards import pack_folder
 
     folder = make_images(work / "images", images, image_size)
     shards = pack_folder(folder, work / "shards" / "train", images_per_shard=SHARD_IMAGES, seed=0)

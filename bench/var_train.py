@@ -13,6 +13,8 @@ import argparse
 import torch
 
 from scalegen.mixed_precision import AUTOCAST_DTYPES
+from scalegen.data.batch import Batch
+from scalegen.data.names import IMAGES
 from scalegen.files import json_config
 from scalegen.train.var_task import VARTask
 from scalegen.models.var import VARConfig
@@ -46,7 +48,7 @@ def main() -> None:
     task.to(device)
     optimizer = torch.optim.AdamW(task.parameter_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    batch = {"image": images, "label": torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)}
+    batch = Batch(IMAGES, label=torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device), image=images)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(args.precision, torch.bfloat16),
                               enabled=args.precision != "fp32")
 

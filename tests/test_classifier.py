@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from scalegen.data.fashion_mnist import load_fashion_mnist, write_fashion_mnist_subset
 from scalegen.eval import fmnist as classifier, metrics
 from scalegen.cli.main import main
-from scalegen.data import load_fashion_mnist, write_fashion_mnist_subset
 from scalegen.pixels import to_model_range
 from scalegen.errors import UserError
 from scalegen.train.run_log import read_log

@@ -17,9 +17,11 @@ from scalegen.runs import folder as folder_module
 from scalegen.runs.folder import last_checkpoint, save_checkpoint
 from scalegen.runs.weights import load_weights
 from tests_support import user_error, without_progress_bars
+from scalegen.data.batch import collate
+from scalegen.data.fashion_mnist import FashionMNIST
+from scalegen.data.folder import ImageFolder, center_crop_arr
+from scalegen.data.sampling import ResumableSampler
 from scalegen.errors import UserError
-from scalegen.data import FashionMNIST, ImageFolder, center_crop_arr, collate
-from scalegen.train.loading import ResumableSampler
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.runs.loading import dit_config_from_state_dict, load_dit
 
@@ -139,8 +141,8 @@ def test_image_folder_skips_and_counts_a_broken_file(tmp_path):
     assert dataset.num_classes == 2 and len(dataset) == 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batch = collate([dataset[(index, False)] for index in range(3)])
-    assert batch["skipped"] == 1 and batch["image"].shape == (2, 3, 16, 16)
+        batch = collate([dataset[(index, False)] for index in range(3)], dataset.form)
+    assert batch.skipped == 1 and batch.image.shape == (2, 3, 16, 16)
     assert any("broken.jpg" in str(warning.message) for warning in caught)
 
 

@@ -17,9 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from scalegen.cache_store import build_cache
 from scalegen.cli.main import build_parser, main
-from scalegen.data import ImageFolder
+from scalegen.data.folder import ImageFolder
+from scalegen.data.store import build_cache
 from scalegen.errors import UserError
 from scalegen.runs.folder import OPTIONS_FILE
 from scalegen.train.task import Recipe

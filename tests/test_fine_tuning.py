@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from scalegen.cli.main import main
-from scalegen.data import load_fashion_mnist
+from scalegen.data.fashion_mnist import load_fashion_mnist
 from scalegen.runs.folder import CONFIG_FILE, last_checkpoint
 from scalegen.runs.weights import load_weights
 from scalegen.train.run_log import read_log

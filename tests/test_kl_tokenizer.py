@@ -10,6 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from scalegen.cli.main import main
+from scalegen.data.batch import Batch
+from scalegen.data.names import IMAGES
 from scalegen.models.dit import DiTConfig
 from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, last_checkpoint
 from scalegen.runs.loading import load_dit, load_tokenizer
@@ -187,7 +189,7 @@ def tiny_end_to_end_task(tmp_path, weight: float, losses: KLLosses) -> DiTTask:
 def gradients(task: DiTTask, seed: int = 1) -> tuple[dict, dict]:
     """The DiT's and the tokenizer's gradients of one loss on a fixed batch."""
     torch.manual_seed(seed)
-    batch = {"image": tiny_images(6), "label": torch.arange(6)}
+    batch = Batch(IMAGES, label=torch.arange(6), image=tiny_images(6))
     task.loss(task.model, batch)[0].backward()
     dit = {name: parameter.grad.clone() for name, parameter in task.model.named_parameters() if parameter.grad is not None}
     tokenizer = {name: parameter.grad for name, parameter in task.end_to_end.tokenizer.named_parameters()}

@@ -120,24 +120,33 @@ def test_sampling_takes_a_precision_and_fp32_is_the_default_computation():
 
 
 def test_on_device_batches_equal_the_loader_s_items(tmp_path):
-    from scalegen.data import FashionMNIST, collate
+    from dataclasses import fields
+
     from safetensors.torch import save_file
 
-    from scalegen.train.caches import TokenCache
-    from scalegen.train.loading import OnDevice
+    from scalegen.data.batch import collate
+    from scalegen.data.caches import TokenCache
+    from scalegen.data.fashion_mnist import FashionMNIST
+    from scalegen.data.names import IMAGES
+    from scalegen.data.sampling import OnDevice
+
+    def held(batch) -> set[str]:
+        return {field.name for field in fields(batch) if getattr(batch, field.name) is not None}
+
     items = [(3, False), (7, True), (11, True)]
     dataset = tiny_fashion(32)
-    gathered = collate(OnDevice(dataset, CPU).__getitems__(items))
-    expected = collate([FashionMNIST(None, 32)[item] for item in items])
-    assert gathered.keys() == expected.keys() and gathered["skipped"] == expected["skipped"] == 0
-    assert torch.equal(gathered["image"], expected["image"]) and torch.equal(gathered["label"], expected["label"])
-    unflipped = collate(OnDevice(dataset, CPU).__getitems__([(index, False) for index, _ in items]))
-    assert torch.equal(gathered["image"][0], unflipped["image"][0])  # item (3, False) as it is
-    assert torch.equal(gathered["image"][1:], unflipped["image"][1:].flip(-1))  # the flipped items are mirrored
-    assert not torch.equal(gathered["image"][1:], unflipped["image"][1:])  # (and mirroring changes them)
+    gathered = collate(OnDevice(dataset, CPU).__getitems__(items), IMAGES)
+    expected = collate([FashionMNIST(None, 32)[item] for item in items], IMAGES)
+    assert held(gathered) == held(expected) and gathered.skipped == expected.skipped == 0
+    assert gathered.form == expected.form == IMAGES
+    assert torch.equal(gathered.image, expected.image) and torch.equal(gathered.label, expected.label)
+    unflipped = collate(OnDevice(dataset, CPU).__getitems__([(index, False) for index, _ in items]), IMAGES)
+    assert torch.equal(gathered.image[0], unflipped.image[0])  # item (3, False) as it is
+    assert torch.equal(gathered.image[1:], unflipped.image[1:].flip(-1))  # the flipped items are mirrored
+    assert not torch.equal(gathered.image[1:], unflipped.image[1:])  # (and mirroring changes them)
     save_file({"tokens": torch.randint(0, 9, (20, 2, 5)), "labels": torch.arange(20)}, tmp_path / "tokens.safetensors")
     tokens = TokenCache(tmp_path / "tokens.safetensors")  # a cache of the earlier one-file format
     batch = OnDevice(TokenCache(tmp_path / "tokens.safetensors"), CPU).__getitems__(items)
-    assert torch.equal(batch["tokens"], torch.stack([tokens[item]["tokens"] for item in items]))
+    assert torch.equal(batch.tokens, torch.stack([tokens[item]["tokens"] for item in items]))
     with pytest.raises(UserError, match="data-on-device"):
         OnDevice(torch.utils.data.TensorDataset(torch.zeros(2)), CPU)

@@ -7,6 +7,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scalegen import load_dit
+from scalegen.data.batch import Batch
+from scalegen.data.names import IMAGES
 from scalegen.diffusion.dpm_solver import dpm_solver_sample_loop_progressive
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.objective import TIME_SCALE
@@ -175,13 +177,13 @@ class Recorder(nn.Module):
         return output
 
 
-def seeded_loss(task: DiTTask, network: nn.Module, batch: dict) -> torch.Tensor:
+def seeded_loss(task: DiTTask, network: nn.Module, batch: Batch) -> torch.Tensor:
     """The task's training loss of `batch` on `network`, with the time and noise draws of seed 0."""
     torch.manual_seed(0)
     return task.loss(network, batch)[0].detach()
 
 
-def snr_tasks(learn_sigma: bool) -> tuple[nn.Module, dict[str, DiTTask], dict]:
+def snr_tasks(learn_sigma: bool) -> tuple[nn.Module, dict[str, DiTTask], Batch]:
     """A DiT with random weights, a ddpm task per loss weighting (min-SNR γ 5, min-SNR with a γ above every step's
     SNR, none) and a batch."""
     config = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
@@ -193,7 +195,7 @@ def snr_tasks(learn_sigma: bool) -> tuple[nn.Module, dict[str, DiTTask], dict]:
              "huge gamma": DiTTask(config, objective=ObjectiveConfig(name="ddpm", loss_weighting="min-snr",
                                                                      snr_gamma=1e9))}
     network = perturbed(tasks["none"]).model
-    batch = {"image": torch.rand(64, 1, 8, 8) * 2 - 1, "label": torch.arange(64) % 10}
+    batch = Batch(IMAGES, label=torch.arange(64) % 10, image=torch.rand(64, 1, 8, 8) * 2 - 1)
     return network, tasks, batch
 
 
@@ -205,7 +207,7 @@ def test_min_snr_weights_each_example_s_epsilon_loss_in_the_loss_itself():
     t = t.round().long()  # the network sees the step index (as a float or an integer)
     # The draws, recovered from what the network saw: x_t = √ᾱ x₀ + √(1 − ᾱ) ε.
     alpha_bar = torch.tensor(create_diffusion("", learn_sigma=False).alphas_cumprod)[t].view(-1, 1, 1, 1)  # float64
-    noise = (x_t.double() - alpha_bar.sqrt() * batch["image"].double()) / (1 - alpha_bar).sqrt()  # (B, C, H, W)
+    noise = (x_t.double() - alpha_bar.sqrt() * batch.image.double()) / (1 - alpha_bar).sqrt()  # (B, C, H, W)
     mse = ((noise - epsilon.double()) ** 2).mean(dim=(1, 2, 3))  # (B,)
     snr = (alpha_bar / (1 - alpha_bar)).flatten()  # (B,)
     weights = snr.clamp(max=5.0) / snr  # (B,) min(SNR, γ) / SNR
@@ -226,7 +228,7 @@ def test_min_snr_leaves_the_learned_variance_s_bound_unweighted():
     assert torch.equal(again[0], x_t) and torch.equal(again[1], t)  # the same seed made the same draws
     t = t.round().long()  # the network sees the step index (as a float or an integer)
     alpha_bar = torch.tensor(create_diffusion("", learn_sigma=True).alphas_cumprod)[t].view(-1, 1, 1, 1)  # float64
-    noise = (x_t.double() - alpha_bar.sqrt() * batch["image"].double()) / (1 - alpha_bar).sqrt()  # (B, C, H, W)
+    noise = (x_t.double() - alpha_bar.sqrt() * batch.image.double()) / (1 - alpha_bar).sqrt()  # (B, C, H, W)
     mse = ((noise - output[:, :1].double()) ** 2).mean(dim=(1, 2, 3))  # (B,): ε is the first half of the channels
     snr = (alpha_bar / (1 - alpha_bar)).flatten()  # (B,)
     weights = snr.clamp(max=5.0) / snr  # (B,)
@@ -286,7 +288,7 @@ def test_repa_loss_is_zero_for_identical_features_and_trains_only_model_and_proj
     encoder = tiny_encoder(tmp_path)
     task = tiny_flow_task(encoder)
     images = torch.rand(4, 1, 8, 8) * 2 - 1
-    loss, extra = task.loss(task.model, {"image": images, "label": torch.tensor([0, 1, 2, 3])})
+    loss, extra = task.loss(task.model, Batch(IMAGES, label=torch.tensor([0, 1, 2, 3]), image=images))
     loss.backward()
     assert 0 <= extra["repa"] <= 2
     assert all(parameter.grad is None for parameter in encoder.parameters())
@@ -308,7 +310,7 @@ def block_gradients(task: DiTTask, images: torch.Tensor, labels: torch.Tensor) -
     """The gradient of each block's parameters (zeros where none reached it) of one loss with the draws of seed 0."""
     task.model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    loss, _ = task.loss(task.model, {"image": images, "label": labels})
+    loss, _ = task.loss(task.model, Batch(IMAGES, label=labels, image=images))
     loss.backward()
     return [[torch.zeros_like(parameter) if parameter.grad is None else parameter.grad.clone()
              for parameter in block.parameters()] for block in task.model.blocks]

@@ -5,14 +5,15 @@ import torch
 pytest.importorskip("diffusers")
 
 from scalegen.cli.main import main  # noqa: E402
+from scalegen.data.caches import LatentCache, extract_latents  # noqa: E402
+from scalegen.data.source import DataSource  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.train.run_log import read_log  # noqa: E402
 from scalegen.tokenizers.sd_vae import LATENT_SCALE, load_sd_vae  # noqa: E402
-from scalegen.train.caches import LatentCache, extract_latents  # noqa: E402
 from tests_support import save_tiny_vae  # noqa: E402
 
 
-class RandomImages(torch.utils.data.Dataset):
+class RandomImages(DataSource):
     channels, num_classes = 3, 4
 
     def __len__(self):
@@ -51,7 +52,7 @@ def test_latent_cache_keeps_the_flip(tiny_vae_folder, tmp_path):
 
 
 def test_train_dit_in_latent_space_with_a_cache(tiny_vae_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("scalegen.train.dit_task.open_dataset", lambda data, size: RandomImages())
+    monkeypatch.setattr("scalegen.train.dit_task.open_source", lambda data, size: RandomImages())
     main(["train", "dit", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
           "--image-size", "16", "--vae", str(tiny_vae_folder), "--latent-cache", "--steps", "2", "--batch-size", "2",
           "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "run")])

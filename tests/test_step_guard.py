@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from scalegen.data.batch import Batch
+from scalegen.data.names import IMAGES
 from scalegen.distributed import DistributedContext
 from scalegen.runs.folder import TOKENIZER_FILE, last_checkpoint
 from scalegen.train.kl_task import KLLosses
@@ -38,7 +40,7 @@ def backward(trainer: Trainer, poisoned: bool) -> torch.Tensor:
     """One loss of the run on a fixed batch, backward through the run's scaler; `poisoned`: one of the tokenizer's
     gradients is made infinite (the DiT's stay finite). Returns the loss."""
     torch.manual_seed(1)
-    batch = {"image": tiny_images(6), "label": torch.arange(6)}
+    batch = Batch(IMAGES, label=torch.arange(6), image=tiny_images(6))
     loss, _ = trainer.task.loss(trainer.model, batch)
     trainer.scaler.scale(loss).backward()
     if poisoned:

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import scalegen
-from scalegen.cache_store import MANIFEST_FILE, weights_digest
 from scalegen.cli.main import main
+from scalegen.data.store import MANIFEST_FILE, weights_digest
 from scalegen.errors import UserError
 from scalegen.eval.reconstruction import data_image_size, reconstruct
 from scalegen.runs.folder import CONFIG_FILE, TOKENIZER_FILE, RunFolder, last_checkpoint, save_checkpoint

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ class Float64Classifier(ClassifierTask):
         self.model.double()
 
     def loss(self, model, batch):
-        return super().loss(model, {**batch, "image": batch["image"].double()})
+        return super().loss(model, replace(batch, image=batch.image.double()))
 
 
 def step_gradients(out: Path, grad_accumulation: int) -> list[dict[str, torch.Tensor]]:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from scalegen.cli.main import main
-from scalegen.data import FashionMNIST, Subset, write_fashion_mnist_subset
+from scalegen.data.fashion_mnist import FashionMNIST, write_fashion_mnist_subset
+from scalegen.data.source import Subset
 
 TESTS = Path(__file__).parent  # the worker scripts tests start in subprocesses
 GOLDEN = TESTS / "golden"  # golden outputs of the official code and the files they were made from

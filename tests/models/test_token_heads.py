@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from scalegen.cache_store import CachedArrays
+from scalegen.data.store import CachedArrays
 from scalegen.errors import UserError
 from scalegen.models.token_heads import (
     CategoricalHead, HeadLoss, ScaleDraw, ScaleGuidance, TokenHead, build_token_head, register_token_head,

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 
 from scalegen.cli.parsing import POSITIVE
-from scalegen.data_defaults import DEFAULT_IMAGES_PER_SHARD
+from scalegen.data.names import DEFAULT_IMAGES_PER_SHARD
 
 
 def run_pack(args: argparse.Namespace) -> None:
     """Handler of `scalegen data pack`."""
-    from scalegen.data import pack_folder  # torch: only once the command runs
+    from scalegen.data.shards import pack_folder  # torch: only once the command runs
 
     index = pack_folder(args.folder, args.out, args.images_per_shard, args.seed)
     print(f"wrote the shards and their index {index}; train on them with --data {index}")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scalegen.classes import FASHION_MNIST_NAME
 from scalegen.cli.parsing import POSITIVE
-from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.runs.names import SHIPPED, SHIPPED_DIT, SHIPPED_MEANFLOW_DIT, SHIPPED_VAR, SHIPPED_VAR_REFINER
 
 if TYPE_CHECKING:  # the models and the evaluation import torch: each function imports what it uses when it runs
@@ -122,7 +122,7 @@ def real_train_fid(data: str, count: int, seed: int) -> float:
     import numpy as np
     import torch
 
-    from scalegen.data import FashionMNIST
+    from scalegen.data.fashion_mnist import FashionMNIST
     from scalegen.eval.fmnist import fmnist_report
 
     train_set = FashionMNIST(None if data == FASHION_MNIST_NAME else data, split="train")

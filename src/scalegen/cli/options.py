@@ -102,7 +102,7 @@ def training_data(args: argparse.Namespace, say: bool = False) -> str:
     """`--data` of a parsed `train dit` or `train var` (TOKENIZER_DATA_HELP): the one given, else the data its
     --tokenizer was trained on (said on rank 0's standard output with `say`, as the other lines a run starts with),
     else Fashion-MNIST, the options' default."""
-    from scalegen.data_defaults import FASHION_MNIST_NAME
+    from scalegen.classes import FASHION_MNIST_NAME
     from scalegen.distributed import launched_as_main
 
     if args.data is not None:

@@ -5,9 +5,9 @@ import argparse
 import json
 from typing import get_args
 
+from scalegen.classes import FASHION_MNIST_NAME
 from scalegen.cli.options import DATA_HELP
 from scalegen.cli.parsing import POSITIVE
-from scalegen.data_defaults import FASHION_MNIST_NAME
 from scalegen.eval.settings import GRID_PAIRS, RECONSTRUCTION_BATCH_SIZE, Features
 
 DEFAULT_COUNT = 1000
@@ -17,7 +17,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     """Handler of `scalegen reconstruct`: writes the grid, prints the figures as JSON."""
     import torch  # and the models: only once the command runs
 
-    from scalegen.data import open_dataset
+    from scalegen.data.registry import open_source
     from scalegen.eval.reconstruction import (
         data_image_size, load_autoencoder, reconstruct, reconstruction_report, save_pairs_grid,
     )
@@ -26,7 +26,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     check_image_output(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autoencoder = load_autoencoder(args.tokenizer).to(device)
-    dataset = open_dataset(args.data, data_image_size(autoencoder, args.image_size))
+    dataset = open_source(args.data, data_image_size(autoencoder, args.image_size))
     originals, reconstructions = reconstruct(autoencoder, dataset, args.count, args.batch_size)
     report = reconstruction_report(originals, reconstructions, args.features)
     print(json.dumps({**report, "grid": str(save_pairs_grid(originals, reconstructions, args.out))}, indent=2))

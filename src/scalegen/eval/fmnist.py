@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalegen.data.fashion_mnist import FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist
 from scalegen.files import read_json, read_weights_file
 from scalegen.classes import FASHION_MNIST_CLASSES, class_names
-from scalegen.data import FASHION_MNIST_PADDED_SIZE, pad_fashion_mnist
 from scalegen.errors import UserError
 from scalegen.eval import metrics
 from scalegen.eval.settings import ClassifierConfig
@@ -27,7 +27,7 @@ from scalegen.runs.names import ASSETS
 
 SHIPPED_WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
 REFERENCE_MEAN, REFERENCE_COVARIANCE = "reference.mu", "reference.sigma"  # test-set statistics in the weights file
-FASHION_MNIST_SIZE = 28  # raw images; zero-padded to FASHION_MNIST_PADDED_SIZE as data.py does
+FASHION_MNIST_SIZE = 28  # raw images; zero-padded to FASHION_MNIST_PADDED_SIZE as data/fashion_mnist.py does
 GROUP_NORM_GROUPS = 8
 STAGES = 3  # each halves the resolution
 FINAL_RESOLUTION = FASHION_MNIST_PADDED_SIZE // 2**STAGES

@@ -3,7 +3,7 @@
 Before training a generator in a tokenizer's latents, a researcher looks at what the tokenizer loses:
 
     tokenizer = load_autoencoder("runs/tokenizer")        # or a local SD-VAE folder
-    dataset = open_dataset("fashion-mnist", data_image_size(tokenizer))
+    dataset = open_source("fashion-mnist", data_image_size(tokenizer))
     originals, reconstructions = reconstruct(tokenizer, dataset, 1000)   # (N, C, H, W) each, in [0, 1]
     save_pairs_grid(originals, reconstructions, "pairs.png")
     reconstruction_report(originals, reconstructions, features="fmnist")   # {"psnr": …, "fid": …, …}
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from scalegen.data import unflipped_loader
+from scalegen.data.source import unflipped_loader
 from scalegen.errors import UserError
 from scalegen.eval import fmnist, metrics
 from scalegen.pixels import to_unit_range
@@ -91,7 +91,7 @@ def reconstruct(autoencoder: Autoencoder, dataset: Dataset, count: int,
 
     Args:
         autoencoder: a tokenizer of ours or an SD VAE (`load_autoencoder`), in eval mode.
-        dataset: an image data set at an image size the autoencoder takes (`scalegen.data.open_dataset`).
+        dataset: an image data set at an image size the autoencoder takes (`scalegen.data.registry.open_source`).
         count: how many images (fewer when the data set is smaller).
         batch_size: images per pass.
     Returns:
@@ -100,9 +100,9 @@ def reconstruct(autoencoder: Autoencoder, dataset: Dataset, count: int,
     device = next(autoencoder.parameters()).device
     originals, reconstructions = [], []
     for batch in unflipped_loader(dataset, batch_size, count):
-        if "image" not in batch:  # every image of the batch was unreadable
+        if len(batch) == 0:  # every image of the batch was unreadable
             continue
-        images = batch["image"].to(device)  # (B, C, H, W) in [-1, 1]
+        images = batch.image.to(device)  # (B, C, H, W) in [-1, 1]
         check_images(autoencoder, images)
         originals.append(images.cpu())
         reconstructions.append(round_trip(autoencoder, images).float().cpu())

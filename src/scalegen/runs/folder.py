@@ -11,7 +11,7 @@ A run folder (`scalegen train … --out RUN`) looks like:
     RUN/progress.log                   the progress, a line per logged step, when training runs without a terminal
     RUN/samples/step-0000300.png       sample grids
     RUN/tokenizer.safetensors          the frozen tokenizer a VAR (or a tokenizer-latent DiT) run keeps a copy of
-    RUN/latents/, RUN/tokens/          the optional latent / token caches (scalegen.cache_store: shards and a
+    RUN/latents/, RUN/tokens/          the optional latent / token caches (scalegen.data.store: shards and a
                                        manifest; RUN/latents.safetensors, RUN/tokens.safetensors in the earlier format)
     RUN/.lock                          the record of the process training in RUN (scalegen.runs.lock)
 A checkpoint is written complete and fsync'ed in a staging folder, renamed into place under a name no live folder

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from scalegen.data import unflipped_loader
+from scalegen.data.source import unflipped_loader
 from scalegen.errors import UserError
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, LatentNormalization
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
@@ -264,7 +264,7 @@ def measure_latent_scale(tokenizer: VQVAE, dataset: Dataset, device: torch.devic
 def encoded(codec: TokenizerLatents, dataset: Dataset, device: torch.device | str, count: int) -> torch.Tensor:
     """The codec's latents of the first `count` images of `dataset`, unflipped: (N, c, h, w)."""
     loader = unflipped_loader(dataset, SCALE_BATCH_SIZE, count)
-    return torch.cat([codec.encode(batch["image"].to(device)) for batch in loader if "image" in batch])  # (N, c, h, w)
+    return torch.cat([codec.encode(batch.image.to(device)) for batch in loader if len(batch)])  # (N, c, h, w)
 
 
 def token_round_trip(tokenizer: VQVAE, images: torch.Tensor) -> torch.Tensor:

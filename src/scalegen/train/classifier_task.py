@@ -16,8 +16,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scalegen.files import read_json
-from scalegen.classes import FASHION_MNIST_CLASSES
-from scalegen.data import FASHION_MNIST_NAME, FASHION_MNIST_PADDED_SIZE, FashionMNIST, limited, open_dataset
+from scalegen.classes import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME
+from scalegen.data.batch import Batch
+from scalegen.data.fashion_mnist import FASHION_MNIST_PADDED_SIZE, FashionMNIST
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited
 from scalegen.distributed import launched_as_main
 from scalegen.errors import UserError
 from scalegen.eval import metrics
@@ -44,10 +47,10 @@ class ClassifierTask(TrainingTask):
         super().__init__(FashionClassifier(config), extra_config)
         self.test_set = test_set
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch["image"])  # (B, classes)
-        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()  # ()
-        return F.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch.image)  # (B, classes)
+        accuracy = (logits.argmax(dim=1) == batch.label).float().mean()  # ()
+        return F.cross_entropy(logits, batch.label), {"accuracy": accuracy}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         decayed = [parameter for parameter in self.model.parameters() if parameter.ndim > 1]
@@ -146,7 +149,7 @@ def train_classifier(options: ClassifierOptions, config: TrainConfig) -> dict | 
     """
     with guarded_run(config.out):
         started = time.perf_counter()
-        train_set = open_dataset(options.data, FASHION_MNIST_PADDED_SIZE)
+        train_set = open_source(options.data, FASHION_MNIST_PADDED_SIZE)
         if not isinstance(train_set, FashionMNIST):
             raise UserError(f"--data {options.data} is not Fashion-MNIST; the classifier trains on fashion-mnist or its "
                             "IDX files")

@@ -14,7 +14,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from scalegen.data import limited, open_dataset, run_description
+from scalegen.data.batch import Batch
+from scalegen.data.caches import LatentCache, cache_path, extract_latents
+from scalegen.data.names import LATENTS
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited, run_description
 from scalegen.distributed import DistributedContext, setup_distributed
 from scalegen.diffusion.objectives import objective_class
 from scalegen.errors import UserError
@@ -29,7 +33,6 @@ from scalegen.tokenizers.codec import (
 )
 from scalegen.tokenizers.sd_vae import LatentCodec, load_sd_vae
 from scalegen.train.init_from import fine_tuning_origin
-from scalegen.train.caches import LatentCache, cache_path, extract_latents
 from scalegen.train.end_to_end import EndToEnd
 from scalegen.train.tokenizer_task import first_images
 from scalegen.train.repa import BlockTap, alignment_loss, load_patch_encoder, projector, token_grid_features
@@ -43,8 +46,8 @@ class DiTTask(TrainingTask):
     """DiT trained with its objective's loss (ddpm: MSE on ε + VLB on the variance; flow: velocity MSE; meanflow:
     the adaptively weighted average-velocity loss), plus REPA's alignment loss when an encoder is given.
 
-    The batch holds either pixels ("image", encoded on the fly through the codec when one is given) or cached
-    latents ("latent", with "image" too for REPA's encoder). Recipe: the DiT paper's (AdamW lr 1e-4, no weight
+    The batch's form is its source's: images (encoded on the fly through the codec when one is given) or cached
+    latents (with the images beside them for REPA's encoder). Recipe: the DiT paper's (AdamW lr 1e-4, no weight
     decay, EMA 0.9999, batch 64 here).
     """
 
@@ -105,22 +108,22 @@ class DiTTask(TrainingTask):
             groups.append({"params": list(self.projector.parameters()), "weight_decay": weight_decay})
         return groups
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         extra = {}
         if self.end_to_end is not None:
-            normalized, tokenizer_loss, extra = self.end_to_end.encode(batch["image"])  # (B, c, h, w), (), figures
+            normalized, tokenizer_loss, extra = self.end_to_end.encode(batch.image)  # (B, c, h, w), (), figures
             x_start = normalized.detach()  # the diffusion loss stops at the latents
-        elif "latent" in batch:
-            x_start = batch["latent"]  # (B, C_latent, h, w)
+        elif batch.form == LATENTS:
+            x_start = batch.latent  # (B, C_latent, h, w)
         elif self.codec is not None:
-            x_start = self.codec.encode(batch["image"])  # (B, C_latent, h, w)
+            x_start = self.codec.encode(batch.image)  # (B, C_latent, h, w)
         else:
-            x_start = batch["image"]  # (B, C, H, W)
-        terms = self.training_objective.training_losses(model, x_start, model_kwargs={"y": batch["label"]})
+            x_start = batch.image  # (B, C, H, W)
+        terms = self.training_objective.training_losses(model, x_start, model_kwargs={"y": batch.label})
         loss = terms["loss"].mean()
         extra.update({name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms})  # () each
         if self.tap is not None:
-            alignment = self.repa_loss(batch["image"])
+            alignment = self.repa_loss(batch.image)
             loss = loss + self.objective.repa_weight * alignment
             extra["repa"] = alignment.detach()  # ()
         if self.end_to_end is not None:
@@ -139,15 +142,15 @@ class DiTTask(TrainingTask):
         target = token_grid_features(self.repa_encoder(images).float(), grid)  # (B, T, C)
         return alignment_loss((project or self.projector)(tokens), target).mean()
 
-    def tokenizer_alignment_loss(self, normalized: torch.Tensor, batch: dict) -> torch.Tensor:
+    def tokenizer_alignment_loss(self, normalized: torch.Tensor, batch: Batch) -> torch.Tensor:
         """REPA-E: REPA's loss of a second pass on the latents with gradients (B, c, h, w), through the DiT and the
         projector with their weights detached, so that it trains the tokenizer only."""
         def detached(module: nn.Module):
             weights = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
             return lambda *args, **kwargs: functional_call(module, weights, args, kwargs)
 
-        self.training_objective.training_losses(detached(self.model), normalized, model_kwargs={"y": batch["label"]})
-        return self.repa_loss(batch["image"], detached(self.projector))
+        self.training_objective.training_losses(detached(self.model), normalized, model_kwargs={"y": batch.label})
+        return self.repa_loss(batch.image, detached(self.projector))
 
     @property
     def acts_after_step(self) -> bool:
@@ -251,7 +254,7 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
                             "sharded parameters do not support: train it with DDP (leave out --fsdp)")
         encoder = load_patch_encoder(options.repa_encoder) if options.repa_encoder else None
         run = RunFolder(config.out)
-        dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
+        dataset = limited(open_source(options.data, options.image_size), config.max_images)
         if encoder is not None and dataset.channels != encoder.stages[0][0].in_channels:
             raise UserError(f"the REPA encoder sees images of {encoder.stages[0][0].in_channels} channel(s), the data "
                             f"have {dataset.channels}; train an encoder on this data")
@@ -274,7 +277,7 @@ def train_dit(options: DiTOptions, config: TrainConfig) -> dict[str, float]:
             if cache == run.latent_cache:  # every rank encodes its shards of it (a complete cache is kept as it is)
                 extract_latents(codec, dataset, cache, device=context.device, context=context,
                                 num_workers=config.num_workers)
-            # Batches now carry "latent" (and "image" for REPA's encoder); the codec only decodes sample grids.
+            # Its batches are latents (with the images for REPA's encoder); the codec only decodes sample grids.
             dataset = LatentCache(cache, images=dataset if encoder is not None else None)
         vae = None if options.pixel_space else options.vae
         torch.manual_seed(config.seed)  # the initial weights follow --seed (and are the same on every rank)

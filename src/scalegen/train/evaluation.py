@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.classes import FASHION_MNIST_CLASSES, class_names
-from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.classes import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, class_names
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.eval.evaluate import evaluate, evaluate_fmnist

@@ -13,7 +13,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from scalegen.data import limited, open_dataset, run_description
+from scalegen.data.batch import Batch
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited, run_description
 from scalegen.errors import UserError
 from scalegen.runs.folder import guarded_run
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, kl_divergence
@@ -52,8 +54,8 @@ class KLVAETask(AutoencoderTask):
             groups.append({"params": list(self.alignment.projection.parameters()), "weight_decay": weight_decay})
         return groups
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["image"]  # (B, C, H, W)
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch.image  # (B, C, H, W)
         reconstruction, mean, logvar, latents = model(images)  # (B, C, H, W), (B, c, h, w) ×3
         return self.tokenizer_loss(images, reconstruction.float(), mean.float(), logvar.float(), latents)
 
@@ -121,7 +123,7 @@ def train_kl(options: KLVAEOptions, config: TrainConfig) -> dict[str, float]:
         config: the loop settings; those left at None follow the tokenizer recipe (`KLVAETask.recipe`).
     """
     with guarded_run(config.out):
-        dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
+        dataset = limited(open_source(options.data, options.image_size), config.max_images)
         model_config = kl_model_config(options, dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
         losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)

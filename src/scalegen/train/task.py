@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from scalegen.files import json_config
+from scalegen.data.batch import Batch
 from scalegen.distributed import DistributedContext
 from scalegen.train.settings import Recipe
 
@@ -71,7 +72,7 @@ class TrainingTask:
     def prepare(self, lr: float) -> None:
         """Called once the run's settings are known, before training or resuming (e.g. a second optimizer's lr)."""
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss of one micro-batch and extra figures to log.
 
         The figures are detached 0-dim tensors, left on the device: the trainer accumulates them there and reads them

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from scalegen.data_defaults import FASHION_MNIST_NAME
+from scalegen.classes import FASHION_MNIST_NAME
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES, objective_settings
 from scalegen.errors import UserError
 from scalegen.eval.settings import ClassifierConfig

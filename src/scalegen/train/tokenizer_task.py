@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scalegen.data import limited, open_dataset, run_description
+from scalegen.data.batch import Batch
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited, run_description
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.images import save_grid
@@ -191,8 +193,8 @@ class VQVAETask(AutoencoderTask):
         self.pending_hits: torch.Tensor | None = None  # (scales, vocab)
         self.last_images: torch.Tensor | None = None  # (B, C, H, W), source of dead-code replacements
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["image"]  # (B, C, H, W)
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch.image  # (B, C, H, W)
         reconstruction, quantizer_loss, vocab_hits = model(images)  # (B, C, H, W), (), (S, V)
         reconstruction = reconstruction.float()  # (B, C, H, W)
         reconstruction_loss, figures = self.reconstruction_loss(images, reconstruction)
@@ -276,7 +278,7 @@ def train_vqvae(options: VQVAEOptions, config: TrainConfig) -> dict[str, float]:
         config: the loop settings; those left at None follow the tokenizer recipe (`VQVAETask.recipe`).
     """
     with guarded_run(config.out):
-        dataset = limited(open_dataset(options.data, options.image_size), config.max_images)
+        dataset = limited(open_source(options.data, options.image_size), config.max_images)
         model_config = tokenizer_config(options, dataset.channels)
         lpips = load_lpips(options.lpips_weights) if options.lpips_weights else None
         losses = options.losses if lpips is not None else replace(options.losses, lpips=0.0)

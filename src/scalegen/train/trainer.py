@@ -14,20 +14,22 @@ import copy
 import sys
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from scalegen.data import collate
+from scalegen.data.batch import collate
+from scalegen.data.sampling import OnDevice, epoch_sampler
+from scalegen.data.source import DataSource
 from scalegen.distributed import DistributedContext, barrier, process_group
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast, resolve_precision
 from scalegen.runs.folder import RunFolder, guarded_run
 from scalegen.train.evaluation import Evaluator
 from scalegen.train.guards import NonFiniteSteps, changed_options, changed_settings, tensors_are_finite
-from scalegen.train.loading import OnDevice, epoch_sampler
 from scalegen.train.optimization import EMA_WARMUP_OFFSET, build_optimizer, ema_start_share, learning_rate_factor
 from scalegen.train.parallel import ParallelismFactory, default_parallelism
 from scalegen.train.rng import restore_rng_state, rng_state
@@ -66,7 +68,7 @@ class Trainer:
             `Shard` for `config.fsdp` under torchrun, DDP's `Replicate` otherwise.
     """
 
-    def __init__(self, task: TrainingTask, dataset: Dataset, config: TrainConfig, context: DistributedContext,
+    def __init__(self, task: TrainingTask, dataset: DataSource, config: TrainConfig, context: DistributedContext,
                  parallelism: ParallelismFactory | None = None):
         config = resolved_config(config, task)
         if config.data_on_device:
@@ -222,7 +224,8 @@ class Trainer:
         start_step = self.step
         self.sampler.start_batch = self.step * config.grad_accumulation
         loader = DataLoader(
-            self.dataset, batch_size=self.micro_batch, sampler=self.sampler, collate_fn=collate,
+            self.dataset, batch_size=self.micro_batch, sampler=self.sampler,
+            collate_fn=partial(collate, form=self.dataset.form),
             num_workers=0 if config.data_on_device else config.num_workers, drop_last=True,
             pin_memory=context.device.type == "cuda" and not config.data_on_device,
             # Its own generator: creating the iterator must not consume the global RNG restored on resume.
@@ -279,8 +282,8 @@ class Trainer:
             step_figures: dict[str, torch.Tensor | float] = {}  # 0-dim float64 tensors on the device
             for micro_step in range(config.grad_accumulation):
                 batch = next(batches)
-                skipped += batch.pop("skipped")
-                batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
+                skipped += batch.skipped
+                batch = batch.to(context.device, non_blocking=True)
                 with self.parallel.gradient_sync(self.network, micro_step == config.grad_accumulation - 1), \
                         autocast(self.precision, context.device):
                     loss, extra = self.task.loss(self.network, batch)
@@ -288,7 +291,7 @@ class Trainer:
                 for name, value in {"loss": loss, **(extra if logging else {})}.items():  # the loss: for the guard
                     share = device_figure(value, context.device) / config.grad_accumulation  # ()
                     step_figures[name] = step_figures[name] + share if name in step_figures else share
-                window_images += len(batch["label"]) * context.world_size
+                window_images += len(batch) * context.world_size
             applied = self.gradient_step(step_figures, logging, self.step)
             self.step += 1
             nonfinite.record(applied, self.step)
@@ -338,7 +341,7 @@ class Trainer:
         return seconds
 
 
-def train(task: TrainingTask, dataset: Dataset, config: TrainConfig,
+def train(task: TrainingTask, dataset: DataSource, config: TrainConfig,
           parallelism: ParallelismFactory | None = None) -> dict[str, float]:
     """Set up (torchrun-aware) distribution, train, and tear down. Returns the last logged figures.
 

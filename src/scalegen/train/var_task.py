@@ -14,20 +14,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scalegen.data import limited, open_dataset, run_description
+from scalegen.data.batch import Batch
+from scalegen.data.caches import TokenCache, cache_path, extract_tokens
+from scalegen.data.names import TOKENS
+from scalegen.data.registry import open_source
+from scalegen.data.source import limited, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.images import grid_labels, save_grid
+from scalegen.models.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.models.token_heads import build_token_head
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
-from scalegen.models.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
-from scalegen.train.caches import TokenCache, cache_path, extract_tokens
 from scalegen.train.settings import (
     RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
 )
@@ -43,8 +46,8 @@ SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) di
 class VARTask(TrainingTask):
     """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
 
-    Batches hold "image" (made into the token head's targets here) or "tokens" (B, L, ...) from a `TokenCache`.
-    `base_lr` sets the recipe's lr (base_lr · max(batch, 768) / 256).
+    Batches hold images (made into the token head's targets here) or tokens (B, L, ...) from a `TokenCache`, as their
+    source's form says. `base_lr` sets the recipe's lr (base_lr · max(batch, 768) / 256).
     """
 
     kind = "var"
@@ -70,16 +73,16 @@ class VARTask(TrainingTask):
         lr = self.base_lr * max(batch_size, VAR_SMALLEST_OFFICIAL_BATCH) / VAR_BATCH_REFERENCE
         return replace(self.recipe, batch_size=batch_size, lr=lr, warmup_steps=steps // WARMUP_FRACTION)
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         head = self.model.token_head
         with torch.no_grad():
-            if "tokens" in batch:
-                scale_targets = list(batch["tokens"].split(self.scale_lengths, dim=1))  # K × (B, p², ...)
+            if batch.form == TOKENS:
+                scale_targets = list(batch.tokens.split(self.scale_lengths, dim=1))  # K × (B, p², ...)
             else:
-                scale_targets = head.targets(self.tokenizer, batch["image"])  # K × (B, p², ...)
+                scale_targets = head.targets(self.tokenizer, batch.image)  # K × (B, p², ...)
             var_input = head.var_input(self.tokenizer, scale_targets)  # (B, L - 1, Cvae)
         targets = torch.cat(scale_targets, dim=1)  # (B, L, ...)
-        output = model(batch["label"], var_input, targets)  # (B, L, ...), logits (B, L, V) for VAR's head
+        output = model(batch.label, var_input, targets)  # (B, L, ...), logits (B, L, V) for VAR's head
         per_position, per_position_figures = head.loss(self.model, output, targets, self.label_smoothing)  # (B, L) each
         figures = {name: values.mean() for name, values in per_position_figures.items()}  # () each, left on the device
         names = scale_names(self.model.config.patch_nums)
@@ -130,7 +133,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         if image_size != tokenizer.image_size:
             raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
                             f"--image-size {tokenizer.image_size}")
-        dataset = limited(open_dataset(options.data, image_size), config.max_images)
+        dataset = limited(open_source(options.data, image_size), config.max_images)
         description = run_description(options.data, image_size, dataset)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "

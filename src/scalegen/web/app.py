@@ -28,7 +28,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from scalegen.data import FashionMNIST
+from scalegen.data.fashion_mnist import FashionMNIST
 from scalegen.errors import UserError
 from scalegen.eval.flops import GIGA, counted_flops
 from scalegen.images import grid_labels, image_grid, labelled, picture_tensor

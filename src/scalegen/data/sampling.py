@@ -1,5 +1,6 @@
-"""How the trainer reads a data set: its resumable, rank-sharded order of (index, flip) items — over tar shards,
-whole shards per rank — and whole batches gathered on the training device (`--data-on-device`)."""
+"""How the trainer reads a data source: its resumable, rank-sharded order of (index, flip) items — over a source
+that declares sampling units (tar shards), whole units per rank — and whole batches gathered on the training device
+(`--data-on-device`)."""
 from __future__ import annotations
 
 from itertools import accumulate
@@ -7,9 +8,10 @@ from itertools import accumulate
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from scalegen.data import Subset
+from scalegen.data.batch import Batch
+from scalegen.data.shards import SHARDS_IN_FLIGHT
+from scalegen.data.source import DataSource, Subset
 from scalegen.errors import UserError
-from scalegen.shards import SHARDS_IN_FLIGHT
 
 EPOCH_SEED_STRIDE = 1_000_003  # (seed, epoch) seeds the generator seed · stride + epoch: seeds lie far apart
 
@@ -90,48 +92,58 @@ class ShardSampler(ResumableSampler):
         return [(index, flips[index]) for index in order[: self.batches_per_epoch * self.batch_size]]
 
 
-def epoch_sampler(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+def epoch_sampler(source: DataSource, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                   flip: bool = True) -> ResumableSampler:
-    """The trainer's sampler of (index, flip) items: whole shards per rank for tar shards (a data set with
-    `shard_sizes`), else a permutation of all items dealt round-robin.
+    """The trainer's sampler of (index, flip) items, chosen by the sampling units the source declares: whole units
+    per rank where it has them (`shard_sizes`: tar shards, a cache read beside them), else a permutation of all items
+    dealt round-robin.
 
     Args:
-        dataset: the training data.
+        source: the training data.
         batch_size: one rank's micro-batch.
         rank, world_size: this process's place among the ranks.
         seed, flip: the order's seed; whether half the items are mirrored.
     """
-    shard_sizes = getattr(dataset, "shard_sizes", None)
-    if shard_sizes is None:
-        return ResumableSampler(len(dataset), batch_size, rank, world_size, seed, flip)
-    return ShardSampler(shard_sizes, batch_size, rank, world_size, seed, flip)
+    if source.shard_sizes is None:
+        return ResumableSampler(len(source), batch_size, rank, world_size, seed, flip)
+    return ShardSampler(source.shard_sizes, batch_size, rank, world_size, seed, flip)
 
 
-class OnDevice(Dataset):
-    """A data set held in memory, moved to the training device and read a whole batch at a time
+class OnDevice(DataSource):
+    """A source `held_in_memory`, moved to the training device and read a whole batch at a time
     (`--data-on-device`): a batch is one indexed gather there, with no loader workers and no host-to-device copy.
 
-    The data set needs `to(device)` and `batch(indices, flips)`: Fashion-MNIST, a latent cache, a token cache. The
-    DataLoader hands the sampler's (index, flip) list to `__getitems__` and `collate` passes the batch through.
+    Fashion-MNIST, a latent cache and a token cache are held in memory. The DataLoader hands the sampler's
+    (index, flip) list to `__getitems__`, and `collate` passes the `Batch` it returns through.
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device):
-        source = dataset.dataset if isinstance(dataset, Subset) else dataset
-        if not (hasattr(source, "batch") and hasattr(source, "to")):
+    held_in_memory = True
+
+    def __init__(self, source: Dataset, device: torch.device):
+        if not (isinstance(source, DataSource) and source.held_in_memory):
+            named = source.dataset if isinstance(source, Subset) else source
             raise UserError(f"--data-on-device needs a data set held in memory (Fashion-MNIST, a --latent-cache or a "
-                            f"--token-cache), not {type(source).__name__}")
+                            f"--token-cache), not {type(named).__name__}")
         self.dataset, self.device = source.to(device), device
-        self.length = len(dataset)
-        self.channels, self.num_classes = getattr(dataset, "channels", None), getattr(dataset, "num_classes", None)
-        self.classes = getattr(dataset, "classes", None)
+        self.form, self.channels, self.num_classes = source.form, source.channels, source.num_classes
+        self.classes, self.shard_sizes = source.classes, source.shard_sizes
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
-        return self.dataset[item]  # one item, as the data set gives it (its tensors now on the device)
+        return self.dataset[item]  # one item, as the source gives it (its tensors now on the device)
 
-    def __getitems__(self, items: list[tuple[int, bool]]) -> dict:
+    def __getitems__(self, items: list[tuple[int, bool]]) -> Batch:
         indices = torch.tensor([index for index, _ in items], device=self.device)  # (B,)
         flips = torch.tensor([bool(flip) for _, flip in items], device=self.device)  # (B,)
+        return self.batch(indices, flips)
+
+    def identity(self) -> dict:
+        return self.dataset.identity()
+
+    def to(self, device: torch.device) -> OnDevice:
+        return OnDevice(self.dataset, device)
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> Batch:
         return self.dataset.batch(indices, flips)

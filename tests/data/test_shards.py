@@ -11,11 +11,14 @@ import torch
 from PIL import Image
 
 from scalegen.cli.main import main
-from scalegen.data import ImageFolder, TarShards, limited, open_dataset, pack_folder
+from scalegen.data.folder import ImageFolder
+from scalegen.data.registry import open_source
+from scalegen.data.sampling import ResumableSampler, ShardSampler, epoch_sampler
+from scalegen.data.shards import TarShards, pack_folder
+from scalegen.data.source import limited
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig
 from scalegen.train.dit_task import DiTTask
-from scalegen.train.loading import ResumableSampler, ShardSampler, epoch_sampler
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
 
@@ -64,8 +67,8 @@ def test_the_command_line_packs_the_same_bytes_as_the_library(folder, index, tmp
 
 
 def test_shards_hold_the_folder_items_bit_for_bit(folder, index):
-    described = open_dataset(str(index), IMAGE_SIZE)
-    patterned = open_dataset(str(index.parent / "train-{000000..000004}.tar"), IMAGE_SIZE)
+    described = open_source(str(index), IMAGE_SIZE)
+    patterned = open_source(str(index.parent / "train-{000000..000004}.tar"), IMAGE_SIZE)
     assert isinstance(described, TarShards) and isinstance(patterned, TarShards)
     assert described.classes == list(CLASSES) and patterned.classes is None
     assert described.num_classes == patterned.num_classes == len(CLASSES)
@@ -79,10 +82,10 @@ def test_shards_hold_the_folder_items_bit_for_bit(folder, index):
     assert limited(described, 12).shard_sizes == [5, 5, 2]
 
 
-def test_ranks_read_disjoint_shards_that_cover_each_epoch(index):
+def test_ranks_read_disjoint_shards_that_cover_each_epoch(folder, index):
     dataset = TarShards(index, IMAGE_SIZE)
     assert isinstance(epoch_sampler(dataset, 2, 0, 2), ShardSampler)
-    assert type(epoch_sampler(list(range(24)), 2, 0, 2)) is ResumableSampler
+    assert type(epoch_sampler(ImageFolder(folder, IMAGE_SIZE), 2, 0, 2)) is ResumableSampler  # declares no units
     shard_of = [shard for shard, size in enumerate(dataset.shard_sizes) for _ in range(size)]
     orders = []
     for epoch in range(3):

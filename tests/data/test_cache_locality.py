@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scalegen import shards as shard_module
-from scalegen.cache_store import build_cache
-from scalegen.data import TarShards, data_identity, pack_folder
-from scalegen.shards import OPEN_SHARDS
-from scalegen.train.caches import LatentCache
-from scalegen.train.loading import ResumableSampler, ShardSampler, epoch_sampler
+from scalegen.data import shards as shard_module
+from scalegen.data.caches import LatentCache
+from scalegen.data.sampling import ResumableSampler, ShardSampler, epoch_sampler
+from scalegen.data.shards import TarShards, pack_folder
+from scalegen.data.shards import OPEN_SHARDS
+from scalegen.data.store import build_cache
 
 IMAGE_SIZE = 8
 SHARD_COUNT = 60  # many more than the OPEN_SHARDS a process keeps open: reads at random reopen shards all the time
@@ -45,7 +45,7 @@ def cache(shards, tmp_path_factory) -> Path:
     images = TarShards(shards, IMAGE_SIZE)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         return build_cache(images, pooled, tmp_path_factory.mktemp("cache") / "latents", 8, "cpu", "pooling",
-                           {"data": data_identity(images)}, shard_size=16)
+                           {"data": images.identity()}, shard_size=16)
 
 
 def test_the_cache_has_its_items_by_source_shard(shards, cache):

@@ -13,15 +13,18 @@ from PIL import Image
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
-from scalegen import build_vqvae, cache_store  # noqa: E402
-from scalegen.cache_store import MANIFEST_FILE, CachedArrays  # noqa: E402
-from scalegen.data import FashionMNIST, ImageFolder, TarShards, data_identity, pack_folder  # noqa: E402
+from scalegen import build_vqvae  # noqa: E402
+from scalegen.data import store  # noqa: E402
+from scalegen.data.caches import extract_latents, extract_tokens  # noqa: E402
+from scalegen.data.fashion_mnist import FashionMNIST  # noqa: E402
+from scalegen.data.folder import ImageFolder  # noqa: E402
+from scalegen.data.shards import TarShards, pack_folder  # noqa: E402
+from scalegen.data.store import MANIFEST_FILE, CachedArrays  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json, write_json_atomic  # noqa: E402
 from scalegen.models.token_heads import build_token_head  # noqa: E402
 from scalegen.models.var import VARConfig  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
-from scalegen.train.caches import extract_latents, extract_tokens  # noqa: E402
 from scalegen.train.dit_task import DiTOptions, train_dit  # noqa: E402
 from scalegen.train.guards import changed_options  # noqa: E402
 from scalegen.train.trainer import TrainConfig  # noqa: E402
@@ -72,7 +75,7 @@ def test_a_latent_cache_of_another_vae_of_the_same_shapes_is_refused_and_made_an
 
 def test_an_unfinished_cache_is_never_finished_by_another_vae(sources, tmp_path, monkeypatch):
     images = ImageFolder(sources["images"], IMAGE_SIZE)
-    real_encode_shard = cache_store.encode_shard
+    real_encode_shard = store.encode_shard
     encoded = []
 
     def killed_after_one(*args):
@@ -81,10 +84,10 @@ def test_an_unfinished_cache_is_never_finished_by_another_vae(sources, tmp_path,
         encoded.append(args[3].name)
         real_encode_shard(*args)
 
-    monkeypatch.setattr(cache_store, "encode_shard", killed_after_one)
+    monkeypatch.setattr(store, "encode_shard", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         extract(sources["vae-a"], images, tmp_path / "latents")
-    monkeypatch.setattr(cache_store, "encode_shard", real_encode_shard)
+    monkeypatch.setattr(store, "encode_shard", real_encode_shard)
     with pytest.raises(UserError, match="encoder"):
         extract(sources["vae-b"], images, tmp_path / "latents")
 
@@ -104,16 +107,16 @@ def test_a_cache_of_other_data_of_the_same_count_is_refused(sources, tmp_path):
 
 def test_data_identities_follow_files_pixels_and_size(sources, tmp_path):
     folder = ImageFolder(sources["images"], IMAGE_SIZE)
-    assert data_identity(folder) == data_identity(ImageFolder(shutil.copytree(sources["images"], tmp_path / "copy",
-                                                                              copy_function=shutil.copy2), IMAGE_SIZE))
+    copy = shutil.copytree(sources["images"], tmp_path / "copy", copy_function=shutil.copy2)
+    assert folder.identity() == ImageFolder(copy, IMAGE_SIZE).identity()
     index = pack_folder(sources["images"], tmp_path / "shards" / "train", SHARD_SIZE)
-    packed = data_identity(TarShards(index, IMAGE_SIZE))
+    packed = TarShards(index, IMAGE_SIZE).identity()
     os.utime(index.parent / "train-000002.tar", ns=(1, 1))  # a shard rewritten: its modification time changed
-    assert data_identity(TarShards(index, IMAGE_SIZE)) != packed
+    assert TarShards(index, IMAGE_SIZE).identity() != packed
     fashion, resized = FashionMNIST(), FashionMNIST(image_size=16)
-    assert data_identity(fashion) != data_identity(resized) and data_identity(fashion) == data_identity(FashionMNIST())
+    assert fashion.identity() != resized.identity() and fashion.identity() == FashionMNIST().identity()
     fashion.images[5, 0, 10, 10] += 1  # one pixel
-    assert data_identity(fashion)["pixels"] != data_identity(FashionMNIST())["pixels"]
+    assert fashion.identity()["pixels"] != FashionMNIST().identity()["pixels"]
 
 
 def tiny_tokenizer(seed: int):

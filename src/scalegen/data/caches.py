@@ -1,15 +1,17 @@
-"""One-time caches of a data set in a latent space, addressed by (index, flip) like the image data sets.
+"""One-time caches of a data source in a latent space, each a data source of its own (`DataSource`), addressed by
+(index, flip) like the image sources; their form is decided here: latents or tokens.
 
 The latent cache (DiT) stores the posterior mean and standard deviation of every image and of its mirror image, so
 training still draws a fresh latent sample each time (as on-the-fly encoding does) and keeps the random flip. The
 token cache (VAR) stores every image's and mirror's tokens over all scales. Both are built by every rank and read
-memory-mapped (`scalegen.cache_store`), and record what they were made from: the data set's identity (its files and
-image size) and a digest of the encoder's weights, so a run with other data or another VAE or tokenizer of the same
-shapes is refused instead of training on the old latents.
+memory-mapped (data/store.py), and record what they were made from: the source's identity (its files and image
+size) and a digest of the encoder's weights, so a run with other data or another VAE or tokenizer of the same shapes
+is refused instead of training on the old latents. The encoders are arguments: the wing imports no tokenizer.
 
 A latent cache read beside the tar shards it was made from (REPA's encoder needs the images) keeps their locality:
-it has the `shard_sizes` of its items by source shard, so the trainer deals it whole shards as it deals the shards
-themselves (train/loading.py), and each rank opens each of its shards once an epoch instead of a shard per image.
+it declares as its sampling units (`shard_sizes`) its items by source shard, so the trainer deals it whole shards as
+it deals the shards themselves (data/sampling.py), and each rank opens each of its shards once an epoch instead of a
+shard per image.
 """
 from __future__ import annotations
 
@@ -19,15 +21,13 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from scalegen.cache_store import CACHE_SHARD_SIZE, INDICES, LABELS, CachedArrays, build_cache, weights_digest
-from scalegen.data import data_identity
+from scalegen.data.batch import Batch
+from scalegen.data.names import LATENTS, TOKENS
+from scalegen.data.sampling import OnDevice
+from scalegen.data.source import DataSource
+from scalegen.data.store import build_cache, CACHE_SHARD_SIZE, CachedArrays, INDICES, LABELS, weights_digest
 from scalegen.distributed import DistributedContext
-from scalegen.tokenizers.codec import TokenizerLatents
-from scalegen.tokenizers.sd_vae import LatentCodec
-from scalegen.tokenizers.vqvae import VQVAE
-from scalegen.train.loading import OnDevice
 
 LATENT_BATCH_SIZE = 32
 TOKEN_BATCH_SIZE = 64
@@ -38,9 +38,29 @@ def cache_path(folder: Path, earlier_file: Path) -> Path:
     return earlier_file if earlier_file.exists() and not folder.exists() else folder
 
 
-def cache_source(dataset: Dataset, encoder: nn.Module) -> dict:
-    """What a cache records of its making: the data set's identity and a digest of the encoder's weights."""
-    return {"data": data_identity(dataset), "encoder": weights_digest(encoder)}
+class DistributionEncoder(Protocol):
+    """What a latent cache needs of its encoder (an SD-VAE's `LatentCodec`, a tokenizer's `TokenizerLatents`)."""
+
+    latent_network: nn.Module  # the network whose weights the cache records
+
+    def to(self, device: torch.device | str) -> DistributionEncoder: ...
+
+    def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> the latents' mean and standard deviation, (B, C_latent, h, w) each."""
+
+
+class TokenEncoder(Protocol):
+    """What a token cache needs of its tokenizer (a multi-scale `VQVAE`): an nn.Module with these."""
+
+    vocab_size: int
+
+    def img_to_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> the token ids of each scale, K × (B, p²)."""
+
+
+def cache_source(dataset: DataSource, encoder: nn.Module) -> dict:
+    """What a cache records of its making: the source's identity and a digest of the encoder's weights."""
+    return {"data": dataset.identity(), "encoder": weights_digest(encoder)}
 
 
 def source_shard_sizes(arrays: CachedArrays, shard_sizes: list[int]) -> list[int]:
@@ -52,18 +72,21 @@ def source_shard_sizes(arrays: CachedArrays, shard_sizes: list[int]) -> list[int
     return torch.bincount(shards, minlength=len(shard_sizes)).tolist()
 
 
-class LatentCache(Dataset):
-    """Cached latents addressed by (index, flip), as the image datasets; yields a fresh sample each time, and the
-    image itself too when the data set it was made from is given (REPA's encoder needs it).
+class LatentCache(DataSource):
+    """Cached latents addressed by (index, flip), as the image sources; yields a fresh sample each time, and the
+    image itself too when the source it was made from is given (REPA's encoder needs it).
 
-    With images from tar shards, it has `shard_sizes` (its items by source shard), so that the trainer's sampler
-    reads the shards whole (train/loading.py `epoch_sampler`).
+    Beside images with sampling units (tar shards), its own units are its items by source shard, so that the
+    trainer's sampler reads the shards whole (data/sampling.py `epoch_sampler`).
     """
 
-    def __init__(self, path: str | Path, images: Dataset | None = None):
+    form = LATENTS
+    held_in_memory = True  # the images beside it too, or `to` says they are not
+
+    def __init__(self, path: str | Path, images: DataSource | None = None):
         self.arrays = CachedArrays(path)  # "mean", "std": (N, 2, C_latent, h, w) fp16, memory-mapped
         self.images = images
-        if getattr(images, "shard_sizes", None) is not None:
+        if images is not None and images.shard_sizes is not None:
             self.shard_sizes = source_shard_sizes(self.arrays, images.shard_sizes)
 
     def __len__(self) -> int:
@@ -85,19 +108,20 @@ class LatentCache(Dataset):
             self.images = OnDevice(self.images, device)
         return self
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> Batch:
         """The items (indices[i], flips[i]) as one batch, a fresh latent sample each (`OnDevice`)."""
         mean = self.arrays.rows("mean", indices, flips).float()  # (B, C_latent, h, w)
         std = self.arrays.rows("std", indices, flips).float()  # (B, C_latent, h, w)
-        batch = {"latent": mean + std * torch.randn_like(mean), "label": self.arrays.rows(LABELS, indices)}
+        latent = mean + std * torch.randn_like(mean)  # (B, C_latent, h, w)
+        images = None
         if self.images is not None:
             sources = self.arrays.rows(INDICES, indices)  # (B,)
-            batch["image"] = self.images.dataset.batch(sources, flips.bool())["image"]  # (B, C, H, W)
-        return batch
+            images = self.images.batch(sources, flips.bool()).image  # (B, C, H, W)
+        return Batch(LATENTS, label=self.arrays.rows(LABELS, indices), latent=latent, image=images)
 
 
 def extract_latents(
-    codec: LatentCodec | TokenizerLatents, dataset: Dataset, path: str | Path, batch_size: int = LATENT_BATCH_SIZE,
+    codec: DistributionEncoder, dataset: DataSource, path: str | Path, batch_size: int = LATENT_BATCH_SIZE,
     device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
     num_workers: int = 0,
 ) -> Path:
@@ -114,8 +138,11 @@ def extract_latents(
                        num_workers)
 
 
-class TokenCache(Dataset):
-    """Pre-extracted tokens of every image and its mirror, addressed by (index, flip) like the image datasets."""
+class TokenCache(DataSource):
+    """Pre-extracted tokens of every image and its mirror, addressed by (index, flip) like the image sources."""
+
+    form = TOKENS
+    held_in_memory = True
 
     def __init__(self, path: str | Path):
         self.arrays = CachedArrays(path)  # "tokens": (N, 2, L) int16/int32, memory-mapped
@@ -132,9 +159,10 @@ class TokenCache(Dataset):
         self.arrays = self.arrays.to(device)
         return self
 
-    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> dict:
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> Batch:
         """The items (indices[i], flips[i]) as one batch (`OnDevice`)."""
-        return {"tokens": self.arrays.rows("tokens", indices, flips).long(), "label": self.arrays.rows(LABELS, indices)}
+        tokens = self.arrays.rows("tokens", indices, flips).long()  # (B, L)
+        return Batch(TOKENS, label=self.arrays.rows(LABELS, indices), tokens=tokens)
 
 
 class TokenTargets(Protocol):
@@ -146,7 +174,7 @@ class TokenTargets(Protocol):
 
 
 def extract_tokens(
-    tokenizer: VQVAE, dataset: Dataset, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,
+    tokenizer: TokenEncoder, dataset: DataSource, path: str | Path, batch_size: int = TOKEN_BATCH_SIZE,
     device: torch.device | str = "cpu", context: DistributedContext | None = None, shard_size: int = CACHE_SHARD_SIZE,
     num_workers: int = 0, *, head: TokenTargets,
 ) -> Path:

@@ -1,11 +1,12 @@
-"""WebDataset-style tar shards: their samples read at random through wids (`TarSamples`) and written (`write_shards`).
+"""WebDataset-style tar shards: their samples read at random through wids (`TarSamples`), the data source over them
+(`TarShards`), and their writing (`write_shards`; `pack_folder` packs a class folder).
 
 A shard is a plain tar whose samples are consecutive members sharing a key: `KEY.jpg|jpeg|png|webp` (the encoded
 image) and `KEY.cls` (its class id in ASCII), the WebDataset convention. `--data` names shards three ways: a brace
 pattern (`train-{000000..000146}.tar`), one `.tar`, or the JSON index that `scalegen data pack` writes beside them
 (wids's `wids-shard-index-v1` layout, plus the class names under "classes"). Items are numbered through the shards in
-order, so the training samplers can deal whole shards to ranks (train/loading.py). The data set on top, which decodes
-the images as an image folder does, is `scalegen.data.TarShards`; `scalegen.data.pack_folder` packs a class folder.
+order, and `TarShards` declares the shards' sizes as its sampling units, so the training samplers deal whole shards
+to ranks (data/sampling.py); it decodes the images as an image folder does.
 
 Why wids: scalegen's training reads items by (index, flip) in an order drawn from the seed, which is what lets a killed
 run resume on exactly the batches an uninterrupted run would have seen. wids, by WebDataset's author, gives random
@@ -34,7 +35,9 @@ from tqdm import tqdm
 from wids.wids import IndexedTarSamples, splitname
 from wids.wids_lru import LRUCache
 
-from scalegen.data_defaults import DEFAULT_IMAGES_PER_SHARD
+from scalegen.data.folder import class_folder_files, files_digest, image_item
+from scalegen.data.names import DEFAULT_IMAGES_PER_SHARD
+from scalegen.data.source import DataSource
 from scalegen.errors import UserError
 from scalegen.files import first_line, replace_atomically, write_json_atomic
 
@@ -42,6 +45,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PACKED_SUFFIXES = {".jpeg": ".jpg"}  # a shard names each format one way
 LABEL_SUFFIX = ".cls"
 INDEX_SUFFIX = ".json"
+SOURCE_SUFFIXES = (".tar", INDEX_SUFFIX)  # `--data` names tar shards: one shard, or their JSON index
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_DIGITS = 6  # train-000000.tar, as ImageNet's published shards
 KEY_DIGITS = 9  # a sample's key is its zero-padded position over all shards
@@ -179,6 +183,43 @@ class TarSamples:
         return image, label, f"{key} of shard {path}"
 
 
+def names_tar_shards(data: str) -> bool:
+    """Whether a `--data` string names tar shards: a brace pattern, one `.tar` or the `.json` index."""
+    return "{" in data or data.endswith(SOURCE_SUFFIXES)
+
+
+class TarShards(DataSource):
+    """WebDataset-style tar shards (`KEY.jpg|png|webp` + `KEY.cls`), decoded as `ImageFolder` decodes its files; item
+    i is the i-th sample counting through the shards, whose sizes are its sampling units (`shard_sizes`), which the
+    sampler deals out whole.
+
+    Args:
+        source: a brace pattern (`train-{000000..000146}.tar`), one `.tar`, or the index `pack_folder` writes, whose
+            class names become `classes` (None otherwise).
+        image_size: the side of the square crop.
+    """
+
+    channels = 3
+
+    def __init__(self, source: str | Path, image_size: int):
+        self.samples, self.image_size = TarSamples(source), image_size
+        self.classes, self.num_classes = self.samples.classes, self.samples.num_classes
+        self.shard_sizes = self.samples.shard_sizes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def identity(self) -> dict:
+        """Its kind, crop size and a digest of its shards (names, sample counts, sizes, modification times)."""
+        shards = ((path.name, path, size) for path, size in zip(self.samples.paths, self.shard_sizes))
+        return {"kind": type(self).__name__, "image_size": self.image_size, "files": files_digest(shards)}
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict | None:
+        index, flip = item
+        image, label, name = self.samples[index]
+        return image_item(image, label, self.image_size, flip, name)
+
+
 def write_shard(path: Path, samples: list[tuple[str, Path, int]], progress: tqdm) -> None:
     """One tar of samples (key, image file, label): `KEY.<ext>` holding the file's bytes and `KEY.cls`. Members keep
     tarfile's fixed defaults (time 0, owner root, mode 644), so packing a folder twice writes the same bytes."""
@@ -195,8 +236,8 @@ def write_shard(path: Path, samples: list[tuple[str, Path, int]], progress: tqdm
 
 def write_shards(files: list[tuple[Path, int]], classes: list[str], prefix: str | Path,
                  images_per_shard: int = DEFAULT_IMAGES_PER_SHARD, seed: int = 0) -> Path:
-    """Write labelled image files as WebDataset-style tar shards and their JSON index (`scalegen.data.pack_folder`
-    gives it a class folder's files).
+    """Write labelled image files as WebDataset-style tar shards and their JSON index (`pack_folder` gives it a class
+    folder's files).
 
     The files are shuffled with `seed` first, so every shard mixes the classes; each keeps its bytes (no re-encoding).
     Each shard is written under a temporary name and renamed into place, the index last.
@@ -231,3 +272,17 @@ def write_shards(files: list[tuple[Path, int]], classes: list[str], prefix: str 
     index = prefix.with_name(prefix.name + INDEX_SUFFIX)
     write_json_atomic(index, {"__kind__": INDEX_KIND, "name": prefix.name, "shardlist": shardlist, "classes": classes})
     return index
+
+
+def pack_folder(folder: str | Path, prefix: str | Path, images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
+                seed: int = 0) -> Path:
+    """Pack an ImageNet-style class folder (JPEG, PNG or WebP files) into WebDataset-style tar shards
+    `PREFIX-000000.tar`, … and their index `PREFIX.json` naming the classes (`scalegen data pack`); the images are
+    shuffled with `seed` so every shard mixes the classes. Returns the index, which `--data` takes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist; pass a folder of class folders")
+    classes, files = class_folder_files(folder)
+    if not files:
+        raise UserError(f"no images found in {folder}; expected one sub-folder per class holding image files")
+    return write_shards(files, classes, prefix, images_per_shard, seed)

@@ -32,6 +32,7 @@ import struct
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scalegen.data import collate
+from scalegen.data.batch import collate
+from scalegen.data.source import DataSource
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.files import read_json, save_weights_atomic, write_json_atomic
@@ -65,10 +67,10 @@ def shard_name(shard: int) -> str:
 
 
 class IndexedItems(Dataset):
-    """A data set's items with their index beside them ("index"), so a batch says which items it kept when some could
+    """A source's items with their index beside them ("index"), so a batch says which items it kept when some could
     not be read."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: DataSource):
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -138,24 +140,24 @@ def check_plan(manifest: dict, plan: dict, folder: Path) -> None:
 
 
 def encode_shard(
-    dataset: Dataset, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], items: range, path: Path,
+    dataset: DataSource, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], items: range, path: Path,
     batch_size: int, device: torch.device | str, num_workers: int, progress: tqdm,
 ) -> None:
     """Encode the items `items` of `dataset` and their mirrors into the shard file `path` (written atomically)."""
     for leftover in path.parent.glob(f".{path.name}.*"):  # what a killed writer of this shard left
         leftover.unlink(missing_ok=True)
     loader = DataLoader(IndexedItems(dataset), batch_size=batch_size, sampler=[(index, False) for index in items],
-                        collate_fn=collate, num_workers=num_workers)
+                        collate_fn=partial(collate, form=dataset.form), num_workers=num_workers)
     parts: dict[str, list[torch.Tensor]] = {LABELS: [], INDICES: []}
     for batch in loader:
-        progress.update(len(batch["label"]) + batch["skipped"] if "label" in batch else batch["skipped"])
-        if "image" not in batch:
+        progress.update(len(batch) + batch.skipped)
+        if len(batch) == 0:
             continue  # every image of this batch was unreadable (already warned about)
-        images = batch["image"].to(device)  # (B, C, H, W)
+        images = batch.image.to(device)  # (B, C, H, W)
         for name, encoded in encode(torch.cat([images, images.flip(-1)])).items():  # (2B, ...)
             parts.setdefault(name, []).append(torch.stack(encoded.chunk(2), dim=1).cpu())  # (B, 2, ...)
-        parts[LABELS].append(batch["label"])
-        parts[INDICES].append(batch["index"])
+        parts[LABELS].append(batch.label)
+        parts[INDICES].append(batch.index)
     save_weights_atomic({name: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
                          for name, chunks in parts.items()}, path)
 
@@ -174,7 +176,7 @@ def wait_for(paths: list[Path], description: str, show: bool) -> None:
 
 @torch.no_grad()
 def build_cache(
-    dataset: Dataset,
+    dataset: DataSource,
     encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     folder: str | Path,
     batch_size: int,
@@ -192,7 +194,7 @@ def build_cache(
     complete or not, is refused (`check_plan`).
 
     Args:
-        dataset: an image data set (items {"image", "label"} addressed by (index, flip)); unreadable images are
+        dataset: a source of images (items {"image", "label"} addressed by (index, flip)); unreadable images are
             skipped.
         encode: images (2B, C, H, W) on `device` -> named tensors (2B, ...), already in their storage dtype.
         folder: the cache folder.

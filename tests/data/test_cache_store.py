@@ -10,13 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("diffusers")
-from scalegen import cache_store  # noqa: E402
-from scalegen.cache_store import MANIFEST_FILE, CachedArrays, mapped_tensors, shard_name  # noqa: E402
-from scalegen.data import ImageFolder, TarShards, pack_folder  # noqa: E402
+from scalegen.data import store  # noqa: E402
+from scalegen.data.caches import LatentCache, cache_path, extract_latents  # noqa: E402
+from scalegen.data.folder import ImageFolder  # noqa: E402
+from scalegen.data.shards import TarShards, pack_folder  # noqa: E402
+from scalegen.data.source import Subset  # noqa: E402
+from scalegen.data.store import MANIFEST_FILE, CachedArrays, mapped_tensors, shard_name  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
-from scalegen.train.caches import LatentCache, cache_path, extract_latents  # noqa: E402
 from tests_support import TESTS, save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
 
 SHARD_SIZE = 4  # 15 images: shards of 4, 4, 4 and 3
@@ -44,7 +46,7 @@ def test_two_ranks_write_the_one_rank_cache_bit_for_bit(sources, tmp_path):
     environment = dict(os.environ, OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "cache_worker.py"), *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE),
+               str(TESTS / "data" / "cache_worker.py"), *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE),
                str(tmp_path / "encoded")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
@@ -63,7 +65,7 @@ def test_two_ranks_write_the_one_rank_cache_bit_for_bit(sources, tmp_path):
 def test_a_killed_extraction_resumes_encoding_only_the_missing_shards(sources, tmp_path, monkeypatch):
     reference = extract(sources, tmp_path / "reference")
     encoded = []
-    real_encode_shard = cache_store.encode_shard
+    real_encode_shard = store.encode_shard
 
     def killed_after_two(dataset, encode, items, path, *args):
         if len(encoded) == 2:
@@ -72,14 +74,14 @@ def test_a_killed_extraction_resumes_encoding_only_the_missing_shards(sources, t
         encoded.append(path.name)
         real_encode_shard(dataset, encode, items, path, *args)
 
-    monkeypatch.setattr(cache_store, "encode_shard", killed_after_two)
+    monkeypatch.setattr(store, "encode_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract(sources, tmp_path / "cache")
     assert encoded == [shard_name(0), shard_name(1)] and not read_json(tmp_path / "cache" / MANIFEST_FILE)["complete"]
     with pytest.raises(UserError, match="not a complete scalegen cache"):
         CachedArrays(tmp_path / "cache")
     encoded.clear()
-    monkeypatch.setattr(cache_store, "encode_shard",
+    monkeypatch.setattr(store, "encode_shard",
                         lambda *args: encoded.append(args[3].name) or real_encode_shard(*args))
     extract(sources, tmp_path / "cache")
     assert encoded == [shard_name(2), shard_name(3)]  # the finished shards were kept
@@ -112,7 +114,7 @@ def test_a_cache_of_other_data_is_refused(sources, tmp_path):
     extract(sources, tmp_path / "cache")
     vae, images = sources
     with pytest.raises(UserError, match="move .* away to extract anew"):
-        extract_latents(load_sd_vae(vae), torch.utils.data.Subset(ImageFolder(images, IMAGE_SIZE), range(10)),
+        extract_latents(load_sd_vae(vae), Subset(ImageFolder(images, IMAGE_SIZE), 10),
                         tmp_path / "cache", batch_size=2, shard_size=SHARD_SIZE)
 
 
@@ -143,9 +145,9 @@ def test_caches_are_read_memory_mapped(tmp_path):
         save_file({"mean": torch.randn(items, 2, 4, 32, 32).half(), "std": torch.rand(items, 2, 4, 32, 32).half(),
                    "labels": torch.zeros(items, dtype=torch.long), "indices": torch.arange(items) + shard * items},
                   tmp_path / shard_name(shard))
-    manifest = {"format": cache_store.CACHE_FORMAT, "items": 2 * items, "shard_size": items, "description": "",
+    manifest = {"format": store.CACHE_FORMAT, "items": 2 * items, "shard_size": items, "description": "",
                 "shards": [shard_name(0), shard_name(1)], "complete": True}
-    cache_store.write_json_atomic(tmp_path / MANIFEST_FILE, manifest)
+    store.write_json_atomic(tmp_path / MANIFEST_FILE, manifest)
     before = resident_anonymous_megabytes()
     cache = LatentCache(tmp_path)
     batch = [cache[(index, bool(index % 2))] for index in range(0, 2 * items, 97)]

@@ -1,0 +1,66 @@
+"""The data sources' registry: each kind of source says how it recognises a `--data` string and how it opens it
+(`register_source`), and `open_source` opens the first kind that recognises the string — the class folder when none
+does. A new kind of data is one module (or test file) that registers itself; nothing else changes.
+
+The built-in kinds, in the order they are tried: `fashion-mnist` (the name), tar shards (a brace pattern
+`train-{000000..000146}.tar`, one `.tar`, or the `.json` index `scalegen data pack` writes), a folder of Fashion-MNIST's
+IDX files; then a kind registered later (a toy of a test); last the ImageNet-style class folder, which takes any
+other string.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scalegen.classes import FASHION_MNIST_NAME
+from scalegen.data.fashion_mnist import FashionMNIST, holds_fashion_mnist
+from scalegen.data.folder import ImageFolder
+from scalegen.data.shards import names_tar_shards, TarShards
+from scalegen.data.source import DataSource
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of data source.
+
+    Args:
+        name: how it is known ("tar-shards").
+        recognises: whether a `--data` string names a source of this kind.
+        opens: (the `--data` string, the image size) -> the source; a one-line `UserError` for bad data.
+    """
+
+    name: str
+    recognises: Callable[[str], bool]
+    opens: Callable[[str, int], DataSource]
+
+
+DATA_SOURCES: dict[str, SourceKind] = {}  # in the order they are tried
+CLASS_FOLDER = SourceKind("class-folder", lambda data: True, ImageFolder)  # the fallback: any other string
+
+
+def register_source(kind: SourceKind) -> SourceKind:
+    """Make a kind of data source known to every `--data`, tried after those registered before it and before the
+    class folder; returns it. A name is registered once (registering the same kind again changes nothing)."""
+    known = DATA_SOURCES.get(kind.name)
+    if known is not None and known != kind:
+        raise ValueError(f"a data source kind {kind.name!r} is registered already")
+    DATA_SOURCES[kind.name] = kind
+    return kind
+
+
+def source_kind(data: str) -> SourceKind:
+    """The kind of source a `--data` string names: the first registered kind that recognises it, else the class
+    folder."""
+    return next((kind for kind in DATA_SOURCES.values() if kind.recognises(data)), CLASS_FOLDER)
+
+
+def open_source(data: str, image_size: int) -> DataSource:
+    """The data source a `--data` string names (see the module's docstring for the kinds), its images at
+    `image_size`; the source decides its items' form once, here."""
+    return source_kind(data).opens(data, image_size)
+
+
+register_source(SourceKind("fashion-mnist", lambda data: data == FASHION_MNIST_NAME,
+                           lambda data, image_size: FashionMNIST(None, image_size)))
+register_source(SourceKind("tar-shards", names_tar_shards, TarShards))
+register_source(SourceKind("fashion-mnist-folder", holds_fashion_mnist, FashionMNIST))

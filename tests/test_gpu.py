@@ -97,7 +97,7 @@ def test_nccl_process_group_trains_and_stays_in_sync(tmp_path):
     result = tmp_path / "result.txt"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cuda"]
+               str(TESTS / "train" / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cuda"]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync nccl")

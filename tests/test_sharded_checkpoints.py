@@ -50,7 +50,9 @@ def train_here(out: Path, steps: int, fsdp: bool = False) -> None:
 def launch(scenario: str, root: Path) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the worker's scenario on 2 gloo ranks; returns the finished process and the path of its JSON result."""
     result = root / f"{scenario}.json"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    # the worker imports this file, which imports tests/train/test_fast_path.py
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS / "train"),
+                                                                os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(TESTS / "sharded_checkpoint_worker.py"), scenario, str(result), str(root)]

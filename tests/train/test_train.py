@@ -130,7 +130,7 @@ def test_two_process_torchrun_keeps_parameters_in_sync(tmp_path, objective):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cpu", objective]
+               str(Path(__file__).with_name("ddp_worker.py")), str(result), str(tmp_path / "run"), "cpu", objective]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync gloo")

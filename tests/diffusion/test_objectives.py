@@ -1,7 +1,6 @@
 """The objective seam: the registry, the objective in the DiT's config, MeanFlow, and guidance intervals."""
 import json
 import shutil
-from pathlib import Path
 from dataclasses import asdict, replace
 
 import pytest
@@ -22,7 +21,7 @@ from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.init_from import initialize_from
 from scalegen.train.trainer import TrainConfig, train
 from scalegen.train.run_log import read_log
-from tests_support import tiny_fashion
+from tests_support import TESTS, tiny_fashion
 
 TINY = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                  learn_sigma=False)
@@ -297,7 +296,7 @@ def test_the_page_starts_a_dit_at_its_objective_s_settings():
 
 
 def test_the_readme_names_every_registered_objective_and_sampler():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (TESTS.parent / "README.md").read_text()
     for name, objective in OBJECTIVES.items():
         assert f"--objective {name}" in readme or f"`{name}`" in readme, name
         assert all(sampler in readme for sampler in objective.samplers), name

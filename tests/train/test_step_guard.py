@@ -121,7 +121,7 @@ def test_two_ranks_average_gradients_when_one_rank_lacks_one(tmp_path):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "gradient_average_worker.py"), str(result)]
+               str(Path(__file__).with_name("gradient_average_worker.py")), str(result)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     for rank in range(2):  # every rank holds the mean; a gradient one rank lacks counts as zeros there

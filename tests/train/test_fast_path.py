@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "fsdp_worker.py"), str(result), str(tmp_path)]
+               str(Path(__file__).with_name("fsdp_worker.py")), str(result), str(tmp_path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
     runs = json.loads(result.read_text())

@@ -11,7 +11,7 @@ from scalegen.data import load_fashion_mnist, write_fashion_mnist_subset
 from scalegen.pixels import to_model_range
 from scalegen.errors import UserError
 from scalegen.train.run_log import read_log
-from scalegen.images import save_npz
+from scalegen.eval.samples import save_npz
 
 REAL_COUNT = 1000
 MIN_ACCURACY = 0.88

@@ -92,6 +92,7 @@ def test_bf16_training_on_the_gpu_lowers_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL takes one GPU per rank: needs two GPUs")
 def test_nccl_process_group_trains_and_stays_in_sync(tmp_path):
     result = tmp_path / "result.txt"

@@ -180,6 +180,7 @@ def test_python_dash_m_and_console_script_start():
     assert completed.returncode == 0 and "train" in completed.stdout
 
 
+@pytest.mark.multiprocess
 def test_npz_sampling_is_sharded_over_two_torchrun_ranks(tmp_path):
     write_run(tmp_path / "run")
     environment = dict(os.environ, OMP_NUM_THREADS="1")

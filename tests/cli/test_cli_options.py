@@ -192,6 +192,7 @@ def test_a_single_process_cache_waits_for_no_other_ranks(tmp_path, capsys):
     assert "encoding" in progress and "other ranks" not in progress
 
 
+@pytest.mark.end_to_end
 def test_an_unreadable_image_is_one_line_that_names_it(tmp_path):
     data = write_color_folder(tmp_path / "colors")
     (data / "a" / "broken.png").write_text("not an image")
@@ -236,7 +237,7 @@ def test_print_config_shows_the_dimensions_a_dit_preset_resolves_to(overrides, e
 
 
 # Every command and sub-command (`train dit`, `sample var`, `edit var`, `demo`, `eval`, …): its parser is built from
-# torch-free modules, its handler imports the rest when it runs (`scalegen --help` is tests/test_run_config.py's).
+# torch-free modules, its handler imports the rest when it runs (`scalegen --help` is tests/runs/test_run_config.py's).
 EVERY_COMMAND = [list(words) for words, _ in commands(build_parser())]
 HEAVY_PACKAGES = ("torch", "numpy", "PIL", "safetensors", "diffusers", "gradio")
 

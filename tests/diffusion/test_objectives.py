@@ -236,6 +236,7 @@ def test_a_meanflow_dit_fine_tuned_from_a_flow_dit_starts_as_its_source(tmp_path
                                    flow.generate([1, 2], cfg=1.0, steps=steps, noise=noise))
 
 
+@pytest.mark.end_to_end
 def test_a_short_meanflow_run_with_repa_lowers_its_error_and_samples_in_one_step(tmp_path):
     from test_recipes import tiny_encoder  # the REPA encoder the flow recipe tests train
 

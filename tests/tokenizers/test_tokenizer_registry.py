@@ -119,6 +119,7 @@ def test_a_toy_kind_registered_here_loads_through_the_public_loader(toy_run):
         register_tokenizer(TokenizerKind(TOY_KIND, "other", PoolConfig, nn.Identity, TOY.round_trip, ""))
 
 
+@pytest.mark.end_to_end
 def test_a_dit_trains_on_the_toy_kinds_cached_latents_and_samples_through_it(toy_run, tmp_path):
     run = tmp_path / "dit"
     options = DiTOptions(data=str(toy_run / "data"), image_size=8, tokenizer=str(toy_run / "pool"), latent_cache=True,
@@ -198,6 +199,7 @@ def test_a_dit_refuses_a_kind_without_a_latent_space_in_one_line(toy_run, tmp_pa
         tokenizer_codec(nn.Identity(), {"latent_scale": 1.0})
 
 
+@pytest.mark.end_to_end
 def test_the_command_line_trains_exports_and_samples_a_dit_on_the_toy_kind(toy_run, tmp_path):
     """No command names the kinds: `train dit --tokenizer` encodes through the toy on the fly, `export` copies it
     with the DiT into a self-contained folder (the run and the tokenizer's own run gone), which samples as the run

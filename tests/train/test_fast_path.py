@@ -164,6 +164,7 @@ def test_regional_compilation_compiles_the_blocks_and_keeps_the_checkpoint_keys(
         assert compiled_row["loss"] == pytest.approx(plain_row["loss"], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
     result = tmp_path / "result.json"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
@@ -187,6 +188,7 @@ def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
         assert is_sharded(folder) if name != "fsdp_then_ddp" else (folder / "ema.safetensors").exists()
 
 
+@pytest.mark.end_to_end
 def test_data_on_device_trains_exactly_as_the_loader(tmp_path):
     """Fashion-MNIST items are deterministic, so whole batches gathered on the device give the loader's losses."""
     losses = {}

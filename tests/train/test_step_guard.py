@@ -56,6 +56,7 @@ def unchanged(module: nn.Module, before: list[torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("precision, fused", [("fp32", False), ("fp16", False), ("fp32", True)],
                          ids=["fp32", "fp16", "fused"])
+@pytest.mark.end_to_end
 def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_path, monkeypatch, precision, fused):
     if fused:  # the GPU's code path on CPU: fused AdamWs that skip the step on the device (`found_inf`)
         monkeypatch.setattr(optimization, "FUSED_DEVICES", ("cpu", "cuda"))
@@ -79,6 +80,7 @@ def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_pat
     assert all(parameter.grad is None for parameter in tokenizer.parameters())
 
 
+@pytest.mark.end_to_end
 def test_an_end_to_end_run_skips_a_poisoned_step_for_the_tokenizer_too(tmp_path):
     trainer = end_to_end_trainer(tmp_path, "fp32", steps=3)
     task, tokenizer = trainer.task, trainer.task.end_to_end.tokenizer
@@ -116,6 +118,7 @@ def test_a_non_finite_tokenizer_is_never_written(tmp_path, capsys):
     assert (last_checkpoint(trainer.folder.root) / TOKENIZER_FILE).exists()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_average_gradients_when_one_rank_lacks_one(tmp_path):
     result = tmp_path / "result"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))

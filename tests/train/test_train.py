@@ -42,6 +42,7 @@ def test_thirty_steps_on_fashion_mnist_lower_the_loss(tmp_path):
     assert last_checkpoint(tmp_path).name == "step-0000030"
 
 
+@pytest.mark.end_to_end
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
     run(tmp_path / "straight", 6)
     run(tmp_path / "resumed", 3)
@@ -124,6 +125,7 @@ def test_warmup_then_linear_decay():
     assert learning_rate_factor(110, config) == pytest.approx(0.1)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("objective", ["ddpm", "meanflow"])  # meanflow: a JVP through DDP's bare module
 def test_two_process_torchrun_keeps_parameters_in_sync(tmp_path, objective):
     result = tmp_path / "result.txt"

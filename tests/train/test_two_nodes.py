@@ -1,6 +1,6 @@
 """Two nodes and a shared run folder: two torchrun agents rendezvous on localhost, train, checkpoint, and carry on
 from the last checkpoint after torchrun restarts a killed worker, the restarted rank 0 taking over the run lock its
-killed predecessor left (the lock across machines: tests/test_run_lock.py)."""
+killed predecessor left (the lock across machines: tests/runs/test_run_lock.py)."""
 import os
 import signal
 import socket
@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from scalegen.runs.folder import last_checkpoint
 from scalegen.runs.lock import LOCK_FILE
 from tests_support import TESTS, without_progress_bars, write_fashion_subset
 
+pytestmark = pytest.mark.multiprocess  # two torchrun agents
 SOURCES = TESTS.parent / "src"
 TINY_DIT = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
             "--image-size", "8", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",

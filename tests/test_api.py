@@ -100,6 +100,7 @@ def test_a_bad_file_is_a_one_line_user_error(tmp_path):
     assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.end_to_end
 def test_python_training_follows_the_task_recipe_and_skips_a_zero_ema(tmp_path):
     torch.manual_seed(0)
     task = VARTask(VARConfig(**TINY_VAR), tokenizer_folder(tmp_path / "vq"), {})
@@ -140,6 +141,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
         main(command)
 
 
+@pytest.mark.end_to_end
 def test_classes_by_name_in_python_and_on_the_command_line(tmp_path, capsys):
     var = scalegen.load_var(scalegen.SHIPPED_VAR)
     assert var.class_names[1] == "Trouser"
@@ -191,6 +193,7 @@ def test_resume_lists_the_options_that_changed_and_batch_jobs_log_progress_lines
 
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
 def test_tensorboard_and_offline_wandb_get_the_figures_and_the_sample_grids(logger, tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch.utils.tensorboard" if logger == "tensorboard" else "wandb")

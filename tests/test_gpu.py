@@ -92,12 +92,13 @@ def test_bf16_training_on_the_gpu_lowers_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL takes one GPU per rank: needs two GPUs")
 def test_nccl_process_group_trains_and_stays_in_sync(tmp_path):
     result = tmp_path / "result.txt"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cuda"]
+               str(TESTS / "train" / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cuda"]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync nccl")

@@ -1,9 +1,12 @@
 """The house's hard rules, measured from the code's own imports: subpackages by role, no import circles, argparse and
-the `cli` package only under cli/. (Module length and import depth are guides, not tests: the before-stop hook prints
+the `cli` package only under cli/; and the tests' own layout: each test file in the folder of the wing it tests, or
+one of the house-wide ones. (Module length and import depth are guides, not tests: the before-stop hook prints
 them.)"""
 import ast
 import subprocess
 import sys
+import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,13 @@ SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli", "run
 # The runs wing: a run folder's layout, lock, readers, loaders and exports, once top-level modules of these names.
 RUN_MODULES = {"folder", "lock", "weights", "loading", "export", "diffusers_export", "names"}
 MOVED_TO_RUNS = {"checkpoint", "checkpoint_names", "run_lock", "pretrained", "diffusers_export"}
+TESTS = Path(__file__).parent
+# tests/WING/ holds the tests of one wing (`pytest tests/WING` runs them); pyproject's pythonpath names each folder
+TEST_WINGS = ("cli", "data", "diffusion", "eval", "models", "runs", "tokenizers", "train", "web")
+# what stays in tests/ itself: the tests of the house as a whole (its layout, README, public API, tools, shipped
+# models, GPU-only checks), the shared helpers and pytest's settings
+HOUSE_WIDE = {"test_layout.py", "test_readme.py", "test_api.py", "test_tools.py", "test_shipped.py", "test_gpu.py",
+              "tests_support.py", "conftest.py"}
 
 
 def module_name(path: Path) -> str:
@@ -149,3 +159,19 @@ def test_the_import_walk_sees_every_spelling_of_an_import(tmp_path, monkeypatch,
     probe.write_text(line + "\n")
     monkeypatch.setitem(MODULES, "scalegen.models.probe", probe)
     assert reached in imported_names("scalegen.models.probe")
+
+
+def test_every_test_file_lives_in_its_wing_s_folder_or_is_house_wide():
+    python_files = [path.relative_to(TESTS) for path in TESTS.rglob("*.py") if path.parts[len(TESTS.parts)] != "golden"]
+    misplaced = [str(path) for path in python_files if len(path.parts) == 1 and
+                 path.name not in HOUSE_WIDE or len(path.parts) > 2 or
+                 len(path.parts) == 2 and path.parts[0] not in TEST_WINGS]
+    assert not misplaced, f"put these in a wing's folder (tests/{{{','.join(TEST_WINGS)}}}/) or name them house-wide"
+    repeated = [name for name, count in Counter(path.name for path in python_files).items() if count > 1]
+    assert not repeated, f"pytest imports test files by their names, which must differ: {repeated}"
+
+
+def test_pytest_finds_the_helpers_of_every_wing():
+    settings = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert settings["pythonpath"] == ["tests", *(f"tests/{wing}" for wing in TEST_WINGS)]
+    assert settings["testpaths"] == ["tests"]

@@ -98,6 +98,7 @@ def test_the_shipped_refiner_draws_the_asked_classes_with_less_compute():
     assert refined < 0.8 * alone
 
 
+@pytest.mark.end_to_end
 def test_demo_writes_both_grids_and_a_report(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path), "--per-class", "3", "--batch-size", "30"])
     report = json.loads((tmp_path / "report.json").read_text())

@@ -20,6 +20,7 @@ from tests_support import save_tiny_vae, user_error
 TINY_SIDE = 8  # the tiny tokenizer's image size
 
 
+@pytest.mark.end_to_end
 def test_reconstruct_writes_pairs_and_scores_them(tmp_path, capsys):
     tokenizer_folder(tmp_path / "vq")
     grid = tmp_path / "pairs.png"
@@ -31,6 +32,7 @@ def test_reconstruct_writes_pairs_and_scores_them(tmp_path, capsys):
     assert Image.open(grid).size == (2 * 8 * TINY_SIDE, 8 * TINY_SIDE)  # 8 pairs a row, 8 rows
 
 
+@pytest.mark.end_to_end
 def test_reconstruct_through_a_local_sd_vae(tmp_path, capsys):
     pytest.importorskip("diffusers")
     vae = save_tiny_vae(tmp_path / "vae")
@@ -75,6 +77,7 @@ def write_log(run: Path, header: str, *rows: str) -> Path:
     return run
 
 
+@pytest.mark.end_to_end
 def test_plot_draws_any_runs_and_names_the_figures_they_log(tmp_path, capsys):
     first = write_log(tmp_path / "small", "step,loss,mse", "1,1.0,0.5", "2,0.8,0.4", "2,0.7,0.35", "3,0.6,0.3")
     second = write_log(tmp_path / "large", "step,loss,accuracy", "1,0.9,0.1", "2,0.5,0.3")
@@ -92,6 +95,7 @@ def test_plot_draws_any_runs_and_names_the_figures_they_log(tmp_path, capsys):
     assert "--x step" in message
 
 
+@pytest.mark.end_to_end
 def test_a_run_without_a_terminal_logs_its_eta_and_plots_against_images(tmp_path, capsys):
     tokenizer_run(tmp_path / "run", 2)
     lines = (tmp_path / "run" / "progress.log").read_text().splitlines()

@@ -41,6 +41,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_write_the_one_rank_cache_bit_for_bit(sources, tmp_path):
     reference = extract(sources, tmp_path / "one")
     environment = dict(os.environ, OMP_NUM_THREADS="1",

@@ -2,7 +2,7 @@
 
 Run in a scratch venv, never the project's:
     python3 -m venv /tmp/fidvenv && /tmp/fidvenv/bin/pip install torch==2.13.0 torch-fidelity
-    PYTHONPATH=src:tests /tmp/fidvenv/bin/python tests/golden/make_inception_golden.py
+    PYTHONPATH=src:tests:tests/eval /tmp/fidvenv/bin/python tests/golden/make_inception_golden.py
 (pip resolved torch-fidelity 0.4.0 with torch 2.14.1 for the stored file.) It loads our seeded random Inception weights into torch-fidelity's FeatureExtractorInceptionV3 and records its
 TF1 resize and its features (pool 2048, logits_unbiased 1008, Mixed_6d.branch1x1 via a hook for sFID).
 """

@@ -228,6 +228,7 @@ class ScaleSpy:
         return [models.index(model) for model, _ in last]
 
 
+@pytest.mark.end_to_end
 def test_sample_and_edit_var_take_every_speedup(tmp_path, monkeypatch) -> None:
     speedups = ["--prune", "0.3", "--unpruned-blocks", "1,1", "--refiner", str(SHIPPED_VAR), "--refined-scales", "2",
                 "--draws", "inverse-cdf", "--device", "cpu"]

@@ -74,6 +74,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path):
     assert last_checkpoint(tmp_path).name == "step-0000004"
 
 
+@pytest.mark.multiprocess
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom scalegen.runs.lock import run_lock\n"
@@ -115,6 +116,7 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing below catches it, so no cleanup runs."""
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("moment", ["before the rename", "before the pointer", "before pruning"])
 def test_a_crash_at_any_moment_of_a_re_save_leaves_a_resumable_run(tmp_path, monkeypatch, moment):
     torch.manual_seed(0)
@@ -142,6 +144,7 @@ def test_a_crash_at_any_moment_of_a_re_save_leaves_a_resumable_run(tmp_path, mon
     assert [row["step"] for row in read_log(tmp_path)] == [1, 2, 3]
 
 
+@pytest.mark.end_to_end
 def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
     torch.manual_seed(0)
     train(DiTTask(TINY, sample_steps=2), tiny_fashion(), run_config(tmp_path, 3))
@@ -177,6 +180,7 @@ def test_files_follow_the_umask(tmp_path):
     assert (tmp_path / "last.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+@pytest.mark.end_to_end
 def test_the_seed_fixes_the_initial_dit_weights(tmp_path):
     data = write_fashion_subset(tmp_path)
     for name in ("a", "b"):

@@ -50,7 +50,9 @@ def train_here(out: Path, steps: int, fsdp: bool = False) -> None:
 def launch(scenario: str, root: Path) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the worker's scenario on 2 gloo ranks; returns the finished process and the path of its JSON result."""
     result = root / f"{scenario}.json"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    # the worker imports this file, which imports tests/train/test_fast_path.py
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS / "train"),
+                                                                os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(Path(__file__).parent / "sharded_checkpoint_worker.py"), scenario, str(result), str(root)]
@@ -68,6 +70,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict]:
     return root, json.loads(result.read_text())
 
 
+@pytest.mark.multiprocess
 def test_each_rank_writes_its_shards_in_the_background(runs):
     root, seen = runs
     for name in ("fsdp_half", "fsdp_sync"):
@@ -85,6 +88,7 @@ def test_each_rank_writes_its_shards_in_the_background(runs):
     assert seen["writes"][0]["training_went_on"]  # step 2 was trained while step 1's shards were being written
 
 
+@pytest.mark.multiprocess
 def test_sharded_checkpoint_exports_to_one_file_with_equal_weights(runs, tmp_path):
     root, _ = runs
     full = load_file(root / FULL_WEIGHTS)
@@ -102,6 +106,7 @@ def test_sharded_checkpoint_exports_to_one_file_with_equal_weights(runs, tmp_pat
     assert all(torch.allclose(value, full[f"ema.{key}"], atol=1e-3) for key, value in exported.items())
 
 
+@pytest.mark.multiprocess
 def test_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
     """2 ranks → 1: the FSDP run's sharded step-2 checkpoint goes on exactly as the DDP run's one-file one does (a
     single process draws its noise from rank 0's restored stream, so both go on alike, not as 2 ranks would)."""
@@ -119,6 +124,7 @@ def test_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
                for key in weights["ddp_half"]) < FSDP_TOLERANCE
 
 
+@pytest.mark.multiprocess
 def test_one_file_checkpoint_resumes_under_fsdp(runs):
     """1 → 2: a single process's one-file checkpoint resumed under FSDP trains as under DDP, and saves sharded."""
     root, seen = runs
@@ -129,6 +135,7 @@ def test_one_file_checkpoint_resumes_under_fsdp(runs):
     assert (last_checkpoint(root / "one_then_ddp") / MODEL_FILE).exists()
 
 
+@pytest.mark.multiprocess
 def test_killed_write_leaves_the_previous_checkpoint(tmp_path):
     completed, _ = launch("killed", tmp_path)
     assert completed.returncode != 0  # rank 0 was killed while writing its step-4 shards

@@ -210,7 +210,8 @@ def run_sample(args: argparse.Namespace) -> None:
     import torch
 
     from scalegen.distributed import process_group
-    from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
+    from scalegen.eval.samples import sample_to_npz
+    from scalegen.images import check_output, grid_labels, parse_classes, save_grid
     from scalegen.runs.loading import load_dit
     from scalegen.models.sampling_settings import settings_line, values
 

@@ -22,7 +22,7 @@ other classes get an "accuracy_note" instead)."""
 def run_eval(args: argparse.Namespace) -> None:
     """Handler of `scalegen eval`: prints the protocol in one line and each warning (progress too) on stderr, the
     metrics as JSON on stdout (the protocol among them)."""
-    from scalegen.eval.evaluate import evaluate, evaluate_fmnist, evaluation_protocol  # torch: only once it runs
+    from scalegen.eval.evaluate import Evaluation  # torch: only once it runs
     from scalegen.eval.metrics import FrechetDisagreement
 
     if args.features == "fmnist":
@@ -33,16 +33,17 @@ def run_eval(args: argparse.Namespace) -> None:
             raise UserError("give --samples to evaluate, or --save-ref OUT.npz to store reference statistics")
         if args.ref is None:
             raise UserError("give --ref: an ADM reference batch, an image folder, or a --save-ref file")
-    protocol = evaluation_protocol(args.samples, args.ref, args.features) if args.samples is not None else None
+    evaluation = Evaluation(args.samples, args.ref, args.features)
+    protocol = evaluation.protocol() if args.samples is not None else None
     if protocol is not None:
         print(f"protocol: {protocol}", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FrechetDisagreement)
         if args.features == "fmnist":
-            result = evaluate_fmnist(args.samples, args.ref)
+            result = evaluation.fmnist_scores()
         else:
-            result = evaluate(args.samples, args.ref, args.inception_weights, args.batch_size, args.save_ref,
-                              args.save_ref_images)
+            result = evaluation.inception_scores(args.inception_weights, args.batch_size, args.save_ref,
+                                                 args.save_ref_images)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     if protocol is not None:

@@ -11,17 +11,14 @@ FORMATS = ("scalegen", "diffusers")
 
 def run_export(args: argparse.Namespace) -> None:
     """Handler of `scalegen export`."""
-    from scalegen.runs.diffusers_export import README_FILE, export_diffusers
+    from scalegen.runs.diffusers_export import export_diffusers
     from scalegen.runs.export import export_weights
 
     if args.format == "diffusers":
         if not args.half or args.weights != WEIGHT_CHOICES[0]:
             raise UserError("--format diffusers writes the EMA weights in fp32; drop --fp32 / --weights raw")
-        folder = export_diffusers(args.run, args.out, args.vae)
-        if (folder / README_FILE).exists():
-            print(f"exported {folder} (a diffusers DiTPipeline; its {README_FILE} says how to run it)")
-        else:
-            print(f"exported {folder} (a KL tokenizer as diffusers' AutoencoderKL, which --vae takes)")
+        exported = export_diffusers(args.run, args.out, args.vae)
+        print(f"exported {exported.folder} ({exported.summary})")
         return
     if args.vae:
         raise UserError("--vae names the SD-VAE a --format diffusers export ships; scalegen's format keeps the run's")

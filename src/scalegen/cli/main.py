@@ -18,7 +18,7 @@ DEBUG_VARIABLE = "SCALEGEN_DEBUG"
 # Each command: its one-line help and the modules under scalegen/cli/ that add it (`scalegen --help` lists the
 # commands from here and a command imports only its own modules; those build their parsers from torch-free modules
 # and import torch and the models only in their handlers, so every --help and parse error answers at once).
-# tests/test_run_config.py checks that each help here is the one its module gives.
+# tests/cli/test_run_config.py checks that each help here is the one its module gives.
 COMMANDS = {
     "train": ("train a model", ("dit", "var", "classifier")),
     "sample": ("sample a trained model", ("dit", "var")),

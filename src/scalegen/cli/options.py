@@ -20,6 +20,7 @@ from scalegen.cli.parsing import (
     integers, options_text,
 )
 from scalegen.errors import UserError
+from scalegen.models.settings import preset_dimensions
 from scalegen.precision import PRECISIONS
 from scalegen.train.settings import (
     EVALUATED_WEIGHTS, LOGGERS, MINIMUMS, RECIPE_FIELDS, RECIPE_NOTES, RECIPES, TrainConfig,
@@ -195,12 +196,14 @@ def add_training_options(parser: OneLineParser, task: str, help_texts: Mapping[s
 
 def effective_values(task: str, args: argparse.Namespace) -> dict:
     """The options, by dest, that a parsed `scalegen train` command leaves unset and its run takes from elsewhere,
-    found without building a model: the loop settings of the recipe of the task `task` (`trainer.resolved_config`;
+    found without building a model: a DiT preset's dimensions, the loop settings of the recipe of the task `task` (`trainer.resolved_config`;
     the task's `training_defaults` reads the recipe and the task's options, e.g. VAR's base_lr, which the parsed
     arguments hold) and the data of a run on a tokenizer (`training_data`). Without --steps (a template) the settings
     the recipe computes (its `RECIPE_NOTES`) stay unset."""
     recipe, notes = RECIPES[task], RECIPE_NOTES.get(task, {})
     data = {"data": training_data(args)} if "tokenizer" in vars(args) and args.data is None else {}
+    # a DiT's preset (`--model`) gives the dimensions its overrides (--depth, --hidden-size, ...) leave unset
+    data.update(preset_dimensions(args.model) if "model" in vars(args) else {})
     if args.steps is None:
         return {**data, **{name: getattr(recipe, name) for name in RECIPE_FIELDS if name not in notes}}
     from scalegen.train.trainer import resolved_config  # torch: only once a run's values are asked for

@@ -180,7 +180,8 @@ def run_sample(args: argparse.Namespace) -> None:
     import torch
 
     from scalegen.distributed import process_group
-    from scalegen.images import check_output, grid_labels, parse_classes, sample_to_npz, save_grid
+    from scalegen.eval.samples import sample_to_npz
+    from scalegen.images import check_output, grid_labels, parse_classes, save_grid
     from scalegen.runs.loading import load_var
 
     check_output(args.out, args.num_samples)

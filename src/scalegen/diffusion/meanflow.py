@@ -17,7 +17,8 @@ Each example has r < t with probability `mean_fraction` (the paper's per-example
 is right at every micro-batch size. Only those examples pay for the JVP, taken without autograd: the target is held
 fixed anyway, so the loss's gradient needs only the network's plain forward, which then runs once on the whole batch
 (through DDP's wrapper, with gradient checkpointing where it is on, and last, so REPA's block tap holds every example).
-MeanFlow drops the labels itself (`class_dropout`), so that the JVP and that forward see the same labels.
+MeanFlow drops the labels itself (`class_dropout`, by the label embedder's `drop_labels`), so that the JVP and that
+forward see the same labels.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from scalegen.diffusion.flow import LinearFlow, check_time_sampling, logit_normal_or_uniform
 from scalegen.diffusion.names import OBJECTIVE_ENTRIES, GuidanceInterval
-from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective
+from scalegen.diffusion.objective import TIME_SCALE, ModelFunction, Objective, drop_labels
 from scalegen.diffusion.settings import MeanFlowSettings, TimeSampling
 from scalegen.errors import UserError
 
@@ -136,8 +137,7 @@ class MeanFlow(Objective):
         t, r, averaged = self.sample_times(batch, x_start.device)  # (B,), (B,), (k,)
         labels = model_kwargs["y"]  # (B,)
         # The labels are dropped here, so that every pass sees the same ones (and guidance knows which are dropped).
-        dropped = torch.rand(batch, device=labels.device) < self.class_dropout  # (B,)
-        labels = torch.where(dropped, self.num_classes, labels)  # (B,)
+        labels, dropped = drop_labels(labels, self.class_dropout, self.num_classes)  # (B,), (B,)
         z = LinearFlow.interpolate(x_start, noise, t)  # (B, C, H, W)
         velocity = self.guided_velocity(model, z, t, noise - x_start, labels, dropped)  # (B, C, H, W)
         gap = (t - r).view(-1, 1, 1, 1)  # (B, 1, 1, 1)

@@ -25,6 +25,18 @@ TIME_SCALE = 1000.0  # the network sees t·1000: DDPM's step range, in which its
 ModelFunction = Callable[..., torch.Tensor]
 
 
+def drop_labels(labels: torch.Tensor, probability: float, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance's label dropout: each label (B,) becomes the null class with `probability`.
+
+    The one place a label is dropped in training (the DiT's label embedder, and MeanFlow, which drops before its
+    passes so that they all see the same labels); it always draws B uniforms, so seeded runs draw alike.
+    Returns:
+        The labels after the drop (B,) and which were dropped (B,) bool.
+    """
+    dropped = torch.rand(labels.shape[0], device=labels.device) < probability  # (B,)
+    return torch.where(dropped, null_class, labels), dropped  # (B,), (B,)
+
+
 def within(interval: GuidanceInterval | None, level: float) -> bool:
     """Whether guidance applies at noise level `level` (always without an interval)."""
     return interval is None or interval[0] <= level <= interval[1]

@@ -7,7 +7,7 @@ import contextlib
 import json
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -112,18 +112,27 @@ def read_npz_statistics(path: str | Path) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in STATISTICS_KEYS if key in archive.files}
 
 
-def read_labels(path: str | Path) -> tuple[np.ndarray | None, int | None, dict | None]:
-    """What a sample file says of its classes: (labels (N,) or None, the model's class count or None, the sampling
-    protocol (`PROTOCOL_KEY`'s JSON) or None); all None for an image folder or a plain ADM file."""
+class SampleLabels(NamedTuple):
+    """What a sample file says of its classes; each field None where the file does not say."""
+
+    labels: np.ndarray | None  # (N,) the class asked for each image
+    num_classes: int | None  # the sampled model's class count
+    class_names: list[str] | None  # ... and its class names
+    protocol: dict | None  # how the labels were drawn (`PROTOCOL_KEY`'s JSON)
+
+
+def read_labels(path: str | Path) -> SampleLabels:
+    """What a sample file says of its classes (all None for an image folder or a plain ADM file), read in one
+    opening of the file."""
     path = Path(path)
     keys = [] if path.is_dir() else npz_keys(path)
-    if LABELS_KEY not in keys and PROTOCOL_KEY not in keys:
-        return None, None, None
+    if not {LABELS_KEY, NUM_CLASSES_KEY, CLASS_NAMES_KEY, PROTOCOL_KEY} & set(keys):
+        return SampleLabels(None, None, None, None)
     with np.load(path) as archive:
-        labels = archive[LABELS_KEY] if LABELS_KEY in keys else None
-        num_classes = int(archive[NUM_CLASSES_KEY]) if NUM_CLASSES_KEY in keys else None
-        protocol = json.loads(str(archive[PROTOCOL_KEY])) if PROTOCOL_KEY in keys else None
-    return labels, num_classes, protocol
+        return SampleLabels(archive[LABELS_KEY] if LABELS_KEY in keys else None,
+                            int(archive[NUM_CLASSES_KEY]) if NUM_CLASSES_KEY in keys else None,
+                            archive[CLASS_NAMES_KEY].tolist() if CLASS_NAMES_KEY in keys else None,
+                            json.loads(str(archive[PROTOCOL_KEY])) if PROTOCOL_KEY in keys else None)
 
 
 def has_images(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ from scalegen.models.dit_blocks import FinalLayer, make_block
 from scalegen.models.layers import (
     LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,
 )
-from scalegen.models.settings import BLOCK_KINDS, MODEL_SIZES, PATCH_SIZES, PRESETS, BlockOptions
+from scalegen.models.settings import BLOCK_KINDS, BlockOptions, preset_dimensions
 from scalegen.precision import Precision
 
 EMBEDDING_INIT_STD = 0.02
@@ -66,15 +66,7 @@ class DiTConfig:
 
 def preset_config(preset: str, **overrides) -> DiTConfig:
     """The DiTConfig of a named preset such as "DiT-XL/2", with keyword overrides (input_size, num_classes, …)."""
-    try:
-        size, patch = preset.removeprefix("DiT-").split("/")
-        depth, hidden_size, num_heads = MODEL_SIZES[size]
-        patch_size = int(patch)
-        if patch_size not in PATCH_SIZES:
-            raise KeyError(patch)
-    except (KeyError, ValueError):
-        raise UserError(f"unknown DiT preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
-    return DiTConfig(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **overrides)
+    return DiTConfig(**preset_dimensions(preset), **overrides)
 
 
 class DiT(ReferencingModule):

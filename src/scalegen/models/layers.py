@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalegen.diffusion.objective import drop_labels
 from scalegen.models.settings import ROPE_AXES, ROPE_HEAD_DIVISOR
 
 LAYER_NORM_EPS = 1e-6
@@ -221,8 +222,7 @@ class LabelEmbedder(nn.Module):
         """Embed labels (B,) -> (B, D), dropping each to the null class with the dropout probability in training
         (unless `drop` is False: the caller dropped them itself)."""
         if drop and self.training and self.dropout_prob > 0:
-            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (B,)
-            labels = torch.where(dropped, self.num_classes, labels)  # (B,)
+            labels = drop_labels(labels, self.dropout_prob, self.num_classes)[0]  # (B,)
         return self.embedding_table(labels)  # (B, D)
 
 

@@ -92,8 +92,8 @@ OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "mult
 FROM_FLAG, FROM_CONFIG, FROM_PAPER, FROM_DEFAULT = "flag", "model config", "paper, official checkpoint", "default"
 
 Chosen = dict[str, tuple[Any, str]]  # setting name -> (value, where it came from)
-# How `sample dit|var --num-samples` (`images.sample_to_npz`) draws the classes: each N/K times, shuffled (ADM/RAE's
-# FID protocol), or each uniformly at random.
+# How `sample dit|var --num-samples` (`eval.samples.sample_to_npz`) draws the classes: each N/K times, shuffled
+# (ADM/RAE's FID protocol), or each uniformly at random.
 LabelDraw = Literal["balanced", "random"]
 LABEL_DRAWS: tuple[str, ...] = get_args(LabelDraw)
 

@@ -17,6 +17,23 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 PATCH_SIZES = (2, 4, 8)
 PRESETS: tuple[str, ...] = tuple(f"DiT-{size}/{patch}" for size in MODEL_SIZES for patch in PATCH_SIZES)
 
+
+def preset_dimensions(preset: str) -> dict[str, int]:
+    """The depth, hidden size, heads and patch size of a named DiT preset such as "DiT-XL/2".
+
+    Raises:
+        UserError: for a name that is no preset.
+    """
+    try:
+        size, patch = preset.removeprefix("DiT-").split("/")
+        depth, hidden_size, num_heads = MODEL_SIZES[size]
+        patch_size = int(patch)
+        if patch_size not in PATCH_SIZES:
+            raise KeyError(patch)
+    except (KeyError, ValueError):
+        raise UserError(f"unknown DiT preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    return {"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size}
+
 BlockKind = Literal["adaln_zero", "adaln", "in_context", "cross_attention"]
 BLOCK_KINDS: tuple[str, ...] = get_args(BlockKind)
 ADALN_KINDS: tuple[str, ...] = ("adaln_zero", "adaln")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 
@@ -35,6 +36,13 @@ from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_SCALE, load_sd_va
 
 PIPELINE_CLASS, VAE_CLASS = "DiTPipeline", "AutoencoderKL"
 README_FILE = "README.md"
+
+
+class DiffusersExport(NamedTuple):
+    """What `export_diffusers` wrote: the folder, and what it holds in words (a pipeline or an autoencoder)."""
+
+    folder: Path
+    summary: str
 
 
 def native_export(path: str | Path) -> str:
@@ -151,7 +159,7 @@ Classes (`pipe.labels`, also model_index.json's `id2label`): {shown}{more}.
 """
 
 
-def export_diffusers(path: str | Path, destination: str | Path, vae: str | None = None) -> Path:
+def export_diffusers(path: str | Path, destination: str | Path, vae: str | None = None) -> DiffusersExport:
     """Write a latent DiT as a folder diffusers' `DiTPipeline.from_pretrained` runs.
 
     transformer/ holds the `DiTTransformer2DModel` (class table padded so guidance's null label 1000 works for any
@@ -163,13 +171,17 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
         path: a DiT run, checkpoint, export, official .pt or diffusers folder.
         destination: the folder to write.
         vae: the local SD-VAE (folder or file) to ship, instead of the one the run names.
+    Returns:
+        The folder written and what it holds: a DiTPipeline, or a `train kl` tokenizer's AutoencoderKL
+        (`export_autoencoder`).
     Raises:
         UserError: for what DiTPipeline cannot run (see the module's docstring), or a missing VAE.
     """
     path = checkpoint_path(path)
     stored = source_config(path)
     if stored.get("kind") == "klvae":
-        return export_autoencoder(path, destination)
+        return DiffusersExport(export_autoencoder(path, destination),
+                               f"a KL tokenizer as diffusers' {VAE_CLASS}, which --vae takes")
     check_exportable(path, stored)
     model = load_dit(path, vae=PIXEL_SPACE)
     transformer_config = diffusers_config(model.config)  # refuses blocks diffusers lacks
@@ -194,7 +206,7 @@ def export_diffusers(path: str | Path, destination: str | Path, vae: str | None 
     })
     replace_atomically(destination / README_FILE,
                        lambda temporary: temporary.write_text(readme(model, destination.name), encoding="utf-8"))
-    return destination
+    return DiffusersExport(destination, f"a diffusers {PIPELINE_CLASS}; its {README_FILE} says how to run it")
 
 
 def export_autoencoder(path: str | Path, destination: str | Path) -> Path:

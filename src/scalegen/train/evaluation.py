@@ -17,7 +17,7 @@ from scalegen.classes import FASHION_MNIST_CLASSES, FASHION_MNIST_NAME, class_na
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.eval.evaluate import evaluate, evaluate_fmnist
-from scalegen.images import sample_to_npz
+from scalegen.eval.samples import sample_to_npz
 from scalegen.train.rng import restore_rng_state, rng_state
 from scalegen.train.task import TrainingTask
 

@@ -18,7 +18,7 @@ VAR_BATCH_REFERENCE = 256
 # base lr 1e-4) instead of shrinking with the batch. The linear rule keeps the gradient noise per unit of lr fixed as
 # the batch grows; taken below the official batches it leaves AdamW, whose steps are about lr in size whatever the
 # gradient's, with a step of 6.25e-6 at batch 16: a tiny VAR's loss stays at ln(vocab) for hundreds of steps, where
-# 3e-4 lowers it by 0.3 in 60 steps (tests/test_var_learning_rate.py), and the Fashion-MNIST VAR of this project
+# 3e-4 lowers it by 0.3 in 60 steps (tests/train/test_var_learning_rate.py), and the Fashion-MNIST VAR of this project
 # trained at 1e-3 on batch 256 (RECIPE.md). The lrs the official VAR-d16 trains with are kept: 3e-4 to 4e-4.
 VAR_SMALLEST_OFFICIAL_BATCH = 768
 WARMUP_FRACTION = 50  # official warm-up: the first 1/50 of training

@@ -69,6 +69,7 @@ def named(calls: list[tuple], name: str) -> list:
     return [detail for call, detail in calls if call == name]
 
 
+@pytest.mark.end_to_end
 def test_a_strategy_from_the_test_file_trains_and_resumes_as_the_default_one(tmp_path):
     first, second = [], []
     run(tmp_path / "counted", 3, first)

@@ -34,6 +34,7 @@ def test_the_default_lr_keeps_the_official_rule_at_official_batches_and_its_lr_b
     assert config.lr == pytest.approx(lr)
 
 
+@pytest.mark.end_to_end
 def test_sixty_steps_at_batch_16_with_the_default_lr_lower_the_loss_below_a_uniform_guess(tmp_path):
     train(var_task(), tiny_fashion(8), TrainConfig(out=str(tmp_path), steps=STEPS, batch_size=16, log_every=1,
                                                   checkpoint_every=1000, device="cpu", precision="fp32"))

@@ -175,3 +175,27 @@ def test_trained_in_guidance_applies_only_to_kept_labels_inside_its_interval():
         guided = torch.where((~dropped & inside).view(-1, 1, 1, 1), 3.0 * velocity - 2.0 * unconditional, velocity)
         expected = ((model(z, times, seen, interval=interval, drop_labels=False) - guided) ** 2).flatten(1).mean(1)
     torch.testing.assert_close(mse, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_meanflow_drops_labels_with_the_label_embedder_s_one_drop(monkeypatch):
+    """One label dropout (`diffusion.objective.drop_labels`) serves the DiT's label embedder and MeanFlow, which drops
+    before its passes (and tells the network not to drop again)."""
+    from scalegen.diffusion import meanflow
+    from scalegen.models import layers
+
+    calls = []
+    for module in (meanflow, layers):
+        one_drop = module.drop_labels
+        monkeypatch.setattr(module, "drop_labels", lambda *arguments, drop=one_drop, caller=module:
+                            calls.append(caller) or drop(*arguments))
+    labels = torch.arange(TINY.num_classes).repeat(4)  # (40,)
+    torch.manual_seed(3)
+    embedder = layers.LabelEmbedder(TINY.num_classes, 4, dropout_prob=0.5).train()
+    embedded = embedder(labels)  # (40, 4)
+    assert 0 < int((embedded == embedder.embedding_table.weight[TINY.num_classes]).all(dim=1).sum()) < len(labels)
+    recorder = Recorder(ScaledInput())
+    MeanFlow(num_classes=TINY.num_classes, class_dropout=0.5).training_losses(
+        recorder, torch.zeros(len(labels), 1, 2, 2), dict(y=labels))
+    seen = recorder.calls[0][2]  # (40,): the labels of the trained forward
+    assert calls == [layers, meanflow]
+    assert 0 < int((seen == TINY.num_classes).sum()) < len(labels)

@@ -12,7 +12,7 @@ from scalegen.cli import eval as eval_command
 from scalegen.distributed import DistributedContext
 from scalegen.eval import evaluate, metrics, npz
 from scalegen import images
-from scalegen.images import balanced_labels, sample_to_npz
+from scalegen.eval.samples import balanced_labels, sample_to_npz
 
 SIDE = 4  # pixels of the stand-in images
 
@@ -56,10 +56,11 @@ def test_one_rank_writes_the_balanced_labels_and_records_the_protocol(tmp_path):
 def test_two_simulated_ranks_write_the_same_balanced_labels_as_one(tmp_path, monkeypatch):
     """Rank 1 runs first and keeps what it sends; rank 0 then gathers its own batch and rank 1's, in rank order."""
     sent: list[torch.Tensor] = []
-    monkeypatch.setattr(images, "gather_tensors", lambda tensor, context: sent.append(tensor) or tensor)
+    monkeypatch.setattr("scalegen.eval.samples.gather_tensors", lambda tensor, context: sent.append(tensor) or tensor)
     assert sample_to_npz(labelled_images, 3, 7, 2, 5, tmp_path / "s.npz", DistributedContext(rank=1, world_size=2),
                          label_draw="balanced") is None
-    monkeypatch.setattr(images, "gather_tensors", lambda tensor, context: torch.cat([tensor, sent.pop(0)]))
+    monkeypatch.setattr("scalegen.eval.samples.gather_tensors",
+                        lambda tensor, context: torch.cat([tensor, sent.pop(0)]))
     path = sample_to_npz(labelled_images, 3, 7, 2, 5, tmp_path / "s.npz", DistributedContext(rank=0, world_size=2),
                          label_draw="balanced")
     assert not sent  # every batch of rank 1 gathered
@@ -81,11 +82,11 @@ def test_random_labels_are_an_option_and_say_so(tmp_path):
 
 def test_the_protocol_line_names_the_draw_the_real_test_set_and_a_plain_adm_file(tmp_path):
     sample_to_npz(labelled_images, 3, 40, 8, 5, tmp_path / "s.npz", DistributedContext(), label_draw="random")
-    line = evaluate.evaluation_protocol(str(tmp_path / "s.npz"), None, "fmnist")
+    line = evaluate.Evaluation(str(tmp_path / "s.npz"), None, "fmnist").protocol()
     assert line == ("40 samples (labels random: 11-17 per class over 3 classes, seed 5); reference the real "
                     f"Fashion-MNIST test set (its stored statistics); features fmnist: {evaluate.FEATURE_WORDS['fmnist']}")
     np.savez(tmp_path / "plain.npz", np.zeros((2, SIDE, SIDE, 3), np.uint8))  # DiT's sample_ddp.py: arr_0 alone
-    assert evaluate.evaluation_protocol(str(tmp_path / "plain.npz"), None, "fmnist").startswith(
+    assert evaluate.Evaluation(str(tmp_path / "plain.npz"), None, "fmnist").protocol().startswith(
         "2 samples (no labels: class balance unknown)")
 
 
@@ -114,3 +115,33 @@ def test_eval_prints_its_protocol_in_one_line_and_a_broken_sqrtm_as_a_warning(tm
     args.handler(args)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "sqrtm" in line]
     assert len(warnings) == 2 and all(line.startswith("warning: the Fréchet distance") for line in warnings)  # FID, sFID
+
+
+def test_one_evaluation_reads_each_file_s_labels_statistics_and_image_count_once(tmp_path, monkeypatch, capsys):
+    """The protocol line and the scores come from one reading: each input's arrays are loaded once and its images
+    opened once (the samples' labels, the reference's stored statistics), with either features."""
+    from test_metrics import PixelFeatures  # the cheap Inception stand-in
+
+    monkeypatch.setattr(evaluate, "load_inception", lambda path: PixelFeatures())
+    reference = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    statistics = metrics.feature_statistics(np.random.default_rng(1).normal(size=(40, 6)))
+    npz.write_npz(tmp_path / "ref.npz", {npz.IMAGES_KEY: reference, "mu": statistics[0], "sigma": statistics[1]})
+    sample_to_npz(lambda labels: torch.rand(len(labels), 3, 8, 8), 4, 30, 8, 0, tmp_path / "s.npz",
+                  DistributedContext())
+    loads, openings = [], []
+    load, open_batches = np.load, npz.ImageBatches.__init__
+    monkeypatch.setattr(np, "load", lambda path, *rest, **options: loads.append(str(path)) or
+                        load(path, *rest, **options))
+    monkeypatch.setattr(npz.ImageBatches, "__init__",
+                        lambda self, path: openings.append(str(path)) or open_batches(self, path))
+    parser = argparse.ArgumentParser()
+    eval_command.register(parser.add_subparsers())
+    for features in ("inception", "fmnist"):
+        loads.clear(), openings.clear()
+        args = parser.parse_args(["eval", "--features", features, "--inception-weights", "unused.pth",
+                                  "--ref", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "s.npz")])
+        args.handler(args)
+        assert "labels balanced: 7-8 per class" in json.loads(capsys.readouterr().out)["protocol"]
+        expected = [str(tmp_path / "s.npz"), str(tmp_path / "ref.npz")]
+        assert sorted(openings) == sorted(expected), features
+        assert sorted(path for path in loads if path in expected) == sorted(expected[:1 + (features == "inception")])

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from scalegen.runs.folder import last_checkpoint
 from scalegen.runs.lock import LOCK_FILE
 from tests_support import TESTS, without_progress_bars, write_fashion_subset
 
+pytestmark = pytest.mark.multiprocess  # two torchrun agents
 SOURCES = TESTS.parent / "src"
 TINY_DIT = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
             "--image-size", "8", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",

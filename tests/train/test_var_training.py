@@ -71,6 +71,7 @@ def test_a_short_var_run_lowers_the_cross_entropy(tmp_path):
     assert Image.open(tmp_path / "samples" / "step-0000025.png").size == (8 * 8, 10 * 8)
 
 
+@pytest.mark.end_to_end
 def test_var_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     tokenizer = tokenizer_folder(tmp_path / "vq")
     var_run(tmp_path / "straight", 4, tokenizer)
@@ -169,6 +170,7 @@ def test_official_scales_are_read_off_the_number_of_positions():
         official_patch_nums({"pos_1LC": torch.zeros(1, 30, 1)})
 
 
+@pytest.mark.multiprocess
 def test_two_process_torchrun_trains_the_tokenizer_then_the_var(var_cli_run, tmp_path):
     """Every new train command runs unchanged under torchrun (gloo): codebook hits summed, dead codes broadcast."""
     import os

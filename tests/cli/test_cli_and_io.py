@@ -182,6 +182,7 @@ def test_python_dash_m_and_console_script_start():
     assert completed.returncode == 0 and "train" in completed.stdout
 
 
+@pytest.mark.multiprocess
 def test_npz_sampling_is_sharded_over_two_torchrun_ranks(tmp_path):
     write_run(tmp_path / "run")
     environment = dict(os.environ, OMP_NUM_THREADS="1")
@@ -228,7 +229,7 @@ def test_a_model_of_another_kind_gets_advice_that_names_real_commands_and_functi
 
 
 def test_npz_samples_say_which_classes_their_labels_are(tmp_path):
-    from scalegen.images import save_npz
+    from scalegen.eval.samples import save_npz
 
     save_npz(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "s.npz", np.array([0, 2]), class_names=["a", "b", "c"])
     samples = np.load(tmp_path / "s.npz")

@@ -58,6 +58,7 @@ def test_dead_code_reinitialisation_changes_only_dead_rows():
         assert any(torch.equal(row, feature) for feature in features)
 
 
+@pytest.mark.end_to_end
 def test_gan_path_runs_and_the_discriminator_resumes_exactly(tmp_path):
     losses = TokenizerLosses(gan=0.5, gan_start_step=1, discriminator_width=8, discriminator_layers=1)
     tokenizer_run(tmp_path / "straight", 4, losses)

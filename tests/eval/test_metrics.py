@@ -262,7 +262,7 @@ def test_fmnist_accuracy_only_for_labels_of_fashion_mnist_classes(tmp_path, caps
     Fashion-MNIST's classes (by name, by placeholder names, or a file that says nothing) get their accuracy."""
     from scalegen.classes import FASHION_MNIST_CLASSES
     from scalegen.eval.fmnist import foreign_classes
-    from scalegen.images import save_npz
+    from scalegen.eval.samples import save_npz
 
     images = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     labels = np.array([0, 1, 2, 0, 1, 2])

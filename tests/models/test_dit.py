@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 import scalegen
-from scalegen.models.dit import PRESETS, preset_config
+from scalegen.models.dit import preset_config
+from scalegen.models.settings import PRESETS
 from scalegen.errors import UserError
 from tests_support import GOLDEN
 

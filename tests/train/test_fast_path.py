@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,12 +164,13 @@ def test_regional_compilation_compiles_the_blocks_and_keeps_the_checkpoint_keys(
         assert compiled_row["loss"] == pytest.approx(plain_row["loss"], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
     result = tmp_path / "result.json"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "fsdp_worker.py"), str(result), str(tmp_path)]
+               str(Path(__file__).with_name("fsdp_worker.py")), str(result), str(tmp_path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
     runs = json.loads(result.read_text())
@@ -186,6 +188,7 @@ def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
         assert is_sharded(folder) if name != "fsdp_then_ddp" else (folder / "ema.safetensors").exists()
 
 
+@pytest.mark.end_to_end
 def test_data_on_device_trains_exactly_as_the_loader(tmp_path):
     """Fashion-MNIST items are deterministic, so whole batches gathered on the device give the loader's losses."""
     losses = {}

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import scalegen
 from scalegen.cli.main import build_parser, main
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.meanflow import MeanFlow
@@ -16,7 +17,6 @@ from scalegen.diffusion.objectives import OBJECTIVES
 from scalegen.diffusion.settings import setting
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig
-from scalegen.runs.loading import load_dit
 from scalegen.runs.names import SHIPPED_DIT, SHIPPED_MEANFLOW_DIT
 from scalegen.runs.weights import stored_config
 from scalegen.train.dit_task import DiTTask
@@ -35,7 +35,8 @@ class ToySettings:
 
 @dataclass(frozen=True)
 class ToyFlow(LinearFlow):
-    """Flow matching whose loss is scaled by its one setting of its own."""
+    """Flow matching whose loss is scaled by its one setting of its own, and whose models sample with half the
+    guidance a run asks for (a sampling-time rule of its own, as MeanFlow's trained-in guidance)."""
 
     velocity_weight: float = 1.0
 
@@ -45,6 +46,9 @@ class ToyFlow(LinearFlow):
     def training_losses(self, model, x_start, model_kwargs=None, t=None, noise=None):
         terms = super().training_losses(model, x_start, model_kwargs, t, noise)
         return {**terms, "loss": self.velocity_weight * terms["loss"]}
+
+    def sampling_cfg(self, cfg: float) -> float:
+        return cfg / 2
 
 
 @pytest.fixture
@@ -112,10 +116,11 @@ def test_a_toy_objective_registered_here_gets_its_flag_and_key_trains_and_sample
 
     data = write_fashion_subset(tmp_path)
     main(["train", "dit", "--objective", TOY, "--velocity-weight", "2", "--data", str(data), *TINY_DIT,
-          "--steps", "2", "--out", str(tmp_path / "run")])
-    stored = stored_config(tmp_path / "run")["objective"]
-    assert (stored["name"], stored["velocity_weight"]) == (TOY, 2.0)
-    model = load_dit(tmp_path / "run")
+          "--sample-cfg", "3", "--steps", "2", "--out", str(tmp_path / "run")])
+    stored = stored_config(tmp_path / "run")
+    assert (stored["objective"]["name"], stored["objective"]["velocity_weight"]) == (TOY, 2.0)
+    assert stored["sampling"]["cfg"] == 1.5  # the toy's own sampling rule, recommended with the model
+    model = scalegen.load_dit(tmp_path / "run")
     assert isinstance(model.objective, ToyFlow)
     images = model.generate([0, 1], steps=2, seed=0)
     assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())

@@ -4,6 +4,7 @@ through the public API) and `scalegen reconstruct` its round trip; without token
 import importlib
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def test_a_toy_kind_registered_here_loads_through_the_public_loader(toy_run):
         register_tokenizer(TokenizerKind(TOY_KIND, "other", PoolConfig, nn.Identity, TOY.round_trip, ""))
 
 
+@pytest.mark.end_to_end
 def test_a_dit_trains_on_the_toy_kinds_cached_latents_and_samples_through_it(toy_run, tmp_path):
     run = tmp_path / "dit"
     options = DiTOptions(data=str(toy_run / "data"), image_size=8, tokenizer=str(toy_run / "pool"), latent_cache=True,
@@ -195,3 +197,26 @@ def test_a_dit_refuses_a_kind_without_a_latent_space_in_one_line(toy_run, tmp_pa
     assert "\n" not in str(refused.value) and f"the tokenizer {tmp_path / 'plain'} is" in str(refused.value)
     with pytest.raises(UserError, match="Identity, of no registered tokenizer kind; register its kind"):
         tokenizer_codec(nn.Identity(), {"latent_scale": 1.0})
+
+
+@pytest.mark.end_to_end
+def test_the_command_line_trains_exports_and_samples_a_dit_on_the_toy_kind(toy_run, tmp_path):
+    """No command names the kinds: `train dit --tokenizer` encodes through the toy on the fly, `export` copies it
+    with the DiT into a self-contained folder (the run and the tokenizer's own run gone), which samples as the run
+    did, also from `sample dit`."""
+    tokenizer, run, exported = tmp_path / "pool", tmp_path / "dit", tmp_path / "export"
+    shutil.copytree(toy_run / "pool", tokenizer)
+    main(["train", "dit", "--tokenizer", str(tokenizer), "--data", str(toy_run / "data"), "--image-size", "8",
+          "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "1", "--batch-size", "16",
+          "--steps", "2", "--sample-steps", "2", "--device", "cpu", "--out", str(run)])
+    labels = torch.arange(2)
+    sampled = scalegen.load_dit(run).generate(labels, cfg=2.0, steps=2, seed=0)  # (2, 1, 8, 8)
+    main(["export", "--run", str(run), "--out", str(exported), "--fp32"])
+    shutil.rmtree(run), shutil.rmtree(tokenizer)
+    model = scalegen.load_dit(exported)
+    assert isinstance(model.decoder, PoolCodec) and type(model.decoder.tokenizer) is PoolTokenizer
+    assert model.decoder.tokenizer.gain.tolist() == [2.0]
+    torch.testing.assert_close(model.generate(labels, cfg=2.0, steps=2, seed=0), sampled, atol=0, rtol=0)
+    main(["sample", "dit", "--ckpt", str(exported), "--classes", "0,1", "--per-class", "2", "--steps", "2",
+          "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Launched by tests/test_step_guard.py under torchrun (2 processes, gloo): averages the gradients of three
+"""Launched by tests/train/test_step_guard.py under torchrun (2 processes, gloo): averages the gradients of three
 parameters outside any DDP model, where rank 1 has no gradient for one of them and one is float64, and writes what
 each rank holds after, as JSON, to '<first argument>.<rank>'."""
 import json

@@ -58,6 +58,7 @@ def stop_lines(stderr: Path) -> list[str]:
     return [line for line in stderr.read_text().splitlines() if line.startswith("scalegen: stopped by")]
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("signal_number", STOP_SIGNALS, ids=lambda number: signal.Signals(number).name)
 def test_a_signal_stops_training_with_a_checkpoint_that_a_rerun_resumes(tmp_path, capsys, signal_number):
     data, run = write_fashion_subset(tmp_path), tmp_path / "run"
@@ -84,6 +85,7 @@ def test_a_signal_stops_training_with_a_checkpoint_that_a_rerun_resumes(tmp_path
     assert last_checkpoint(run).name.endswith(f"{step + 1:07d}")
 
 
+@pytest.mark.multiprocess
 def test_torchrun_ranks_stop_at_the_same_step_when_one_of_them_is_signalled(tmp_path):
     """SIGTERM to rank 1 alone: rank 0 learns of it and stops at the same step. FSDP: every rank writes its shards of
     the checkpoint, in the background. (SIGTERM to torchrun's agent reaches every worker at once: it forwards it.)"""

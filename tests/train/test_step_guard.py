@@ -58,6 +58,7 @@ def unchanged(module: nn.Module, before: list[torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("precision, fused", [("fp32", False), ("fp16", False), ("fp32", True)],
                          ids=["fp32", "fp16", "fused"])
+@pytest.mark.end_to_end
 def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_path, monkeypatch, precision, fused):
     if fused:  # the GPU's code path on CPU: fused AdamWs that skip the step on the device (`found_inf`)
         monkeypatch.setattr(optimization, "FUSED_DEVICES", ("cpu", "cuda"))
@@ -81,6 +82,7 @@ def test_a_non_finite_tokenizer_gradient_skips_the_whole_end_to_end_step(tmp_pat
     assert all(parameter.grad is None for parameter in tokenizer.parameters())
 
 
+@pytest.mark.end_to_end
 def test_an_end_to_end_run_skips_a_poisoned_step_for_the_tokenizer_too(tmp_path):
     trainer = end_to_end_trainer(tmp_path, "fp32", steps=3)
     task, tokenizer = trainer.task, trainer.task.end_to_end.tokenizer
@@ -118,12 +120,13 @@ def test_a_non_finite_tokenizer_is_never_written(tmp_path, capsys):
     assert (last_checkpoint(trainer.folder.root) / TOKENIZER_FILE).exists()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_average_gradients_when_one_rank_lacks_one(tmp_path):
     result = tmp_path / "result"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "gradient_average_worker.py"), str(result)]
+               str(Path(__file__).with_name("gradient_average_worker.py")), str(result)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     for rank in range(2):  # every rank holds the mean; a gradient one rank lacks counts as zeros there

@@ -90,12 +90,14 @@ def wait_for_message(page, selector: str, text: str) -> None:
     page.wait_for_function(f"document.querySelector({selector!r}).innerText.includes({text!r})")
 
 
+@pytest.mark.browser
 def test_each_model_starts_at_its_own_guidance_and_top_p_as_the_command_line(page):
     assert shown_number(page, "#dit-cfg") == SHIPPED_DIT_CFG and shown_number(page, "#var-cfg") == SHIPPED_VAR_CFG
     assert SHIPPED_DIT_CFG != SHIPPED_VAR_CFG and shown_number(page, "#top-p") == SHIPPED_VAR_TOP_P
     assert not page.locator("#download").is_visible()  # no empty download box before there is a file
 
 
+@pytest.mark.browser
 def test_two_classes_from_both_models_give_grids_strips_and_figures(page):
     for name in ("Trouser", "Bag"):
         page.locator("#classes input").first.click()
@@ -120,6 +122,7 @@ def test_two_classes_from_both_models_give_grids_strips_and_figures(page):
         page.screenshot(path=str(Path(SCREENSHOTS) / "web_sample.png"))
 
 
+@pytest.mark.browser
 def test_unlabelled_rows_and_bad_settings_are_one_line_messages_without_a_traceback(page, capfd):
     page.locator("#label-rows input").first.uncheck()
     page.locator("#model-choice").get_by_label("VAR", exact=True).check()
@@ -140,6 +143,7 @@ def test_unlabelled_rows_and_bad_settings_are_one_line_messages_without_a_traceb
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.browser
 def test_the_var_speed_ups_checked_are_named_in_the_figures(page):
     page.locator("#model-choice").get_by_label("VAR", exact=True).check()
     for checkbox in ("#var-prune", "#var-refine"):
@@ -151,6 +155,7 @@ def test_the_var_speed_ups_checked_are_named_in_the_figures(page):
     page.locator("#model-choice").get_by_label("both", exact=True).check()
 
 
+@pytest.mark.browser
 def test_in_painting_a_data_set_image_and_bad_input_keep_the_server_up(page):
     page.get_by_role("tab", name="Edit").click()
     page.locator("#edit").click()  # no image yet
@@ -175,6 +180,7 @@ def test_in_painting_a_data_set_image_and_bad_input_keep_the_server_up(page):
         page.screenshot(path=str(Path(SCREENSHOTS) / "web_edit.png"))
 
 
+@pytest.mark.browser
 def test_a_file_that_is_not_an_image_and_a_huge_seed_are_messages_in_edit(page, capfd):
     set_number(page, "#edit-seed", "1e30")
     page.locator("#edit").click()
@@ -188,6 +194,7 @@ def test_a_file_that_is_not_an_image_and_a_huge_seed_are_messages_in_edit(page, 
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.browser
 def test_a_model_path_outside_the_model_folders_is_refused_and_one_that_does_not_load_is_a_message(page):
     page.get_by_text("Models").first.click()
     dit_path = page.locator("#dit-path textarea, #dit-path input").first
@@ -204,6 +211,7 @@ def test_a_model_path_outside_the_model_folders_is_refused_and_one_that_does_not
     page.wait_for_function("document.querySelector('#sample-info').innerText.length > 0")
 
 
+@pytest.mark.browser
 def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
     """Last in this module: it changes the page's DiT (and puts the shipped one back)."""
     if not page.locator("#load-meanflow").is_visible():  # the Models section may be open from an earlier test
@@ -224,6 +232,7 @@ def test_the_shipped_one_step_dit_loads_at_its_own_settings_and_samples(page):
     page.wait_for_function("document.querySelector('#steps input[type=number]').value === '50'")
 
 
+@pytest.mark.browser
 def test_with_a_login_a_wrong_password_is_refused_and_the_right_one_gets_in(browser):
     port = free_port()
     app = serve(None, None, port=port, block=False, auth=[("ann", "right")])  # no model: the login alone is tested

@@ -192,6 +192,7 @@ def test_a_single_process_cache_waits_for_no_other_ranks(tmp_path, capsys):
     assert "encoding" in progress and "other ranks" not in progress
 
 
+@pytest.mark.end_to_end
 def test_an_unreadable_image_is_one_line_that_names_it(tmp_path):
     data = write_color_folder(tmp_path / "colors")
     (data / "a" / "broken.png").write_text("not an image")
@@ -214,10 +215,29 @@ def test_a_kl_tokenizer_export_names_no_readme_it_does_not_write(tmp_path, capsy
     main(["export", "--run", str(tmp_path / "kl"), "--out", str(tmp_path / "vae"), "--format", "diffusers"])
     said = capsys.readouterr().out
     assert "AutoencoderKL" in said and "README" not in said and not list((tmp_path / "vae").glob("README*"))
+    (tmp_path / "notes").mkdir()  # a folder that holds a README of its own: the export says what it wrote
+    (tmp_path / "notes" / "README.md").write_text("my notes\n")
+    main(["export", "--run", str(tmp_path / "kl"), "--out", str(tmp_path / "notes"), "--format", "diffusers"])
+    said = capsys.readouterr().out
+    assert "AutoencoderKL" in said and "README" not in said and "DiTPipeline" not in said
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], dict(depth=12, hidden_size=384, num_heads=6, patch_size=4)),  # DiT-S/4 as the paper builds it
+    (["--depth", "2", "--num-heads", "3"], dict(depth=2, hidden_size=384, num_heads=3, patch_size=4)),
+])
+def test_print_config_shows_the_dimensions_a_dit_preset_resolves_to(overrides, expected, capsys):
+    for steps in ([], ["--steps", "3"]):  # a template, and a run's configuration
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "dit", "--model", "DiT-S/4", *overrides, *steps, "--print-config"])
+        assert stopped.value.code == 0
+        shown = yaml.safe_load(capsys.readouterr().out)
+        assert {name: shown[name] for name in expected} == expected
+    assert "unknown DiT preset 'DiT-Q/4'" in user_error(["train", "dit", "--model", "DiT-Q/4", "--print-config"], capsys)
 
 
 # Every command and sub-command (`train dit`, `sample var`, `edit var`, `demo`, `eval`, …): its parser is built from
-# torch-free modules, its handler imports the rest when it runs (`scalegen --help` is tests/test_run_config.py's).
+# torch-free modules, its handler imports the rest when it runs (`scalegen --help` is tests/cli/test_run_config.py's).
 EVERY_COMMAND = [list(words) for words, _ in commands(build_parser())]
 HEAVY_PACKAGES = ("torch", "numpy", "PIL", "safetensors", "diffusers", "gradio")
 

@@ -84,6 +84,7 @@ def test_vavae_margin_losses(tmp_path):
     assert all(parameter.grad is None for parameter in alignment.encoder.parameters())  # frozen
 
 
+@pytest.mark.end_to_end
 def test_a_short_aligned_kl_run_lowers_the_reconstruction_loss_and_logs_its_terms(tmp_path):
     torch.manual_seed(0)
     losses = KLLosses(alignment=0.5)
@@ -135,6 +136,7 @@ def kl_cli_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.end_to_end
 def test_a_dit_on_a_kl_tokenizer_samples_exports_and_exports_to_diffusers(kl_cli_run, tmp_path):
     config = json.loads((last_checkpoint(kl_cli_run / "dit") / CONFIG_FILE).read_text())
     assert config["tokenizer"]["kind"] == "klvae" and len(config["tokenizer"]["latent_scale"]) == 4

@@ -85,6 +85,7 @@ def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch, supported, expected
     assert resolve_precision("fp16", torch.device("cuda")) == "fp16"
 
 
+@pytest.mark.end_to_end
 def test_a_bf16_cpu_run_tracks_the_fp32_loss_of_the_same_seed(tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):

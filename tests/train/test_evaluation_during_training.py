@@ -18,6 +18,7 @@ TINY_FASHION_DIT = ["train", "dit", "--model", "DiT-S/2", "--depth", "1", "--hid
                     "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
 
 
+@pytest.mark.end_to_end
 def test_evaluations_are_logged_and_leave_training_unchanged(tmp_path):
     main([*TINY_FASHION_DIT, "--eval-every", "2", "--eval-samples", "20", "--out", str(tmp_path / "evaluated")])
     main([*TINY_FASHION_DIT, "--out", str(tmp_path / "plain")])

@@ -14,6 +14,7 @@ from scalegen.runs.weights import load_weights
 from scalegen.train.run_log import read_log
 from tests_support import user_error
 
+pytestmark = pytest.mark.end_to_end  # each test runs `train dit` on top of a pretraining run
 PER_CLASS = 24
 DIT = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--image-size", "8",
        "--batch-size", "16", "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--seed", "0"]

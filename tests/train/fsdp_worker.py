@@ -1,4 +1,4 @@
-"""Launched by tests/test_fast_path.py under torchrun (2 ranks, gloo): trains a tiny DiT for 4 steps of 2 accumulated
+"""Launched by tests/train/test_fast_path.py under torchrun (2 ranks, gloo): trains a tiny DiT for 4 steps of 2 accumulated
 micro-batches with DDP, with FSDP, with FSDP stopped at step 2 and resumed, DDP to step 2 then FSDP, and FSDP to
 step 2 then DDP. Rank 0 writes each run's logged losses and whether the ranks hold the same (full) weights, as JSON,
 to the file named by the first argument; the runs go under the folder named by the second."""

@@ -1,7 +1,7 @@
 """The FID Inception: official key layout, output shapes, TF1 resize and features equal to torch-fidelity's.
 
 Golden data: tests/golden/inception_golden.npz, made by tests/golden/make_inception_golden.py with torch-fidelity 0.4.0
-in a scratch venv (command in that file), from the seeded random weights of tests/inception_testing.py.
+in a scratch venv (command in that file), from the seeded random weights of tests/eval/inception_testing.py.
 """
 
 import numpy as np

@@ -43,6 +43,7 @@ def test_thirty_steps_on_fashion_mnist_lower_the_loss(tmp_path):
     assert last_checkpoint(tmp_path).name == "step-0000030"
 
 
+@pytest.mark.end_to_end
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
     run(tmp_path / "straight", 6)
     run(tmp_path / "resumed", 3)
@@ -125,13 +126,14 @@ def test_warmup_then_linear_decay():
     assert learning_rate_factor(110, config) == pytest.approx(0.1)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("objective", ["ddpm", "meanflow"])  # meanflow: a JVP through DDP's bare module
 def test_two_process_torchrun_keeps_parameters_in_sync(tmp_path, objective):
     result = tmp_path / "result.txt"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     environment["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cpu", objective]
+               str(Path(__file__).with_name("ddp_worker.py")), str(result), str(tmp_path / "run"), "cpu", objective]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync gloo")

@@ -11,7 +11,7 @@ from scalegen.cli.main import main
 from scalegen.pixels import to_model_range
 from scalegen.errors import UserError
 from scalegen.train.run_log import read_log
-from scalegen.images import save_npz
+from scalegen.eval.samples import save_npz
 
 REAL_COUNT = 1000
 MIN_ACCURACY = 0.88
@@ -62,6 +62,7 @@ def test_every_input_layout_gives_the_same_features(real_test):
         classifier.fmnist_report(images, np.arange(3))
 
 
+@pytest.mark.end_to_end
 def test_eval_features_fmnist_prints_fid_and_accuracy(real_test, tmp_path, capsys):
     images, labels = real_test
     rgb = np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)  # (N, 32, 32, 3) as our samplers
@@ -76,6 +77,7 @@ def test_eval_features_fmnist_prints_fid_and_accuracy(real_test, tmp_path, capsy
     assert "--samples" in capsys.readouterr().err
 
 
+@pytest.mark.end_to_end
 def test_short_training_run_lowers_the_loss_and_exports(tmp_path):
     data = tmp_path / "fashion"
     for split, count in (("train", 512), ("test", 128)):

@@ -1,7 +1,6 @@
 """The objective seam: the registry, the objective in the DiT's config, MeanFlow, and guidance intervals."""
 import json
 import shutil
-from pathlib import Path
 from dataclasses import asdict, replace
 
 import pytest
@@ -22,7 +21,7 @@ from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.init_from import initialize_from
 from scalegen.train.trainer import TrainConfig, train
 from scalegen.train.run_log import read_log
-from tests_support import tiny_fashion
+from tests_support import TESTS, tiny_fashion
 
 TINY = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                  learn_sigma=False)
@@ -237,6 +236,7 @@ def test_a_meanflow_dit_fine_tuned_from_a_flow_dit_starts_as_its_source(tmp_path
                                    flow.generate([1, 2], cfg=1.0, steps=steps, noise=noise))
 
 
+@pytest.mark.end_to_end
 def test_a_short_meanflow_run_with_repa_lowers_its_error_and_samples_in_one_step(tmp_path):
     from test_recipes import tiny_encoder  # the REPA encoder the flow recipe tests train
 
@@ -297,7 +297,7 @@ def test_the_page_starts_a_dit_at_its_objective_s_settings():
 
 
 def test_the_readme_names_every_registered_objective_and_sampler():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (TESTS.parent / "README.md").read_text()
     for name, objective in OBJECTIVES.items():
         assert f"--objective {name}" in readme or f"`{name}`" in readme, name
         assert all(sampler in readme for sampler in objective.samplers), name

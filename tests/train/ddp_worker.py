@@ -1,4 +1,4 @@
-"""Launched by tests/test_train.py and tests/test_gpu.py under torchrun: trains a tiny DiT with DDP on the device
+"""Launched by tests/train/test_train.py and tests/test_gpu.py under torchrun: trains a tiny DiT with DDP on the device
 named by the optional third argument (default cpu) with the objective named by the optional fourth (default ddpm;
 "meanflow": guidance trained in), then checks every rank holds the same parameters. Writes
 'in sync <backend> <checksum>' (rank 0) to the file named by the first argument."""

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from scalegen.distributed import DistributedContext
@@ -28,16 +27,6 @@ from tests_support import tiny_fashion
 CONTEXT = DistributedContext()  # a single process
 TOY_FILE = "toy.pt"
 TINY = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-
-
-@pytest.fixture
-def one_rank_group():
-    """A gloo process group of this process alone, which the sharded format's writer needs."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already set up in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def modules(seed: int) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from safetensors.torch import load_file
 
@@ -97,16 +96,6 @@ def test_the_default_shards_only_an_fsdp_run_of_several_processes():
     assert default_parallelism(fsdp=True, context=DistributedContext(world_size=2)) is Shard
     assert default_parallelism(fsdp=False, context=DistributedContext(world_size=2)) is Replicate
     assert default_parallelism(fsdp=True, context=DistributedContext()) is Replicate  # nothing to shard
-
-
-@pytest.fixture
-def one_rank_group():
-    """A gloo process group of this process alone, which `Shard` (its writer's group) needs."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already set up in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class TrainsBeside(DiTTask):

@@ -182,13 +182,14 @@ def test_a_refiner_of_another_tokenizer_is_refused(pair) -> None:
         drafter.generate_tokens(LABELS, refiner=classes)
 
 
-def test_a_refiner_on_a_copy_of_the_tokenizer_hashes_each_tokenizer_once_until_its_weights_change(monkeypatch) -> None:
+def test_a_refiner_on_a_copied_tokenizer_hashes_each_tokenizer_once_until_its_weights_change(monkeypatch) -> None:
     tokenizer = tiny_tokenizer()
     drafter = seeded_var(0, tokenizer)
     twin = seeded_var(1, copy.deepcopy(tokenizer), depth=2)  # the drafter's tokenizer weights in another object
-    hashed = []
+    hashed = []  # the state dicts hashed, by their entry counts
     digest = fingerprint.weights_fingerprint
-    monkeypatch.setattr(fingerprint, "weights_fingerprint", lambda weights: hashed.append(len(weights)) or digest(weights))
+    monkeypatch.setattr(fingerprint, "weights_fingerprint",
+                        lambda weights: hashed.append(len(weights)) or digest(weights))
     for seed in range(3):
         drafter.generate_tokens(LABELS, seed=seed, refiner=twin, refined_scales=1)
     assert len(hashed) == 2  # each tokenizer once, not on every call

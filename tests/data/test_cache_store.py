@@ -18,6 +18,7 @@ from scalegen.data.source import Subset  # noqa: E402
 from scalegen.data.store import MANIFEST_FILE, CachedArrays, mapped_tensors, shard_name  # noqa: E402
 from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json  # noqa: E402
+from scalegen.fingerprint import weights_fingerprint  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
 from tests_support import TESTS, save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
 
@@ -39,6 +40,28 @@ def extract(sources, folder: Path) -> Path:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+# The digests the loops gave before they were one (`fingerprint.state_digest`), for `digested_encoder()`: a cache's
+# manifest recorded the first, so a cache made before must still be recognised as made by this encoder.
+RECORDED_CACHE_DIGEST = "3881a32947dc54369276a786e40e3c9f85b74b053e60df9fa826b7257b90dcad"
+RECORDED_FINGERPRINT = "7b12b8a741de6d63beb8c4b32a53ea8d58a841000c54176da49e0677d08db753"
+
+
+def digested_encoder() -> torch.nn.Module:
+    """A small encoder with exact weights (eighths), a float buffer and an integer one (BatchNorm's batch count)."""
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    with torch.no_grad():
+        for index, tensor in enumerate(encoder.state_dict().values()):
+            tensor.copy_(torch.arange(tensor.numel()).reshape(tensor.shape) / 8 + index)
+    return encoder
+
+
+def test_the_weight_digests_are_the_ones_recorded_before_they_shared_a_loop():
+    encoder = digested_encoder()
+    assert store.weights_digest(encoder) == RECORDED_CACHE_DIGEST
+    assert weights_fingerprint(encoder.state_dict()) == RECORDED_FINGERPRINT
+    assert weights_fingerprint(encoder.half().state_dict()) == RECORDED_FINGERPRINT  # rounded to fp16 first
 
 
 @pytest.mark.multiprocess

@@ -14,12 +14,15 @@ from scalegen.data.batch import collate
 from scalegen.data.caches import LatentCache, TokenCache
 from scalegen.data.fashion_mnist import FashionMNIST
 from scalegen.data.folder import ImageFolder
-from scalegen.data.names import IMAGES, LATENTS, TOKENS
-from scalegen.data.registry import DATA_SOURCES, SourceKind, open_source, register_source, source_kind
+from scalegen.data.names import IMAGES, LATENTS, SOURCE_DESCRIPTIONS, TOKENS
+from scalegen.data.registry import (
+    CLASS_FOLDER, DATA_SOURCES, SourceKind, open_source, register_source, source_kind,
+)
 from scalegen.data.sampling import OnDevice, ResumableSampler, ShardSampler, epoch_sampler
 from scalegen.data.source import DataSource, limited
 from scalegen.data.store import build_cache
 from scalegen.errors import UserError
+from scalegen.cli.main import main
 from scalegen.files import read_json
 from scalegen.models.dit import DiTConfig
 from scalegen.runs.folder import CONFIG_FILE, last_checkpoint
@@ -101,6 +104,18 @@ def test_the_registry_tries_the_built_in_kinds_in_order_then_the_registered_then
     assert register_source(TOY) is TOY  # registering the same kind again changes nothing
     with pytest.raises(ValueError, match="toy-stripes"):
         register_source(SourceKind(TOY.name, TOY.recognises, ImageFolder))
+
+
+def test_data_help_lists_the_built_in_kinds_as_they_describe_themselves_in_the_order_they_are_tried(capsys):
+    # The built-in kinds (these and the class folder, last) carry their descriptions from one place; the toy
+    # registered here carries none, and `--help` (torch-free, without the registry) lists only the built-in kinds.
+    described = [(kind.name, kind.description) for kind in (*DATA_SOURCES.values(), CLASS_FOLDER) if kind.description]
+    assert described == list(SOURCE_DESCRIPTIONS.items())
+    with pytest.raises(SystemExit):
+        main(["train", "vqvae", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    at = [shown.index(" ".join(description.split())) for _, description in described]
+    assert at == sorted(at)
 
 
 def test_the_source_decides_the_form_and_every_batch_carries_it(tmp_path):

@@ -4,12 +4,15 @@ the official `autoregressive_infer_cfg`) is tested in test_var.py and must not m
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from scalegen import fingerprint
 from scalegen.cli.main import main
 from scalegen.errors import UserError
 from scalegen.models.var import VAR, build_var
@@ -177,6 +180,24 @@ def test_a_refiner_of_another_tokenizer_is_refused(pair) -> None:
     classes = build_var(tiny_tokenizer(), depth=2, num_classes=7).eval()  # another class count
     with pytest.raises(UserError, match="trained on the drafter's tokenizer and classes"):
         drafter.generate_tokens(LABELS, refiner=classes)
+
+
+def test_a_refiner_on_a_copied_tokenizer_hashes_each_tokenizer_once_until_its_weights_change(monkeypatch) -> None:
+    tokenizer = tiny_tokenizer()
+    drafter = seeded_var(0, tokenizer)
+    twin = seeded_var(1, copy.deepcopy(tokenizer), depth=2)  # the drafter's tokenizer weights in another object
+    hashed = []  # the state dicts hashed, by their entry counts
+    digest = fingerprint.weights_fingerprint
+    monkeypatch.setattr(fingerprint, "weights_fingerprint",
+                        lambda weights: hashed.append(len(weights)) or digest(weights))
+    for seed in range(3):
+        drafter.generate_tokens(LABELS, seed=seed, refiner=twin, refined_scales=1)
+    assert len(hashed) == 2  # each tokenizer once, not on every call
+    with torch.no_grad():
+        twin.tokenizer.encoder.conv_in.weight.add_(1.0)  # written in place: its version counter moves
+    with pytest.raises(UserError, match="the refiner's tokenizer has other weights"):
+        drafter.generate_tokens(LABELS, seed=0, refiner=twin, refined_scales=1)
+    assert len(hashed) == 3  # the changed one again
 
 
 def test_inverse_cdf_draws_follow_the_probabilities_and_never_draw_a_filtered_token() -> None:

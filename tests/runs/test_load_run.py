@@ -7,11 +7,11 @@ from argparse import Namespace
 import pytest
 import torch
 
-from scalegen.cli.sampling import chosen_dit_settings
+from scalegen.cli.sampling import dit_settings
 from scalegen.errors import UserError
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.sampling_settings import (
-    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, FROM_PAPER, OFFICIAL_DIT_SAMPLING,
+    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, FROM_PAPER, OFFICIAL_DIT_SAMPLING, DiTSampling,
 )
 from scalegen.models.var import VAR
 from scalegen.runs.diffusers_export import pipeline_arguments
@@ -58,12 +58,14 @@ def test_the_dit_sampling_rule_is_one_for_generate_the_command_line_and_the_mode
     model = load_dit("shipped:dit")
     objective = model.objective
     model.sampling, model.sampling_origin = {"steps": 7}, FROM_CONFIG
-    assert model.chosen_sampling() == {"cfg": (objective.default_cfg, FROM_DEFAULT), "steps": (7, FROM_CONFIG),
-                                       "sampler": (objective.default_sampler, FROM_DEFAULT)}
-    assert model.chosen_sampling(cfg=2.0)["cfg"] == (2.0, FROM_FLAG)
-    flags = Namespace(cfg_scale=None, steps=None, sampler=None, cfg_interval=None)
-    assert {name: chosen_dit_settings(flags, model)[name] for name in ("cfg", "steps", "sampler")} == \
-        model.chosen_sampling()
-    _, plan, cfg = model.sampling_setup([0], None, None, None, None)
-    assert (plan.steps, plan.sampler, cfg) == (7, objective.default_sampler, objective.default_cfg)
+    chosen = model.chosen_sampling()
+    assert {name: chosen[name] for name in ("cfg", "steps", "sampler")} == {
+        "cfg": (objective.default_cfg, FROM_DEFAULT), "steps": (7, FROM_CONFIG),
+        "sampler": (objective.default_sampler, FROM_DEFAULT)}
+    assert model.chosen_sampling(DiTSampling(cfg=2.0))["cfg"] == (2.0, FROM_FLAG)
+    flags = Namespace(cfg_scale=None, steps=None, sampler=None, cfg_interval=None, guide_all_channels=False,
+                      precision="fp32")
+    assert model.chosen_sampling(dit_settings(flags)) == chosen
+    _, plan, settings = model.sampling_setup([0], model.sampling_settings())
+    assert (plan.steps, plan.sampler, settings.cfg) == (7, objective.default_sampler, objective.default_cfg)
     assert pipeline_arguments(model).endswith("num_inference_steps=7")

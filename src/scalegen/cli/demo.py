@@ -52,9 +52,10 @@ def dit_drawer(path: str | Path) -> Draw:
     from scalegen.runs.loading import load_dit
 
     model = load_dit(path)
+    settings = model.sampling_settings()
 
     def draw(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return model.generate(labels, seed=seed)
+        return model.generate(labels, settings=settings, seed=seed)
 
     return draw
 

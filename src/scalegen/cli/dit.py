@@ -10,7 +10,7 @@ from scalegen.cli.options import (
     train_config_from_args,
 )
 from scalegen.cli.parsing import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, at_least, finite_float, fraction
-from scalegen.cli.sampling import add_labels_option, add_weights_option, checkpoint_help, chosen_dit_settings
+from scalegen.cli.sampling import add_labels_option, add_weights_option, checkpoint_help, dit_settings
 from scalegen.diffusion.names import (
     OBJECTIVE_ENTRIES, SAMPLERS, ObjectiveSetting, check_guidance_interval, objective_settings, objectives_help,
     samplers_help,
@@ -213,18 +213,18 @@ def run_sample(args: argparse.Namespace) -> None:
     from scalegen.eval.samples import sample_to_npz
     from scalegen.images import check_output, grid_labels, parse_classes, save_grid
     from scalegen.runs.loading import load_dit
-    from scalegen.models.sampling_settings import settings_line, values
+    from scalegen.models.sampling_settings import settings_line
 
     check_output(args.out, args.num_samples)
     with process_group(args.device) as context:
         model = load_dit(args.ckpt, args.vae, args.weights).to(context.device)
-        chosen = chosen_dit_settings(args, model)
+        given = dit_settings(args)
         if context.is_main:
-            print(settings_line(chosen))
+            print(settings_line(model.chosen_sampling(given)))
+        settings = model.sampling_settings(given)
 
         def draw(labels: torch.Tensor) -> torch.Tensor:
-            return model.generate(labels, **values(chosen), precision=args.precision,
-                                  guide_all_channels=args.guide_all_channels)  # (b, C, H, W) in [0, 1]
+            return model.generate(labels, settings=settings)  # (b, C, H, W) in [0, 1]
 
         if args.num_samples:
             path = sample_to_npz(draw, model.config.num_classes, args.num_samples, args.batch_size, args.seed,

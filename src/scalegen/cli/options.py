@@ -19,6 +19,7 @@ from scalegen.cli.parsing import (
     EFFECTIVE_OPTIONS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, OneLineParser, at_least, finite_float, floats,
     integers, options_text,
 )
+from scalegen.data.names import SOURCE_DESCRIPTIONS
 from scalegen.errors import UserError
 from scalegen.models.settings import preset_dimensions
 from scalegen.precision import PRECISIONS
@@ -81,8 +82,17 @@ TRAINING_HELP = {
     "eval_reference": "reference of the evaluation for other data: an ADM .npz (images or statistics) or an image folder",
 }
 COMPILE_WHOLE_MODEL_HELP = "torch.compile the whole model in place (it has no transformer blocks; same checkpoint keys)"
-DATA_HELP = ("fashion-mnist, a folder of its IDX files, an image folder (one sub-folder per class), or tar shards: a "
-             "brace pattern such as train-{000000..000146}.tar, one .tar, or the .json index of `scalegen data pack`")
+
+
+def data_help() -> str:
+    """`--data`'s help: the built-in kinds of data source in words (`SOURCE_DESCRIPTIONS`), in the order they are
+    tried. Kinds registered at run time are not listed: their modules import the data code (torch), which `--help`
+    does not load."""
+    *first, last = SOURCE_DESCRIPTIONS.values()
+    return "; ".join(first) + f"; or {last}"
+
+
+DATA_HELP = data_help()
 TOKENIZER_DATA_HELP = f"{DATA_HELP}; default: the data the --tokenizer run was trained on, else fashion-mnist"
 
 

@@ -8,7 +8,7 @@ import argparse
 
 from scalegen.runs.names import WEIGHT_CHOICES, shipped_names
 from scalegen.models.sampling_settings import (
-    FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, LABEL_DRAWS, VAR_DEFAULTS, VAR_SETTINGS, Chosen, chosen_settings,
+    LABEL_DRAWS, VAR_DEFAULTS, VAR_SETTINGS, Chosen, DiTSampling, chosen_settings,
 )
 
 NO_REFINER = "none"  # `--refiner none`: sample without the refiner a VAR's settings name
@@ -33,16 +33,10 @@ def add_labels_option(parser: argparse.ArgumentParser) -> None:
                              "protocol; the same labels for any number of ranks); random draws each class uniformly")
 
 
-def chosen_dit_settings(args: argparse.Namespace, model) -> Chosen:
-    """The settings `sample dit` uses: its flags, else the model's recommended ones, else the objective's defaults
-    (`DiT.chosen_sampling`); the guidance interval from its flag, else the model config's (none: every step)."""
-    chosen = model.chosen_sampling(args.cfg_scale, args.steps, args.sampler)
-    if args.cfg_interval is not None:
-        chosen["cfg_interval"] = (args.cfg_interval, FROM_FLAG)
-    else:
-        interval = model.config.cfg_interval
-        chosen["cfg_interval"] = (interval, FROM_DEFAULT if interval is None else FROM_CONFIG)
-    return chosen
+def dit_settings(args: argparse.Namespace) -> DiTSampling:
+    """The settings `sample dit`'s flags give (None: not given, the model's to choose: `DiT.chosen_sampling`)."""
+    return DiTSampling(cfg=args.cfg_scale, steps=args.steps, sampler=args.sampler, cfg_interval=args.cfg_interval,
+                       guide_all_channels=args.guide_all_channels, precision=args.precision)
 
 
 def chosen_var_settings(args: argparse.Namespace, model) -> Chosen:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from scalegen.classes import FASHION_MNIST_NAME
 from scalegen.data.fashion_mnist import FashionMNIST, holds_fashion_mnist
 from scalegen.data.folder import ImageFolder
+from scalegen.data.names import SOURCE_DESCRIPTIONS
 from scalegen.data.shards import names_tar_shards, TarShards
 from scalegen.data.source import DataSource
 
@@ -27,15 +28,22 @@ class SourceKind:
         name: how it is known ("tar-shards").
         recognises: whether a `--data` string names a source of this kind.
         opens: (the `--data` string, the image size) -> the source; a one-line `UserError` for bad data.
+        description: what it reads, in words (a built-in kind's is its entry of `SOURCE_DESCRIPTIONS`).
     """
 
     name: str
     recognises: Callable[[str], bool]
     opens: Callable[[str, int], DataSource]
+    description: str = ""
+
+
+def built_in(name: str, recognises: Callable[[str], bool], opens: Callable[[str, int], DataSource]) -> SourceKind:
+    """A built-in kind of data source, described by its entry of `SOURCE_DESCRIPTIONS`."""
+    return SourceKind(name, recognises, opens, SOURCE_DESCRIPTIONS[name])
 
 
 DATA_SOURCES: dict[str, SourceKind] = {}  # in the order they are tried
-CLASS_FOLDER = SourceKind("class-folder", lambda data: True, ImageFolder)  # the fallback: any other string
+CLASS_FOLDER = built_in("class-folder", lambda data: True, ImageFolder)  # the fallback: any other string
 
 
 def register_source(kind: SourceKind) -> SourceKind:
@@ -60,7 +68,7 @@ def open_source(data: str, image_size: int) -> DataSource:
     return source_kind(data).opens(data, image_size)
 
 
-register_source(SourceKind("fashion-mnist", lambda data: data == FASHION_MNIST_NAME,
-                           lambda data, image_size: FashionMNIST(None, image_size)))
-register_source(SourceKind("tar-shards", names_tar_shards, TarShards))
-register_source(SourceKind("fashion-mnist-folder", holds_fashion_mnist, FashionMNIST))
+register_source(built_in("fashion-mnist", lambda data: data == FASHION_MNIST_NAME,
+                         lambda data, image_size: FashionMNIST(None, image_size)))
+register_source(built_in("tar-shards", names_tar_shards, TarShards))
+register_source(built_in("fashion-mnist-folder", holds_fashion_mnist, FashionMNIST))

@@ -24,7 +24,6 @@ one-file format (the same fields, one safetensors file) loads the same way.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import mmap
@@ -45,6 +44,7 @@ from scalegen.data.source import DataSource
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
 from scalegen.files import read_json, save_weights_atomic, write_json_atomic
+from scalegen.fingerprint import state_digest
 
 CACHE_FORMAT = "scalegen-cache-v1"
 MANIFEST_FILE = "manifest.json"
@@ -54,6 +54,9 @@ SHARD_DIGITS = 6
 CACHE_SHARD_SIZE = 2048  # images per shard: 64 MB of SD-VAE latents at 256 px, a few minutes of one GPU's encoding
 WAIT_SECONDS = 0.5  # how often a rank that is done looks for the other ranks' shards
 DIGEST_SHOWN = 12  # characters of a digest that a message shows
+# What each state-dict entry's bytes follow in the encoder's digest a manifest records: changing it would make every
+# existing cache look made by another encoder.
+CACHE_DIGEST_HEADER = "{name} {dtype} {shape}\n"
 LABELS, INDICES = "labels", "indices"  # the fields every shard holds beside the encoded ones
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -88,13 +91,9 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def weights_digest(module: nn.Module) -> str:
-    """A digest of a network's weights (every state-dict entry's name, dtype, shape and bytes): what a cache records of
-    the encoder that made it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    """A digest of a network's weights (every state-dict entry's name, dtype, shape and bytes, unrounded): what a cache
+    records of the encoder that made it."""
+    return state_digest(module.state_dict(), CACHE_DIGEST_HEADER)
 
 
 def source_differences(wanted: dict, made: dict, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,9 @@ from scalegen.diffusion.names import GuidanceInterval, check_guidance_interval
 from scalegen.diffusion.objective import Objective
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.diffusion.sampling import Decoder, SamplingPlan, decode, guided_steps, sample_with_guidance
-from scalegen.models.sampling_settings import FROM_DEFAULT, Chosen, chosen_settings
+from scalegen.models.sampling_settings import (
+    DIT_SETTINGS, FROM_CONFIG, FROM_DEFAULT, FROM_FLAG, Chosen, DiTSampling, chosen_settings, values,
+)
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
 from scalegen.models.dit_blocks import FinalLayer, make_block
@@ -22,7 +25,6 @@ from scalegen.models.layers import (
     LabelEmbedder, PatchEmbed, ReferencedModule, ReferencingModule, TimestepEmbedder, sincos_2d,
 )
 from scalegen.models.settings import BLOCK_KINDS, BlockOptions, preset_dimensions
-from scalegen.precision import Precision
 
 EMBEDDING_INIT_STD = 0.02
 # The official forward_with_cfg guides only the first three ε channels (a GLIDE leftover kept for parity).
@@ -121,7 +123,7 @@ class DiT(ReferencingModule):
         self._decoder = ReferencedModule(decoder)
         self.class_names: list[str] | None = None  # set by the loaders; sampling calls accept these names
         # The recommended sampling settings (`scalegen.models.sampling_settings`), set by the loaders: `generate` takes
-        # each argument left None from here, else from the objective.
+        # each setting left None from here, else from the objective (`chosen_sampling`).
         self.sampling: dict = {}
         self.sampling_origin = FROM_DEFAULT
 
@@ -231,56 +233,47 @@ class DiT(ReferencingModule):
     def generate(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float | None = None,
-        steps: int | None = None,
-        sampler: str | None = None,
+        *,
+        settings: DiTSampling | None = None,
         seed: int | None = None,
         noise: torch.Tensor | None = None,
-        cfg_interval: GuidanceInterval | None = None,
-        guide_all_channels: bool = False,
         progress: bool = False,
-        precision: Precision = "fp32",
+        **given: Any,
     ) -> torch.Tensor:
-        """Sample images of the given classes, as the official sample.py does.
+        """Sample images of the given classes, as the official sample.py does, e.g.
+        `generate(labels, cfg=2.5, steps=50, seed=0)`.
 
         Args:
             labels: (B,) class ids, or class names ("Trouser", ["golden retriever", 7]) of a loaded model.
-            cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch). None (cfg, steps,
-                sampler): the model's recommended setting (`sampling`, set by the loaders), else the objective's
-                default (the official 4.0 for ddpm; 1.0 for meanflow, whose guidance is trained in).
-            steps: number of sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps); None: the
-                objective's default (ddpm 250 as the official sample.py, flow 50, meanflow 1).
-            sampler: one of the objective's samplers (`scalegen.diffusion.names.samplers_help()`): ddpm models
-                "ddpm" (ancestral, the default), "ddim" (η 0), "dpm-solver++" (2M); flow models "euler" (the
-                default), "heun", "euler-maruyama"; meanflow models "meanflow" (the default), "euler".
+            settings: what to sample with (`DiTSampling`); None: the model's own choice of each setting
+                (`sampling_settings`).
             seed: seed the global torch RNG with this first, restoring it afterwards; None draws from it as it is
                 (the official sampler's habit: noise at every step comes from the global RNG).
             noise: starting noise (B, C, h, w); drawn when None.
-            cfg_interval: (low, high): guide only at noise levels low ≤ t ≤ high (t = 1 is noise; a DDPM step is
-                t·1000); None: the model's stored default (`config.cfg_interval`, every step when that is None).
-            guide_all_channels: guide every ε channel instead of the official first three.
             progress: show a progress bar.
-            precision: the network's autocast: "fp32" (the default) is the official computation; "bf16" or "auto"
-                are faster where the hardware has bf16 units.
+            **given: any `DiTSampling` field over `settings` (None leaves it as it is): cfg (1.0: no guidance and no
+                doubled batch), steps, sampler (ddpm models "ddpm", "ddim", "dpm-solver++"; flow models "euler",
+                "heun", "euler-maruyama"; meanflow models "meanflow", "euler"), cfg_interval, guide_all_channels,
+                precision. Each left None is the model's recommended one (`sampling`, set by the loaders), else the
+                objective's default (ddpm: cfg 4.0 and 250 steps of "ddpm", as the official sample.py; flow: 50 steps;
+                meanflow: one jump at cfg 1.0, its guidance trained in), and the interval the config's.
         Returns:
             (B, C, H, W) images in [0, 1] (C: the decoder's image channels, or the model's in pixel space).
         """
-        labels, plan, cfg = self.sampling_setup(labels, steps, sampler, cfg, cfg_interval)
-        with seeded(seed, labels.device), autocast(precision, labels.device):
-            return sample_with_guidance(self, plan, labels, cfg, self.decoder, noise, guide_all_channels, progress)
+        labels, plan, settings = self.sampling_setup(labels, self.sampling_settings(settings, **given))
+        with seeded(seed, labels.device), autocast(settings.precision, labels.device):
+            return sample_with_guidance(self, plan, labels, settings.cfg, self.decoder, noise,
+                                        settings.guide_all_channels, progress)
 
     @torch.no_grad()
     def generate_frames(
         self,
         labels: torch.Tensor | Sequence[int],
-        cfg: float | None = None,
-        steps: int | None = None,
-        sampler: str | None = None,
+        *,
+        settings: DiTSampling | None = None,
         seed: int | None = None,
         frames: int = 8,
-        cfg_interval: GuidanceInterval | None = None,
-        guide_all_channels: bool = False,
-        precision: Precision = "fp32",
+        **given: Any,
     ) -> list[torch.Tensor]:
         """Watch a sample form: the predicted clean image x̂₀ at `frames` evenly spaced steps, the last being the
         sample itself (arguments as `generate`; the same seed gives the same final images).
@@ -288,49 +281,67 @@ class DiT(ReferencingModule):
         Returns:
             `frames` tensors (B, C, H, W) in [0, 1], from the first step's prediction to the final sample.
         """
-        labels, plan, cfg = self.sampling_setup(labels, steps, sampler, cfg, cfg_interval)
+        labels, plan, settings = self.sampling_setup(labels, self.sampling_settings(settings, **given))
         steps = plan.steps
         shown = {round(index * (steps - 1) / max(frames - 1, 1)) for index in range(frames)}
         images = []
-        with seeded(seed, labels.device), autocast(precision, labels.device):
-            for index, output in enumerate(guided_steps(self, plan, labels, cfg, self.decoder,
-                                                        guide_all_channels=guide_all_channels)):
+        with seeded(seed, labels.device), autocast(settings.precision, labels.device):
+            for index, output in enumerate(guided_steps(self, plan, labels, settings.cfg, self.decoder,
+                                                        guide_all_channels=settings.guide_all_channels)):
                 if index in shown:
                     latents = output["sample"] if index == steps - 1 else output["pred_xstart"]
                     images.append(decode(latents, self.decoder))  # (B, C, H, W)
         return images
 
-    def sampling_setup(
-        self, labels: torch.Tensor | Sequence[int], steps: int | None, sampler: str | None, cfg: float | None,
-        cfg_interval: GuidanceInterval | None,
-    ) -> tuple[torch.Tensor, SamplingPlan, float]:
-        """Checked class ids (B,) on the model's device, the sampling plan and the guidance scale, each default taken
-        from the model's recommended settings (`sampling`), else the objective (steps, sampler, cfg), or the config
-        (the guidance interval)."""
+    def sampling_setup(self, labels: torch.Tensor | Sequence[int],
+                       settings: DiTSampling) -> tuple[torch.Tensor, SamplingPlan, DiTSampling]:
+        """Checked class ids (B,) on the model's device, the sampling plan of chosen settings (`sampling_settings`)
+        and the settings, their steps, sampler and interval checked."""
         labels = label_ids(labels, self.class_names)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_embed.device).reshape(-1)  # (B,)
         if labels.numel() == 0 or bool(((labels < 0) | (labels >= self.config.num_classes)).any()):
             raise ValueError(f"class ids must be in 0..{self.config.num_classes - 1}; got {labels.tolist()}")
         objective = self.objective
-        chosen = self.chosen_sampling(cfg, steps, sampler)
-        steps = objective.check_steps(chosen["steps"][0])
-        interval = check_guidance_interval(cfg_interval if cfg_interval is not None else self.config.cfg_interval)
-        plan = SamplingPlan(objective, objective.check_sampler(chosen["sampler"][0]), steps, interval)
-        return labels, plan, chosen["cfg"][0]
+        settings = replace(settings, steps=objective.check_steps(settings.steps),
+                           sampler=objective.check_sampler(settings.sampler),
+                           cfg_interval=check_guidance_interval(settings.cfg_interval))
+        plan = SamplingPlan(objective, settings.sampler, settings.steps, settings.cfg_interval)
+        return labels, plan, settings
 
-    def chosen_sampling(self, cfg: float | None = None, steps: int | None = None,
-                        sampler: str | None = None) -> Chosen:
-        """The one rule of a DiT's sampling settings: each given value (not None), else the model's recommended one
-        (`sampling`), else its objective's default; `generate`, `scalegen sample dit` and the diffusers export's
-        model card all take theirs from here.
+    def sampling_settings(self, settings: DiTSampling | None = None, **given: Any) -> DiTSampling:
+        """What a generation samples with: `settings` (None: `DiTSampling()`, all left to the model) with each given
+        setting that is not None, every setting still None chosen by `chosen_sampling`.
+
+        Args:
+            settings: the settings to start from.
+            **given: any `DiTSampling` field (cfg, steps, sampler, cfg_interval, guide_all_channels, precision); None
+                leaves it as it is.
+        Returns:
+            The settings, none of cfg, steps and sampler None.
+        """
+        settings = (DiTSampling() if settings is None else settings).with_given(**given)
+        return replace(settings, **values(self.chosen_sampling(settings)))
+
+    def chosen_sampling(self, settings: DiTSampling | None = None) -> Chosen:
+        """The one rule of a DiT's sampling settings: each value `settings` gives (not None), else the model's
+        recommended one (`sampling`), else its objective's default, and the guidance interval given, else the
+        config's (none: every step); `generate`, `scalegen sample dit` (which prints where each came from) and the
+        diffusers export's model card all take theirs from here.
 
         Returns:
-            "cfg", "steps", "sampler" -> (value, where it came from).
+            "cfg", "steps", "sampler", "cfg_interval" -> (value, where it came from: a value given is FROM_FLAG).
         """
+        settings = DiTSampling() if settings is None else settings
         objective = self.objective
-        return chosen_settings({"cfg": cfg, "steps": steps, "sampler": sampler}, self.sampling, self.sampling_origin,
-                               {"cfg": objective.default_cfg, "steps": objective.default_steps,
-                                "sampler": objective.default_sampler})
+        chosen = chosen_settings({name: getattr(settings, name) for name in DIT_SETTINGS}, self.sampling,
+                                 self.sampling_origin, {"cfg": objective.default_cfg, "steps": objective.default_steps,
+                                                        "sampler": objective.default_sampler})
+        interval = self.config.cfg_interval
+        if settings.cfg_interval is not None:
+            chosen["cfg_interval"] = (settings.cfg_interval, FROM_FLAG)
+        else:
+            chosen["cfg_interval"] = (interval, FROM_DEFAULT if interval is None else FROM_CONFIG)
+        return chosen
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
+from scalegen.diffusion.names import GuidanceInterval
 from scalegen.models.settings import DEFAULT_REFINED_SCALES, Draws
 from scalegen.precision import Precision
 
@@ -75,12 +76,7 @@ class VARSampling:
     def with_given(self, **given: Any) -> VARSampling:
         """These settings with each given value that is not None (None: not given); a TypeError names an unknown
         setting."""
-        names = {field.name for field in fields(self)}
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise TypeError(f"unknown VAR sampling setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(sorted(names))}")
-        return replace(self, **{name: value for name, value in given.items() if value is not None})
+        return given_over(self, "VAR", given)
 
 
 # What a bare VAR samples with (the official autoregressive_infer_cfg's defaults), for a setting no one gives.
@@ -88,6 +84,57 @@ VAR_DEFAULTS = {name: getattr(VARSampling, name) for name in VAR_SETTINGS}
 # The papers' FID-50K settings, for the official checkpoints (spec/DIT.md: sample_ddp.py; spec/VAR.md).
 OFFICIAL_DIT_SAMPLING = {"cfg": 1.5, "steps": 250, "sampler": "ddpm"}
 OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "multinomial", "refiner": None}
+# The settings a DiT's config.json recommends (its guidance interval is its model config's `cfg_interval`).
+DIT_SETTINGS = ("cfg", "steps", "sampler")
+
+
+@dataclass(frozen=True)
+class DiTSampling:
+    """Everything a DiT generation (`DiT.generate`, `generate_frames`) samples with, built once by each entry point
+    (`scalegen sample dit` from its flags, the web page from its widgets, Python from keyword arguments:
+    `DiT.sampling_settings`). A DiT's defaults depend on its objective, so a setting left None here is the model's
+    to choose (`DiT.chosen_sampling`): its recommended one (`model.sampling`), else its objective's default, and for
+    the guidance interval its config's.
+
+    Fields:
+        cfg: classifier-free guidance scale; 1.0 means no guidance (and no doubled batch).
+        steps: sampling steps (respaced diffusion steps, ODE steps, MeanFlow jumps).
+        sampler: one of the objective's samplers (`scalegen.diffusion.names.samplers_help()`).
+        cfg_interval: (low, high): guide only at noise levels low <= t <= high (t = 1 is noise).
+        guide_all_channels: guide every ε channel instead of the official first three.
+        precision: the network's autocast ("fp32" is the official computation; "bf16" or "auto" are faster where the
+            hardware has bf16 units).
+    """
+
+    cfg: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_interval: GuidanceInterval | None = None
+    guide_all_channels: bool = False
+    precision: Precision = "fp32"
+
+    @classmethod
+    def recommended(cls, sampling: dict) -> DiTSampling:
+        """A model's recommended settings (`model.sampling`), the others left to the model."""
+        return cls(**{name: sampling[name] for name in DIT_SETTINGS if name in sampling})
+
+    def with_given(self, **given: Any) -> DiTSampling:
+        """These settings with each given value that is not None (None: not given); a TypeError names an unknown
+        setting."""
+        return given_over(self, "DiT", given)
+
+
+def given_over(settings: Any, model: str, given: dict[str, Any]) -> Any:
+    """`settings` (a VARSampling or DiTSampling) with each given value that is not None over them; a TypeError names
+    an unknown setting of the `model` ("VAR", "DiT")."""
+    names = {field.name for field in fields(settings)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(f"unknown {model} sampling setting(s) {', '.join(unknown)}; the settings are "
+                        f"{', '.join(sorted(names))}")
+    return replace(settings, **{name: value for name, value in given.items() if value is not None})
+
+
 # Where a value came from, as `scalegen sample` prints it.
 FROM_FLAG, FROM_CONFIG, FROM_PAPER, FROM_DEFAULT = "flag", "model config", "paper, official checkpoint", "default"
 

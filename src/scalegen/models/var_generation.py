@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from scalegen.errors import UserError
-from scalegen.fingerprint import weights_fingerprint
+from scalegen.fingerprint import module_fingerprint
 from scalegen.models.var_blocks import KVCache
 from scalegen.models.var_edit import resize_keep_mask
 from scalegen.models.var_pruning import PrunedGeneration, TokenPruning
@@ -329,8 +329,9 @@ def check_refiner(drafter: nn.Module, refiner: nn.Module, refined_scales: int) -
     if refiner.config.token_head != drafter.config.token_head:
         raise UserError(f"the refiner has the {refiner.config.token_head!r} token head but the drafter the "
                         f"{drafter.config.token_head!r} one: give a refiner with the drafter's token head")
-    if refiner.tokenizer is not drafter.tokenizer and (weights_fingerprint(refiner.tokenizer.state_dict())
-                                                       != weights_fingerprint(drafter.tokenizer.state_dict())):
+    # Compared by fingerprints each tokenizer remembers: repeated generations hash each once.
+    if refiner.tokenizer is not drafter.tokenizer and (module_fingerprint(refiner.tokenizer)
+                                                       != module_fingerprint(drafter.tokenizer)):
         raise UserError("the refiner's tokenizer has other weights than the drafter's (its tokens mean other images): "
                         "give a refiner trained on the drafter's tokenizer and classes")
     if not 1 <= refined_scales < len(drafter.config.patch_nums):

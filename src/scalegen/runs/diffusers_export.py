@@ -122,10 +122,9 @@ def scheduler(model: DiT) -> dict:
 def pipeline_arguments(model: DiT) -> str:
     """DiTPipeline's arguments for the model's recommended sampling settings (`model.sampling`; guidance 1 for a
     DiT whose null class the pipeline cannot reach; without settings, the objective's defaults)."""
-    chosen = model.chosen_sampling()
-    cfg = chosen["cfg"][0] if guides(model) else 1.0
-    steps = chosen["steps"][0]
-    return f"guidance_scale={float(cfg)}, num_inference_steps={int(steps)}"
+    settings = model.sampling_settings()
+    cfg = settings.cfg if guides(model) else 1.0
+    return f"guidance_scale={float(cfg)}, num_inference_steps={int(settings.steps)}"
 
 
 def readme(model: DiT, name: str) -> str:

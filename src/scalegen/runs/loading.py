@@ -22,7 +22,7 @@ from torch import nn
 from scalegen.classes import class_names
 from scalegen.errors import UserError
 from scalegen.files import read_json, read_weights_file
-from scalegen.fingerprint import weights_fingerprint
+from scalegen.fingerprint import module_fingerprint, weights_fingerprint
 from scalegen.models.dit import DiT, DiTConfig
 from scalegen.models.dit_diffusers import DIFFUSERS_CLASS, from_diffusers
 from scalegen.models.settings import MODEL_SIZES
@@ -335,7 +335,7 @@ def load_refiner(path: str | Path, drafter: VAR, any_tokenizer: bool = False,
     """
     path = checkpoint_path(path)
     own = None if any_tokenizer else own_tokenizer_weights(path)
-    if own is not None and weights_fingerprint(own) != weights_fingerprint(drafter.tokenizer.state_dict()):
+    if own is not None and weights_fingerprint(own) != module_fingerprint(drafter.tokenizer):
         raise UserError(f"the refiner {path} was trained on another tokenizer than the VAR's (other weights), so its "
                         "tokens would mean other images; give a refiner trained on the VAR's tokenizer, or pass "
                         "--refiner-any-tokenizer (any_tokenizer=True in Python) to use it anyway")

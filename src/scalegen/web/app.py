@@ -39,7 +39,7 @@ from scalegen.models.var_edit import edit_box, parse_box
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.runs.loading import load_dit, load_refiner, load_var
 from scalegen.runs.names import SHIPPED, SHIPPED_MEANFLOW_DIT
-from scalegen.models.sampling_settings import VARSampling
+from scalegen.models.sampling_settings import DiTSampling, VARSampling
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
@@ -92,12 +92,14 @@ class Models:
 
     def dit_settings(self) -> tuple[list[str], str, int, float]:
         """The samplers the loaded DiT's objective offers, and the page's starting sampler, steps and guidance: the
-        DiT's recommended ones (`sampling`: the shipped DiT's 50 Euler steps at cfg 2.5), else its objective's fast
-        sampler and default steps and guidance."""
+        DiT's recommended ones (`DiTSampling.recommended`: the shipped DiT's 50 Euler steps at cfg 2.5), else its
+        objective's default steps and guidance with its fast sampler (the page starts fast: one network call a step,
+        where `generate` would take a ddpm model's ancestral sampler)."""
         objective = self.dit.objective if self.dit is not None else sampling_objective("ddpm")
-        sampling = self.dit.sampling if self.dit is not None else {}
-        return (list(objective.samplers), sampling.get("sampler", objective.fast_sampler),
-                sampling.get("steps", objective.default_steps), sampling.get("cfg", objective.default_cfg))
+        recommended = DiTSampling.recommended(self.dit.sampling if self.dit is not None else {})
+        start = DiTSampling(cfg=objective.default_cfg, steps=objective.default_steps, sampler=objective.fast_sampler)
+        start = start.with_given(cfg=recommended.cfg, steps=recommended.steps, sampler=recommended.sampler)
+        return list(objective.samplers), start.sampler, start.steps, start.cfg
 
     def var_setting(self, name: str) -> float | int:
         """The page's starting value of a VAR sampling setting ("cfg", "top_k", "top_p"): the loaded VAR's
@@ -192,11 +194,13 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
                                                     top_k=checked_top_k(top_k, model.config.vocab_size))
     labels = grid_labels(class_ids, per_class)
     if name == "DiT":
+        dit_sampling = model.sampling_settings(cfg=cfg, steps=steps, sampler=sampler)
+
         def draw(batch: torch.Tensor) -> torch.Tensor:
-            return model.generate(batch, cfg=cfg, steps=steps, sampler=sampler, seed=seed)
-        frames = lambda: model.generate_frames(labels[:1], cfg=cfg, steps=steps, sampler=sampler,  # noqa: E731
-                                               seed=seed, frames=STRIP_FRAMES)
-        flops_key = (name, cfg, steps, sampler)
+            return model.generate(batch, settings=dit_sampling, seed=seed)
+        frames = lambda: model.generate_frames(labels[:1], settings=dit_sampling, seed=seed,  # noqa: E731
+                                               frames=STRIP_FRAMES)
+        flops_key = (name, dit_sampling.cfg, dit_sampling.steps, dit_sampling.sampler)
     else:
         def draw(batch: torch.Tensor) -> torch.Tensor:
             return model.generate(batch, settings=var_sampling, seed=seed)
@@ -213,7 +217,8 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
     figures = (f"**{name}**{ran}: {len(labels)} images in {seconds:.2f} s, {models.flops[flops_key]:.2f} GFLOPs/image "
                "(2 per multiply-add)")
     if name == "DiT":
-        calls = model.objective.network_calls(sampler, steps, cfg, model.config.cfg_interval)
+        calls = model.objective.network_calls(dit_sampling.sampler, dit_sampling.steps, dit_sampling.cfg,
+                                              dit_sampling.cfg_interval)
         figures += f", {calls} network calls/image"
     grid = image_grid(images, rows=len(class_ids))
     return labelled(grid, [model.class_names[index] for index in class_ids]) if label_rows else grid, forming, figures

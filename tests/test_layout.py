@@ -24,7 +24,7 @@ TEST_WINGS = ("cli", "data", "diffusion", "eval", "models", "runs", "tokenizers"
 # what stays in tests/ itself: the tests of the house as a whole (its layout, README, public API, tools, shipped
 # models, GPU-only checks), the shared helpers and pytest's settings
 HOUSE_WIDE = {"test_layout.py", "test_readme.py", "test_api.py", "test_tools.py", "test_shipped.py", "test_gpu.py",
-              "tests_support.py", "conftest.py"}
+              "test_registry.py", "tests_support.py", "conftest.py"}
 
 
 def module_name(path: Path) -> str:

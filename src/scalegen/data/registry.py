@@ -18,6 +18,7 @@ from scalegen.data.folder import ImageFolder
 from scalegen.data.names import SOURCE_DESCRIPTIONS
 from scalegen.data.shards import names_tar_shards, TarShards
 from scalegen.data.source import DataSource
+from scalegen.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,14 @@ def built_in(name: str, recognises: Callable[[str], bool], opens: Callable[[str,
     return SourceKind(name, recognises, opens, SOURCE_DESCRIPTIONS[name])
 
 
-DATA_SOURCES: dict[str, SourceKind] = {}  # in the order they are tried
+DATA_SOURCES: Registry[SourceKind] = Registry("data source kind")  # in the order they are tried
 CLASS_FOLDER = built_in("class-folder", lambda data: True, ImageFolder)  # the fallback: any other string
 
 
 def register_source(kind: SourceKind) -> SourceKind:
     """Make a kind of data source known to every `--data`, tried after those registered before it and before the
     class folder; returns it. A name is registered once (registering the same kind again changes nothing)."""
-    known = DATA_SOURCES.get(kind.name)
-    if known is not None and known != kind:
-        raise ValueError(f"a data source kind {kind.name!r} is registered already")
-    DATA_SOURCES[kind.name] = kind
-    return kind
+    return DATA_SOURCES.register(kind.name, kind)
 
 
 def source_kind(data: str) -> SourceKind:

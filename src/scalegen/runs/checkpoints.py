@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from scalegen.distributed import DistributedContext
 from scalegen.errors import UserError
+from scalegen.registry import Registry
 from scalegen.runs.folder import RunFolder, folder_config, load_training_state
 
 
@@ -106,21 +107,17 @@ class CheckpointFormat(ABC):
         """Finish a checkpoint being written and free what writing it holds (at the end of training)."""
 
 
-CHECKPOINT_FORMATS: dict[str, type[CheckpointFormat]] = {}  # by name, in the order they were registered
+CHECKPOINT_FORMATS: Registry[type[CheckpointFormat]] = Registry("checkpoint format")  # in registration order
 
 
 def register_format(format_class: type[CheckpointFormat]) -> type[CheckpointFormat]:
     """Register a checkpoint format under its `name` (a class decorator); returns the class."""
-    CHECKPOINT_FORMATS[format_class.name] = format_class
-    return format_class
+    return CHECKPOINT_FORMATS.register(format_class.name, format_class)
 
 
 def registered_format(name: str) -> type[CheckpointFormat]:
     """The format registered as `name`; a one-line error lists the registered ones."""
-    if name not in CHECKPOINT_FORMATS:
-        raise UserError(f"no checkpoint format is called {name!r}; the registered ones are "
-                        f"{', '.join(CHECKPOINT_FORMATS)}")
-    return CHECKPOINT_FORMATS[name]
+    return CHECKPOINT_FORMATS.chosen(name)
 
 
 def format_of(folder: Path) -> type[CheckpointFormat]:

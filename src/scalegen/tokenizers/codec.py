@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from scalegen.data.source import unflipped_loader
 from scalegen.errors import UserError
+from scalegen.registry import Registry
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, LatentNormalization
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
 
@@ -197,26 +198,20 @@ class TokenizerKind:
     end_to_end: bool = False
 
 
-TOKENIZER_KINDS: dict[str, TokenizerKind] = {}
+TOKENIZER_KINDS: Registry[TokenizerKind] = Registry("tokenizer kind",
+                                                   "load it with the scalegen version that trained it")
 DEFAULT_KIND = "vqvae"  # an official tokenizer file's kind, and a stored description's that names none (older runs)
 
 
 def register_tokenizer(kind: TokenizerKind) -> TokenizerKind:
     """Make a tokenizer kind known to every loader and trainer; returns it. A name is registered once (registering
     the same kind again changes nothing)."""
-    known = TOKENIZER_KINDS.get(kind.name)
-    if known is not None and known != kind:
-        raise ValueError(f"a tokenizer kind {kind.name!r} is registered already ({known.model_class.__name__})")
-    TOKENIZER_KINDS[kind.name] = kind
-    return kind
+    return TOKENIZER_KINDS.register(kind.name, kind)
 
 
 def registered_kind(name: str) -> TokenizerKind:
     """The kind registered as `name`; a one-line error for another."""
-    if name not in TOKENIZER_KINDS:
-        raise UserError(f"unknown tokenizer kind {name!r} (known: {', '.join(TOKENIZER_KINDS)}); load it with the "
-                        "scalegen version that trained it")
-    return TOKENIZER_KINDS[name]
+    return TOKENIZER_KINDS.chosen(name)
 
 
 def kind_of(tokenizer: nn.Module) -> TokenizerKind | None:

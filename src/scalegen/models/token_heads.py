@@ -67,6 +67,8 @@ class TokenHead(ABC):
     """
 
     name = ""  # set by `register_token_head`
+    # Its tokens are continuous vectors (a `ContinuousScales` tokenizer's), not a VQ tokenizer's integer ids.
+    continuous_tokens = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -134,11 +136,16 @@ def register_token_head(name: str) -> Callable[[type[TokenHead]], type[TokenHead
     return register
 
 
+def token_head_class(name: str) -> type[TokenHead]:
+    """The head registered as `name`; a one-line UserError for an unknown one."""
+    if name not in TOKEN_HEADS:
+        raise UserError(f"unknown VAR token head {name!r}: use one of {', '.join(TOKEN_HEADS)}")
+    return TOKEN_HEADS[name]
+
+
 def build_token_head(config: Any) -> TokenHead:
     """The head a VAR config names (`config.token_head`); a one-line UserError for an unknown one."""
-    if config.token_head not in TOKEN_HEADS:
-        raise UserError(f"unknown VAR token head {config.token_head!r}: use one of {', '.join(TOKEN_HEADS)}")
-    return TOKEN_HEADS[config.token_head](config)
+    return token_head_class(config.token_head)(config)
 
 
 class ScaleGuidance:

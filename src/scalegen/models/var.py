@@ -19,6 +19,7 @@ import torch.nn as nn
 from scalegen.classes import label_ids
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
+from scalegen.models import flow_head  # noqa: F401  (registers the "flow" token head)
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.token_heads import ADALN_INIT_GAIN, ScaleGuidance, build_token_head
 from scalegen.models.var_blocks import (
@@ -60,6 +61,8 @@ class VARConfig:
     norm_eps: float = 1e-6
     mlp_ratio: float = 4.0
     token_head: str = CATEGORICAL_HEAD  # what the positions predict (`token_heads`); a config without it: VAR's head
+    head_width: int | None = None  # a head with an MLP of its own (the flow head's): its width; None: the model's
+    head_blocks: int = 3  # and its residual blocks
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(self.patch_nums)  # a list from a saved config compares unequal to a tuple
@@ -315,7 +318,8 @@ class VAR(ReferencingModule):
                 None: the model's recommended settings (`sampling_settings`).
             seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
             generator: random generator to draw from (overrides `seed`).
-            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
+            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p) (a flow head's:
+                (B, p*p, Cvae)).
             keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
             **given: single settings over `settings` (`VARSampling`'s fields, e.g. cfg=1.5, top_k=900; None: not
                 given).
@@ -392,7 +396,8 @@ class VAR(ReferencingModule):
         Args:
             labels: (B,) class ids; num_classes (the null class) for unconditional in/out-painting, a real class
                 for class-conditional editing.
-            source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
+            source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`; a flow head's
+                continuous ones (B, p*p, Cvae)).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
             settings, seed, generator, **given: as in `generate_tokens`.
 

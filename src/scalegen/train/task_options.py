@@ -274,7 +274,11 @@ class VAROptions:
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
         attention: teacher forcing through "sdpa" (a dense block-causal mask, the official path) or "flex"
             (FlexAttention's block-sparse mask; GPU only for training, SDPA with a warning elsewhere).
-        token_head: what the positions predict, a registered token head (`scalegen.models.token_heads`).
+        token_head: what the positions predict, a registered token head (`scalegen.models.token_heads`): "categorical"
+            (VAR's, on a VQ tokenizer) or "flow" (continuous tokens, on a KL tokenizer: `models/flow_head.py`).
+        patch_nums: with the flow head on a KL tokenizer, the token grid side per scale (None: 1,2,3,4,6,8,… up to the
+            latent side); a VQ tokenizer has its own.
+        head_width, head_blocks: the flow head's MLP: its width (None: the transformer's) and residual blocks.
     """
 
     tokenizer: str
@@ -292,6 +296,9 @@ class VAROptions:
     init_from: str | None = None
     attention: AttentionBackend = "sdpa"
     token_head: str = CATEGORICAL_HEAD
+    patch_nums: tuple[int, ...] | None = None
+    head_width: int | None = None
+    head_blocks: int = 3
 
 
 @dataclass

@@ -150,7 +150,7 @@ def flow_run(tmp_path_factory):
     return root
 
 
-def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, tmp_path) -> None:
+def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, tmp_path, capsys) -> None:
     run = flow_run / "var"
     rows = read_log(run)
     assert [row["step"] for row in rows] == list(range(1, 7)) and {"loss_1x1", "loss_4x4"} <= set(rows[-1])
@@ -169,6 +169,10 @@ def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, 
     main(["sample", "var", "--ckpt", str(run), "--classes", "0,1", "--per-class", "2", "--flow-steps", "2",
           "--flow-sampler", "heun", "--device", "cpu", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").exists()
+    assert "flow-steps 2 (flag), flow-sampler heun (flag)" in capsys.readouterr().out
+    main(["edit", "var", "--ckpt", str(run), "--image", str(tmp_path / "grid.png"), "--box", "0,0,4,8", "--device",
+          "cpu", "--out", str(tmp_path / "edited.png")])
+    assert "flow-steps 10 (model config), flow-sampler euler (model config)" in capsys.readouterr().out
 
 
 def test_what_does_not_combine_is_a_one_line_error(flow_run, tmp_path, capsys) -> None:
@@ -184,6 +188,9 @@ def test_what_does_not_combine_is_a_one_line_error(flow_run, tmp_path, capsys) -
         assert "\n" not in str(raised.value)
     with pytest.raises(UserError, match="the flow head has no classes to smooth"):
         model.token_head.loss(model, torch.zeros(1, 21), torch.zeros(1, 21, 4), label_smoothing=0.1)
+    with pytest.raises(SystemExit):
+        main(["sample", "var", "--ckpt", "shipped:var", "--flow-steps", "2", "--out", str(tmp_path / "grid.png")])
+    assert "this VAR has the categorical head: drop them" in capsys.readouterr().err
     tokenizer_folder(tmp_path / "vq")
     common = ["--depth", "1", "--width", "32", "--num-heads", "2", "--data", str(flow_run / "data"), "--steps", "1",
               "--batch-size", "4", "--device", "cpu"]

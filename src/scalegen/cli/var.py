@@ -23,7 +23,9 @@ from scalegen.models.settings import (
     ATTENTION_BACKENDS, CATEGORICAL_HEAD, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS,
     DRAWS, FLOW_HEAD,
 )
-from scalegen.models.sampling_settings import FLOW_DEFAULTS, FLOW_METHODS, VARSampling, settings_line, values
+from scalegen.models.sampling_settings import (
+    FLOW_DEFAULTS, FLOW_METHODS, VARSampling, chosen_settings, settings_line, values,
+)
 from scalegen.train.task_options import TokenizerLosses, VAROptions, VQVAEOptions
 
 if TYPE_CHECKING:  # the models import torch: the handlers import them when they run
@@ -180,16 +182,20 @@ def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) ->
         raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
     pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
     chosen = chosen_var_settings(args, model)
+    flow_flags = {name: getattr(args, name) for name in FLOW_DEFAULTS}
+    if model.token_head.continuous_tokens:  # a flow head's ODE: the flag, the model's, the default
+        chosen.update(chosen_settings(flow_flags, model.sampling, model.sampling_origin, FLOW_DEFAULTS))
+    elif any(flag is not None for flag in flow_flags.values()):
+        raise UserError(f"--flow-steps and --flow-sampler set a flow head's sampling; this VAR has the "
+                        f"{model.config.token_head} head: drop them")
     if show:
         print(settings_line(chosen))
     options = values(chosen)
     refiner = options.pop("refiner")
     if refiner is not None and refiner != NO_REFINER:
         options["refiner"] = load_refiner(refiner, model, args.refiner_any_tokenizer)
-    flow = {name: getattr(args, name) if getattr(args, name) is not None else model.sampling.get(name, default)
-            for name, default in FLOW_DEFAULTS.items()}  # a flow head's ODE: the flag, the model's, the default
     return VARSampling(**options, more_smooth=args.more_smooth, precision=args.precision,
-                       cuda_graphs=args.cuda_graphs, pruning=pruning, refined_scales=args.refined_scales, **flow)
+                       cuda_graphs=args.cuda_graphs, pruning=pruning, refined_scales=args.refined_scales)
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -4,8 +4,8 @@ import torch
 
 from scalegen.errors import UserError
 from scalegen.diffusion.flow import LinearFlow
-from scalegen.eval.flops import (DIT_PAPER_GFLOPS, LAYER_NORM_OPS_PER_ELEMENT, VAR_PATCH_NUMS, counted_flops, dit_gflops,
-                            dit_image_macs, flops_table, flow_head_image_macs, var_image_macs)
+from scalegen.eval.flops import (DIT_PAPER_GFLOPS, LAYER_NORM_OPS_PER_ELEMENT, VAR_PATCH_NUMS, counted_flops,
+                            dit_gflops, dit_image_macs, flops_table, flow_head_image_macs, var_image_macs)
 from scalegen.models.flow_head import FlowHead, FlowMLP, FlowSampler
 from scalegen.models.token_heads import ScaleGuidance
 from scalegen.models.var import VARConfig

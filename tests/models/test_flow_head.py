@@ -25,9 +25,6 @@ from scalegen.runs.loading import load_var
 from scalegen.tokenizers.continuous_scales import ContinuousScales
 from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from scalegen.train.run_log import read_log
-from scalegen.train.task_options import VAROptions
-from scalegen.train.trainer import TrainConfig
-from scalegen.train.var_task import train_var
 from tests_support import write_fashion_subset
 from test_kl_tokenizer import TINY_KL
 from test_var_training import tokenizer_folder
@@ -124,7 +121,8 @@ def test_editing_keeps_the_kept_continuous_tokens() -> None:
     assert not torch.equal(edited.tokens[-1][:, ~kept], source[-1][:, ~kept])
     image = torch.rand(1, 1, 8, 8)
     result, regenerated = edit_box(model, image, (0, 0, 4, 8), "inpaint", seed=0, flow_steps=2)
-    assert result.shape == (1, 1, 8, 8) and regenerated[0, 0, :, :4].eq(1).all() and regenerated[0, 0, :, 4:].eq(0).all()
+    assert result.shape == (1, 1, 8, 8)
+    assert regenerated[0, 0, :, :4].eq(1).all() and regenerated[0, 0, :, 4:].eq(0).all()
 
 
 def kl_folder(folder) -> None:

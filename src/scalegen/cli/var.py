@@ -20,8 +20,8 @@ from scalegen.cli.sampling import (
 )
 from scalegen.errors import UserError
 from scalegen.models.settings import (
-    ATTENTION_BACKENDS, CATEGORICAL_HEAD, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS,
-    DRAWS, FLOW_HEAD,
+    ATTENTION_BACKENDS, CATEGORICAL_HEAD, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS,
+    DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS, FLOW_HEAD,
 )
 from scalegen.models.sampling_settings import (
     FLOW_DEFAULTS, FLOW_METHODS, VARSampling, chosen_settings, settings_line, values,
@@ -78,10 +78,11 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
     parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
     parser.add_argument("--token-head", default=defaults.token_head,
-                        help=f"what the positions predict: {CATEGORICAL_HEAD} (VAR's, on a VQ tokenizer) or {FLOW_HEAD} "
-                             "(continuous tokens by per-token flow matching, on a KL tokenizer)")
+                        help=f"what the positions predict: {CATEGORICAL_HEAD} (VAR's, on a VQ tokenizer) or "
+                             f"{FLOW_HEAD} (continuous tokens by per-token flow matching, on a KL tokenizer)")
     parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums,
-                        help="with --token-head flow: token grid side per scale (default: 1,2,3,4,6,8,… to the latent side)")
+                        help="with --token-head flow: token grid side per scale (default: 1,2,3,4,6,8,… to the "
+                             "latent side)")
     parser.add_argument("--head-width", type=POSITIVE, default=defaults.head_width,
                         help="with --token-head flow: the head MLP's width (default: the transformer's)")
     parser.add_argument("--head-blocks", type=POSITIVE, default=defaults.head_blocks,

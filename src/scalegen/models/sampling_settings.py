@@ -93,7 +93,7 @@ class VARSampling:
 
 # What a bare VAR samples with (the official autoregressive_infer_cfg's defaults), for a setting no one gives.
 VAR_DEFAULTS = {name: getattr(VARSampling, name) for name in VAR_SETTINGS}
-FLOW_DEFAULTS = {name: getattr(VARSampling, name) for name in FLOW_SETTINGS}
+FLOW_DEFAULTS = {name: getattr(VARSampling, name) for name in FLOW_SETTINGS}  # and a flow head's ODE
 # The papers' FID-50K settings, for the official checkpoints (spec/DIT.md: sample_ddp.py; spec/VAR.md).
 OFFICIAL_DIT_SAMPLING = {"cfg": 1.5, "steps": 250, "sampler": "ddpm"}
 OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "multinomial", "refiner": None}

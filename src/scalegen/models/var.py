@@ -2,8 +2,10 @@
 
 A class-conditional transformer predicts the tokens of a multi-scale VQ tokenizer one whole scale at a time:
 the positions of scale k+1 are the (area-downsampled) image features accumulated from scales <= k, and every
-position attends to all positions of its own and earlier scales. Parameter and buffer names match the official
-FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they load with `strict=True`.
+position attends to all positions of its own and earlier scales. With the flow head (`flow_head`) the tokens are
+continuous instead, a KL tokenizer's latents on the same scale plan (`tokenizers/continuous_scales.py`).
+Parameter and buffer names match the official FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they
+load with `strict=True`.
 """
 from __future__ import annotations
 

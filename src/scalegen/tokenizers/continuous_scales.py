@@ -152,7 +152,8 @@ class ContinuousScalePlan:
         f_hat = tokens[0].new_zeros(batch, self.channels, finest, finest)  # (B, c, H, W)
         inputs = [f_hat.new_zeros(batch, 0, self.channels)]  # keeps the result defined for a single scale
         for scale_index in range(len(self.patch_nums) - 1):
-            f_hat, next_input = self.next_autoregressive_input(scale_index, f_hat, self.embed_tokens(tokens[scale_index]))
+            h = self.embed_tokens(tokens[scale_index])  # (B, c, p, p)
+            f_hat, next_input = self.next_autoregressive_input(scale_index, f_hat, h)  # (B, c, p', p')
             inputs.append(next_input.flatten(2).transpose(1, 2))  # (B, p'*p', c)
         return torch.cat(inputs, dim=1)  # (B, L - p_1², c)
 

@@ -264,7 +264,8 @@ class VAROptions:
     """What a VAR run trains besides the loop settings (`TrainConfig`): the transformer, its tokenizer, its data.
 
     Fields:
-        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run).
+        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run); for the
+            flow head a KL tokenizer (`train kl`, or a DiT run on one), copied with its scale plan and normalisation.
         depth: blocks; width 64·depth and depth heads unless `width` / `num_heads` say otherwise.
         data, image_size: the data set; image_size None takes the tokenizer's.
         token_cache: tokenize the data set once into RUN/tokens/ (every rank tokenizes its shards).

@@ -1,5 +1,6 @@
 """Training a VAR on a frozen tokenizer: the task (teacher forcing over all scales with its token head's loss, VAR's
-head's cross-entropy; sample grid) and `train_var`, which builds a run from `VAROptions`.
+head's cross-entropy or the flow head's flow matching; sample grid) and `train_var`, which builds a run from
+`VAROptions` (a flow head's tokenizer: a KL tokenizer's latents on a scale plan, `head_tokenizer`).
 
 The recipe is the official VAR one: AdamW (0.9, 0.95), weight decay 0.05 (not on norms, biases, embeddings and
 positions), gradient clipping at 2, lr = base_lr · batch / 256 at the official batch sizes (768 to 1024) and
@@ -31,7 +32,6 @@ from scalegen.runs.loading import load_tokenizer, token_tokenizer
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.continuous_scales import ContinuousScales, default_patch_nums, measure_mean_normalization
 from scalegen.tokenizers.kl_vae import KLVAE
-from scalegen.tokenizers.vqvae import VQVAE
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.settings import (
     RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
@@ -55,7 +55,7 @@ class VARTask(TrainingTask):
     kind = "var"
     recipe, recipe_notes = RECIPES[kind], RECIPE_NOTES[kind]
 
-    def __init__(self, model_config: VARConfig, tokenizer: VQVAE, tokenizer_config: dict,
+    def __init__(self, model_config: VARConfig, tokenizer: nn.Module, tokenizer_config: dict,
                  label_smoothing: float = 0.0, sample_cfg: float = 4.0, sample_top_p: float = 0.95,
                  extra_config: dict | None = None, base_lr: float = VAR_BASE_LR):
         self.tokenizer = tokenizer.eval().requires_grad_(False)

@@ -40,6 +40,8 @@ SCALE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # A continuous tokenizer has no codebook: its "vocabulary size", as a VAR's config records it.
 NO_VOCABULARY = 0
 NORMALIZATION_IMAGES = 2048  # images whose posterior means set the latents' per-channel normalisation
+# Where a `ContinuousScales` state dict holds that normalisation.
+NORMALIZATION_SHIFT, NORMALIZATION_SCALE = "normalization.shift", "normalization.scale"
 NORMALIZATION_BATCH_SIZE = 256
 
 

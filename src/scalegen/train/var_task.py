@@ -22,7 +22,7 @@ from scalegen.data.registry import open_source
 from scalegen.data.source import DataSource, limited, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
-from scalegen.files import json_config
+from scalegen.files import json_config, read_weights_file
 from scalegen.images import grid_labels, save_grid
 from scalegen.models.sampling_settings import FLOW_DEFAULTS, SAMPLING_KEY, VAR_DEFAULTS
 from scalegen.models.token_heads import TokenHead, build_token_head, token_head_class
@@ -30,8 +30,10 @@ from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
 from scalegen.tokenizers.codec import kind_of
-from scalegen.tokenizers.continuous_scales import ContinuousScales, default_patch_nums, measure_mean_normalization
-from scalegen.tokenizers.kl_vae import KLVAE
+from scalegen.tokenizers.continuous_scales import (
+    NORMALIZATION_SCALE, NORMALIZATION_SHIFT, ContinuousScales, default_patch_nums, measure_mean_normalization,
+)
+from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.settings import (
     RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
@@ -141,7 +143,9 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         dataset = limited(open_source(options.data, image_size), config.max_images)
         description = run_description(options.data, image_size, dataset)
         context = setup_distributed(config.device)
-        tokenizer = head_tokenizer(head_class, loaded, options, dataset, context.device)
+        run = RunFolder(config.out)
+        kept = run.tokenizer_copy if run.tokenizer_copy.exists() else None  # a resumed run's
+        tokenizer = head_tokenizer(head_class, loaded, options, dataset, context.device, kept)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
                             f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
@@ -156,7 +160,6 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         if model_config.width % model_config.num_heads:
             raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
                             "change --width or --num-heads")
-        run = RunFolder(config.out)
         if context.is_main:
             keep_tokenizer_copy(tokenizer.state_dict(), run.root)
         if options.token_cache:
@@ -178,7 +181,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
 
 
 def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROptions, dataset: DataSource,
-                   device: torch.device) -> nn.Module:
+                   device: torch.device, kept: Path | None = None) -> nn.Module:
     """The tokenizer whose tokens `head` learns: a VQ tokenizer's ids for a head of integer tokens; for one of
     continuous tokens, a KL tokenizer's latents on a scale plan (`ContinuousScales`, normalised over the data), or the
     continuous tokenizer of a run trained so. A one-line error for a tokenizer the head cannot learn from.
@@ -189,6 +192,8 @@ def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROpti
         options: the run's options (the tokenizer's path, a KL tokenizer's scales).
         dataset: the data (a KL tokenizer's latents are normalised over its first images).
         device: where to measure that.
+        kept: the tokenizer copy of the run being resumed, whose normalisation a KL tokenizer keeps (measured again
+            elsewhere, on another device, it could round otherwise, and the run's token cache would be refused).
     """
     kind = kind_of(tokenizer)
     title = kind.title if kind is not None else type(tokenizer).__name__
@@ -203,7 +208,12 @@ def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROpti
                         "vqvae`)")
     if isinstance(tokenizer, KLVAE):
         patch_nums = options.patch_nums or default_patch_nums(tokenizer.config.latent_size)
-        return ContinuousScales.from_kl(tokenizer, measure_mean_normalization(tokenizer, dataset, device), patch_nums)
+        stored = read_weights_file(kept) if kept is not None else {}
+        if NORMALIZATION_SHIFT in stored:
+            normalization = LatentNormalization(stored[NORMALIZATION_SHIFT], stored[NORMALIZATION_SCALE]).to(device)
+        else:
+            normalization = measure_mean_normalization(tokenizer, dataset, device)
+        return ContinuousScales.from_kl(tokenizer, normalization, patch_nums)
     if options.patch_nums is not None and tuple(options.patch_nums) != tuple(tokenizer.patch_nums):
         raise UserError(f"--patch-nums sets a KL tokenizer's scales; {options.tokenizer} has its own "
                         f"({','.join(map(str, tokenizer.patch_nums))}): drop --patch-nums")

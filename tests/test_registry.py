@@ -4,6 +4,7 @@ import pytest
 from scalegen.data.registry import DATA_SOURCES
 from scalegen.diffusion.objectives import OBJECTIVES, objective_class
 from scalegen.errors import UserError
+from scalegen.models.token_heads import TOKEN_HEADS
 from scalegen.registry import Registry
 from scalegen.runs.checkpoints import CHECKPOINT_FORMATS
 from scalegen.runs.one_file import OneFileFormat
@@ -12,7 +13,7 @@ from scalegen.tokenizers.codec import TOKENIZER_KINDS, registered_kind
 
 
 def test_every_seam_keeps_its_variants_in_the_one_registry():
-    for registry in (OBJECTIVES, TOKENIZER_KINDS, DATA_SOURCES, CHECKPOINT_FORMATS):
+    for registry in (OBJECTIVES, TOKENIZER_KINDS, DATA_SOURCES, CHECKPOINT_FORMATS, TOKEN_HEADS):
         assert isinstance(registry, Registry)
     assert list(OBJECTIVES) == ["ddpm", "flow", "meanflow"]  # registration order is kept
     assert CHECKPOINT_FORMATS.chosen("one-file") is OneFileFormat

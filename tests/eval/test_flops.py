@@ -3,8 +3,12 @@ import pytest
 import torch
 
 from scalegen.errors import UserError
-from scalegen.eval.flops import (DIT_PAPER_GFLOPS, VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs,
-                            flops_table, var_image_macs)
+from scalegen.diffusion.flow import LinearFlow
+from scalegen.eval.flops import (DIT_PAPER_GFLOPS, LAYER_NORM_OPS_PER_ELEMENT, VAR_PATCH_NUMS, counted_flops,
+                            dit_gflops, dit_image_macs, flops_table, flow_head_image_macs, var_image_macs)
+from scalegen.models.flow_head import FlowHead, FlowMLP, FlowSampler
+from scalegen.models.token_heads import ScaleGuidance
+from scalegen.models.var import VARConfig
 
 PAPER_TOLERANCE = 0.005  # relative
 
@@ -47,3 +51,18 @@ def test_counted_flops_are_two_per_multiply_accumulate():
     layer = torch.nn.Linear(4, 3, bias=False)
     inputs = torch.randn(2, 4)
     assert counted_flops(lambda: layer(inputs)) == 2 * 2 * 4 * 3
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_the_flow_heads_sampling_macs_are_what_the_counter_measures(sampler):
+    channels, width, condition_width, blocks, steps = 4, 16, 32, 2, 3
+    mlp = FlowMLP(channels, width, condition_width, blocks)
+    flow_sampler = FlowSampler(mlp, LinearFlow(), channels, steps, sampler, torch.Generator().manual_seed(0))
+    config = VARConfig(depth=1, width=condition_width, num_heads=2, patch_nums=(1, 2), vocab_size=0,
+                       z_channels=channels, token_head="flow")
+    condition = torch.randn(2, 4, condition_width)  # (2B, l, C): both halves of one image's 2×2 scale
+    counted = counted_flops(lambda: flow_sampler.sample(condition, ScaleGuidance(1.5, 2, FlowHead(config)), 1))
+    macs = flow_head_image_macs((2,), channels, width, condition_width, blocks, steps, sampler)
+    evaluations = 2 * 4 * steps * (2 if sampler == "heun" else 1)  # both halves' tokens at every evaluation
+    norms = LAYER_NORM_OPS_PER_ELEMENT * width * (blocks + 1) * evaluations  # counted here, not by torch's counter
+    assert counted == 2 * (macs - norms)

@@ -142,8 +142,8 @@ def test_vars_head_keeps_the_official_keys_and_is_the_default() -> None:
 
 
 def test_an_unknown_head_is_a_one_line_error_and_a_name_is_registered_once() -> None:
-    with pytest.raises(UserError, match="unknown VAR token head 'flow'.*categorical.*toy-regression") as raised:
-        VAR(VARConfig(**TINY_VAR, token_head="flow"))
+    with pytest.raises(UserError, match="unknown VAR token head 'diffusion'.*categorical.*flow.*toy-regression") as raised:
+        VAR(VARConfig(**TINY_VAR, token_head="diffusion"))
     assert "\n" not in str(raised.value)
     with pytest.raises(ValueError, match="registered already"):
         register_token_head(TOY)(CategoricalHead)

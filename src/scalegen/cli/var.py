@@ -20,9 +20,12 @@ from scalegen.cli.sampling import (
 )
 from scalegen.errors import UserError
 from scalegen.models.settings import (
-    ATTENTION_BACKENDS, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS, DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS,
+    ATTENTION_BACKENDS, CATEGORICAL_HEAD, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS,
+    DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS, FLOW_HEAD,
 )
-from scalegen.models.sampling_settings import VARSampling, settings_line, values
+from scalegen.models.sampling_settings import (
+    FLOW_DEFAULTS, FLOW_METHODS, VARSampling, chosen_settings, settings_line, values,
+)
 from scalegen.train.task_options import TokenizerLosses, VAROptions, VQVAEOptions
 
 if TYPE_CHECKING:  # the models import torch: the handlers import them when they run
@@ -54,7 +57,9 @@ def register(train_parsers, sample_parsers, commands) -> None:
 
     parser = train_parsers.add_parser("var", help="train a VAR transformer on a trained tokenizer")
     defaults = VAROptions  # its field defaults (the tokenizer has none)
-    parser.add_argument("--tokenizer", required=True, help="`train vqvae` run folder, checkpoint, or official vae .pth")
+    parser.add_argument("--tokenizer", required=True,
+                        help="`train vqvae` run folder, checkpoint, or official vae .pth; with --token-head flow a KL "
+                             "tokenizer (`train kl` run, or a DiT run on one)")
     parser.add_argument("--depth", type=POSITIVE, default=defaults.depth,
                         help="blocks; width 64·depth and depth heads unless overridden")
     parser.add_argument("--width", type=POSITIVE, default=defaults.width, help="override the width (default: 64·depth)")
@@ -72,6 +77,16 @@ def register(train_parsers, sample_parsers, commands) -> None:
     parser.add_argument("--base-lr", type=NON_NEGATIVE_FLOAT, default=defaults.base_lr, help="lr = base_lr · max(batch, 768) / 256 unless --lr is given")
     parser.add_argument("--sample-cfg", type=NON_NEGATIVE_FLOAT, default=defaults.sample_cfg, help="guidance of the periodic sample grid")
     parser.add_argument("--sample-top-p", type=fraction, default=defaults.sample_top_p, help="nucleus of the periodic sample grid")
+    parser.add_argument("--token-head", default=defaults.token_head,
+                        help=f"what the positions predict: {CATEGORICAL_HEAD} (VAR's, on a VQ tokenizer) or "
+                             f"{FLOW_HEAD} (continuous tokens by per-token flow matching, on a KL tokenizer)")
+    parser.add_argument("--patch-nums", type=integers, default=defaults.patch_nums,
+                        help="with --token-head flow: token grid side per scale (default: 1,2,3,4,6,8,… to the "
+                             "latent side)")
+    parser.add_argument("--head-width", type=POSITIVE, default=defaults.head_width,
+                        help="with --token-head flow: the head MLP's width (default: the transformer's)")
+    parser.add_argument("--head-blocks", type=POSITIVE, default=defaults.head_blocks,
+                        help="with --token-head flow: the head MLP's residual blocks")
     add_init_from(parser)
     add_training_options(parser, "var")
     parser.set_defaults(handler=run_train_var)
@@ -133,6 +148,10 @@ def add_loading_options(parser, seed_help: str) -> None:
                         help="use the --refiner even when it was trained on another tokenizer than --ckpt's")
     parser.add_argument("--refined-scales", type=POSITIVE, default=DEFAULT_REFINED_SCALES,
                         help="with --refiner: how many of the finest scales it generates")
+    parser.add_argument("--flow-steps", type=POSITIVE, default=None,
+                        help="a flow head's ODE steps per scale" + recommended)
+    parser.add_argument("--flow-sampler", choices=FLOW_METHODS, default=None,
+                        help="a flow head's ODE step (heun: two velocities a step)" + recommended)
     parser.add_argument("--draws", choices=DRAWS, default=None,
                         help="how tokens are drawn: multinomial (the official draws and tokens) or inverse-cdf (one "
                              "uniform per token: the same distribution, faster, other tokens for a seed)" + recommended)
@@ -164,6 +183,12 @@ def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) ->
         raise UserError(f"--unpruned-blocks takes FIRST,LAST (two numbers), got {args.unpruned_blocks}")
     pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
     chosen = chosen_var_settings(args, model)
+    flow_flags = {name: getattr(args, name) for name in FLOW_DEFAULTS}
+    if model.token_head.continuous_tokens:  # a flow head's ODE: the flag, the model's, the default
+        chosen.update(chosen_settings(flow_flags, model.sampling, model.sampling_origin, FLOW_DEFAULTS))
+    elif any(flag is not None for flag in flow_flags.values()):
+        raise UserError(f"--flow-steps and --flow-sampler set a flow head's sampling; this VAR has the "
+                        f"{model.config.token_head} head: drop them")
     if show:
         print(settings_line(chosen))
     options = values(chosen)

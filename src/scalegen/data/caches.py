@@ -145,14 +145,14 @@ class TokenCache(DataSource):
     held_in_memory = True
 
     def __init__(self, path: str | Path):
-        self.arrays = CachedArrays(path)  # "tokens": (N, 2, L) int16/int32, memory-mapped
+        self.arrays = CachedArrays(path)  # "tokens": (N, 2, L) int16/int32 (or (N, 2, L, c) float32), memory-mapped
 
     def __len__(self) -> int:
         return len(self.arrays)
 
     def __getitem__(self, item: tuple[int, bool]) -> dict:
         index, flip = item
-        return {"tokens": self.arrays.row("tokens", index, flip).long(), "label": self.arrays.row(LABELS, index)}
+        return {"tokens": widened(self.arrays.row("tokens", index, flip)), "label": self.arrays.row(LABELS, index)}
 
     def to(self, device: torch.device) -> TokenCache:
         """Hold the tokens on `device` (for `OnDevice`)."""
@@ -161,8 +161,13 @@ class TokenCache(DataSource):
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> Batch:
         """The items (indices[i], flips[i]) as one batch (`OnDevice`)."""
-        tokens = self.arrays.rows("tokens", indices, flips).long()  # (B, L)
+        tokens = widened(self.arrays.rows("tokens", indices, flips))  # (B, L, ...)
         return Batch(TOKENS, label=self.arrays.rows(LABELS, indices), tokens=tokens)
+
+
+def widened(tokens: torch.Tensor) -> torch.Tensor:
+    """Stored tokens as a head reads them: integer ids as int64, continuous ones (a flow head's) as float32."""
+    return tokens.float() if tokens.is_floating_point() else tokens.long()
 
 
 class TokenTargets(Protocol):

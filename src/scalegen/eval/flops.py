@@ -185,6 +185,33 @@ def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = Tru
     return float(total * (2 if cfg else 1))
 
 
+def flow_head_image_macs(patch_nums: tuple[int, ...], channels: int, width: int, condition_width: int, blocks: int,
+                         steps: int, sampler: str = "euler", cfg: bool = True) -> float:
+    """MACs of a flow head's sampling (`models/flow_head.py`) for one image: its MLP's velocity of every token at
+    every ODE evaluation (`steps` per scale, two per step for Heun), for both guidance halves. Add them to
+    `var_image_macs(..., vocab_size=0, vae_channels=channels)` (the transformer and the AdaLN before the head) for a
+    flow VAR's image.
+
+    Args:
+        patch_nums: token-map sides per scale.
+        channels: the token's dimension (the latent channels).
+        width: the MLP's width (`VARConfig.head_width`).
+        condition_width: the transformer's width.
+        blocks: the MLP's residual blocks.
+        steps: ODE steps per scale (`VARSampling.flow_steps`).
+        sampler: "euler" or "heun" (`VARSampling.flow_sampler`).
+        cfg: both guidance halves (the flow head always samples this way).
+    Returns:
+        MACs per image.
+    """
+    embeddings = channels * width + TIMESTEP_FREQUENCY_SIZE * width + width ** 2 + condition_width * width
+    block = (3 + 2) * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * width  # modulation, two-layer MLP, affine-free norm
+    final = ADALN_CHUNKS_FINAL * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * width + width * channels
+    evaluations = steps * (2 if sampler == "heun" else 1)
+    tokens = sum(side * side for side in patch_nums)
+    return float((embeddings + blocks * block + final) * tokens * evaluations * (2 if cfg else 1))
+
+
 def flops_table(image_size: int = 256) -> str:
     """The text table `scalegen flops` prints: DiT presets against the paper, then per-image sampling cost."""
     smallest = LATENT_DOWNSAMPLE * max(PATCH_SIZES)

@@ -26,6 +26,10 @@ SAMPLING_KEY = "sampling"  # the config.json section
 # The settings a VAR applies itself; its `refiner` names a checkpoint, which the command line loads beside it.
 VAR_TOKEN_SETTINGS = ("cfg", "top_k", "top_p", "draws")
 VAR_SETTINGS = (*VAR_TOKEN_SETTINGS, "refiner")
+# A flow head's ODE per scale (`models/flow_head.py`): its steps and method; a flow VAR's config records them.
+FlowMethod = Literal["euler", "heun"]
+FLOW_METHODS: tuple[str, ...] = get_args(FlowMethod)
+FLOW_SETTINGS = ("flow_steps", "flow_sampler")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class VARSampling:
         refiner: collaborative decoding (CoDe): another VAR on the same tokenizer (usually a smaller one) that
             generates the last `refined_scales` scales after the model drafted the others; None: the model alone.
         refined_scales: how many of the finest scales the refiner generates.
+        flow_steps: a flow head's ODE steps per scale (from noise to the scale's continuous tokens).
+        flow_sampler: a flow head's ODE step, "euler" or "heun" (two velocity evaluations per step).
     """
 
     cfg: float = 1.5
@@ -66,12 +72,14 @@ class VARSampling:
     pruning: Any = None
     refiner: Any = None
     refined_scales: int = DEFAULT_REFINED_SCALES
+    flow_steps: int = 10
+    flow_sampler: FlowMethod = "euler"
 
     @classmethod
     def recommended(cls, sampling: dict) -> VARSampling:
         """The defaults with a model's recommended settings (`model.sampling`) over them (its refiner, a checkpoint
         name, is the command line's to load)."""
-        return cls(**{name: sampling[name] for name in VAR_TOKEN_SETTINGS if name in sampling})
+        return cls(**{name: sampling[name] for name in (*VAR_TOKEN_SETTINGS, *FLOW_SETTINGS) if name in sampling})
 
     def with_given(self, **given: Any) -> VARSampling:
         """These settings with each given value that is not None (None: not given); a TypeError names an unknown
@@ -81,6 +89,7 @@ class VARSampling:
 
 # What a bare VAR samples with (the official autoregressive_infer_cfg's defaults), for a setting no one gives.
 VAR_DEFAULTS = {name: getattr(VARSampling, name) for name in VAR_SETTINGS}
+FLOW_DEFAULTS = {name: getattr(VARSampling, name) for name in FLOW_SETTINGS}  # and a flow head's ODE
 # The papers' FID-50K settings, for the official checkpoints (spec/DIT.md: sample_ddp.py; spec/VAR.md).
 OFFICIAL_DIT_SAMPLING = {"cfg": 1.5, "steps": 250, "sampler": "ddpm"}
 OFFICIAL_VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "draws": "multinomial", "refiner": None}

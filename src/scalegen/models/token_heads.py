@@ -27,6 +27,7 @@ from scalegen.models.sampling_settings import VARSampling
 from scalegen.models.settings import CATEGORICAL_HEAD, DRAWS, Draws
 from scalegen.models.var_blocks import AdaLNBeforeHead
 from scalegen.models.var_sampling import filter_logits, inverse_cdf_tokens, sample_tokens, smooth_embedding
+from scalegen.registry import Registry
 
 # Official init (models/var.py init_weights): the head starts 50× smaller, the AdaLN scale/shift rows at half.
 HEAD_INIT_GAIN = 0.02
@@ -67,6 +68,8 @@ class TokenHead(ABC):
     """
 
     name = ""  # set by `register_token_head`
+    # Its tokens are continuous vectors (a `ContinuousScales` tokenizer's), not a VQ tokenizer's integer ids.
+    continuous_tokens = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -118,27 +121,28 @@ class TokenHead(ABC):
         """The tokenizer features (B, Cvae, h, w) accumulated over scales 1..k of sampled tokens, for every k."""
 
 
-TOKEN_HEADS: dict[str, type[TokenHead]] = {}
+TOKEN_HEADS: Registry[type[TokenHead]] = Registry("VAR token head")
 
 
 def register_token_head(name: str) -> Callable[[type[TokenHead]], type[TokenHead]]:
     """Class decorator: make a `TokenHead` the one `VARConfig(token_head=name)` builds."""
 
     def register(head: type[TokenHead]) -> type[TokenHead]:
-        if TOKEN_HEADS.get(name, head) is not head:
-            raise ValueError(f"a token head named {name!r} is registered already")
+        TOKEN_HEADS.register(name, head)
         head.name = name
-        TOKEN_HEADS[name] = head
         return head
 
     return register
 
 
+def token_head_class(name: str) -> type[TokenHead]:
+    """The head registered as `name`; a one-line UserError for an unknown one."""
+    return TOKEN_HEADS.chosen(name)
+
+
 def build_token_head(config: Any) -> TokenHead:
     """The head a VAR config names (`config.token_head`); a one-line UserError for an unknown one."""
-    if config.token_head not in TOKEN_HEADS:
-        raise UserError(f"unknown VAR token head {config.token_head!r}: use one of {', '.join(TOKEN_HEADS)}")
-    return TOKEN_HEADS[config.token_head](config)
+    return token_head_class(config.token_head)(config)
 
 
 class ScaleGuidance:

@@ -2,8 +2,10 @@
 
 A class-conditional transformer predicts the tokens of a multi-scale VQ tokenizer one whole scale at a time:
 the positions of scale k+1 are the (area-downsampled) image features accumulated from scales <= k, and every
-position attends to all positions of its own and earlier scales. Parameter and buffer names match the official
-FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they load with `strict=True`.
+position attends to all positions of its own and earlier scales. With the flow head (`flow_head`) the tokens are
+continuous instead, a KL tokenizer's latents on the same scale plan (`tokenizers/continuous_scales.py`).
+Parameter and buffer names match the official FoundationVision/VAR checkpoints (var_d16.pth ... var_d36.pth) so they
+load with `strict=True`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 from scalegen.classes import label_ids
 from scalegen.errors import UserError
 from scalegen.mixed_precision import autocast
+from scalegen.models import flow_head  # noqa: F401  (registers the "flow" token head)
 from scalegen.models.layers import ReferencedModule, ReferencingModule
 from scalegen.models.token_heads import ADALN_INIT_GAIN, ScaleGuidance, build_token_head
 from scalegen.models.var_blocks import (
@@ -60,6 +63,8 @@ class VARConfig:
     norm_eps: float = 1e-6
     mlp_ratio: float = 4.0
     token_head: str = CATEGORICAL_HEAD  # what the positions predict (`token_heads`); a config without it: VAR's head
+    head_width: int | None = None  # a head with an MLP of its own (the flow head's): its width; None: the model's
+    head_blocks: int = 3  # and its residual blocks
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(self.patch_nums)  # a list from a saved config compares unequal to a tuple
@@ -315,7 +320,8 @@ class VAR(ReferencingModule):
                 None: the model's recommended settings (`sampling_settings`).
             seed: seed of a fresh generator on the model's device (ignored when `generator` is given).
             generator: random generator to draw from (overrides `seed`).
-            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p).
+            source_tokens: for zero-shot editing, the source image's tokens per scale, each (B, p*p) (a flow head's:
+                (B, p*p, Cvae)).
             keep_mask: for editing, (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token.
             **given: single settings over `settings` (`VARSampling`'s fields, e.g. cfg=1.5, top_k=900; None: not
                 given).
@@ -392,7 +398,8 @@ class VAR(ReferencingModule):
         Args:
             labels: (B,) class ids; num_classes (the null class) for unconditional in/out-painting, a real class
                 for class-conditional editing.
-            source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`).
+            source_tokens: the source image's tokens per scale, each (B, p*p) (`vqvae.img_to_tokens`; a flow head's
+                continuous ones (B, p*p, Cvae)).
             keep_mask: (H, W) or (B, H, W) finest-grid mask, 1 = keep the source token (see `box_mask`).
             settings, seed, generator, **given: as in `generate_tokens`.
 

@@ -94,7 +94,7 @@ def check_edit_inputs(
     """Validate editing inputs for a generation run.
 
     Args:
-        source_tokens: per-scale source tokens, each (B, p*p), or None when not editing.
+        source_tokens: per-scale source tokens, each (B, p*p) (continuous ones (B, p*p, c)), or None when not editing.
         keep_mask: (H, W) or (B, H, W) finest-grid keep mask, or None when not editing.
         patch_nums: token grid sides per scale.
         batch_size: B.
@@ -107,9 +107,10 @@ def check_edit_inputs(
     if source_tokens is None or keep_mask is None:
         raise ValueError("editing needs both source_tokens and keep_mask")
     expected = [(batch_size, patch * patch) for patch in patch_nums]
-    found = [tuple(tokens.shape) for tokens in source_tokens]
+    found = [tuple(tokens.shape[:2]) for tokens in source_tokens]  # a continuous token has channels after these
     if found != expected:
-        raise ValueError(f"source_tokens must have shapes {expected} (one per scale, from img_to_tokens), got {found}")
+        raise ValueError(f"source_tokens must have shapes {expected} (one per scale, from img_to_tokens; continuous "
+                         f"tokens with their channels after), got {found}")
     finest = patch_nums[-1]
     if keep_mask.ndim not in (2, 3) or tuple(keep_mask.shape[-2:]) != (finest, finest):
         raise ValueError(

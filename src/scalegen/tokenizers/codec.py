@@ -15,6 +15,8 @@ unit-variance latents, measured over the data (`measure`) and stored in the run'
   their spread over the data (as SD latents are multiplied by 0.18215).
 - "klvae", a KL tokenizer (`train kl`): a DiT generates its latents normalised per channel, (latents − mean) / std
   over the data (or by REPA-E's batch-norm statistics when the tokenizer was tuned end to end).
+- "klscales", a KL tokenizer's normalised latents on VAR's scale plan (`continuous_scales`): continuous tokens for a
+  VAR with the flow head, made by `train var --token-head flow` from a KL tokenizer and kept in its run.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.utils.data import Dataset
 from scalegen.data.source import unflipped_loader
 from scalegen.errors import UserError
 from scalegen.registry import Registry
+from scalegen.tokenizers.continuous_scales import ContinuousScales, ContinuousScalesConfig, scales_round_trip
 from scalegen.tokenizers.kl_vae import KLVAE, KLVAEConfig, LatentNormalization
 from scalegen.tokenizers.vqvae import VQVAE, VQVAEConfig
 
@@ -184,6 +187,7 @@ class TokenizerKind:
             serves no DiT.
         serves_var: it has tokens for a VAR (a VAR's token cache stores them): the model has VQVAE's token interface
             (`img_to_tokens`, `tokens_to_img`, `tokens_to_var_input`, `patch_nums`, `vocab_size`, `z_channels`).
+        continuous: its VAR tokens are continuous vectors (a flow head's), not codebook ids (VAR's head's).
         end_to_end: its latents have gradients to its weights, so REPA-E can tune it with the DiT (`KLCodec` only).
     """
 
@@ -195,6 +199,7 @@ class TokenizerKind:
     advice: str
     codec_class: type[TokenizerLatents] | None = None
     serves_var: bool = False
+    continuous: bool = False
     end_to_end: bool = False
 
 
@@ -283,3 +288,8 @@ register_tokenizer(TokenizerKind(
     advice="train a DiT in its latent space with `scalegen train dit --tokenizer {path}` "
            "(scalegen.load_tokenizer loads it in Python)",
     codec_class=KLCodec, end_to_end=True))
+register_tokenizer(TokenizerKind(
+    name="klscales", title="continuous multi-scale KL tokenizer", config_class=ContinuousScalesConfig,
+    model_class=ContinuousScales, round_trip=scales_round_trip,
+    advice="train a VAR with the flow head on it with `scalegen train var --token-head flow --tokenizer {path}`",
+    serves_var=True, continuous=True))

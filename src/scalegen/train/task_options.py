@@ -264,7 +264,8 @@ class VAROptions:
     """What a VAR run trains besides the loop settings (`TrainConfig`): the transformer, its tokenizer, its data.
 
     Fields:
-        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run).
+        tokenizer: a `train vqvae` run, checkpoint or export, or an official vae .pth (copied into the run); for the
+            flow head a KL tokenizer (`train kl`, or a DiT run on one), copied with its scale plan and normalisation.
         depth: blocks; width 64·depth and depth heads unless `width` / `num_heads` say otherwise.
         data, image_size: the data set; image_size None takes the tokenizer's.
         token_cache: tokenize the data set once into RUN/tokens/ (every rank tokenizes its shards).
@@ -274,7 +275,11 @@ class VAROptions:
         init_from: start from these weights (an official .pt/.pth, a run or an export): fine-tuning.
         attention: teacher forcing through "sdpa" (a dense block-causal mask, the official path) or "flex"
             (FlexAttention's block-sparse mask; GPU only for training, SDPA with a warning elsewhere).
-        token_head: what the positions predict, a registered token head (`scalegen.models.token_heads`).
+        token_head: what the positions predict, a registered token head (`scalegen.models.token_heads`): "categorical"
+            (VAR's, on a VQ tokenizer) or "flow" (continuous tokens, on a KL tokenizer: `models/flow_head.py`).
+        patch_nums: with the flow head on a KL tokenizer, the token grid side per scale (None: 1,2,3,4,6,8,… up to the
+            latent side); a VQ tokenizer has its own.
+        head_width, head_blocks: the flow head's MLP: its width (None: the transformer's) and residual blocks.
     """
 
     tokenizer: str
@@ -292,6 +297,9 @@ class VAROptions:
     init_from: str | None = None
     attention: AttentionBackend = "sdpa"
     token_head: str = CATEGORICAL_HEAD
+    patch_nums: tuple[int, ...] | None = None
+    head_width: int | None = None
+    head_blocks: int = 3
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Training a VAR on a frozen tokenizer: the task (teacher forcing over all scales with its token head's loss, VAR's
-head's cross-entropy; sample grid) and `train_var`, which builds a run from `VAROptions`.
+head's cross-entropy or the flow head's flow matching; sample grid) and `train_var`, which builds a run from
+`VAROptions` (a flow head's tokenizer: a KL tokenizer's latents on a scale plan, `head_tokenizer`).
 
 The recipe is the official VAR one: AdamW (0.9, 0.95), weight decay 0.05 (not on norms, biases, embeddings and
 positions), gradient clipping at 2, lr = base_lr · batch / 256 at the official batch sizes (768 to 1024) and
@@ -18,18 +19,21 @@ from scalegen.data.batch import Batch
 from scalegen.data.caches import TokenCache, cache_path, extract_tokens
 from scalegen.data.names import TOKENS
 from scalegen.data.registry import open_source
-from scalegen.data.source import limited, run_description
+from scalegen.data.source import DataSource, limited, run_description
 from scalegen.distributed import setup_distributed
 from scalegen.errors import UserError
-from scalegen.files import json_config
+from scalegen.files import json_config, read_weights_file
 from scalegen.images import grid_labels, save_grid
-from scalegen.models.sampling_settings import SAMPLING_KEY, VAR_DEFAULTS
-from scalegen.models.token_heads import build_token_head
+from scalegen.models.sampling_settings import FLOW_DEFAULTS, SAMPLING_KEY, VAR_DEFAULTS
+from scalegen.models.token_heads import TokenHead, build_token_head, token_head_class
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
 from scalegen.tokenizers.codec import kind_of
-from scalegen.tokenizers.vqvae import VQVAE
+from scalegen.tokenizers.continuous_scales import (
+    NORMALIZATION_SCALE, NORMALIZATION_SHIFT, ContinuousScales, default_patch_nums, measure_mean_normalization,
+)
+from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from scalegen.train.init_from import fine_tuning_origin
 from scalegen.train.settings import (
     RECIPE_NOTES, RECIPES, VAR_BASE_LR, VAR_BATCH_REFERENCE, VAR_SMALLEST_OFFICIAL_BATCH, WARMUP_FRACTION, Recipe,
@@ -53,7 +57,7 @@ class VARTask(TrainingTask):
     kind = "var"
     recipe, recipe_notes = RECIPES[kind], RECIPE_NOTES[kind]
 
-    def __init__(self, model_config: VARConfig, tokenizer: VQVAE, tokenizer_config: dict,
+    def __init__(self, model_config: VARConfig, tokenizer: nn.Module, tokenizer_config: dict,
                  label_smoothing: float = 0.0, sample_cfg: float = 4.0, sample_top_p: float = 0.95,
                  extra_config: dict | None = None, base_lr: float = VAR_BASE_LR):
         self.tokenizer = tokenizer.eval().requires_grad_(False)
@@ -114,7 +118,9 @@ class VARTask(TrainingTask):
 
     def sampling(self) -> dict:
         """The run's sampling settings, its recommended ones (the config's `sampling` section): its guidance and
-        nucleus, the official draws, no refiner."""
+        nucleus, the official draws, no refiner; a flow head's: its guidance and ODE, no nucleus."""
+        if self.model.token_head.continuous_tokens:
+            return {**VAR_DEFAULTS, "cfg": self.sample_cfg, **FLOW_DEFAULTS}
         return {**VAR_DEFAULTS, "cfg": self.sample_cfg, "top_k": SAMPLE_TOP_K, "top_p": self.sample_top_p}
 
 
@@ -128,13 +134,18 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         The last logged figures.
     """
     with guarded_run(config.out):
-        tokenizer = token_tokenizer(load_tokenizer(options.tokenizer), options.tokenizer)
-        image_size = options.image_size or tokenizer.image_size
-        if image_size != tokenizer.image_size:
-            raise UserError(f"this tokenizer encodes {tokenizer.image_size}px images; drop --image-size or pass "
-                            f"--image-size {tokenizer.image_size}")
+        head_class = token_head_class(options.token_head)  # refuses an unknown head at once
+        loaded = load_tokenizer(options.tokenizer)
+        image_size = options.image_size or loaded.image_size
+        if image_size != loaded.image_size:
+            raise UserError(f"this tokenizer encodes {loaded.image_size}px images; drop --image-size or pass "
+                            f"--image-size {loaded.image_size}")
         dataset = limited(open_source(options.data, image_size), config.max_images)
         description = run_description(options.data, image_size, dataset)
+        context = setup_distributed(config.device)
+        run = RunFolder(config.out)
+        kept = run.tokenizer_copy if run.tokenizer_copy.exists() else None  # a resumed run's
+        tokenizer = head_tokenizer(head_class, loaded, options, dataset, context.device, kept)
         if dataset.channels != tokenizer.config.in_channels:
             raise UserError(f"the data have {dataset.channels} channel(s) but the tokenizer encodes "
                             f"{tokenizer.config.in_channels}; train a tokenizer on this data first")
@@ -142,14 +153,13 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         model_config = VARConfig.for_depth(
             options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
             vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
-            token_head=options.token_head, **overrides,
+            token_head=options.token_head, head_width=options.head_width, head_blocks=options.head_blocks,
+            **overrides,
         )
-        head = build_token_head(model_config)  # what a token is, for the cache; refuses an unknown head at once
+        head = build_token_head(model_config)  # what a token is, for the cache
         if model_config.width % model_config.num_heads:
             raise UserError(f"width {model_config.width} is not divisible by {model_config.num_heads} heads; "
                             "change --width or --num-heads")
-        run = RunFolder(config.out)
-        context = setup_distributed(config.device)
         if context.is_main:
             keep_tokenizer_copy(tokenizer.state_dict(), run.root)
         if options.token_cache:
@@ -168,3 +178,43 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         if options.init_from:
             task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)
         return train(task, dataset, config)
+
+
+def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROptions, dataset: DataSource,
+                   device: torch.device, kept: Path | None = None) -> nn.Module:
+    """The tokenizer whose tokens `head` learns: a VQ tokenizer's ids for a head of integer tokens; for one of
+    continuous tokens, a KL tokenizer's latents on a scale plan (`ContinuousScales`, normalised over the data), or the
+    continuous tokenizer of a run trained so. A one-line error for a tokenizer the head cannot learn from.
+
+    Args:
+        head: the registered head.
+        tokenizer: the tokenizer --tokenizer loaded.
+        options: the run's options (the tokenizer's path, a KL tokenizer's scales).
+        dataset: the data (a KL tokenizer's latents are normalised over its first images).
+        device: where to measure that.
+        kept: the tokenizer copy of the run being resumed, whose normalisation a KL tokenizer keeps (measured again
+            elsewhere, on another device, it could round otherwise, and the run's token cache would be refused).
+    """
+    kind = kind_of(tokenizer)
+    title = kind.title if kind is not None else type(tokenizer).__name__
+    continuous = isinstance(tokenizer, KLVAE) or (kind is not None and kind.continuous)
+    if head.continuous_tokens and not continuous:
+        raise UserError(f"the {head.name} head learns continuous tokens but {options.tokenizer} is a {title} of "
+                        "codebook ids: give a KL tokenizer (`scalegen train kl`) as --tokenizer, or train with "
+                        "--token-head categorical")
+    if continuous and not head.continuous_tokens:
+        raise UserError(f"{options.tokenizer} is a {title}, with continuous latents and no codebook ids for the "
+                        f"{head.name} head: train with --token-head flow, or give a VQ tokenizer (`scalegen train "
+                        "vqvae`)")
+    if isinstance(tokenizer, KLVAE):
+        patch_nums = options.patch_nums or default_patch_nums(tokenizer.config.latent_size)
+        stored = read_weights_file(kept) if kept is not None else {}
+        if NORMALIZATION_SHIFT in stored:
+            normalization = LatentNormalization(stored[NORMALIZATION_SHIFT], stored[NORMALIZATION_SCALE]).to(device)
+        else:
+            normalization = measure_mean_normalization(tokenizer, dataset, device)
+        return ContinuousScales.from_kl(tokenizer, normalization, patch_nums)
+    if options.patch_nums is not None and tuple(options.patch_nums) != tuple(tokenizer.patch_nums):
+        raise UserError(f"--patch-nums sets a KL tokenizer's scales; {options.tokenizer} has its own "
+                        f"({','.join(map(str, tokenizer.patch_nums))}): drop --patch-nums")
+    return token_tokenizer(tokenizer, options.tokenizer)

@@ -135,10 +135,6 @@ class FlowHead(TokenHead):
     def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype:
         return torch.float32
 
-    def guide(self, both: torch.Tensor, strength: float) -> torch.Tensor:
-        batch = both.shape[0] // 2
-        return (1 + strength) * both[:batch] - strength * both[batch:]  # (B, l, c)
-
     def sampler(self, model: nn.Module, settings: VARSampling, generator: torch.Generator | None) -> FlowSampler:
         refused = [name for name, default in CATEGORICAL_SETTINGS.items() if getattr(settings, name) != default]
         if refused:

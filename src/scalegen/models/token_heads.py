@@ -107,9 +107,11 @@ class TokenHead(ABC):
     def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype:
         """How a token cache stores the targets."""
 
-    @abstractmethod
     def guide(self, both: torch.Tensor, strength: float) -> torch.Tensor:
-        """Classifier-free guidance: (B, l, ...) of (2B, l, ...) both halves' outputs, conditional rows first."""
+        """Classifier-free guidance: (B, l, ...) of (2B, l, ...) both halves' outputs, conditional rows first; by
+        default (1 + s)·conditional − s·unconditional (VAR's on logits, the flow head's on velocities)."""
+        batch = both.shape[0] // 2
+        return (1 + strength) * both[:batch] - strength * both[batch:]  # (B, l, ...)
 
     @abstractmethod
     def sampler(self, model: nn.Module, settings: VARSampling,
@@ -195,10 +197,6 @@ class CategoricalHead(TokenHead):
 
     def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype:
         return torch.int16 if tokenizer.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
-
-    def guide(self, both: torch.Tensor, strength: float) -> torch.Tensor:
-        batch = both.shape[0] // 2
-        return (1 + strength) * both[:batch] - strength * both[batch:]  # (B, l, V)
 
     def sampler(self, model: nn.Module, settings: VARSampling,
                 generator: torch.Generator | None) -> CategoricalSampler:

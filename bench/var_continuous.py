@@ -54,7 +54,6 @@ FLOW_STEP_SETTINGS = (5, 10, 20)  # the head's default (VARSampling.flow_steps) 
 TIMING_BATCHES = (1, 64)
 TIMING_IMAGES = 64  # images generated per timing at each batch size
 GENERATION_BATCH = 250
-BUDGETS = (0.5, 1.0)  # fractions of the training budget at which both are compared
 HEADS_COMPARED = ("flow", "categorical")
 PARTS = ("train", "quality", "cost")
 # The flow head at its defaults; the categorical head with plain draws (no top-k / top-p), the shipped VAR's best.
@@ -83,6 +82,11 @@ def training_flops_per_image(token_head: str) -> float:
     return counted_flops(step) / BATCH_SIZE
 
 
+def checkpoint(run: Path, steps: int) -> Path:
+    """The checkpoint of `run` after `steps` steps."""
+    return run / "checkpoints" / f"step-{steps:07d}"
+
+
 def train(run: Path, tokenizer: Path, token_head: str, steps: int) -> None:
     """Train (or resume, or leave as it is when finished) one VAR run with the command line, checkpoints at half and
     full budget."""
@@ -94,7 +98,7 @@ def train(run: Path, tokenizer: Path, token_head: str, steps: int) -> None:
                "--out", str(run)]
     if token_head == "flow":
         command += ["--patch-nums", ",".join(map(str, PATCH_NUMS))]
-    if (run / "checkpoints" / f"step-{steps:07d}").exists():
+    if checkpoint(run, steps).exists():
         return
     subprocess.run(command, check=True)
 
@@ -145,21 +149,22 @@ def sampling_cost(model: VAR, settings: VARSampling) -> dict:
     return cost
 
 
-def quality(run: Path, head: str, steps: int, flops: float, samples: int, sweep_samples: int) -> dict:
-    """The guidance sweep at full budget, then FID and accuracy of the best cfg at half and full budget (and, for the
-    flow head, at its other ODE step settings)."""
-    checkpoints = {fraction: run / "checkpoints" / f"step-{round(steps * fraction):07d}" for fraction in BUDGETS}
-    final = load_var(checkpoints[1.0])
+def quality(run: Path, head: str, steps: int, flops: float, budgets: list[float], samples: int,
+            sweep_samples: int) -> dict:
+    """The guidance sweep at the largest budget, then FID and accuracy of the best cfg at each budget (a fraction of
+    `steps`) and, for the flow head, at its other ODE step settings at the largest budget."""
+    checkpoints = {fraction: checkpoint(run, round(steps * fraction)) for fraction in budgets}
+    final = load_var(checkpoints[max(budgets)])
     sweep = {cfg: score(final, sweep_samples, BASE_SAMPLING[head].with_given(cfg=cfg)) for cfg in CFG_SWEEP}
     best_cfg = min(sweep, key=lambda cfg: sweep[cfg]["fid"])
     best = BASE_SAMPLING[head].with_given(cfg=best_cfg)
     at_budget = {}
-    for fraction, checkpoint in checkpoints.items():
-        model = final if fraction == 1.0 else load_var(checkpoint)
+    for fraction, path in checkpoints.items():
+        model = final if fraction == max(budgets) else load_var(path)
         at_budget[f"{fraction:g}"] = {"steps": round(steps * fraction),
                                       "training_pflops": round(round(steps * fraction) * BATCH_SIZE * flops / 1e15, 4),
                                       **score(model, samples, best)}
-    figures = {"training_flops_per_image_step": flops, "steps": steps,
+    figures = {"training_flops_per_image_step": flops, "steps": steps, "scored_step": round(steps * max(budgets)),
                "cfg_sweep": {f"{cfg:g}": values for cfg, values in sweep.items()}, "best_cfg": best_cfg,
                "at_budget": at_budget}
     if head == "flow":
@@ -170,8 +175,9 @@ def quality(run: Path, head: str, steps: int, flops: float, samples: int, sweep_
 
 
 def cost(run: Path, head: str, steps: int, best_cfg: float) -> dict:
-    """Sampling cost of the final checkpoint at its best cfg (the flow head at each of its ODE step settings)."""
-    final = load_var(run / "checkpoints" / f"step-{steps:07d}")
+    """Sampling cost of the checkpoint after `steps` steps at its best cfg (the flow head at each of its ODE step
+    settings)."""
+    final = load_var(checkpoint(run, steps))
     best = BASE_SAMPLING[head].with_given(cfg=best_cfg)
     if head == "flow":
         return {f"flow_steps_{count}": sampling_cost(final, best.with_given(flow_steps=count))
@@ -185,6 +191,9 @@ def main() -> None:
     parser.add_argument("--flow-steps", type=int, default=1200, help="training steps of the flow run (batch 64)")
     parser.add_argument("--samples", type=int, default=2000, help="samples (and real images) of the final scores")
     parser.add_argument("--sweep-samples", type=int, default=500, help="samples of each cfg of the sweep")
+    parser.add_argument("--budgets", default="0.5,1",
+                        help="fractions of the training budget at which both are scored (the sweep and the costs at "
+                             "the largest); both runs checkpoint at half and full budget")
     parser.add_argument("--heads", default=",".join(HEADS_COMPARED), help="which models: flow, categorical or both")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="what to do: train, quality (sweep and scores), cost (sampling GFLOPs and seconds; run it "
@@ -193,6 +202,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("var_continuous.json"))
     args = parser.parse_args()
     heads, parts = args.heads.split(","), args.parts.split(",")
+    budgets = [float(fraction) for fraction in args.budgets.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -211,9 +221,10 @@ def main() -> None:
         entry = results["models"].setdefault(head, {})
         if "quality" in parts:
             results["real_training_images"] = real_floor(args.samples)
-            entry.update(quality(runs[head], head, steps[head], flops[head], args.samples, args.sweep_samples))
+            entry.update(quality(runs[head], head, steps[head], flops[head], budgets, args.samples,
+                                 args.sweep_samples))
         if "cost" in parts:
-            entry["sampling"] = cost(runs[head], head, steps[head], entry["best_cfg"])
+            entry["sampling"] = cost(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"])
         print(json.dumps({head: entry}, indent=1), flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")

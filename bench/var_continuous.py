@@ -13,9 +13,9 @@ Steps (each resumable: a finished run is left as it is, an interrupted one resum
 2. The two trainings with `scalegen train var ... --token-cache` (run folders under --work), same depth, width,
    heads, batch, lr recipe and seed: (a) discrete on the shipped MeanFlow DiT's VQ tokenizer (256 codes, scales
    1,2,3,4,6,8), (b) flow on the shipped DiT's KL tokenizer on the same scales. Both checkpoint at half and full
-   budget, so they are compared at two matched FLOP points.
-3. Guidance sweep at full budget on --sweep-samples samples (class-balanced), then the best cfg at --samples
-   samples for both checkpoints; FID and accuracy in the shipped classifier's features (`fmnist_report`, the
+   budget, so they are compared at two matched FLOP points (--budgets 0.5,1).
+3. Guidance sweep at the largest budget on --sweep-samples samples (class-balanced), then the best cfg at --samples
+   samples at each budget; FID and accuracy in the shipped classifier's features (`fmnist_report`, the
    reference being its Fashion-MNIST test-set statistics), with --samples real training images as the floor.
 4. Sampling cost: GFLOPs per image (torch's FLOP counter, guidance included; network alone and with the decoder) and
    s/image at batch 1 and 64; the flow head at its default ODE steps and one lower and higher setting.

@@ -3,9 +3,6 @@
 
 They skip on a machine without CUDA (CI) and run on the lent GPU: `.venv/bin/python -m pytest tests/test_gpu.py`.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from scalegen.train.trainer import TrainConfig, train
 from test_dit import tiny_dit
 from test_train import tiny_task
 from test_var import PATCH_NUMS, tiny_var
-from tests_support import TESTS, tiny_fashion, without_progress_bars
+from tests_support import TESTS, tiny_fashion, torchrun, without_progress_bars
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -96,9 +93,6 @@ def test_bf16_training_on_the_gpu_lowers_the_loss(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL takes one GPU per rank: needs two GPUs")
 def test_nccl_process_group_trains_and_stays_in_sync(tmp_path):
     result = tmp_path / "result.txt"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "train" / "ddp_worker.py"), str(result), str(tmp_path / "run"), "cuda"]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    completed = torchrun(TESTS / "train" / "ddp_worker.py", str(result), str(tmp_path / "run"), "cuda", timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync nccl")

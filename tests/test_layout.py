@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 
 import scalegen
+from tests_support import TEST_WINGS, TESTS
 
 PACKAGE = Path(scalegen.__file__).parent
 SUBPACKAGES = {"models", "diffusion", "tokenizers", "train", "eval", "cli", "runs"}
 # The runs wing: a run folder's layout, lock, readers, loaders and exports, once top-level modules of these names.
 RUN_MODULES = {"folder", "lock", "weights", "loading", "export", "diffusers_export", "names"}
 MOVED_TO_RUNS = {"checkpoint", "checkpoint_names", "run_lock", "pretrained", "diffusers_export"}
-TESTS = Path(__file__).parent
-# tests/WING/ holds the tests of one wing (`pytest tests/WING` runs them); pyproject's pythonpath names each folder
-TEST_WINGS = ("cli", "data", "diffusion", "eval", "models", "runs", "tokenizers", "train", "web")
+# tests/WING/ holds the tests of one wing (`pytest tests/WING` runs them): tests_support.TEST_WINGS names them, and
+# pyproject's pythonpath names each folder
+
 # what stays in tests/ itself: the tests of the house as a whole (its layout, README, public API, tools, shipped
 # models, GPU-only checks), the shared helpers and pytest's settings
 HOUSE_WIDE = {"test_layout.py", "test_readme.py", "test_api.py", "test_tools.py", "test_shipped.py", "test_gpu.py",

@@ -1,9 +1,14 @@
 """Shared helpers for the tests: tiny data sets and models that run in a blink on 2 CPU cores."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from scalegen.cli.main import main
 from scalegen.data.fashion_mnist import FashionMNIST, write_fashion_mnist_subset
@@ -13,6 +18,7 @@ TESTS = Path(__file__).parent  # the worker scripts tests start in subprocesses
 GOLDEN = TESTS / "golden"  # golden outputs of the official code and the files they were made from
 FASHION_SUBSET = 512
 SUBSET_IMAGES = 256
+TEST_WINGS = ("cli", "data", "diffusion", "eval", "models", "runs", "tokenizers", "train", "web")
 
 
 def tiny_fashion(image_size: int = 8) -> Subset:
@@ -79,3 +85,22 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 5, size: i
             pixels = generator.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / f"class-{label}" / f"{number}.png")
     return root
+
+
+def torchrun(worker: Path, *arguments: str, timeout: float, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Run a test's worker script under torchrun on `ranks` local processes (one thread each), with tests/ and every
+    wing's folder on its path as pytest has them, so a worker imports the helpers its test does."""
+    path = [str(TESTS), *(str(TESTS / wing) for wing in TEST_WINGS), os.environ.get("PYTHONPATH", "")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(worker),
+               *arguments]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def perturbed(model: nn.Module) -> nn.Module:
+    """`model` with random weights N(0, 0.1) everywhere (under the current seed): adaLN-Zero starts at a zero output,
+    which says nothing and passes no gradient on."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.1)
+    return model

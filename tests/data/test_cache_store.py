@@ -1,8 +1,5 @@
 """Sharded caches: every rank builds its shards (2 ranks write the 1-rank cache bit for bit), a killed extraction
 resumes to the same cache encoding only what is missing, and caches are read memory-mapped."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from scalegen.errors import UserError  # noqa: E402
 from scalegen.files import read_json  # noqa: E402
 from scalegen.fingerprint import weights_fingerprint  # noqa: E402
 from scalegen.tokenizers.sd_vae import load_sd_vae  # noqa: E402
-from tests_support import TESTS, save_tiny_vae, without_progress_bars, write_image_folder  # noqa: E402
+from tests_support import TESTS, save_tiny_vae, torchrun, without_progress_bars, write_image_folder  # noqa: E402
 
 SHARD_SIZE = 4  # 15 images: shards of 4, 4, 4 and 3
 IMAGE_SIZE = 16
@@ -67,12 +64,8 @@ def test_the_weight_digests_are_the_ones_recorded_before_they_shared_a_loop():
 @pytest.mark.multiprocess
 def test_two_ranks_write_the_one_rank_cache_bit_for_bit(sources, tmp_path):
     reference = extract(sources, tmp_path / "one")
-    environment = dict(os.environ, OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "data" / "cache_worker.py"), *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE),
-               str(tmp_path / "encoded")]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    completed = torchrun(TESTS / "data" / "cache_worker.py", *map(str, sources), str(tmp_path / "two"), str(SHARD_SIZE),
+                         str(tmp_path / "encoded"), timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
     # Each rank encoded its own shards only (s ≡ rank mod 2), once.
     assert [read_json(tmp_path / "encoded" / f"rank-{rank}.json")["shards"] for rank in range(2)] == [

@@ -21,7 +21,7 @@ from scalegen.train.dit_task import DiTTask, ObjectiveConfig
 from scalegen.train.repa import PatchEncoder, alignment_loss, load_patch_encoder
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
-from tests_support import tiny_fashion
+from tests_support import perturbed, tiny_fashion
 
 DATA_MEAN, DATA_STD = 0.7, 0.3  # a Gaussian "data set" N(μ, s²) whose optimal fields are known in closed form
 
@@ -136,11 +136,8 @@ def reference_sample(model: DiT, sampler: str, steps: int, labels: torch.Tensor,
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_each_ddpm_sampler_of_generate_is_its_own_loop(cfg):
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                          num_classes=10)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # adaLN-Zero starts at a zero output: give the network something to say
-            parameter.normal_(0, 0.1)
+    model = perturbed(DiT(DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                                    num_classes=10)).eval())
     labels, steps = torch.tensor([1, 2, 7]), 5
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     drawn = {sampler: model.generate(labels, cfg=cfg, steps=steps, sampler=sampler, seed=0, noise=noise)
@@ -194,7 +191,7 @@ def snr_tasks(learn_sigma: bool) -> tuple[nn.Module, dict[str, DiTTask], Batch]:
                                                                   snr_gamma=5.0)),
              "huge gamma": DiTTask(config, objective=ObjectiveConfig(name="ddpm", loss_weighting="min-snr",
                                                                      snr_gamma=1e9))}
-    network = perturbed(tasks["none"]).model
+    network = perturbed(tasks["none"].model)
     batch = Batch(IMAGES, label=torch.arange(64) % 10, image=torch.rand(64, 1, 8, 8) * 2 - 1)
     return network, tasks, batch
 
@@ -298,14 +295,6 @@ def test_repa_loss_is_zero_for_identical_features_and_trains_only_model_and_proj
     assert grouped == {id(parameter) for parameter in [*trainable, *task.projector.parameters()]}
 
 
-def perturbed(task: DiTTask) -> DiTTask:
-    """`task` with random weights everywhere: adaLN-Zero starts at a zero output, which passes no gradient on."""
-    with torch.no_grad():
-        for parameter in task.model.parameters():
-            parameter.normal_(0, 0.1)
-    return task
-
-
 def block_gradients(task: DiTTask, images: torch.Tensor, labels: torch.Tensor) -> list[list[torch.Tensor]]:
     """The gradient of each block's parameters (zeros where none reached it) of one loss with the draws of seed 0."""
     task.model.zero_grad(set_to_none=True)
@@ -321,8 +310,9 @@ def test_repa_aligns_exactly_the_block_repa_depth_names(tmp_path, repa_depth):
     depth = 4
     config = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=depth, num_heads=2,
                        num_classes=10, learn_sigma=False)
-    aligned = perturbed(DiTTask(config, sample_steps=2, repa_encoder=tiny_encoder(tmp_path), objective=ObjectiveConfig(
-        name="flow", time_sampling="logit-normal", repa_depth=repa_depth, repa_weight=0.5)))
+    aligned = DiTTask(config, sample_steps=2, repa_encoder=tiny_encoder(tmp_path), objective=ObjectiveConfig(
+        name="flow", time_sampling="logit-normal", repa_depth=repa_depth, repa_weight=0.5))
+    perturbed(aligned.model)
     plain = DiTTask(config, sample_steps=2, objective=ObjectiveConfig(name="flow", time_sampling="logit-normal"))
     plain.model.load_state_dict(aligned.model.state_dict())
     images = torch.rand(4, 1, 8, 8) * 2 - 1

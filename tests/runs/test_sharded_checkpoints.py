@@ -3,10 +3,8 @@ training goes on, the folder appears whole or not at all, and it resumes at anot
 and exports to the one-file format with equal weights. The 2-rank runs are launched once
 (tests/runs/sharded_checkpoint_worker.py)."""
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, train
 from test_fast_path import FSDP_TOLERANCE, dit_task, var_task
-from tests_support import TESTS, tiny_fashion, without_progress_bars
+from tests_support import tiny_fashion, torchrun, without_progress_bars
 
 TINY = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 HALF_STEPS, STEPS = 2, 4  # the 2-rank runs stop at HALF_STEPS; the resumed ones go on to STEPS
@@ -50,13 +48,9 @@ def train_here(out: Path, steps: int, fsdp: bool = False) -> None:
 def launch(scenario: str, root: Path) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the worker's scenario on 2 gloo ranks; returns the finished process and the path of its JSON result."""
     result = root / f"{scenario}.json"
-    # the worker imports this file, which imports tests/train/test_fast_path.py
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS / "train"),
-                                                                os.environ.get("PYTHONPATH", "")]))
-    environment["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).parent / "sharded_checkpoint_worker.py"), scenario, str(result), str(root)]
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600), result
+    # the worker imports this file, which imports tests/train/test_fast_path.py: torchrun puts every wing on its path
+    return torchrun(Path(__file__).parent / "sharded_checkpoint_worker.py", scenario, str(result), str(root),
+                    timeout=600), result
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ the checkpoint keys, and FSDP training equal to DDP's that resumes either way.""
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from scalegen.train.trainer import TrainConfig, Trainer, train
 from scalegen.train.var_task import VARTask
 from test_tokenizer_training import TINY_TOKENIZER
 from test_var_training import TINY_VAR
-from tests_support import TESTS, tiny_fashion, without_progress_bars
+from tests_support import tiny_fashion, torchrun, without_progress_bars
 
 TINY_DIT = DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")  # each waits for the device
@@ -167,11 +164,7 @@ def test_regional_compilation_compiles_the_blocks_and_keeps_the_checkpoint_keys(
 @pytest.mark.multiprocess
 def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
     result = tmp_path / "result.json"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    environment["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).with_name("fsdp_worker.py")), str(result), str(tmp_path)]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    completed = torchrun(Path(__file__).with_name("fsdp_worker.py"), str(result), str(tmp_path), timeout=600)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
     runs = json.loads(result.read_text())
     assert runs["fsdp"]["in_sync"] and runs["ddp"]["in_sync"]

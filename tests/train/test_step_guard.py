@@ -3,9 +3,6 @@ unscaled, checked, applied or skipped, and zeroed together; nothing non-finite r
 weight file included); the one gradient average over ranks takes every rank through the same collectives."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from scalegen.train import optimization
 from scalegen.train.run_log import read_log
 from scalegen.train.trainer import TrainConfig, Trainer
 from test_kl_tokenizer import tiny_end_to_end_task, tiny_images
-from tests_support import TESTS, tiny_fashion, without_progress_bars
+from tests_support import tiny_fashion, torchrun, without_progress_bars
 
 
 
@@ -123,11 +120,7 @@ def test_a_non_finite_tokenizer_is_never_written(tmp_path, capsys):
 @pytest.mark.multiprocess
 def test_two_ranks_average_gradients_when_one_rank_lacks_one(tmp_path):
     result = tmp_path / "result"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    environment["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).with_name("gradient_average_worker.py")), str(result)]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    completed = torchrun(Path(__file__).with_name("gradient_average_worker.py"), str(result), timeout=120)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     for rank in range(2):  # every rank holds the mean; a gradient one rank lacks counts as zeros there
         averaged = json.loads((tmp_path / f"result.{rank}").read_text())

@@ -1,7 +1,4 @@
 """The one trainer: loss goes down on real data, resume equals an uninterrupted run, DDP stays in sync."""
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from scalegen.train.dit_task import DiTTask
 from scalegen.train.run_log import read_log
 from scalegen.train.optimization import learning_rate_factor
 from scalegen.train.trainer import TrainConfig, Trainer, train
-from tests_support import TESTS, tiny_fashion, without_progress_bars
+from tests_support import tiny_fashion, torchrun, without_progress_bars
 
 
 
@@ -130,11 +127,8 @@ def test_warmup_then_linear_decay():
 @pytest.mark.parametrize("objective", ["ddpm", "meanflow"])  # meanflow: a JVP through DDP's bare module
 def test_two_process_torchrun_keeps_parameters_in_sync(tmp_path, objective):
     result = tmp_path / "result.txt"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    environment["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).with_name("ddp_worker.py")), str(result), str(tmp_path / "run"), "cpu", objective]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    completed = torchrun(Path(__file__).with_name("ddp_worker.py"), str(result), str(tmp_path / "run"), "cpu",
+                         objective, timeout=300)
     assert completed.returncode == 0, without_progress_bars(completed.stderr)
     assert result.read_text().startswith("in sync gloo")
     assert last_checkpoint(tmp_path / "run").name == "step-0000003"

@@ -47,6 +47,7 @@ LATENT_CHANNELS = 8
 VOCAB_SIZE = 256
 NUM_CLASSES = 10
 DEPTH, WIDTH, HEADS = 4, 128, 4
+FLOW_HEAD_WIDTH, FLOW_HEAD_BLOCKS = 64, 3  # the flow head's MLP (--head-width, --head-blocks)
 BATCH_SIZE = 64
 SEED = 0
 CFG_SWEEP = (1.0, 1.5, 2.5)
@@ -64,7 +65,8 @@ def training_flops_per_image(token_head: str) -> float:
     """FLOPs of one training step per image: the transformer and its head, forward and backward, on cached tokens."""
     vocab_size = 0 if token_head == "flow" else VOCAB_SIZE
     config = VARConfig.for_depth(DEPTH, width=WIDTH, num_heads=HEADS, num_classes=NUM_CLASSES, patch_nums=PATCH_NUMS,
-                                 vocab_size=vocab_size, z_channels=LATENT_CHANNELS, token_head=token_head)
+                                 vocab_size=vocab_size, z_channels=LATENT_CHANNELS, token_head=token_head,
+                                 head_width=FLOW_HEAD_WIDTH, head_blocks=FLOW_HEAD_BLOCKS)
     model = VAR(config).train()
     length = sum(side * side for side in PATCH_NUMS)
     labels = torch.randint(0, NUM_CLASSES, (BATCH_SIZE,))
@@ -97,7 +99,8 @@ def train(run: Path, tokenizer: Path, token_head: str, steps: int) -> None:
                "--keep-checkpoints", "10", "--log-every", "50", "--sample-every", "0", "--eval-every", "0",
                "--out", str(run)]
     if token_head == "flow":
-        command += ["--patch-nums", ",".join(map(str, PATCH_NUMS))]
+        command += ["--patch-nums", ",".join(map(str, PATCH_NUMS)), "--head-width", str(FLOW_HEAD_WIDTH),
+                    "--head-blocks", str(FLOW_HEAD_BLOCKS)]
     if checkpoint(run, steps).exists():
         return
     subprocess.run(command, check=True)

@@ -50,8 +50,11 @@ class GaussianVelocity(nn.Module):
         super().__init__()
         self.mean, self.std = mean, std
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        t = (t / TIME_SCALE).double().unsqueeze(1)  # (N, 1)
+    def conditioning(self, condition: torch.Tensor) -> torch.Tensor:
+        return condition  # the exact velocity ignores it
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        t = (t / TIME_SCALE).double().unsqueeze(1)  # (N, 1) or (1, 1)
         a = 1 - t
         spread = a.square() * self.std.square() + t.square()  # (N, c)
         return (t - a * self.std.square()) / spread * (x.double() - a * self.mean) - self.mean  # (N, c)
@@ -145,14 +148,15 @@ def flow_run(tmp_path_factory):
                  "--data", str(root / "data"), "--token-cache", "--batch-size", "16", "--lr", "3e-3",
                  "--warmup-steps", "0", "--log-every", "1", "--device", "cpu", "--out", str(root / "var")]
     main([*arguments, "--steps", "3"])
-    with pytest.MonkeyPatch.context() as patch:  # the resumed run keeps the normalisation its tokenizer copy holds
+    with pytest.MonkeyPatch.context() as patch:  # the resumed run keeps the normalisations its tokenizer copy holds
         patch.setattr(var_task, "measure_mean_normalization", refuse_to_measure)
+        patch.setattr(var_task, "measure_token_scales", refuse_to_measure)
         main([*arguments, "--steps", "6"])
     return root
 
 
 def refuse_to_measure(*args, **kwargs):
-    raise AssertionError("a resumed run measured its latents' normalisation again")
+    raise AssertionError("a resumed run measured its latents' normalisation or its scales' spread again")
 
 
 def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, tmp_path, capsys) -> None:
@@ -163,6 +167,7 @@ def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, 
     model = load_var(run)
     assert model.config.token_head == "flow" and model.config.head_width == 16 and model.config.vocab_size == 0
     assert isinstance(model.tokenizer, ContinuousScales) and model.tokenizer.patch_nums == PATCH_NUMS
+    assert (model.tokenizer.quantize.token_scale != 1).all()  # each scale's spread, measured over the data
     assert model.sampling["flow_steps"] == VARSampling.flow_steps and model.sampling["top_p"] == 0.0
     images = model.generate([0, 1, 2], cfg=1.5, seed=0)
     assert images.shape == (3, 1, 8, 8) and 0 <= float(images.min()) <= float(images.max()) <= 1

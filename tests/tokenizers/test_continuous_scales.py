@@ -1,7 +1,8 @@
 """The continuous multi-scale tokenizer (`scalegen.tokenizers.continuous_scales`): VAR's residual plan without a
 quantizer gives the latent back (float64), FlowAR's plan ends at the latent itself, the teacher-forcing input is the
 quantizer's recipe on continuous tokens, the kind is registered (its config and weights round-trip), the latents'
-normalisation is measured deterministically, and bad scales are one-line errors."""
+normalisation and each scale's spread are measured deterministically (the tokens then have unit size per scale and
+still give the latent back), and bad scales are one-line errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from scalegen.files import json_config
 from scalegen.tokenizers.codec import kind_of, registered_kind
 from scalegen.tokenizers.continuous_scales import (
     ContinuousScalePlan, ContinuousScales, ContinuousScalesConfig, default_patch_nums, measure_mean_normalization,
+    measure_token_scales,
 )
 from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from tests_support import tiny_fashion
@@ -87,6 +89,33 @@ def test_the_normalisation_is_measured_from_posterior_means_deterministically() 
     normalised = first(vae.encode_moments(images)[0]).double().transpose(0, 1).flatten(1)  # (c, N·h·w)
     assert normalised.mean(1).abs().max().item() < 1e-5
     assert (normalised.std(1) - 1).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("plan_name", ["residual", "downsampled"])
+def test_tokens_are_divided_by_their_scales_spread_and_the_latent_still_comes_back(plan_name) -> None:
+    f = latents(3)
+    unit, spread = ContinuousScalePlan(3, PATCH_NUMS, plan_name), ContinuousScalePlan(3, PATCH_NUMS, plan_name)
+    spread.token_scale.copy_(torch.tensor([0.5, 2.0, 0.25, 4.0, 0.125, 3.0]))
+    tokens, unit_tokens = spread.features_to_tokens(f), unit.features_to_tokens(f)
+    for scale, (scaled, plain) in enumerate(zip(tokens, unit_tokens)):
+        torch.testing.assert_close(scaled * spread.token_scale[scale].double(), plain, rtol=4e-16, atol=0)
+    bound = 8 * torch.finfo(torch.float64).eps * f.abs().max().item()
+    assert (spread.tokens_to_features(tokens) - f).abs().max().item() <= bound
+    assert (spread.tokens_to_var_input(tokens) - unit.tokens_to_var_input(unit_tokens)).abs().max().item() <= bound
+
+
+def test_each_scales_spread_is_measured_so_its_tokens_have_unit_size() -> None:
+    torch.manual_seed(0)
+    vae = KLVAE(TINY_KL).eval()
+    data = tiny_fashion(8)
+    tokenizer = ContinuousScales.from_kl(vae, measure_mean_normalization(vae, data), (1, 2, 4)).eval()
+    spread = measure_token_scales(tokenizer, data)
+    assert torch.equal(spread, measure_token_scales(tokenizer, data)) and spread.shape == (3,)
+    assert (spread != 1).all()  # measured before any scale is set, so not the identity's
+    tokenizer.quantize.token_scale.copy_(spread)
+    images = torch.stack([data[(index, False)]["image"] for index in range(len(data))])
+    for scale_tokens in tokenizer.img_to_tokens(images):
+        assert abs(scale_tokens.double().square().mean().sqrt().item() - 1) < 1e-5
 
 
 def test_bad_scales_are_one_line_errors() -> None:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scalegen.diffusion.objectives import objective_class, sampling_objective
 from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig, preset_config
+from scalegen.models.flow_head import FLOW_BLOCK_CHUNKS, FLOW_FINAL_CHUNKS
 from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE, swiglu_hidden_size
 from scalegen.models.settings import ADALN_KINDS, MODEL_SIZES, OFFICIAL_BLOCK, PATCH_SIZES, BlockOptions
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
@@ -187,10 +188,10 @@ def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = Tru
 
 def flow_head_image_macs(patch_nums: tuple[int, ...], channels: int, width: int, condition_width: int, blocks: int,
                          steps: int, sampler: str = "euler", cfg: bool = True) -> float:
-    """MACs of a flow head's sampling (`models/flow_head.py`) for one image: its MLP's velocity of every token at
-    every ODE evaluation (`steps` per scale, two per step for Heun), for both guidance halves. Add them to
-    `var_image_macs(..., vocab_size=0, vae_channels=channels)` (the transformer and the AdaLN before the head) for a
-    flow VAR's image.
+    """MACs of a flow head's sampling (`models/flow_head.py`) for one image: per token and guidance half its
+    conditioning (once per scale) and its MLP at every ODE evaluation (`steps` per scale, two per step for Heun), and
+    per evaluation the one time's embedding and modulation. Add them to `var_image_macs(..., vocab_size=0,
+    vae_channels=channels)` (the transformer and the AdaLN before the head) for a flow VAR's image.
 
     Args:
         patch_nums: token-map sides per scale.
@@ -204,12 +205,15 @@ def flow_head_image_macs(patch_nums: tuple[int, ...], channels: int, width: int,
     Returns:
         MACs per image.
     """
-    embeddings = channels * width + TIMESTEP_FREQUENCY_SIZE * width + width ** 2 + condition_width * width
-    block = (3 + 2) * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * width  # modulation, two-layer MLP, affine-free norm
-    final = ADALN_CHUNKS_FINAL * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * width + width * channels
+    modulations = (FLOW_BLOCK_CHUNKS * blocks + FLOW_FINAL_CHUNKS) * width
+    conditioning = condition_width * width + width * modulations  # per token and scale
+    time = TIMESTEP_FREQUENCY_SIZE * width + width ** 2 + width * modulations  # per scale and evaluation
+    block = 2 * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * width  # the two-layer MLP, the affine-free norm
+    per_token = channels * width + blocks * block + LAYER_NORM_OPS_PER_ELEMENT * width + width * channels
     evaluations = steps * (2 if sampler == "heun" else 1)
+    halves = 2 if cfg else 1
     tokens = sum(side * side for side in patch_nums)
-    return float((embeddings + blocks * block + final) * tokens * evaluations * (2 if cfg else 1))
+    return float(tokens * halves * (conditioning + evaluations * per_token) + len(patch_nums) * evaluations * time)
 
 
 def flops_table(image_size: int = 256) -> str:

@@ -31,27 +31,30 @@ from scalegen.models.token_heads import (
 from scalegen.models.var_blocks import AdaLNBeforeHead
 
 NORM_EPS = 1e-6  # the MLP's LayerNorms (MAR's SimpleMLPAdaLN)
+FLOW_BLOCK_CHUNKS, FLOW_FINAL_CHUNKS = 3, 2  # shift, scale, gate of a block; shift, scale of the final norm
 # What the head cannot sample with: the categorical head's settings, at their defaults here.
 CATEGORICAL_SETTINGS = {"top_k": 0, "top_p": 0.0, "more_smooth": False, "draws": "multinomial"}
 
 
 class FlowBlock(nn.Module):
-    """A residual MLP block under adaLN: x + gate · MLP(LN(x)·(1 + scale) + shift), the modulation from the condition."""
+    """A residual MLP block under adaLN: x + gate · MLP(LN(x)·(1 + scale) + shift), the modulation given."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=NORM_EPS, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(condition).chunk(3, dim=-1)  # (N, w) each
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = modulation.chunk(3, dim=-1)  # (N, w) each
         return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)  # (N, w)
 
 
 class FlowMLP(nn.Module):
-    """The velocity v(x_t, t | z) of one token x_t (N, c) at time t·TIME_SCALE (N,), given the transformer's output z
-    (N, C) at its position: MAR's SimpleMLPAdaLN.
+    """The velocity v(x_t, t | z) of one token x_t (N, c) at time t·TIME_SCALE, given the transformer's output z
+    (N, C) at its position: MAR's SimpleMLPAdaLN, with the adaLN modulation split into a part of the condition and a
+    part of the time, each projected from its own embedding and summed (MAR projects their sum). A scale's tokens
+    share their conditions through all ODE steps and, at sampling, one time per step, so the sampler projects each
+    once (`conditioning` per scale, the time per step) and only the blocks' MLPs run per token and step.
 
     Args:
         channels: the token's dimension c.
@@ -62,31 +65,42 @@ class FlowMLP(nn.Module):
 
     def __init__(self, channels: int, width: int, condition_width: int, blocks: int) -> None:
         super().__init__()
+        modulations = (FLOW_BLOCK_CHUNKS * blocks + FLOW_FINAL_CHUNKS) * width  # every block's, then the final's
         self.input_proj = nn.Linear(channels, width)
         self.time_embed = TimestepEmbedder(width)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, modulations))
         self.condition_embed = nn.Linear(condition_width, width)
+        self.condition_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, modulations))
         self.blocks = nn.ModuleList(FlowBlock(width) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(width, eps=NORM_EPS, elementwise_affine=False)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.output_proj = nn.Linear(width, channels)
 
     @torch.no_grad()
     def zero_modulations(self) -> None:
         """adaLN-zero: every block starts as the identity and the velocity at 0."""
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[-1].weight)
-            nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.output_proj):
+        for layer in (self.time_modulation[-1], self.condition_modulation[-1], self.output_proj):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        c = self.time_embed(t) + self.condition_embed(condition)  # (N, w)
+    def conditioning(self, condition: torch.Tensor) -> torch.Tensor:
+        """The condition's part (N, (3·blocks + 2)·w) of every modulation, of the transformer's outputs (N, C)."""
+        return self.condition_modulation(self.condition_embed(condition))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """The velocity (N, c) of tokens x (N, c) at times t (N,) (or one time (1,) for all) under their
+        `conditioning` (N, (3·blocks + 2)·w)."""
+        modulations = (conditioning + self.time_modulation(self.time_embed(t))).split(
+            [FLOW_BLOCK_CHUNKS * self.input_proj.out_features] * len(self.blocks)
+            + [FLOW_FINAL_CHUNKS * self.input_proj.out_features], dim=-1)  # per block (N, 3w), final (N, 2w)
         h = self.input_proj(x)  # (N, w)
-        for block in self.blocks:
-            h = block(h, c)  # (N, w)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # (N, w) each
+        for block, modulation in zip(self.blocks, modulations):
+            h = block(h, modulation)  # (N, w)
+        shift, scale = modulations[-1].chunk(2, dim=-1)  # (N, w) each
         return self.output_proj(self.final_norm(h) * (1 + scale) + shift)  # (N, c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The velocity (N, c) of tokens x (N, c) at times t (N,) given the transformer's outputs (N, C)."""
+        return self.velocity(x, t, self.conditioning(condition))
 
 
 @register_token_head(FLOW_HEAD)
@@ -158,7 +172,7 @@ class FlowSampler:
     guided velocity, in `steps` Euler or Heun steps of `LinearFlow`.
 
     Args:
-        mlp: the head's `FlowMLP`: velocities (N, c) of tokens (N, c), times·TIME_SCALE (N,) and conditions (N, C).
+        mlp: the head's `FlowMLP` (its conditioning projected once per scale, its time once per step).
         flow: the flow whose ODE steps are taken.
         channels: the token's dimension c.
         steps: ODE steps per scale.
@@ -180,12 +194,12 @@ class FlowSampler:
         double, length, _ = both.shape
         batch = double // 2
         channels = self.channels
-        condition = both.reshape(double * length, -1)  # (2B·l, C)
+        conditioning = self.mlp.conditioning(both.reshape(double * length, -1))  # (2B·l, (3·blocks + 2)·w)
         guided: list[torch.Tensor] = []  # the last guided velocity (B, l, c)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            """The guided velocity (B·l, c) at tokens x (B·l, c) and times t (B·l,)."""
-            both_velocities = self.mlp(x.repeat(2, 1), t.repeat(2), condition).float()  # (2B·l, c)
+            """The guided velocity (B·l, c) at tokens x (B·l, c) and the step's time t (B·l,) (all equal)."""
+            both_velocities = self.mlp.velocity(x.repeat(2, 1), t[:1], conditioning).float()  # (2B·l, c)
             guided[:] = [guidance.combine(both_velocities.view(double, length, channels), scale_index)]  # (B, l, c)
             return guided[0].reshape(batch * length, channels)  # (B·l, c)
 

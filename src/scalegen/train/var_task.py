@@ -31,7 +31,8 @@ from scalegen.runs.folder import RunFolder, guarded_run, keep_tokenizer_copy
 from scalegen.runs.loading import load_tokenizer, token_tokenizer
 from scalegen.tokenizers.codec import kind_of
 from scalegen.tokenizers.continuous_scales import (
-    NORMALIZATION_SCALE, NORMALIZATION_SHIFT, ContinuousScales, default_patch_nums, measure_mean_normalization,
+    NORMALIZATION_SCALE, NORMALIZATION_SHIFT, TOKEN_SCALE, ContinuousScales, default_patch_nums,
+    measure_mean_normalization, measure_token_scales,
 )
 from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from scalegen.train.init_from import fine_tuning_origin
@@ -183,8 +184,9 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
 def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROptions, dataset: DataSource,
                    device: torch.device, kept: Path | None = None) -> nn.Module:
     """The tokenizer whose tokens `head` learns: a VQ tokenizer's ids for a head of integer tokens; for one of
-    continuous tokens, a KL tokenizer's latents on a scale plan (`ContinuousScales`, normalised over the data), or the
-    continuous tokenizer of a run trained so. A one-line error for a tokenizer the head cannot learn from.
+    continuous tokens, a KL tokenizer's latents on a scale plan (`ContinuousScales`, its latents and each scale's
+    tokens normalised over the data), or the continuous tokenizer of a run trained so. A one-line error for a
+    tokenizer the head cannot learn from.
 
     Args:
         head: the registered head.
@@ -192,7 +194,7 @@ def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROpti
         options: the run's options (the tokenizer's path, a KL tokenizer's scales).
         dataset: the data (a KL tokenizer's latents are normalised over its first images).
         device: where to measure that.
-        kept: the tokenizer copy of the run being resumed, whose normalisation a KL tokenizer keeps (measured again
+        kept: the tokenizer copy of the run being resumed, whose normalisations a KL tokenizer keeps (measured again
             elsewhere, on another device, it could round otherwise, and the run's token cache would be refused).
     """
     kind = kind_of(tokenizer)
@@ -213,7 +215,10 @@ def head_tokenizer(head: type[TokenHead], tokenizer: nn.Module, options: VAROpti
             normalization = LatentNormalization(stored[NORMALIZATION_SHIFT], stored[NORMALIZATION_SCALE]).to(device)
         else:
             normalization = measure_mean_normalization(tokenizer, dataset, device)
-        return ContinuousScales.from_kl(tokenizer, normalization, patch_nums)
+        scales = ContinuousScales.from_kl(tokenizer, normalization, patch_nums)
+        token_scale = stored[TOKEN_SCALE] if TOKEN_SCALE in stored else measure_token_scales(scales, dataset, device)
+        scales.quantize.token_scale.copy_(token_scale)
+        return scales
     if options.patch_nums is not None and tuple(options.patch_nums) != tuple(tokenizer.patch_nums):
         raise UserError(f"--patch-nums sets a KL tokenizer's scales; {options.tokenizer} has its own "
                         f"({','.join(map(str, tokenizer.patch_nums))}): drop --patch-nums")

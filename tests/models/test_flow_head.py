@@ -1,7 +1,8 @@
 """VAR's flow head (`scalegen.models.flow_head`) on continuous multi-scale tokens: its sampler integrates an exact
 velocity field to the Gaussian it belongs to, guidance at strength 0 is the conditional velocity exactly, a tiny model
-learns two fixed latents, editing keeps the kept tokens, `train var --token-head flow` trains, resumes, loads, exports
-and generates through the public API, and what does not combine is a one-line error."""
+learns two fixed latents, editing keeps the kept tokens, xAR's noisy context noises the teacher-forcing input and not
+the targets, `train var --token-head flow` trains, resumes, loads, exports and generates through the public API, and
+what does not combine is a one-line error."""
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from scalegen.cli.main import main
+from scalegen.data.batch import Batch
+from scalegen.data.names import IMAGES
 from scalegen.data.store import CachedArrays
 from scalegen.diffusion.flow import LinearFlow
 from scalegen.diffusion.objective import TIME_SCALE
@@ -127,6 +130,39 @@ def test_editing_keeps_the_kept_continuous_tokens() -> None:
     result, regenerated = edit_box(model, image, (0, 0, 4, 8), "inpaint", seed=0, flow_steps=2)
     assert result.shape == (1, 1, 8, 8)
     assert regenerated[0, 0, :, :4].eq(1).all() and regenerated[0, 0, :, 4:].eq(0).all()
+
+
+def test_a_noisy_context_lies_between_each_token_and_its_noise_at_a_level_up_to_the_strength() -> None:
+    torch.manual_seed(0)
+    strength, tokens = 0.6, torch.ones(64, 4096, 8)  # (B, p², c): each image's spread is its noise level
+    noisy = FlowHead.noisy_context([tokens, 2 * tokens], strength)
+    for scale, clean_value in zip(noisy, (1.0, 2.0)):
+        mean, spread = scale.double().mean(dim=(1, 2)), scale.double().std(dim=(1, 2))  # (B,) each: 1 − τ and τ
+        assert ((mean / clean_value + spread - 1).abs() < 0.05).all()  # (1 − τ)·x + τ·ε, ε ~ N(0, 1)
+        assert spread.max() < strength * 1.05 and spread.min() < 0.2 * strength and spread.max() > 0.8 * strength
+    assert not torch.equal(noisy[0].std(dim=(1, 2)), noisy[1].std(dim=(1, 2)) / 2)  # a level per scale
+
+
+def test_training_with_a_noisy_context_noises_the_input_and_not_the_targets(monkeypatch, tmp_path, capsys) -> None:
+    tokenizer = tiny_tokenizer()
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    batch = Batch(IMAGES, torch.tensor([0, 1, 2, 3]), image=images)
+    seen = []
+    original = VAR.forward
+    monkeypatch.setattr(VAR, "forward", lambda model, *inputs: seen.append(inputs) or original(model, *inputs))
+    for context_noise in (0.0, 0.5):
+        torch.manual_seed(0)
+        task = var_task.VARTask(VARConfig(**TINY_FLOW_VAR), tokenizer, {}, context_noise=context_noise)
+        task.loss(task.model, batch)
+    (clean_labels, clean_input, clean_targets), (labels, noisy_input, targets) = seen
+    assert torch.equal(targets, clean_targets) and torch.equal(targets, torch.cat(tokenizer.img_to_tokens(images), 1))
+    assert not torch.equal(noisy_input, clean_input) and noisy_input.shape == clean_input.shape
+    with pytest.raises(SystemExit):
+        main(["train", "var", "--tokenizer", "unread", "--context-noise", "0.3", "--steps", "1", "--out",
+              str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert "the categorical head's tokens take no noise: drop --context-noise" in error
+    assert error.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def kl_folder(folder) -> None:

@@ -149,6 +149,16 @@ class FlowHead(TokenHead):
     def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype:
         return torch.float32
 
+    @classmethod
+    def noisy_context(cls, targets: Sequence[torch.Tensor], strength: float) -> list[torch.Tensor]:
+        """Each scale's tokens (B, p², c) as (1 − τ)·x + τ·ε, ε ~ N(0, 1), τ ~ U(0, strength) per image and scale: a
+        point on the scale's own flow path, as imperfect as a sample the head has not finished."""
+        noisy = []
+        for tokens in targets:
+            level = strength * torch.rand(tokens.shape[0], 1, 1, device=tokens.device)  # (B, 1, 1)
+            noisy.append((1 - level) * tokens + level * torch.randn_like(tokens))  # (B, p², c)
+        return noisy
+
     def sampler(self, model: nn.Module, settings: VARSampling, generator: torch.Generator | None) -> FlowSampler:
         refused = [name for name, default in CATEGORICAL_SETTINGS.items() if getattr(settings, name) != default]
         if refused:

@@ -107,6 +107,13 @@ class TokenHead(ABC):
     def cache_dtype(self, tokenizer: nn.Module) -> torch.dtype:
         """How a token cache stores the targets."""
 
+    @classmethod
+    def noisy_context(cls, targets: Sequence[torch.Tensor], strength: float) -> list[torch.Tensor]:
+        """xAR's noisy context: per-scale targets (B, p², ...) made into tokens of a noisier teacher-forcing input
+        (`strength` in (0, 1]); a head of codebook ids refuses (given no targets too: a check before training)."""
+        raise UserError(f"the {cls.name} head's tokens take no noise: drop --context-noise (it is for a head of "
+                        "continuous tokens, e.g. --token-head flow)")
+
     def guide(self, both: torch.Tensor, strength: float) -> torch.Tensor:
         """Classifier-free guidance: (B, l, ...) of (2B, l, ...) both halves' outputs, conditional rows first; by
         default (1 + s)·conditional − s·unconditional (VAR's on logits, the flow head's on velocities)."""

@@ -280,6 +280,9 @@ class VAROptions:
         patch_nums: with the flow head on a KL tokenizer, the token grid side per scale (None: 1,2,3,4,6,8,… up to the
             latent side); a VQ tokenizer has its own.
         head_width, head_blocks: the flow head's MLP: its width (None: the transformer's) and residual blocks.
+        context_noise: xAR's noisy context, for a head of continuous tokens: in training, the tokens that make the
+            teacher-forcing input are (1 − τ)·x + τ·ε with τ ~ U(0, context_noise) per image and scale (the targets
+            stay clean), so the transformer learns from contexts as imperfect as its own samples; 0: clean.
     """
 
     tokenizer: str
@@ -300,6 +303,7 @@ class VAROptions:
     patch_nums: tuple[int, ...] | None = None
     head_width: int | None = None
     head_blocks: int = 3
+    context_noise: float = 0.0
 
 
 @dataclass

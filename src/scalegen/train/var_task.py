@@ -52,7 +52,8 @@ class VARTask(TrainingTask):
     """VAR trained by teacher forcing on the tokens of a frozen tokenizer (computed on the fly or cached).
 
     Batches hold images (made into the token head's targets here) or tokens (B, L, ...) from a `TokenCache`, as their
-    source's form says. `base_lr` sets the recipe's lr (base_lr · max(batch, 768) / 256).
+    source's form says. `base_lr` sets the recipe's lr (base_lr · max(batch, 768) / 256); `context_noise` > 0 makes
+    the teacher-forcing input of noisier tokens (`TokenHead.noisy_context`, xAR's noisy context).
     """
 
     kind = "var"
@@ -60,9 +61,10 @@ class VARTask(TrainingTask):
 
     def __init__(self, model_config: VARConfig, tokenizer: nn.Module, tokenizer_config: dict,
                  label_smoothing: float = 0.0, sample_cfg: float = 4.0, sample_top_p: float = 0.95,
-                 extra_config: dict | None = None, base_lr: float = VAR_BASE_LR):
+                 extra_config: dict | None = None, base_lr: float = VAR_BASE_LR, context_noise: float = 0.0):
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         super().__init__(VAR(model_config, tokenizer=self.tokenizer), extra_config)
+        self.context_noise = context_noise
         self.tokenizer_config = tokenizer_config
         self.label_smoothing, self.sample_cfg, self.sample_top_p = label_smoothing, sample_cfg, sample_top_p
         self.base_lr = base_lr
@@ -85,7 +87,8 @@ class VARTask(TrainingTask):
                 scale_targets = list(batch.tokens.split(self.scale_lengths, dim=1))  # K × (B, p², ...)
             else:
                 scale_targets = head.targets(self.tokenizer, batch.image)  # K × (B, p², ...)
-            var_input = head.var_input(self.tokenizer, scale_targets)  # (B, L - 1, Cvae)
+            context = head.noisy_context(scale_targets, self.context_noise) if self.context_noise else scale_targets
+            var_input = head.var_input(self.tokenizer, context)  # (B, L - 1, Cvae)
         targets = torch.cat(scale_targets, dim=1)  # (B, L, ...)
         output = model(batch.label, var_input, targets)  # (B, L, ...), logits (B, L, V) for VAR's head
         per_position, per_position_figures = head.loss(self.model, output, targets, self.label_smoothing)  # (B, L) each
@@ -134,8 +137,10 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
     Returns:
         The last logged figures.
     """
+    head_class = token_head_class(options.token_head)  # refuses an unknown head at once
+    if options.context_noise:
+        head_class.noisy_context([], options.context_noise)  # a head that takes no noise refuses before tokenizing
     with guarded_run(config.out):
-        head_class = token_head_class(options.token_head)  # refuses an unknown head at once
         loaded = load_tokenizer(options.tokenizer)
         image_size = options.image_size or loaded.image_size
         if image_size != loaded.image_size:
@@ -174,7 +179,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
                           "source": str(Path(options.tokenizer).resolve())}
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
                        options.sample_top_p, extra_config=description,
-                       base_lr=options.base_lr)
+                       base_lr=options.base_lr, context_noise=options.context_noise)
         task.model.attention = options.attention  # how it attends, not what it is: no part of the config
         if options.init_from:
             task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)

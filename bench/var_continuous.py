@@ -1,7 +1,12 @@
-"""Benchmark (issue 33, first signal): the continuous VAR (flow head on a KL tokenizer) against the discrete VAR
-(categorical head on a VQ tokenizer), same transformer, equal training FLOPs, on Fashion-MNIST at 32×32.
+"""Benchmark (issue 33): the continuous VAR (flow head on a KL tokenizer) against the discrete VAR (categorical head
+on a VQ tokenizer), same transformer, equal training FLOPs, on Fashion-MNIST at 32×32.
 
-    python bench/var_continuous.py --work /tmp/var_continuous --flow-steps 1200 --out bench/var_continuous.json
+    python bench/var_continuous.py --work /tmp/var_continuous --flow-steps 1453 --out bench/var_continuous.json
+    python bench/var_continuous.py --work /tmp/var_continuous --flow-steps 1453 --heads flow --context-noise 0.5 \
+        --out bench/var_continuous.json
+
+(1,453 steps of the 64-wide flow head cost what 1,640 discrete steps do.) The second line trains and scores a flow
+run with xAR's noisy context beside the first (its own folder and figures).
 
 --heads and --parts run a part of it (e.g. the scores of one model while the other trains, the timings last on a
 quiet machine); every part merges its figures into --out.
@@ -12,7 +17,8 @@ Steps (each resumable: a finished run is left as it is, an interrupted one resum
    not counted). The discrete run gets round(flow_steps · flow FLOPs / discrete FLOPs) steps, so both spend the same.
 2. The two trainings with `scalegen train var ... --token-cache` (run folders under --work), same depth, width,
    heads, batch, lr recipe and seed: (a) discrete on the shipped MeanFlow DiT's VQ tokenizer (256 codes, scales
-   1,2,3,4,6,8), (b) flow on the shipped DiT's KL tokenizer on the same scales. Both checkpoint at half and full
+   1,2,3,4,6,8), (b) flow on the shipped DiT's KL tokenizer on the same scales (a head 64 wide with 3 blocks, each
+   scale's tokens at unit spread). Both checkpoint at half and full
    budget, so they are compared at two matched FLOP points (--budgets 0.5,1).
 3. Guidance sweep at the largest budget on --sweep-samples samples (class-balanced), then the best cfg at --samples
    samples at each budget; FID and accuracy in the shipped classifier's features (`fmnist_report`, the
@@ -89,7 +95,7 @@ def checkpoint(run: Path, steps: int) -> Path:
     return run / "checkpoints" / f"step-{steps:07d}"
 
 
-def train(run: Path, tokenizer: Path, token_head: str, steps: int) -> None:
+def train(run: Path, tokenizer: Path, token_head: str, steps: int, context_noise: float = 0.0) -> None:
     """Train (or resume, or leave as it is when finished) one VAR run with the command line, checkpoints at half and
     full budget."""
     command = [sys.executable, "-m", "scalegen", "train", "var", "--tokenizer", str(tokenizer),
@@ -100,7 +106,7 @@ def train(run: Path, tokenizer: Path, token_head: str, steps: int) -> None:
                "--out", str(run)]
     if token_head == "flow":
         command += ["--patch-nums", ",".join(map(str, PATCH_NUMS)), "--head-width", str(FLOW_HEAD_WIDTH),
-                    "--head-blocks", str(FLOW_HEAD_BLOCKS)]
+                    "--head-blocks", str(FLOW_HEAD_BLOCKS), "--context-noise", str(context_noise)]
     if checkpoint(run, steps).exists():
         return
     subprocess.run(command, check=True)
@@ -201,6 +207,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="what to do: train, quality (sweep and scores), cost (sampling GFLOPs and seconds; run it "
                              "on a quiet machine); the figures are merged into --out")
+    parser.add_argument("--context-noise", type=float, default=0.0,
+                        help="the flow run's xAR noisy context (`train var --context-noise`); nonzero: its own run "
+                             "folder and figures (flow_context<strength>)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the scoring (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("var_continuous.json"))
     args = parser.parse_args()
@@ -212,7 +221,9 @@ def main() -> None:
 
     flops = {head: training_flops_per_image(head) for head in HEADS_COMPARED}
     steps = {"flow": args.flow_steps, "categorical": round(args.flow_steps * flops["flow"] / flops["categorical"])}
-    runs = {"flow": args.work / "flow", "categorical": args.work / "discrete"}
+    flow_name = f"flow_context{args.context_noise:g}" if args.context_noise else "flow"
+    runs = {"flow": args.work / flow_name, "categorical": args.work / "discrete"}
+    names = {"flow": flow_name, "categorical": "categorical"}
     tokenizers = {"flow": CONTINUOUS_TOKENIZER, "categorical": DISCRETE_TOKENIZER}
     results = json.loads(args.out.read_text()) if args.out.exists() else {"models": {}}
     results["setup"] = {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "batch_size": BATCH_SIZE,
@@ -220,15 +231,15 @@ def main() -> None:
                         "machine": "2-core AMD EPYC (AVX512-BF16), torch CPU, shared"}
     for head in heads:
         if "train" in parts:
-            train(runs[head], tokenizers[head], head, steps[head])
-        entry = results["models"].setdefault(head, {})
+            train(runs[head], tokenizers[head], head, steps[head], args.context_noise)
+        entry = results["models"].setdefault(names[head], {})
         if "quality" in parts:
             results["real_training_images"] = real_floor(args.samples)
             entry.update(quality(runs[head], head, steps[head], flops[head], budgets, args.samples,
                                  args.sweep_samples))
         if "cost" in parts:
             entry["sampling"] = cost(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"])
-        print(json.dumps({head: entry}, indent=1), flush=True)
+        print(json.dumps({names[head]: entry}, indent=1), flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -259,7 +259,7 @@ def test_with_a_login_a_wrong_password_is_refused_and_the_right_one_gets_in(brow
 # The page's functions called directly: the VAR alone, two classes of two, fixed seed.
 VAR_SETTINGS = dict(choice="VAR", classes=["Trouser", "Bag"], per_class=2, seed=0, dit_cfg=SHIPPED_DIT_CFG,
                     var_cfg=SHIPPED_VAR_CFG, sampler="euler", steps=10, top_k=0, top_p=SHIPPED_VAR_TOP_P,
-                    label_rows=False)
+                    flow_steps=10, flow_sampler="euler", label_rows=False)  # a flow head's: not the shipped VAR's
 
 
 @pytest.fixture(scope="module")

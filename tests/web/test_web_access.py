@@ -84,7 +84,7 @@ def test_the_work_of_one_request_is_bounded_with_a_one_line_message():
     models = Models()  # nothing loaded: the bounds are checked before any model is asked
     request = dict(choice="both", classes=[f"class {index}" for index in range(10)], per_class=MAX_PER_CLASS,
                    seed=0, dit_cfg=1.0, var_cfg=1.0, sampler="euler", steps=MAX_STEPS, top_k=0, top_p=0.0,
-                   label_rows=False, prune=False, refine=False)
+                   flow_steps=10, flow_sampler="euler", label_rows=False, prune=False, refine=False)
     assert sample(models, **request)[4] == WARNING + "no DiT is loaded: give its path under Models"  # within bounds
     for change, message in (({"per_class": MAX_PER_CLASS + 1}, f"samples per class must be a whole number from 1 "
                                                                 f"to {MAX_PER_CLASS}, not {MAX_PER_CLASS + 1}"),

@@ -1,7 +1,8 @@
 """`scalegen train vqvae`, `train var`, `sample var` and `edit var`.
 
 A VAR run folder holds a copy of its tokenizer (RUN/tokenizer.safetensors, its config inside the VAR's config),
-so `sample var` and `edit var` rebuild both models from the run alone.
+so `sample var` and `edit var` rebuild both models from the run alone. Both sample a categorical VAR (top-k, top-p,
+draws) and a flow VAR (`--token-head flow`: flow steps and sampler), and print the settings that apply to its head.
 """
 from __future__ import annotations
 
@@ -178,7 +179,8 @@ def run_train_var(args: argparse.Namespace) -> None:
 def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) -> VARSampling:
     """The VAR sampling settings of `sample var` / `edit var` for `model`: their flags, else the model's recommended
     settings, else the official code's defaults, printed (`show`) with where each came from (a refiner is loaded beside
-    it, on its tokenizer and device)."""
+    it, on its tokenizer and device). A flow VAR samples with its guidance and ODE (flow steps, flow sampler) alone: the
+    line names those, and a flag of the categorical head is refused (`refuse_categorical_flags`)."""
     from scalegen.models.var_pruning import TokenPruning
     from scalegen.runs.loading import load_refiner
 
@@ -187,19 +189,34 @@ def sampling_options(args: argparse.Namespace, model: VAR, show: bool = True) ->
     pruning = None if args.prune is None else TokenPruning(args.prune, *args.unpruned_blocks)
     chosen = chosen_var_settings(args, model)
     flow_flags = {name: getattr(args, name) for name in FLOW_DEFAULTS}
-    if model.token_head.continuous_tokens:  # a flow head's ODE: the flag, the model's, the default
-        chosen.update(chosen_settings(flow_flags, model.sampling, model.sampling_origin, FLOW_DEFAULTS))
+    if model.token_head.continuous_tokens:  # its guidance and ODE: the flag, the model's, the default
+        refuse_categorical_flags(args)
+        chosen = {"cfg": chosen["cfg"],
+                  **chosen_settings(flow_flags, model.sampling, model.sampling_origin, FLOW_DEFAULTS)}
     elif any(flag is not None for flag in flow_flags.values()):
         raise UserError(f"--flow-steps and --flow-sampler set a flow head's sampling; this VAR has the "
                         f"{model.config.token_head} head: drop them")
     if show:
         print(settings_line(chosen))
     options = values(chosen)
-    refiner = options.pop("refiner")
+    refiner = options.pop("refiner", None)  # a flow VAR takes none
     if refiner is not None and refiner != NO_REFINER:
         options["refiner"] = load_refiner(refiner, model, args.refiner_any_tokenizer)
     return VARSampling(**options, more_smooth=args.more_smooth, precision=args.precision,
                        cuda_graphs=args.cuda_graphs, pruning=pruning, refined_scales=args.refined_scales)
+
+
+def refuse_categorical_flags(args: argparse.Namespace) -> None:
+    """A one-line error for a flag given to a flow VAR that only the categorical head samples with (top-k, top-p,
+    draws, more-smooth) or that only it speeds up (FastVAR's --prune, CoDe's --refiner; `--refiner none` is none)."""
+    from scalegen.models.flow_head import CATEGORICAL_SETTINGS
+
+    given = {name: getattr(args, name) for name in (*CATEGORICAL_SETTINGS, "prune", "refiner")}
+    flags = [f"--{name.replace('_', '-')}" for name, value in given.items()
+             if value is not None and value is not False and value != NO_REFINER]  # None, off: not given
+    if flags:
+        raise UserError(f"{', '.join(flags)}: the categorical head's only; this VAR has the flow head: drop "
+                        f"{'them' if len(flags) > 1 else 'it'}")
 
 
 def run_sample(args: argparse.Namespace) -> None:

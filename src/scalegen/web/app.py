@@ -1,14 +1,16 @@
 """The web page (`scalegen serve`): sample and edit with a DiT and a VAR in the browser, built with Gradio.
 
 Two tabs. **Sample**: DiT, VAR or both side by side; classes by name, samples per class, seed, each model's guidance
-(starting at its shipped setting); the DiT's sampler and steps, the VAR's top-k and top-p (starting where `sample var`
+(starting at its shipped setting); the DiT's sampler and steps, the VAR's top-k and top-p, or for a flow VAR
+(`--token-head flow`) its flow steps and ODE sampler in their place (`web/var_widgets.py`: starting where `sample var`
 does); the grids with the class names beside the rows, the time taken and the FLOPs per image, a PNG to download once
 there is one, and a strip that shows a sample forming (VAR: after each scale; DiT: the predicted clean image along
 the steps). The VAR's two speed-ups, each a checkbox: FastVAR's token pruning at the finest scales (`TokenPruning()`)
 and CoDe's collaborative decoding, where the refiner loaded under Models generates the finest scales; the figures say
-which ran.
+which ran (a flow VAR takes neither: checked, they are a message).
 **Edit** (VAR): an uploaded image or one of the data set's, a typed box, in- or out-painting, optionally as another
-class, with the same two speed-ups; input, mask and result.
+class, with the same two speed-ups (a flow VAR at its recommended guidance, flow steps and sampler); input, mask and
+result.
 **Models**: load a DiT, a VAR and a VAR refiner (on the VAR's tokenizer), or the shipped one-step DiT, from the
 folders the page was started with only (`allowed_model_path`). Bad input is a message in the page; one request runs at
 a time, and the work it may ask for is bounded (samples per class, DiT steps, images per request).
@@ -41,6 +43,8 @@ from scalegen.runs.loading import load_dit, load_refiner, load_var
 from scalegen.runs.names import SHIPPED, SHIPPED_MEANFLOW_DIT
 from scalegen.models.sampling_settings import DiTSampling, VARSampling
 from scalegen.web.access import allowed_model_path, exposure_warning, model_folders, named_folders
+from scalegen.web.fields import checked_seed, checked_whole
+from scalegen.web.var_widgets import head_settings, head_widgets, start_states, start_updates
 
 MODEL_CHOICES = ("DiT", "VAR", "both")
 MAX_PER_CLASS, STRIP_FRAMES = 10, 8
@@ -54,7 +58,6 @@ WARNING = "⚠️ "
 # Small images (32 px) are shown enlarged, pixel for pixel.
 PIXEL_CSS = ".scalegen-pixels img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
 SHOWN_HEIGHT, STRIP_HEIGHT = 200, 90
-MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 # The VAR's speed-ups (Sample and Edit tabs): FastVAR's token pruning at its default settings, CoDe with the refiner.
 PRUNE_LABEL, REFINE_LABEL = "VAR: FastVAR token pruning (finest scales)", "VAR: CoDe refiner for the finest scales"
 
@@ -101,11 +104,6 @@ class Models:
         start = start.with_given(cfg=recommended.cfg, steps=recommended.steps, sampler=recommended.sampler)
         return list(objective.samplers), start.sampler, start.steps, start.cfg
 
-    def var_setting(self, name: str) -> float | int:
-        """The page's starting value of a VAR sampling setting ("cfg", "top_k", "top_p"): the loaded VAR's
-        recommended one, else the official code's."""
-        return getattr(VARSampling.recommended(self.var.sampling if self.var is not None else {}), name)
-
     def class_names(self) -> list[str]:
         """The class names of the loaded models (the VAR's when both are loaded and they differ)."""
         model = self.var or self.dit
@@ -139,26 +137,6 @@ def selected_labels(model: DiT | VAR, classes: list[str] | None) -> list[int]:
     return [model.class_names.index(name) for name in classes]
 
 
-def checked_whole(value: float | None, name: str, low: int, high: int, low_note: str = "",
-                  high_note: str = "") -> int:
-    """A field's whole number from `low` to `high` as an int (the page's bound on a request: one that skips the page
-    can send any number); a one-line error for an empty field, a fraction or one out of range."""
-    if value is None or not float(value).is_integer() or not low <= value <= high:
-        given = "an empty field" if value is None else f"{value:g}"
-        raise UserError(f"{name} must be a whole number from {low}{low_note} to {high}{high_note}, not {given}")
-    return int(value)
-
-
-def checked_seed(seed: float | None) -> int:
-    """The seed field's value as an int, from 0 to MAX_SEED."""
-    return checked_whole(seed, "the seed", 0, MAX_SEED)
-
-
-def checked_top_k(top_k: float | None, vocab_size: int) -> int:
-    """The VAR's top-k field as an int, from 0 (all tokens) to the VAR's vocabulary size."""
-    return checked_whole(top_k, "VAR top-k", 0, vocab_size, " (all tokens)", " (this VAR's vocabulary)")
-
-
 def uploaded_picture(upload: dict | None) -> Image.Image:
     """The Edit tab's picture from its raw upload (Gradio's own decoding would fail on a file that is not an image
     with a bare "Error" and a server traceback); a one-line error for none or one PIL cannot read."""
@@ -179,10 +157,11 @@ def strip(frames: list[torch.Tensor]) -> Image.Image:
 
 
 def run_model(models: Models, name: str, classes: list[str] | None, per_class: int, seed: float | None, cfg: float,
-              sampler: str, steps: int, top_k: float | None, top_p: float, label_rows: bool, prune: bool,
-              refine: bool) -> tuple[Image.Image, Image.Image, str]:
+              sampler: str, steps: int, top_k: float | None, top_p: float, flow_steps: float | None,
+              flow_sampler: str, label_rows: bool, prune: bool, refine: bool) -> tuple[Image.Image, Image.Image, str]:
     """Sample one model: (grid, with each row's class name on its left when `label_rows`; strip of a sample forming;
-    a line of figures). `prune` and `refine` turn on the VAR's speed-ups (`var_settings`); the DiT ignores them."""
+    a line of figures). The VAR takes the settings of its head (`head_settings`: top-k and top-p, or flow steps and
+    sampler); `prune` and `refine` turn on its speed-ups (`var_settings`); the DiT ignores them."""
     model = models.dit if name == "DiT" else models.var
     if model is None:
         raise UserError(f"no {name} is loaded: give its path under Models")
@@ -190,8 +169,8 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
     seed = checked_seed(seed)
     speed_up_words = []
     if name == "VAR":
-        var_sampling, speed_up_words = var_settings(models, prune, refine, cfg=cfg, top_p=top_p,
-                                                    top_k=checked_top_k(top_k, model.config.vocab_size))
+        var_sampling, speed_up_words = var_settings(models, prune, refine, cfg=cfg,
+                                                    **head_settings(model, top_k, top_p, flow_steps, flow_sampler))
     labels = grid_labels(class_ids, per_class)
     if name == "DiT":
         dit_sampling = model.sampling_settings(cfg=cfg, steps=steps, sampler=sampler)
@@ -205,7 +184,8 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
         def draw(batch: torch.Tensor) -> torch.Tensor:
             return model.generate(batch, settings=var_sampling, seed=seed)
         frames = lambda: model.generate_frames(labels[:1], settings=var_sampling, seed=seed)  # noqa: E731
-        flops_key = (name, var_sampling.cfg, var_sampling.top_k, var_sampling.top_p, *speed_up_words)
+        flops_key = (name, var_sampling.cfg, var_sampling.top_k, var_sampling.top_p, var_sampling.flow_steps,
+                     var_sampling.flow_sampler, *speed_up_words)
     with models.locks[name], torch.no_grad():
         started = time.perf_counter()
         images = draw(labels)  # (N, C, H, W) in [0, 1]
@@ -226,7 +206,7 @@ def run_model(models: Models, name: str, classes: list[str] | None, per_class: i
 
 def sample(models: Models, choice: str, classes: list[str] | None, per_class: int, seed: float | None,
            dit_cfg: float, var_cfg: float, sampler: str, steps: int, top_k: float | None, top_p: float,
-           label_rows: bool, prune: bool, refine: bool):
+           flow_steps: float | None, flow_sampler: str, label_rows: bool, prune: bool, refine: bool):
     """Handler of Generate: each chosen model's grid and strip, the figures, and the PNG to download (shown only once
     there is one). `prune`, `refine`: the VAR's speed-ups (`var_settings`)."""
     outputs: dict[str, tuple] = {}
@@ -241,7 +221,7 @@ def sample(models: Models, choice: str, classes: list[str] | None, per_class: in
         for name, cfg in (("DiT", dit_cfg), ("VAR", var_cfg)):
             if choice in (name, "both"):
                 outputs[name] = run_model(models, name, classes, per_class, seed, cfg, sampler, steps, top_k, top_p,
-                                          label_rows, prune, refine)
+                                          flow_steps, flow_sampler, label_rows, prune, refine)
     except (UserError, ValueError) as error:
         return None, None, None, None, WARNING + str(error), gr.update(value=None, visible=False)
     grids = [grid for grid, _, _ in outputs.values()]
@@ -292,7 +272,8 @@ def edit(models: Models, upload: dict | None, box: str, mode: str, class_name: s
 
 
 def load(models: Models, dit_path: str, var_path: str, refiner_path: str = ""):
-    """Handler of Load: the message and the new class choices; a path outside the page's model folders is refused."""
+    """Handler of Load: the message, the new class choices, the DiT's start settings and, when a VAR path is given,
+    the VAR's (`start_updates`); a path outside the page's model folders is refused."""
     try:
         paths = [str(allowed_model_path(path, models.folders)) if path.strip() else None
                  for path in (dit_path, var_path, refiner_path)]
@@ -302,7 +283,8 @@ def load(models: Models, dit_path: str, var_path: str, refiner_path: str = ""):
     names = models.class_names()
     samplers, default, steps, cfg = models.dit_settings()
     return (message, gr.update(choices=names, value=[]), gr.update(choices=[UNCONDITIONAL, *names]),
-            gr.update(choices=samplers, value=default), gr.update(value=steps), gr.update(value=cfg))
+            gr.update(choices=samplers, value=default), gr.update(value=steps), gr.update(value=cfg),
+            *start_updates(models.var, loaded=bool(var_path.strip())))
 
 
 def shown_image(label: str, elem_id: str, height: int = SHOWN_HEIGHT) -> gr.Image:
@@ -313,7 +295,7 @@ def shown_image(label: str, elem_id: str, height: int = SHOWN_HEIGHT) -> gr.Imag
 
 def build_app(models: Models) -> gr.Blocks:
     """The page, wired to `models`."""
-    names = models.class_names()
+    names, var_start = models.class_names(), start_states(models.var)
     with gr.Blocks(title="scalegen", analytics_enabled=False) as app:  # nothing leaves the machine
         gr.Markdown("# scalegen — DiT and VAR in the browser")
         with gr.Accordion("Models", open=False):
@@ -339,14 +321,12 @@ def build_app(models: Models) -> gr.Blocks:
                 samplers, default_sampler, default_steps, default_cfg = models.dit_settings()
                 dit_cfg = gr.Slider(1.0, 8.0, value=default_cfg, step=0.5, label="DiT guidance (cfg)",
                                     elem_id="dit-cfg")
-                var_cfg = gr.Slider(1.0, 8.0, value=models.var_setting("cfg"), step=0.5, label="VAR guidance (cfg)",
-                                    elem_id="var-cfg")
+                var_cfg = gr.Slider(1.0, 8.0, step=0.5, label="VAR guidance (cfg)", elem_id="var-cfg",
+                                    **var_start["cfg"])
             with gr.Row():
                 sampler = gr.Radio(samplers, value=default_sampler, label="DiT sampler", elem_id="sampler")
                 steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="DiT steps", elem_id="steps")
-                top_k = gr.Number(models.var_setting("top_k"), precision=0, label="VAR top-k (0: all)", elem_id="top-k")
-                top_p = gr.Slider(0.0, 1.0, value=models.var_setting("top_p"), step=0.01, label="VAR top-p (0: off)",
-                                  elem_id="top-p")
+                top_k, top_p, flow_steps, flow_sampler = head_widgets(models.var)
             with gr.Row():
                 var_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="var-prune")
                 var_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="var-refine")
@@ -373,8 +353,8 @@ def build_app(models: Models) -> gr.Blocks:
                     edit_class = gr.Dropdown([UNCONDITIONAL, *names], value=UNCONDITIONAL, label="as class",
                                              elem_id="edit-class")
                     edit_seed = gr.Number(0, precision=0, label="seed", elem_id="edit-seed")
-                    edit_cfg = gr.Slider(0.0, 8.0, value=models.var_setting("cfg"), step=0.5, label="guidance (cfg)",
-                                         elem_id="edit-cfg")
+                    edit_cfg = gr.Slider(0.0, 8.0, step=0.5, label="guidance (cfg)", elem_id="edit-cfg",
+                                         **var_start["cfg"])
                     edit_prune = gr.Checkbox(False, label=PRUNE_LABEL, elem_id="edit-prune")
                     edit_refine = gr.Checkbox(False, label=REFINE_LABEL, elem_id="edit-refine")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
@@ -383,12 +363,13 @@ def build_app(models: Models) -> gr.Blocks:
                 shown_input = shown_image("input", "edit-shown")
                 shown_mask = shown_image("mask (white: regenerated)", "edit-mask")
                 shown_result = shown_image("result", "edit-result")
-        loaded = [load_message, classes, edit_class, sampler, steps, dit_cfg]
+        loaded = [load_message, classes, edit_class, sampler, steps, dit_cfg, var_cfg, top_k, top_p, flow_steps,
+                  flow_sampler, edit_cfg]  # `load`'s outputs
         load_button.click(lambda *paths: load(models, *paths), [dit_path, var_path, refiner_path], loaded)
         load_meanflow.click(lambda: load(models, str(SHIPPED_MEANFLOW_DIT), ""), [], loaded)
         generate.click(lambda *values: sample(models, *values),
-                       [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, label_rows,
-                        var_prune, var_refine],
+                       [choice, classes, per_class, seed, dit_cfg, var_cfg, sampler, steps, top_k, top_p, flow_steps,
+                        flow_sampler, label_rows, var_prune, var_refine],
                        [dit_grid, var_grid, dit_strip, var_strip, figures, download])
         take.click(lambda name, number: data_set_image(models, name, number), [take_class, edit_seed],
                    [picture, edit_message])

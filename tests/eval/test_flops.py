@@ -1,18 +1,21 @@
 """DiT Gflops against the paper's 13 figures; VAR cost with and without the KV cache; the measured counter; a loaded
-VAR's sampling MACs against the counter's measure of its generation, both heads."""
+VAR's sampling MACs against the counter's measure of its generation, both heads, and `scalegen flops --var`."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from scalegen.cli.main import main
 from scalegen.errors import UserError
 from scalegen.diffusion.flow import LinearFlow
-from scalegen.eval.flops import (DIT_PAPER_GFLOPS, GUIDANCE_HALVES, LAYER_NORM_OPS_PER_ELEMENT, VAR_PATCH_NUMS,
-                                 counted_flops, dit_gflops, dit_image_macs, flops_table, flow_head_image_macs,
-                                 var_image_macs, var_sampling_macs)
+from scalegen.eval.flops import (DIT_PAPER_GFLOPS, GIGA, GUIDANCE_HALVES, LAYER_NORM_OPS_PER_ELEMENT,
+                                 VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs, flops_table,
+                                 flow_head_image_macs, var_image_macs, var_sampling_macs, var_sampling_report)
 from scalegen.models.flow_head import FlowHead, FlowMLP, FlowSampler
 from scalegen.models.token_heads import ScaleGuidance
 from scalegen.models.var import VAR, VARConfig
-from test_flow_head import TINY_FLOW_VAR, tiny_tokenizer
+from scalegen.runs.loading import load_var
+from tests_support import user_error
+from test_flow_head import TINY_FLOW_VAR, flow_run, tiny_tokenizer  # noqa: F401  (flow_run: a fixture, a tiny run)
 from test_var_training import TINY_VAR, tokenizer_folder
 
 PAPER_TOLERANCE = 0.005  # relative
@@ -110,3 +113,26 @@ def test_a_vars_sampling_macs_are_what_the_counter_measures_of_its_generation(he
     macs = var_sampling_macs(model, settings)
     assert counted - decoder == 2 * (macs - var_norm_ops(model, settings))
     assert macs > 0 and decoder > 0
+
+
+def test_flops_var_prints_a_flow_runs_cost_at_its_settings_or_the_flags(flow_run, capsys):
+    run = str(flow_run / "var")
+    model = load_var(run)
+    main(["flops", "--var", run])
+    recommended = capsys.readouterr().out
+    macs = var_sampling_macs(model)
+    assert f"per image: {macs / GIGA:.6g} GMACs, {2 * macs / GIGA:.6g} GFLOPs" in recommended
+    assert "flow-steps 10 (model config)" in recommended and "decoder excluded" in recommended
+    main(["flops", "--var", run, "--cfg", "0", "--flow-steps", "3", "--flow-sampler", "heun"])
+    flagged = capsys.readouterr().out
+    macs = var_sampling_macs(model, model.sampling_settings(cfg=0.0, flow_steps=3, flow_sampler="heun"))
+    assert f"per image: {macs / GIGA:.6g} GMACs, {2 * macs / GIGA:.6g} GFLOPs" in flagged
+    assert "cfg 0.0 (flag), flow-steps 3 (flag), flow-sampler heun (flag)" in flagged
+    assert "give it with --var" in user_error(["flops", "--flow-steps", "3"], capsys)
+
+
+def test_a_flow_setting_for_a_categorical_var_is_a_one_line_error(tmp_path):
+    model = VAR(VARConfig(**TINY_VAR), tokenizer_folder(tmp_path)).eval()
+    with pytest.raises(UserError, match="categorical head: drop them"):
+        var_sampling_report(model, "tiny", flow_steps=3)
+    assert "flow-steps" not in var_sampling_report(model, "tiny", cfg=2.0)

@@ -11,6 +11,7 @@ from scalegen.eval.flops import (DIT_PAPER_GFLOPS, GIGA, GUIDANCE_HALVES, LAYER_
                                  VAR_PATCH_NUMS, counted_flops, dit_gflops, dit_image_macs, flops_table,
                                  flow_head_image_macs, var_image_macs, var_sampling_macs, var_sampling_report)
 from scalegen.models.flow_head import FlowHead, FlowMLP, FlowSampler
+from scalegen.models.sampling_settings import VARSampling
 from scalegen.models.token_heads import ScaleGuidance
 from scalegen.models.var import VAR, VARConfig
 from scalegen.runs.loading import load_var
@@ -131,8 +132,10 @@ def test_flops_var_prints_a_flow_runs_cost_at_its_settings_or_the_flags(flow_run
     assert "give it with --var" in user_error(["flops", "--flow-steps", "3"], capsys)
 
 
-def test_a_flow_setting_for_a_categorical_var_is_a_one_line_error(tmp_path):
+def test_a_flow_setting_for_a_categorical_var_and_a_refiner_are_one_line_errors(tmp_path):
     model = VAR(VARConfig(**TINY_VAR), tokenizer_folder(tmp_path)).eval()
     with pytest.raises(UserError, match="categorical head: drop them"):
         var_sampling_report(model, "tiny", flow_steps=3)
     assert "flow-steps" not in var_sampling_report(model, "tiny", cfg=2.0)
+    with pytest.raises(UserError, match="measure FastVAR pruning or a CoDe refiner with counted_flops"):
+        var_sampling_macs(model, VARSampling(refiner=model))

@@ -7,7 +7,8 @@ LightningDiT's block options follow the same rules: an RMSNorm counts 2 per elem
 and the subtraction), a learnable norm weight 1 more (as fvcore's affine norms), and RoPE's rotation, a linear map,
 2 MACs per rotated element (a 2×2 matrix per channel pair). The VAE / VQVAE decoders are not included.
 `var_sampling_macs` counts what a loaded VAR's generation runs, with these rules: torch's FLOP counter measures twice
-its figure less the norms (which the counter does not count).
+its figure less the norms, which it does not count (nor, on CPU, the fused attention kernel: SDPA's math backend
+shows its matmuls to it).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from scalegen.models.dit import DiTConfig, preset_config
 from scalegen.models.flow_head import FLOW_BLOCK_CHUNKS, FLOW_FINAL_CHUNKS
 from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE, swiglu_hidden_size
 from scalegen.models.sampling_settings import (
-    FLOW_DEFAULTS, VARSampling, chosen_settings, settings_line, values,
+    FLOW_DEFAULTS, VAR_DEFAULTS, VARSampling, chosen_settings, settings_line, values,
 )
 from scalegen.models.settings import ADALN_KINDS, MODEL_SIZES, OFFICIAL_BLOCK, PATCH_SIZES, BlockOptions
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
@@ -301,7 +302,7 @@ def var_sampling_report(model: nn.Module, name: str, cfg: float | None = None, f
         Two lines of text.
     """
     flow_given = {"flow_steps": flow_steps, "flow_sampler": flow_sampler}
-    chosen = chosen_settings({"cfg": cfg}, model.sampling, model.sampling_origin, {"cfg": VARSampling.cfg})
+    chosen = chosen_settings({"cfg": cfg}, model.sampling, model.sampling_origin, VAR_DEFAULTS)
     if model.token_head.continuous_tokens:
         chosen.update(chosen_settings(flow_given, model.sampling, model.sampling_origin, FLOW_DEFAULTS))
     elif any(value is not None for value in flow_given.values()):

@@ -1,6 +1,6 @@
 """The fast path of the trainer: no host reads of tensors between log steps (the GPU's code path, run on CPU), a
 non-finite step skipped on the device, forwards that torch.compile captures whole, regional compilation that keeps
-the checkpoint keys, and FSDP training equal to DDP's that resumes either way."""
+the checkpoint keys, and FSDP training equal to DDP's that resumes either way (a DiT, and a VAR of either head)."""
 import itertools
 import json
 import math
@@ -179,6 +179,24 @@ def test_fsdp_trains_like_ddp_and_resumes_either_way(tmp_path):
         assert max((weights[key] - reference[key]).abs().max().item() for key in weights) < FSDP_TOLERANCE, name
         folder = last_checkpoint(tmp_path / name)  # an FSDP run's last checkpoint is sharded, a DDP run's one-file
         assert is_sharded(folder) if name != "fsdp_then_ddp" else (folder / "ema.safetensors").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("head", ["categorical", "flow"])
+def test_a_var_of_either_head_trains_in_sync_and_alike_with_ddp_and_fsdp(tmp_path, head):
+    """The flow head (its MLP and its noise drawn inside the VAR's forward) and VAR's own, under DDP and FSDP2 on two
+    ranks: every rank holds the same weights, and FSDP's run is DDP's, as the DiT's above."""
+    result = tmp_path / "result.json"
+    completed = torchrun(Path(__file__).with_name("var_parallel_worker.py"), str(result), str(tmp_path), head,
+                         timeout=300)
+    assert completed.returncode == 0, without_progress_bars(completed.stderr)[-4000:]
+    runs = json.loads(result.read_text())
+    assert runs["ddp"]["in_sync"] and runs["fsdp"]["in_sync"]
+    assert len(runs["ddp"]["losses"]) == len(runs["fsdp"]["losses"]) == 3
+    assert max(abs(a - b) for a, b in zip(runs["fsdp"]["losses"], runs["ddp"]["losses"])) < FSDP_TOLERANCE
+    weights, reference = (load_weights(tmp_path / name, prefer_ema=False)[1] for name in ("fsdp", "ddp"))
+    assert weights.keys() == reference.keys() and (head == "flow") == any("flow_head" in key for key in weights)
+    assert max((weights[key] - reference[key]).abs().max().item() for key in weights) < FSDP_TOLERANCE
 
 
 @pytest.mark.end_to_end

@@ -7,9 +7,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from scalegen.cli.parsing import POSITIVE, module_docstring
+from scalegen.cli.parsing import NON_NEGATIVE_FLOAT, POSITIVE, module_docstring
 from scalegen.errors import UserError
 from scalegen.eval.settings import DEFAULT_BATCH_SIZE, FEATURE_NETWORKS
+from scalegen.models.sampling_settings import FLOW_METHODS
 
 EVAL_DESCRIPTION = """FID, sFID, IS, precision and recall as the ADM evaluator, for a sample batch against a reference
 batch; each may be an ADM .npz (arr_0 uint8 NHWC, optional mu/sigma/mu_s/sigma_s) or an image folder. Stored
@@ -55,10 +56,17 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_flops(args: argparse.Namespace) -> None:
-    """Handler of `scalegen flops`: prints the DiT Gflops table (multiply-accumulates) and per-image sampling costs."""
-    from scalegen.eval.flops import flops_table  # torch: only once the command runs
+    """Handler of `scalegen flops`: prints the DiT Gflops table (multiply-accumulates) and per-image sampling costs,
+    or with --var that VAR's sampling cost per image."""
+    from scalegen.eval.flops import flops_table, var_sampling_report  # torch: only once the command runs
+    from scalegen.runs.loading import load_var
 
-    print(flops_table(args.image_size))
+    if args.var is None:
+        if any(value is not None for value in (args.cfg, args.flow_steps, args.flow_sampler)):
+            raise UserError("--cfg, --flow-steps and --flow-sampler set a VAR's sampling: give it with --var")
+        print(flops_table(args.image_size))
+        return
+    print(var_sampling_report(load_var(args.var), args.var, args.cfg, args.flow_steps, args.flow_sampler))
 
 
 def run_scaling(args: argparse.Namespace) -> None:
@@ -99,6 +107,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("flops", help="DiT Gflops (multiply-accumulates, as the DiT paper) against the "
                                                  "paper; DiT vs VAR cost per image")
     parser.add_argument("--image-size", type=POSITIVE, default=256, help="image side in pixels, a multiple of 64 (256 or 512)")
+    parser.add_argument("--var", metavar="RUN_OR_EXPORT",
+                        help="instead of the table: this VAR's network GMACs and GFLOPs to sample one image (its "
+                             "recommended settings unless the flags below say otherwise)")
+    recommended = " (default: the model's recommended setting)"
+    parser.add_argument("--cfg", type=NON_NEGATIVE_FLOAT, default=None,
+                        help="with --var: guidance strength (both halves run whatever it is)" + recommended)
+    parser.add_argument("--flow-steps", type=POSITIVE, default=None,
+                        help="with --var: a flow head's ODE steps per scale" + recommended)
+    parser.add_argument("--flow-sampler", choices=FLOW_METHODS, default=None,
+                        help="with --var: a flow head's ODE step (heun: two velocities a step)" + recommended)
     parser.set_defaults(handler=run_flops)
 
     parser = subparsers.add_parser("scaling", help="fit L = (a*X)^b over runs and plot it on log-log axes",

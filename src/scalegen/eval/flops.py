@@ -6,12 +6,16 @@ element of an affine-free LayerNorm; embedding lookups, activations, softmax and
 LightningDiT's block options follow the same rules: an RMSNorm counts 2 per element (LayerNorm's without the mean
 and the subtraction), a learnable norm weight 1 more (as fvcore's affine norms), and RoPE's rotation, a linear map,
 2 MACs per rotated element (a 2×2 matrix per channel pair). The VAE / VQVAE decoders are not included.
+`var_sampling_macs` counts what a loaded VAR's generation runs, with these rules: torch's FLOP counter measures twice
+its figure less the norms, which it does not count (nor, on CPU, the fused attention kernel: SDPA's math backend
+shows its matmuls to it).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
 
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scalegen.diffusion.objectives import objective_class, sampling_objective
@@ -19,9 +23,13 @@ from scalegen.errors import UserError
 from scalegen.models.dit import DiTConfig, preset_config
 from scalegen.models.flow_head import FLOW_BLOCK_CHUNKS, FLOW_FINAL_CHUNKS
 from scalegen.models.layers import TIMESTEP_FREQUENCY_SIZE, swiglu_hidden_size
+from scalegen.models.sampling_settings import (
+    FLOW_DEFAULTS, VAR_DEFAULTS, VARSampling, chosen_settings, settings_line, values,
+)
 from scalegen.models.settings import ADALN_KINDS, MODEL_SIZES, OFFICIAL_BLOCK, PATCH_SIZES, BlockOptions
 from scalegen.tokenizers.sd_vae import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 from scalegen.models.var import WIDTH_PER_DEPTH
+from scalegen.tokenizers.quantizer import MultiScaleQuantizer, Phi
 from scalegen.tokenizers.vqvae import OFFICIAL_VOCAB_SIZE, OFFICIAL_Z_CHANNELS, PATCH_NUMS_256, PATCH_NUMS_512
 
 GIGA = 1e9
@@ -34,9 +42,9 @@ SWIGLU_MATRICES = 3  # gate, value and output
 MLP_RATIO = 4
 ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and MLP
 ADALN_CHUNKS_FINAL = 2  # shift/scale
-# Transformer MACs per token per block: qkv 3·D², projection D², MLP 2·4·D².
+# Attention's linear MACs per token per block: qkv 3·D², projection D².
 ATTENTION_LINEAR_MACS_PER_TOKEN = 3 + 1
-LINEAR_MACS_PER_TOKEN = ATTENTION_LINEAR_MACS_PER_TOKEN + 2 * MLP_RATIO
+GUIDANCE_HALVES = 2  # VAR's generation runs the conditional and the null-class rows at every scale, whatever the cfg
 
 # (label, objective, sampler, steps, cfg) of the table's other DiT-XL/2 sampling rows: SiT's ODE, MeanFlow's one step.
 SAMPLING_ROWS = (("DiT-XL/2 flow, 50 Euler", "flow", "euler", 50, 4.0),
@@ -151,6 +159,21 @@ def dit_image_macs(preset: str, image_size: int = 256, steps: int = DIT_SAMPLING
     return dit_gflops(preset, image_size) * GIGA * steps * (2 if cfg else 1)
 
 
+def var_block_macs(queries: int, keys: int, width: int, mlp_width: int, modulation: bool = True) -> int:
+    """MACs of one VAR block (`AdaLNSelfAttn`) for one sequence: `queries` positions attending to `keys` (its own and
+    the cached ones), its modulation of the class embedding (none with a shared AdaLN: `modulation` False)."""
+    return (ATTENTION_LINEAR_MACS_PER_TOKEN * queries * width ** 2  # qkv, projection
+            + 2 * queries * width * mlp_width  # the MLP's two matrices
+            + 2 * queries * keys * width  # QKᵀ and AV against every key so far
+            + modulation * ADALN_CHUNKS_BLOCK * width ** 2
+            + 2 * LAYER_NORM_OPS_PER_ELEMENT * queries * width)  # two norms
+
+
+def var_head_norm_macs(tokens: int, width: int) -> int:
+    """MACs of VAR's AdaLN before its head (`head_nm`) for `tokens` positions of one sequence."""
+    return ADALN_CHUNKS_FINAL * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * tokens * width
+
+
 def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = True, cfg: bool = True,
                    vocab_size: int = OFFICIAL_VOCAB_SIZE, vae_channels: int = OFFICIAL_Z_CHANNELS) -> float:
     """MACs of the VAR transformer to generate one image, scale by scale.
@@ -174,14 +197,10 @@ def var_image_macs(depth: int, patch_nums: tuple[int, ...], kv_cache: bool = Tru
         new_tokens = side * side
         prefix += new_tokens
         queries = new_tokens if kv_cache else prefix
-        block = (LINEAR_MACS_PER_TOKEN * queries * width ** 2
-                 + 2 * queries * prefix * width  # QKᵀ and AV against every key so far
-                 + ADALN_CHUNKS_BLOCK * width ** 2
-                 + 2 * LAYER_NORM_OPS_PER_ELEMENT * queries * width)
+        block = var_block_macs(queries, prefix, width, MLP_RATIO * width)
         class_tokens = 1 if scale == 0 or not kv_cache else 0  # position 0 is the class embedding, not a word
         embedded_tokens = queries - class_tokens
-        head = (ADALN_CHUNKS_FINAL * width ** 2 + LAYER_NORM_OPS_PER_ELEMENT * new_tokens * width
-                + new_tokens * width * vocab_size)
+        head = var_head_norm_macs(new_tokens, width) + new_tokens * width * vocab_size
         total += depth * block + embedded_tokens * vae_channels * width + head
     return float(total * (2 if cfg else 1))
 
@@ -214,6 +233,85 @@ def flow_head_image_macs(patch_nums: tuple[int, ...], channels: int, width: int,
     halves = 2 if cfg else 1
     tokens = sum(side * side for side in patch_nums)
     return float(tokens * halves * (conditioning + evaluations * per_token) + len(patch_nums) * evaluations * time)
+
+
+def feature_accumulation_macs(quantizer: nn.Module) -> int:
+    """MACs of a tokenizer's per-scale feature accumulation in one image's generation (`next_autoregressive_input`):
+    a VQ quantizer's φ conv on the finest grid at every scale where φ is not the identity; a continuous scale plan's
+    resampling counts zero."""
+    if not isinstance(quantizer, MultiScaleQuantizer):
+        return 0
+    finest = quantizer.patch_nums[-1]
+    total = 0
+    for scale_index in range(len(quantizer.patch_nums)):
+        phi = quantizer.phi(scale_index)
+        if isinstance(phi, Phi):
+            total += phi.in_channels * phi.out_channels * phi.kernel_size[0] * phi.kernel_size[1] * finest ** 2
+    return total
+
+
+def var_sampling_macs(model: nn.Module, settings: VARSampling | None = None) -> float:
+    """Multiply-accumulates of the network to generate one image with a loaded VAR (`VAR.generate_tokens` at batch
+    1), as it runs them: the transformer scale by scale with its KV cache, on both guidance halves whatever the cfg
+    (the null-class rows run even at cfg 0), the word embedding on the image's own rows, the token head (VAR's logits,
+    or the flow head's ODE at `flow_steps` and `flow_sampler`; a batch shares the flow head's time embedding, so it
+    costs a little less per image) and the tokenizer's per-scale features. The tokenizer's decoder is excluded.
+
+    Args:
+        model: a VAR (`scalegen.models.var.VAR`) with its tokenizer.
+        settings: what it samples with; None: its recommended settings (`VAR.sampling_settings`).
+    Returns:
+        MACs per image.
+    """
+    settings = model.sampling_settings(settings)
+    if settings.pruning is not None or settings.refiner is not None:
+        raise UserError("the count covers one VAR computing every token: measure FastVAR pruning or a CoDe refiner "
+                        "with counted_flops")
+    config = model.config
+    width, patch_nums, channels = config.width, config.patch_nums, config.z_channels
+    quantizer = model.tokenizer.quantize
+    flow = model.token_head.continuous_tokens
+    shared = config.shared_aln
+    halves, own_rows, prefix = 0, 0, 0  # MACs of the doubled rows, and of the image's own
+    for scale_index, side in enumerate(patch_nums):
+        tokens = side * side
+        prefix += tokens
+        halves += config.depth * var_block_macs(tokens, prefix, width, round(width * config.mlp_ratio), not shared)
+        halves += var_head_norm_macs(tokens, width) + (0 if flow else tokens * width * config.vocab_size)
+        own_rows += 0 if scale_index == 0 else tokens * channels * width  # scale 0 starts from the class embedding
+        own_rows += settings.more_smooth * tokens * config.vocab_size * channels  # the codebook mixture
+    halves += shared * ADALN_CHUNKS_BLOCK * width ** 2  # one shared projection of the class embedding
+    total = GUIDANCE_HALVES * halves + own_rows + feature_accumulation_macs(quantizer)
+    if flow:
+        model.token_head.sampler(model, settings, None)  # its one-line refusals of what it cannot sample with
+        total += flow_head_image_macs(patch_nums, channels, config.head_width or width, width, config.head_blocks,
+                                      settings.flow_steps, settings.flow_sampler)
+    return float(total)
+
+
+def var_sampling_report(model: nn.Module, name: str, cfg: float | None = None, flow_steps: int | None = None,
+                        flow_sampler: str | None = None) -> str:
+    """What `scalegen flops --var` prints: the settings (each given one, else the model's recommended one, else the
+    default, with where it came from) and the network's sampling GMACs and GFLOPs per image (`var_sampling_macs`).
+
+    Args:
+        model: a loaded VAR.
+        name: how to call it (its path).
+        cfg, flow_steps, flow_sampler: the given settings (None: not given); a flow head's settings only for one.
+    Returns:
+        Two lines of text.
+    """
+    flow_given = {"flow_steps": flow_steps, "flow_sampler": flow_sampler}
+    chosen = chosen_settings({"cfg": cfg}, model.sampling, model.sampling_origin, VAR_DEFAULTS)
+    if model.token_head.continuous_tokens:
+        chosen.update(chosen_settings(flow_given, model.sampling, model.sampling_origin, FLOW_DEFAULTS))
+    elif any(value is not None for value in flow_given.values()):
+        raise UserError(f"--flow-steps and --flow-sampler set a flow head's sampling; {name} has the "
+                        f"{model.config.token_head} head: drop them")
+    macs = var_sampling_macs(model, model.sampling_settings(**values(chosen)))
+    return (f"{name}: VAR with the {model.config.token_head} head, {settings_line(chosen)}\n"
+            f"per image: {macs / GIGA:.6g} GMACs, {2 * macs / GIGA:.6g} GFLOPs (network: transformer with KV cache, "
+            "both guidance halves, head, the tokenizer's per-scale features; its decoder excluded)")
 
 
 def flops_table(image_size: int = 256) -> str:

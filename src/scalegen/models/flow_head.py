@@ -131,7 +131,7 @@ class FlowHead(TokenHead):
         per_token = self.flow.training_losses(
             model.flow_head, targets.reshape(-1, channels).float(),
             model_kwargs={"condition": condition.reshape(batch * length, -1)})["loss"]  # (B·L,)
-        return per_token.view(batch, length)  # (B, L)
+        return per_token.view(batch, length).clone()  # (B, L), not a view: FSDP2 warns of a module returning one
 
     def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor,
              label_smoothing: float = 0.0) -> HeadLoss:

@@ -25,6 +25,7 @@ Steps (each resumable: a finished run is left as it is, an interrupted one resum
    reference being its Fashion-MNIST test-set statistics), with --samples real training images as the floor.
 4. Sampling cost: GFLOPs per image (torch's FLOP counter, guidance included; network alone and with the decoder) and
    s/image at batch 1 and 64; the flow head at its default ODE steps and one lower and higher setting.
+5. A plot of FID and accuracy against training FLOPs of every model scored so far (--out with .png).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ TIMING_BATCHES = (1, 64)
 TIMING_IMAGES = 64  # images generated per timing at each batch size
 GENERATION_BATCH = 250
 HEADS_COMPARED = ("flow", "categorical")
-PARTS = ("train", "quality", "cost")
+PARTS = ("train", "quality", "cost", "plot")
+MODEL_LABELS = {"categorical": "discrete VAR (categorical head)", "flow": "continuous VAR (flow head)"}
 # The flow head at its defaults; the categorical head with plain draws (no top-k / top-p), the shipped VAR's best.
 BASE_SAMPLING = {"flow": VARSampling(), "categorical": VARSampling(top_k=0, top_p=0.0)}
 
@@ -194,6 +196,31 @@ def cost(run: Path, head: str, steps: int, best_cfg: float) -> dict:
     return {"plain": sampling_cost(final, best)}
 
 
+def plot(results: dict, path: Path) -> None:
+    """FID and accuracy of every scored model against its training FLOPs (its scores at each budget), one PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    fid_axes, accuracy_axes = figure.subplots(1, 2)
+    for name, entry in results["models"].items():
+        points = sorted((values["training_pflops"], values["fid"], values["accuracy"])
+                        for values in entry.get("at_budget", {}).values())
+        if not points:
+            continue
+        pflops, fids, accuracies = zip(*points)
+        label = MODEL_LABELS.get(name, name.replace("flow_context", "continuous VAR, noisy context "))
+        fid_axes.plot(pflops, fids, marker="o", label=label)
+        accuracy_axes.plot(pflops, accuracies, marker="o", label=label)
+    for axes, metric in ((fid_axes, "FID (shipped classifier's features)"), (accuracy_axes, "classifier accuracy")):
+        axes.set_xlabel("training PFLOPs")
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+    fid_axes.legend(fontsize=8)
+    figure.suptitle(f"Fashion-MNIST 32px, depth {DEPTH}, width {WIDTH}, batch {BATCH_SIZE}: equal training FLOPs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/var_continuous"), help="the two run folders")
@@ -241,6 +268,8 @@ def main() -> None:
             entry["sampling"] = cost(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"])
         print(json.dumps({names[head]: entry}, indent=1), flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if "plot" in parts:
+        plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
 
 

@@ -19,12 +19,13 @@ from scalegen.errors import UserError
 from scalegen.files import json_config
 from scalegen.models.flow_head import FlowHead, FlowSampler
 from scalegen.models.sampling_settings import VARSampling
+from scalegen.models.settings import FLOW_CONTEXT_NOISE
 from scalegen.models.token_heads import ScaleGuidance
 from scalegen.models.var import VAR, VARConfig
 from scalegen.models.var_edit import edit_box
 from scalegen.models.var_pruning import TokenPruning
 from scalegen.runs.folder import RunFolder, save_checkpoint
-from scalegen.runs.loading import load_var
+from scalegen.runs.loading import load_run, load_var
 from scalegen.tokenizers.continuous_scales import ContinuousScales
 from scalegen.tokenizers.kl_vae import KLVAE, LatentNormalization
 from scalegen.train import var_task
@@ -204,6 +205,7 @@ def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, 
     assert model.config.token_head == "flow" and model.config.head_width == 16 and model.config.vocab_size == 0
     assert isinstance(model.tokenizer, ContinuousScales) and model.tokenizer.patch_nums == PATCH_NUMS
     assert (model.tokenizer.quantize.token_scale != 1).all()  # each scale's spread, measured over the data
+    assert load_run(run).config[var_task.CONTEXT_NOISE_KEY] == FLOW_CONTEXT_NOISE  # the flow head's, by default
     assert model.sampling["flow_steps"] == VARSampling.flow_steps and model.sampling["top_p"] == 0.0
     images = model.generate([0, 1, 2], cfg=1.5, seed=0)
     assert images.shape == (3, 1, 8, 8) and 0 <= float(images.min()) <= float(images.max()) <= 1

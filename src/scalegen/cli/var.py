@@ -22,7 +22,7 @@ from scalegen.cli.sampling import (
 from scalegen.errors import UserError
 from scalegen.models.settings import (
     ATTENTION_BACKENDS, CATEGORICAL_HEAD, DEFAULT_REFINED_SCALES, DEFAULT_UNPRUNED_FIRST_BLOCKS,
-    DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS, FLOW_HEAD,
+    DEFAULT_UNPRUNED_LAST_BLOCKS, DRAWS, FLOW_CONTEXT_NOISE, FLOW_HEAD,
 )
 from scalegen.models.sampling_settings import (
     FLOW_DEFAULTS, FLOW_METHODS, VARSampling, chosen_settings, settings_line, values,
@@ -90,7 +90,8 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="with --token-head flow: the head MLP's residual blocks")
     parser.add_argument("--context-noise", type=fraction, default=defaults.context_noise,
                         help="with --token-head flow: xAR's noisy context, the teacher-forcing input made of tokens "
-                             "mixed with noise (1 - τ)·x + τ·ε, τ ~ U(0, this) per image and scale (0: clean)")
+                             "mixed with noise (1 - τ)·x + τ·ε, τ ~ U(0, this) per image and scale (0: clean; "
+                             f"default: the head's, {FLOW_CONTEXT_NOISE:g} for flow, 0 for categorical)")
     add_init_from(parser)
     add_training_options(parser, "var")
     parser.set_defaults(handler=run_train_var)

@@ -24,7 +24,7 @@ from scalegen.diffusion.flow import LinearFlow
 from scalegen.errors import UserError
 from scalegen.models.layers import TimestepEmbedder
 from scalegen.models.sampling_settings import FLOW_METHODS, VARSampling
-from scalegen.models.settings import FLOW_HEAD
+from scalegen.models.settings import FLOW_CONTEXT_NOISE, FLOW_HEAD
 from scalegen.models.token_heads import (
     ADALN_INIT_GAIN, HeadLoss, ScaleDraw, ScaleGuidance, TokenHead, register_token_head,
 )
@@ -110,6 +110,7 @@ class FlowHead(TokenHead):
     and times are drawn there, so the MLP runs inside `VAR.forward`, where DDP and FSDP see it)."""
 
     continuous_tokens = True
+    context_noise = FLOW_CONTEXT_NOISE
     flow = LinearFlow()  # its default time sampling; sampling uses its ODE steps
 
     def layers(self) -> dict[str, nn.Module]:

@@ -70,6 +70,7 @@ class TokenHead(ABC):
     name = ""  # set by `register_token_head`
     # Its tokens are continuous vectors (a `ContinuousScales` tokenizer's), not a VQ tokenizer's integer ids.
     continuous_tokens = False
+    context_noise = 0.0  # the noisy context (`noisy_context`) it trains with unless told otherwise
 
     def __init__(self, config: Any) -> None:
         self.config = config

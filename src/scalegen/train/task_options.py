@@ -282,7 +282,8 @@ class VAROptions:
         head_width, head_blocks: the flow head's MLP: its width (None: the transformer's) and residual blocks.
         context_noise: xAR's noisy context, for a head of continuous tokens: in training, the tokens that make the
             teacher-forcing input are (1 − τ)·x + τ·ε with τ ~ U(0, context_noise) per image and scale (the targets
-            stay clean), so the transformer learns from contexts as imperfect as its own samples; 0: clean.
+            stay clean), so the transformer learns from contexts as imperfect as its own samples; 0: clean; None:
+            the head's recommendation (`TokenHead.context_noise`: the flow head's measured in bench/README.md).
     """
 
     tokenizer: str
@@ -303,7 +304,7 @@ class VAROptions:
     patch_nums: tuple[int, ...] | None = None
     head_width: int | None = None
     head_blocks: int = 3
-    context_noise: float = 0.0
+    context_noise: float | None = None
 
 
 @dataclass

@@ -46,6 +46,7 @@ from scalegen.train.trainer import TrainConfig, train
 # Official VAR recipe (utils/lr_control.py): no weight decay on these, besides every 1-D tensor and bias.
 NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale_mul")
 SAMPLE_TOP_K = 0  # the periodic training grid samples from the full (guided) distribution
+CONTEXT_NOISE_KEY = "context_noise"  # a run's config records the noisy context it trained with, when it had one
 
 
 class VARTask(TrainingTask):
@@ -74,7 +75,8 @@ class VARTask(TrainingTask):
         return [self.tokenizer]
 
     def config(self) -> dict:
-        return {**super().config(), "tokenizer": self.tokenizer_config, SAMPLING_KEY: self.sampling()}
+        noise = {CONTEXT_NOISE_KEY: self.context_noise} if self.context_noise else {}  # what it trained with
+        return {**super().config(), "tokenizer": self.tokenizer_config, SAMPLING_KEY: self.sampling(), **noise}
 
     def training_defaults(self, steps: int, batch_size: int) -> Recipe:
         lr = self.base_lr * max(batch_size, VAR_SMALLEST_OFFICIAL_BATCH) / VAR_BATCH_REFERENCE
@@ -138,8 +140,9 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
         The last logged figures.
     """
     head_class = token_head_class(options.token_head)  # refuses an unknown head at once
-    if options.context_noise:
-        head_class.noisy_context([], options.context_noise)  # a head that takes no noise refuses before tokenizing
+    context_noise = head_class.context_noise if options.context_noise is None else options.context_noise
+    if context_noise:
+        head_class.noisy_context([], context_noise)  # a head that takes no noise refuses before tokenizing
     with guarded_run(config.out):
         loaded = load_tokenizer(options.tokenizer)
         image_size = options.image_size or loaded.image_size
@@ -179,7 +182,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
                           "source": str(Path(options.tokenizer).resolve())}
         task = VARTask(model_config, tokenizer, tokenizer_info, options.label_smoothing, options.sample_cfg,
                        options.sample_top_p, extra_config=description,
-                       base_lr=options.base_lr, context_noise=options.context_noise)
+                       base_lr=options.base_lr, context_noise=context_noise)
         task.model.attention = options.attention  # how it attends, not what it is: no part of the config
         if options.init_from:
             task.extra_config["init_from"] = fine_tuning_origin(task.model, options.init_from, config.out)

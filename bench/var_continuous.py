@@ -23,9 +23,10 @@ Steps (each resumable: a finished run is left as it is, an interrupted one resum
 3. Guidance sweep at the largest budget on --sweep-samples samples (class-balanced), then the best cfg at --samples
    samples at each budget; FID and accuracy in the shipped classifier's features (`fmnist_report`, the
    reference being its Fashion-MNIST test-set statistics), with --samples real training images as the floor.
-4. Sampling cost: GFLOPs per image (torch's FLOP counter, guidance included; network alone and with the decoder) and
+4. The final score (best cfg, largest budget, --samples) under sampling seeds 0, 10,000 and 20,000.
+5. Sampling cost: GFLOPs per image (torch's FLOP counter, guidance included; network alone and with the decoder) and
    s/image at batch 1 and 64; the flow head at its default ODE steps and one lower and higher setting.
-5. A plot of FID and accuracy against training FLOPs of every model scored so far (--out with .png).
+6. A plot of FID and accuracy against training FLOPs of every model scored so far (--out with .png).
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ TIMING_BATCHES = (1, 64)
 TIMING_IMAGES = 64  # images generated per timing at each batch size
 GENERATION_BATCH = 250
 HEADS_COMPARED = ("flow", "categorical")
-PARTS = ("train", "quality", "cost", "plot")
-MODEL_LABELS = {"categorical": "discrete VAR (categorical head)", "flow": "continuous VAR (flow head)"}
+PARTS = ("train", "quality", "seeds", "cost", "plot")
+SPREAD_SEEDS = (0, 10_000, 20_000)  # sampling seeds of the spread of the final score
+MODEL_LABELS = {"categorical": "discrete VAR (categorical head)", "flow": "continuous VAR (flow head), clean context"}
 # The flow head at its defaults; the categorical head with plain draws (no top-k / top-p), the shipped VAR's best.
 BASE_SAMPLING = {"flow": VARSampling(), "categorical": VARSampling(top_k=0, top_p=0.0)}
 
@@ -129,9 +131,9 @@ def sample_images(model: VAR, count: int, settings: VARSampling, seed: int) -> t
     return torch.cat(images).numpy(), labels.numpy()
 
 
-def score(model: VAR, count: int, settings: VARSampling) -> dict:
+def score(model: VAR, count: int, settings: VARSampling, seed: int = SEED) -> dict:
     """FID and accuracy of `count` samples in the shipped classifier's features."""
-    images, labels = sample_images(model, count, settings, SEED)
+    images, labels = sample_images(model, count, settings, seed)
     report = fmnist_report(images, labels)
     return {"fid": round(report["fid"], 2), "accuracy": round(report["accuracy"], 4), "samples": count}
 
@@ -185,6 +187,14 @@ def quality(run: Path, head: str, steps: int, flops: float, budgets: list[float]
     return figures
 
 
+def seed_spread(run: Path, head: str, steps: int, best_cfg: float, samples: int) -> dict:
+    """The final score of the checkpoint after `steps` steps at its best cfg under each of SPREAD_SEEDS: how far
+    sampling alone moves it."""
+    model = load_var(checkpoint(run, steps))
+    settings = BASE_SAMPLING[head].with_given(cfg=best_cfg)
+    return {f"{seed}": score(model, samples, settings, seed) for seed in SPREAD_SEEDS}
+
+
 def cost(run: Path, head: str, steps: int, best_cfg: float) -> dict:
     """Sampling cost of the checkpoint after `steps` steps at its best cfg (the flow head at each of its ODE step
     settings)."""
@@ -208,7 +218,7 @@ def plot(results: dict, path: Path) -> None:
         if not points:
             continue
         pflops, fids, accuracies = zip(*points)
-        label = MODEL_LABELS.get(name, name.replace("flow_context", "continuous VAR, noisy context "))
+        label = MODEL_LABELS.get(name, name.replace("flow_context", "continuous VAR (flow head), noisy context "))
         fid_axes.plot(pflops, fids, marker="o", label=label)
         accuracy_axes.plot(pflops, accuracies, marker="o", label=label)
     for axes, metric in ((fid_axes, "FID (shipped classifier's features)"), (accuracy_axes, "classifier accuracy")):
@@ -232,7 +242,7 @@ def main() -> None:
                              "the largest); both runs checkpoint at half and full budget")
     parser.add_argument("--heads", default=",".join(HEADS_COMPARED), help="which models: flow, categorical or both")
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help="what to do: train, quality (sweep and scores), cost (sampling GFLOPs and seconds; run it "
+                        help="what to do: train, quality (sweep and scores), seeds (the final score under other sampling seeds), cost (sampling GFLOPs and seconds; run it "
                              "on a quiet machine); the figures are merged into --out")
     parser.add_argument("--context-noise", type=float, default=0.0,
                         help="the flow run's xAR noisy context (`train var --context-noise`); nonzero: its own run "
@@ -264,6 +274,9 @@ def main() -> None:
             results["real_training_images"] = real_floor(args.samples)
             entry.update(quality(runs[head], head, steps[head], flops[head], budgets, args.samples,
                                  args.sweep_samples))
+        if "seeds" in parts:
+            entry["seed_spread"] = seed_spread(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"],
+                                               args.samples)
         if "cost" in parts:
             entry["sampling"] = cost(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"])
         print(json.dumps({names[head]: entry}, indent=1), flush=True)

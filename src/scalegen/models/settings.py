@@ -95,7 +95,8 @@ DRAWS: tuple[str, ...] = get_args(Draws)
 CATEGORICAL_HEAD = "categorical"
 FLOW_HEAD = "flow"  # continuous tokens by per-token flow matching (models/flow_head.py)
 # The flow head's noisy context by default (xAR's; `train var --context-noise`): at equal training FLOPs it lifted the
-# classifier accuracy of the samples from 0.76 to 0.86 and FID from 66 to 64 (bench/var_continuous.py, bench/README.md).
+# classifier accuracy of the samples from 0.76 to 0.86 and FID from 66.2 to 64.5; strength 1 reached FID 61.3 but
+# accuracy 0.82 only (bench/var_continuous.py, bench/README.md).
 FLOW_CONTEXT_NOISE = 0.5
 # CoDe's setting (VAR-d30 drafts 8 of the 10 scales, VAR-d16 refines the last 2).
 DEFAULT_REFINED_SCALES = 2

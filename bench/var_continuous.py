@@ -71,12 +71,13 @@ MODEL_LABELS = {"categorical": "discrete VAR (categorical head)", "flow": "conti
 BASE_SAMPLING = {"flow": VARSampling(), "categorical": VARSampling(top_k=0, top_p=0.0)}
 
 
-def training_flops_per_image(token_head: str) -> float:
-    """FLOPs of one training step per image: the transformer and its head, forward and backward, on cached tokens."""
+def training_flops_per_image(token_head: str, head_draws: int = 1) -> float:
+    """FLOPs of one training step per image: the transformer and its head (the flow head's loss at `head_draws`
+    draws per token), forward and backward, on cached tokens."""
     vocab_size = 0 if token_head == "flow" else VOCAB_SIZE
     config = VARConfig.for_depth(DEPTH, width=WIDTH, num_heads=HEADS, num_classes=NUM_CLASSES, patch_nums=PATCH_NUMS,
                                  vocab_size=vocab_size, z_channels=LATENT_CHANNELS, token_head=token_head,
-                                 head_width=FLOW_HEAD_WIDTH, head_blocks=FLOW_HEAD_BLOCKS)
+                                 head_width=FLOW_HEAD_WIDTH, head_blocks=FLOW_HEAD_BLOCKS, head_draws=head_draws)
     model = VAR(config).train()
     length = sum(side * side for side in PATCH_NUMS)
     labels = torch.randint(0, NUM_CLASSES, (BATCH_SIZE,))
@@ -99,7 +100,14 @@ def checkpoint(run: Path, steps: int) -> Path:
     return run / "checkpoints" / f"step-{steps:07d}"
 
 
-def train(run: Path, tokenizer: Path, token_head: str, steps: int, context_noise: float = 0.0) -> None:
+def budget_steps(steps: int, fraction: float) -> int:
+    """The step at which `fraction` of a `steps`-step budget is spent: the step the training checkpoints at (floor, as
+    `steps // 2` for half)."""
+    return int(steps * fraction)
+
+
+def train(run: Path, tokenizer: Path, token_head: str, steps: int, context_noise: float = 0.0,
+          head_draws: int = 1) -> None:
     """Train (or resume, or leave as it is when finished) one VAR run with the command line, checkpoints at half and
     full budget."""
     command = [sys.executable, "-m", "scalegen", "train", "var", "--tokenizer", str(tokenizer),
@@ -110,7 +118,8 @@ def train(run: Path, tokenizer: Path, token_head: str, steps: int, context_noise
                "--out", str(run)]
     if token_head == "flow":
         command += ["--patch-nums", ",".join(map(str, PATCH_NUMS)), "--head-width", str(FLOW_HEAD_WIDTH),
-                    "--head-blocks", str(FLOW_HEAD_BLOCKS), "--context-noise", str(context_noise)]
+                    "--head-blocks", str(FLOW_HEAD_BLOCKS), "--context-noise", str(context_noise),
+                    "--head-draws", str(head_draws)]
     if checkpoint(run, steps).exists():
         return
     subprocess.run(command, check=True)
@@ -166,7 +175,7 @@ def quality(run: Path, head: str, steps: int, flops: float, budgets: list[float]
             sweep_samples: int) -> dict:
     """The guidance sweep at the largest budget, then FID and accuracy of the best cfg at each budget (a fraction of
     `steps`) and, for the flow head, at its other ODE step settings at the largest budget."""
-    checkpoints = {fraction: checkpoint(run, round(steps * fraction)) for fraction in budgets}
+    checkpoints = {fraction: checkpoint(run, budget_steps(steps, fraction)) for fraction in budgets}
     final = load_var(checkpoints[max(budgets)])
     sweep = {cfg: score(final, sweep_samples, BASE_SAMPLING[head].with_given(cfg=cfg)) for cfg in CFG_SWEEP}
     best_cfg = min(sweep, key=lambda cfg: sweep[cfg]["fid"])
@@ -174,10 +183,10 @@ def quality(run: Path, head: str, steps: int, flops: float, budgets: list[float]
     at_budget = {}
     for fraction, path in checkpoints.items():
         model = final if fraction == max(budgets) else load_var(path)
-        at_budget[f"{fraction:g}"] = {"steps": round(steps * fraction),
-                                      "training_pflops": round(round(steps * fraction) * BATCH_SIZE * flops / 1e15, 4),
+        spent = budget_steps(steps, fraction)
+        at_budget[f"{fraction:g}"] = {"steps": spent, "training_pflops": round(spent * BATCH_SIZE * flops / 1e15, 4),
                                       **score(model, samples, best)}
-    figures = {"training_flops_per_image_step": flops, "steps": steps, "scored_step": round(steps * max(budgets)),
+    figures = {"training_flops_per_image_step": flops, "steps": steps, "scored_step": budget_steps(steps, max(budgets)),
                "cfg_sweep": {f"{cfg:g}": values for cfg, values in sweep.items()}, "best_cfg": best_cfg,
                "at_budget": at_budget}
     if head == "flow":
@@ -218,7 +227,8 @@ def plot(results: dict, path: Path) -> None:
         if not points:
             continue
         pflops, fids, accuracies = zip(*points)
-        label = MODEL_LABELS.get(name, name.replace("flow_context", "continuous VAR (flow head), noisy context "))
+        label = MODEL_LABELS.get(name, name.replace("flow_context", "continuous VAR (flow head), noisy context ")
+                                 .replace("_draws", ", draws per token "))
         fid_axes.plot(pflops, fids, marker="o", label=label)
         accuracy_axes.plot(pflops, accuracies, marker="o", label=label)
     for axes, metric in ((fid_axes, "FID (shipped classifier's features)"), (accuracy_axes, "classifier accuracy")):
@@ -247,6 +257,10 @@ def main() -> None:
     parser.add_argument("--context-noise", type=float, default=0.0,
                         help="the flow run's xAR noisy context (`train var --context-noise`); nonzero: its own run "
                              "folder and figures (flow_context<strength>)")
+    parser.add_argument("--head-draws", type=int, default=1,
+                        help="the flow run's noise draws per token (`train var --head-draws`); above 1: its own run "
+                             "folder and figures (…_draws<count>), and fewer steps, so it spends --flow-steps steps "
+                             "of a one-draw head")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the scoring (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("var_continuous.json"))
     args = parser.parse_args()
@@ -256,9 +270,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
 
-    flops = {head: training_flops_per_image(head) for head in HEADS_COMPARED}
-    steps = {"flow": args.flow_steps, "categorical": round(args.flow_steps * flops["flow"] / flops["categorical"])}
+    flops = {"flow": training_flops_per_image("flow", args.head_draws),
+             "categorical": training_flops_per_image("categorical")}
+    budget = args.flow_steps * training_flops_per_image("flow")  # per image: --flow-steps steps of a one-draw head
+    steps = {head: round(budget / flops[head]) for head in HEADS_COMPARED}
     flow_name = f"flow_context{args.context_noise:g}" if args.context_noise else "flow"
+    flow_name += f"_draws{args.head_draws}" if args.head_draws > 1 else ""
     runs = {"flow": args.work / flow_name, "categorical": args.work / "discrete"}
     names = {"flow": flow_name, "categorical": "categorical"}
     tokenizers = {"flow": CONTINUOUS_TOKENIZER, "categorical": DISCRETE_TOKENIZER}
@@ -268,17 +285,17 @@ def main() -> None:
                         "machine": "2-core AMD EPYC (AVX512-BF16), torch CPU, shared"}
     for head in heads:
         if "train" in parts:
-            train(runs[head], tokenizers[head], head, steps[head], args.context_noise)
+            train(runs[head], tokenizers[head], head, steps[head], args.context_noise, args.head_draws)
         entry = results["models"].setdefault(names[head], {})
         if "quality" in parts:
             results["real_training_images"] = real_floor(args.samples)
             entry.update(quality(runs[head], head, steps[head], flops[head], budgets, args.samples,
                                  args.sweep_samples))
         if "seeds" in parts:
-            entry["seed_spread"] = seed_spread(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"],
+            entry["seed_spread"] = seed_spread(runs[head], head, budget_steps(steps[head], max(budgets)), entry["best_cfg"],
                                                args.samples)
         if "cost" in parts:
-            entry["sampling"] = cost(runs[head], head, round(steps[head] * max(budgets)), entry["best_cfg"])
+            entry["sampling"] = cost(runs[head], head, budget_steps(steps[head], max(budgets)), entry["best_cfg"])
         print(json.dumps({names[head]: entry}, indent=1), flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     if "plot" in parts:

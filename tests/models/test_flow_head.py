@@ -96,6 +96,26 @@ def test_guidance_at_strength_zero_is_the_conditional_velocity_exactly() -> None
                                          ScaleGuidance(2.0, 3, head), 2).tokens, draws[1].tokens)
 
 
+def test_several_draws_per_token_average_its_loss_over_noises_and_times_of_one_transformer_output() -> None:
+    torch.manual_seed(0)
+    draws, batch, length, channels = 3, 2, sum(side * side for side in PATCH_NUMS), TINY_KL.latent_channels
+    model = VAR(VARConfig(**{**TINY_FLOW_VAR, "head_draws": draws}))
+    for parameter in model.flow_head.parameters():  # not adaLN-zero: velocities that depend on noise and time
+        nn.init.normal_(parameter, std=0.3)
+    head, hidden, cond = model.token_head, torch.randn(batch, length, 32), torch.randn(batch, 32)
+    targets = torch.randn(batch, length, channels)  # (B, L, c)
+    torch.manual_seed(1)
+    losses = head.output(model, hidden, cond, targets)  # (B, L)
+    condition = head.output(model, hidden, cond).reshape(batch * length, -1).repeat(draws, 1)  # (D·B·L, C)
+    torch.manual_seed(1)  # the same noises and times, each draw of each token its own
+    per_draw = LinearFlow().training_losses(lambda x, t: model.flow_head.velocity(
+        x, t, model.flow_head.conditioning(condition)), targets.reshape(-1, channels).repeat(draws, 1))["loss"]
+    per_draw = per_draw.view(draws, batch, length)  # (D, B, L)
+    assert losses.shape == (batch, length)
+    torch.testing.assert_close(losses, per_draw.mean(dim=0))
+    assert (per_draw[0] != per_draw[1]).all() and (per_draw[1] != per_draw[2]).all()  # D different draws
+
+
 @pytest.mark.end_to_end
 def test_a_tiny_model_learns_two_fixed_latents() -> None:
     tokenizer = tiny_tokenizer()
@@ -181,7 +201,7 @@ def flow_run(tmp_path_factory):
     kl_folder(root / "kl")
     write_fashion_subset(root / "data")
     arguments = ["train", "var", "--tokenizer", str(root / "kl"), "--token-head", "flow", "--depth", "1", "--width",
-                 "32", "--num-heads", "2", "--head-width", "16", "--head-blocks", "2", "--patch-nums", "1,2,4",
+                 "32", "--num-heads", "2", "--head-width", "16", "--head-blocks", "2", "--head-draws", "2", "--patch-nums", "1,2,4",
                  "--data", str(root / "data"), "--token-cache", "--batch-size", "16", "--lr", "3e-3",
                  "--warmup-steps", "0", "--log-every", "1", "--device", "cpu", "--out", str(root / "var")]
     main([*arguments, "--steps", "3"])
@@ -203,6 +223,7 @@ def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, 
     assert CachedArrays(RunFolder(run).token_cache).row("tokens", 0, False).dtype == torch.float32
     model = load_var(run)
     assert model.config.token_head == "flow" and model.config.head_width == 16 and model.config.vocab_size == 0
+    assert model.config.head_draws == 2
     assert isinstance(model.tokenizer, ContinuousScales) and model.tokenizer.patch_nums == PATCH_NUMS
     assert (model.tokenizer.quantize.token_scale != 1).all()  # each scale's spread, measured over the data
     assert load_run(run).config[var_task.CONTEXT_NOISE_KEY] == FLOW_CONTEXT_NOISE  # the flow head's, by default

@@ -88,6 +88,9 @@ def register(train_parsers, sample_parsers, commands) -> None:
                         help="with --token-head flow: the head MLP's width (default: the transformer's)")
     parser.add_argument("--head-blocks", type=POSITIVE, default=defaults.head_blocks,
                         help="with --token-head flow: the head MLP's residual blocks")
+    parser.add_argument("--head-draws", type=POSITIVE, default=defaults.head_draws,
+                        help="with --token-head flow: noise draws per token of the training loss (MAR's diffusion "
+                             "batch multiplier; the transformer runs once)")
     parser.add_argument("--context-noise", type=fraction, default=defaults.context_noise,
                         help="with --token-head flow: xAR's noisy context, the teacher-forcing input made of tokens "
                              "mixed with noise (1 - τ)·x + τ·ε, τ ~ U(0, this) per image and scale (0: clean; "

@@ -99,8 +99,10 @@ class FlowMLP(nn.Module):
         return self.output_proj(self.final_norm(h) * (1 + scale) + shift)  # (N, c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The velocity (N, c) of tokens x (N, c) at times t (N,) given the transformer's outputs (N, C)."""
-        return self.velocity(x, t, self.conditioning(condition))
+        """The velocity (D·N, c) of tokens x (D·N, c) at times t (D·N,) given the transformer's outputs (N, C): D
+        draws of each condition, draw after draw (its conditioning projected once and repeated)."""
+        conditioning = self.conditioning(condition)  # (N, (3·blocks + 2)·w)
+        return self.velocity(x, t, conditioning.repeat(len(x) // len(condition), 1))
 
 
 @register_token_head(FLOW_HEAD)
@@ -129,10 +131,11 @@ class FlowHead(TokenHead):
         if targets is None:
             return condition
         batch, length, channels = targets.shape
-        per_token = self.flow.training_losses(
-            model.flow_head, targets.reshape(-1, channels).float(),
-            model_kwargs={"condition": condition.reshape(batch * length, -1)})["loss"]  # (B·L,)
-        return per_token.view(batch, length).clone()  # (B, L), not a view: FSDP2 warns of a module returning one
+        draws = self.config.head_draws  # each token's loss at this many noises and times (MAR's multiplier)
+        per_draw = self.flow.training_losses(
+            model.flow_head, targets.reshape(-1, channels).float().repeat(draws, 1),
+            model_kwargs={"condition": condition.reshape(batch * length, -1)})["loss"]  # (D·B·L,)
+        return per_draw.view(draws, batch, length).mean(dim=0)  # (B, L)
 
     def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor,
              label_smoothing: float = 0.0) -> HeadLoss:

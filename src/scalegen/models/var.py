@@ -65,6 +65,7 @@ class VARConfig:
     token_head: str = CATEGORICAL_HEAD  # what the positions predict (`token_heads`); a config without it: VAR's head
     head_width: int | None = None  # a head with an MLP of its own (the flow head's): its width; None: the model's
     head_blocks: int = 3  # and its residual blocks
+    head_draws: int = 1  # noise draws per token of the flow head's training loss (MAR's diffusion batch multiplier)
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(self.patch_nums)  # a list from a saved config compares unequal to a tuple

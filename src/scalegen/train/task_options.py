@@ -280,6 +280,8 @@ class VAROptions:
         patch_nums: with the flow head on a KL tokenizer, the token grid side per scale (None: 1,2,3,4,6,8,… up to the
             latent side); a VQ tokenizer has its own.
         head_width, head_blocks: the flow head's MLP: its width (None: the transformer's) and residual blocks.
+        head_draws: the flow head's noise draws per token in training (MAR's diffusion batch multiplier): each
+            token's loss is the mean over this many noises and times, the transformer run once.
         context_noise: xAR's noisy context, for a head of continuous tokens: in training, the tokens that make the
             teacher-forcing input are (1 − τ)·x + τ·ε with τ ~ U(0, context_noise) per image and scale (the targets
             stay clean), so the transformer learns from contexts as imperfect as its own samples; 0: clean; None:
@@ -304,6 +306,7 @@ class VAROptions:
     patch_nums: tuple[int, ...] | None = None
     head_width: int | None = None
     head_blocks: int = 3
+    head_draws: int = 1
     context_noise: float | None = None
 
 

@@ -163,6 +163,7 @@ def train_var(options: VAROptions, config: TrainConfig) -> dict[str, float]:
             options.depth, num_classes=dataset.num_classes, patch_nums=tokenizer.patch_nums,
             vocab_size=tokenizer.vocab_size, z_channels=tokenizer.z_channels, label_dropout=options.label_dropout,
             token_head=options.token_head, head_width=options.head_width, head_blocks=options.head_blocks,
+            head_draws=options.head_draws,
             **overrides,
         )
         head = build_token_head(model_config)  # what a token is, for the cache

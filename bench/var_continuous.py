@@ -219,7 +219,7 @@ def plot(results: dict, path: Path) -> None:
     """FID and accuracy of every scored model against its training FLOPs (its scores at each budget), one PNG."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(10, 5))
     fid_axes, accuracy_axes = figure.subplots(1, 2)
     for name, entry in results["models"].items():
         points = sorted((values["training_pflops"], values["fid"], values["accuracy"])
@@ -235,9 +235,9 @@ def plot(results: dict, path: Path) -> None:
         axes.set_xlabel("training PFLOPs")
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
-    fid_axes.legend(fontsize=8)
     figure.suptitle(f"Fashion-MNIST 32px, depth {DEPTH}, width {WIDTH}, batch {BATCH_SIZE}: equal training FLOPs")
-    figure.tight_layout()
+    figure.legend(*fid_axes.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+    figure.tight_layout(rect=(0, 0.14, 1, 1))  # room for the legend below
     figure.savefig(path, dpi=100)
 
 

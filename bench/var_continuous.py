@@ -23,7 +23,7 @@ Steps (each resumable: a finished run is left as it is, an interrupted one resum
 3. Guidance sweep at the largest budget on --sweep-samples samples (class-balanced), then the best cfg at --samples
    samples at each budget; FID and accuracy in the shipped classifier's features (`fmnist_report`, the
    reference being its Fashion-MNIST test-set statistics), with --samples real training images as the floor.
-4. The final score (best cfg, largest budget, --samples) under sampling seeds 0, 10,000 and 20,000.
+4. The final score (best cfg, largest budget, its samples) under sampling seeds 10,000 and 20,000 beside seed 0.
 5. Sampling cost: GFLOPs per image (torch's FLOP counter, guidance included; network alone and with the decoder) and
    s/image at batch 1 and 64; the flow head at its default ODE steps and one lower and higher setting.
 6. A plot of FID and accuracy against training FLOPs of every model scored so far (--out with .png).
@@ -196,12 +196,14 @@ def quality(run: Path, head: str, steps: int, flops: float, budgets: list[float]
     return figures
 
 
-def seed_spread(run: Path, head: str, steps: int, best_cfg: float, samples: int) -> dict:
-    """The final score of the checkpoint after `steps` steps at its best cfg under each of SPREAD_SEEDS: how far
-    sampling alone moves it."""
+def seed_spread(run: Path, head: str, steps: int, best_cfg: float, final_score: dict) -> dict:
+    """The final score of the checkpoint after `steps` steps at its best cfg under each of SPREAD_SEEDS, as many
+    samples as `final_score` (the quality part's, SEED's: not scored again): how far sampling alone moves it."""
     model = load_var(checkpoint(run, steps))
     settings = BASE_SAMPLING[head].with_given(cfg=best_cfg)
-    return {f"{seed}": score(model, samples, settings, seed) for seed in SPREAD_SEEDS}
+    scored = {key: final_score[key] for key in ("fid", "accuracy", "samples")}  # `score`'s figures, not the budget's
+    return {f"{seed}": scored if seed == SEED else score(model, scored["samples"], settings, seed)
+            for seed in SPREAD_SEEDS}
 
 
 def cost(run: Path, head: str, steps: int, best_cfg: float) -> dict:
@@ -252,8 +254,9 @@ def main() -> None:
                              "the largest); both runs checkpoint at half and full budget")
     parser.add_argument("--heads", default=",".join(HEADS_COMPARED), help="which models: flow, categorical or both")
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help="what to do: train, quality (sweep and scores), seeds (the final score under other sampling seeds), cost (sampling GFLOPs and seconds; run it "
-                             "on a quiet machine); the figures are merged into --out")
+                        help="what to do: train, quality (sweep and scores), seeds (the final score under other "
+                             "sampling seeds), cost (sampling GFLOPs and seconds; run it on a quiet machine); the "
+                             "figures are merged into --out")
     parser.add_argument("--context-noise", type=float, default=0.0,
                         help="the flow run's xAR noisy context (`train var --context-noise`); nonzero: its own run "
                              "folder and figures (flow_context<strength>)")
@@ -287,15 +290,16 @@ def main() -> None:
         if "train" in parts:
             train(runs[head], tokenizers[head], head, steps[head], args.context_noise, args.head_draws)
         entry = results["models"].setdefault(names[head], {})
+        final_step = budget_steps(steps[head], max(budgets))
         if "quality" in parts:
             results["real_training_images"] = real_floor(args.samples)
             entry.update(quality(runs[head], head, steps[head], flops[head], budgets, args.samples,
                                  args.sweep_samples))
         if "seeds" in parts:
-            entry["seed_spread"] = seed_spread(runs[head], head, budget_steps(steps[head], max(budgets)), entry["best_cfg"],
-                                               args.samples)
+            entry["seed_spread"] = seed_spread(runs[head], head, final_step, entry["best_cfg"],
+                                               entry["at_budget"][f"{max(budgets):g}"])
         if "cost" in parts:
-            entry["sampling"] = cost(runs[head], head, budget_steps(steps[head], max(budgets)), entry["best_cfg"])
+            entry["sampling"] = cost(runs[head], head, final_step, entry["best_cfg"])
         print(json.dumps({names[head]: entry}, indent=1), flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     if "plot" in parts:

@@ -201,8 +201,8 @@ def flow_run(tmp_path_factory):
     kl_folder(root / "kl")
     write_fashion_subset(root / "data")
     arguments = ["train", "var", "--tokenizer", str(root / "kl"), "--token-head", "flow", "--depth", "1", "--width",
-                 "32", "--num-heads", "2", "--head-width", "16", "--head-blocks", "2", "--head-draws", "2", "--patch-nums", "1,2,4",
-                 "--data", str(root / "data"), "--token-cache", "--batch-size", "16", "--lr", "3e-3",
+                 "32", "--num-heads", "2", "--head-width", "16", "--head-blocks", "2", "--head-draws", "2",
+                 "--patch-nums", "1,2,4", "--data", str(root / "data"), "--token-cache", "--batch-size", "16", "--lr", "3e-3",
                  "--warmup-steps", "0", "--log-every", "1", "--device", "cpu", "--out", str(root / "var")]
     main([*arguments, "--steps", "3"])
     with pytest.MonkeyPatch.context() as patch:  # the resumed run keeps the normalisations its tokenizer copy holds
@@ -221,12 +221,13 @@ def test_train_resume_load_export_and_generate_through_the_public_api(flow_run, 
     rows = read_log(run)
     assert [row["step"] for row in rows] == list(range(1, 7)) and {"loss_1x1", "loss_4x4"} <= set(rows[-1])
     assert CachedArrays(RunFolder(run).token_cache).row("tokens", 0, False).dtype == torch.float32
-    model = load_var(run)
+    loaded = load_run(run, "var")
+    model = loaded.model
     assert model.config.token_head == "flow" and model.config.head_width == 16 and model.config.vocab_size == 0
     assert model.config.head_draws == 2
     assert isinstance(model.tokenizer, ContinuousScales) and model.tokenizer.patch_nums == PATCH_NUMS
     assert (model.tokenizer.quantize.token_scale != 1).all()  # each scale's spread, measured over the data
-    assert load_run(run).config[var_task.CONTEXT_NOISE_KEY] == FLOW_CONTEXT_NOISE  # the flow head's, by default
+    assert loaded.config[var_task.CONTEXT_NOISE_KEY] == FLOW_CONTEXT_NOISE  # the flow head's, by default
     assert model.sampling["flow_steps"] == VARSampling.flow_steps and model.sampling["top_p"] == 0.0
     images = model.generate([0, 1, 2], cfg=1.5, seed=0)
     assert images.shape == (3, 1, 8, 8) and 0 <= float(images.min()) <= float(images.max()) <= 1
